@@ -1,0 +1,1 @@
+"""Generated code only: see protos/. Do not edit."""
