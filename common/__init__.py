@@ -1,0 +1,1 @@
+"""Pieces every vendetta component shares: the error tree, names, paths, project config."""

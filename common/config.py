@@ -1,0 +1,227 @@
+"""Project config: ``.vendetta/config.yaml``, validated before anything starts.
+
+Errors name the file, the key and what is wrong. Short forms from the seed
+configs are accepted: ``health_check: "/health"``, ``healthcheck: {url: ...}``,
+``provider: lxc``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import ConfigError
+from common.names import NAME_RE
+
+PROVIDERS = ("docker", "lxd", "qemu")
+_PROVIDER_ALIASES = {"lxc": "lxd", "kvm": "qemu"}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """'8G', '512M', '2GiB', 1024 -> bytes (binary units, as QEMU and LXD read them)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size: use e.g. 512M, 8G")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * 1024**power)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Remote(_Strict):
+    node: str
+    user: str | None = None
+    port: int = Field(default=22, ge=1, le=65535)
+
+
+class DockerSection(_Strict):
+    image: str = "ubuntu:22.04"
+    # The environment's main process; absent: an idle keep-alive.
+    command: list[str] | None = None
+
+
+class LxdSection(_Strict):
+    image: str = "ubuntu/22.04"
+    cpu: int | None = Field(default=None, ge=1)
+    memory: str | None = None
+
+
+class QemuSection(_Strict):
+    image: str = "debian-12"
+    cpu: int = Field(default=2, ge=1)
+    memory: str = "2G"
+    disk: str = "20G"
+
+
+class HealthCheck(_Strict):
+    http: str | None = None
+    tcp: int | None = Field(default=None, ge=1, le=65535)
+    command: str | list[str] | None = None
+    interval: float = Field(default=1.0, gt=0)
+    timeout: float = Field(default=2.0, gt=0)
+    retries: int = Field(default=30, ge=1)
+    start_period: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data: Any) -> Any:
+        if isinstance(data, str):  # health_check: "/health"
+            return {"http": data}
+        if isinstance(data, dict) and "url" in data:  # healthcheck: {url: ...}
+            data = dict(data)
+            data.setdefault("http", data.pop("url"))
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HealthCheck:
+        kinds = [k for k in ("http", "tcp", "command") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of http, tcp or command")
+        return self
+
+
+class Service(_Strict):
+    command: str | list[str]
+    port: int | None = Field(default=None, ge=1, le=65535)
+    depends_on: list[str] = Field(default_factory=list)
+    health_check: HealthCheck | None = Field(default=None, alias="health_check")
+    env: dict[str, str] = Field(default_factory=dict)
+    restart: Literal["no", "on-failure", "always"] = "on-failure"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _healthcheck_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "healthcheck" in data:
+            data = dict(data)
+            if "health_check" in data:
+                raise ValueError("give either health_check or healthcheck, not both")
+            data["health_check"] = data.pop("healthcheck")
+        return data
+
+
+class Hooks(_Strict):
+    setup: str | None = None
+    teardown: str | None = None
+
+
+class ProjectConfig(_Strict):
+    name: str
+    provider: Literal["docker", "lxd", "qemu"] = "docker"
+    remote: Remote | None = None
+    docker: DockerSection = Field(default_factory=DockerSection)
+    lxd: LxdSection = Field(default_factory=LxdSection)
+    qemu: QemuSection = Field(default_factory=QemuSection)
+    services: dict[str, Service] = Field(default_factory=dict)
+    hooks: Hooks | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(
+                "use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _provider_alias(cls, v: Any) -> Any:
+        return _PROVIDER_ALIASES.get(v, v) if isinstance(v, str) else v
+
+
+def _services_problems(cfg: ProjectConfig) -> list[str]:
+    problems: list[str] = []
+    ports: dict[int, str] = {}
+    for name, svc in cfg.services.items():
+        if not NAME_RE.fullmatch(name):
+            problems.append(f"services.{name}: invalid service name (lowercase, digits, '-')")
+        for dep in svc.depends_on:
+            if dep not in cfg.services:
+                problems.append(
+                    f"services.{name}.depends_on: unknown service {dep!r} "
+                    f"(known: {', '.join(sorted(cfg.services)) or 'none'})"
+                )
+        if svc.port is not None:
+            if svc.port in ports:
+                problems.append(
+                    f"services.{name}.port: port {svc.port} is already used by "
+                    f"service {ports[svc.port]!r}"
+                )
+            ports.setdefault(svc.port, name)
+    cycle = _find_cycle({n: s.depends_on for n, s in cfg.services.items()})
+    if cycle:
+        problems.append("services: dependency cycle " + " -> ".join(cycle))
+    return problems
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for d in graph.get(n, []):
+            if d not in graph:
+                continue
+            if state.get(d) == 1:
+                return [*stack[stack.index(d) :], d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def _loc(err: Any) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def parse_config(text: str, source: str = ".vendetta/config.yaml") -> ProjectConfig:
+    """Parse and validate config text; ConfigError lists every problem found."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; `vendetta init` writes a starter config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping (name:, provider:, ...)")
+    try:
+        cfg = ProjectConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling against the docs)"
+            lines.append(f"  {_loc(err)}: {msg}")
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from exc
+    problems = _services_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+    return cfg
+
+
+def load_config(path: Path) -> ProjectConfig:
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{path}: no such file; create one with `vendetta init` or pass --config"
+        ) from exc
+    return parse_config(text, str(path))

@@ -1,0 +1,55 @@
+"""Where vendetta keeps its state on the user's machine and on nodes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from common.errors import InvalidArgumentError
+
+# sockaddr_un.sun_path is 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _state_root() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return Path(xdg) if xdg else Path.home() / ".local" / "state"
+
+
+def vendetta_home() -> Path:
+    """The coordinator's folder: socket, pid, log, SQLite state, tunnels."""
+    env = os.environ.get("VENDETTA_HOME")
+    return Path(env).expanduser() if env else _state_root() / "vendetta"
+
+
+def default_agent_dir() -> Path:
+    env = os.environ.get("VENDETTA_AGENT_DIR")
+    return Path(env).expanduser() if env else _state_root() / "vendetta-agent"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700 and return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def check_socket_path(path: Path) -> Path:
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
+        raise InvalidArgumentError(
+            f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes, the limit of unix "
+            "sockets: set VENDETTA_HOME (or the agent's --dir) to a shorter folder"
+        )
+    return path
+
+
+def coordinator_socket(home: Path) -> Path:
+    return home / "coordinator.sock"
+
+
+def coordinator_pid(home: Path) -> Path:
+    return home / "coordinator.pid"
+
+
+def coordinator_log(home: Path) -> Path:
+    return home / "coordinator.log"

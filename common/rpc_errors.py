@@ -1,0 +1,157 @@
+"""The seam between the error tree and gRPC status codes, both directions.
+
+Servers install :class:`ErrorMappingInterceptor`, so servicers just raise
+``VendettaError``s; clients wrap calls in :func:`mapped_rpc_errors` (or call
+:func:`from_rpc_error`) to get the same tree back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from common import errors as e
+
+log = logging.getLogger(__name__)
+
+# Most specific first: the first isinstance match wins.
+_TO_CODE: list[tuple[type[e.VendettaError], grpc.StatusCode]] = [
+    (e.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (e.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (e.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (e.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (e.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (e.InternalError, grpc.StatusCode.INTERNAL),
+]
+
+_FROM_CODE: dict[grpc.StatusCode, type[e.VendettaError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: e.InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: e.NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: e.AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: e.FailedPreconditionError,
+    grpc.StatusCode.PERMISSION_DENIED: e.PermissionDeniedError,
+    grpc.StatusCode.UNAVAILABLE: e.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: e.DeadlineExceededError,
+    grpc.StatusCode.INTERNAL: e.InternalError,
+}
+
+# Subclasses whose identity matters to callers travel as a trailing metadata tag.
+_KIND_KEY = "vendetta-error"
+_KINDS: dict[str, type[e.VendettaError]] = {
+    cls.__name__: cls
+    for cls in (
+        e.ConfigError,
+        e.ImageNotFoundError,
+        e.HostKeyMismatchError,
+        e.NodeUnreachableError,
+        e.EngineUnavailableError,
+    )
+}
+
+
+def status_code_for(exc: e.VendettaError) -> grpc.StatusCode:
+    for cls, code in _TO_CODE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> e.VendettaError:
+    """Turn a failed call back into the error tree, keeping the server's message."""
+    code = exc.code()
+    message = exc.details() or code.name.lower()
+    metadata: Any = exc.trailing_metadata() or ()
+    for key, value in metadata:
+        if key == _KIND_KEY and isinstance(value, str) and value in _KINDS:
+            return _KINDS[value](message)
+    if code == grpc.StatusCode.UNAVAILABLE and not exc.details():
+        message = "the server is not answering"
+    if code == grpc.StatusCode.CANCELLED:
+        return e.UnavailableError(f"the call was cancelled: {message}")
+    return _FROM_CODE.get(code, e.InternalError)(message)
+
+
+@contextmanager
+def mapped_rpc_errors() -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if isinstance(exc, e.VendettaError):
+        kind = type(exc).__name__
+        if kind in _KINDS:
+            context.set_trailing_metadata(((_KIND_KEY, kind),))
+        await context.abort(status_code_for(exc), exc.message)
+    log.exception("unexpected error in RPC handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r} (this is a bug)")
+
+
+_T = TypeVar("_T")
+
+
+def _wrap_unary(
+    fn: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_T]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_T]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _T:
+        try:
+            return await fn(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    return wrapper
+
+
+def _wrap_stream(
+    fn: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_T]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_T]]:
+    async def wrapper(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[_T]:
+        try:
+            async for item in fn(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps the error tree to status codes for every unary and server-streaming RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

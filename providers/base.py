@@ -1,0 +1,143 @@
+"""The one async provider interface, its plain data types and capability flags."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# Labels (or their equivalent) every provider puts on what it creates, so an
+# agent finds its own environments again after a restart.
+LABEL_MANAGED = "vendetta.managed"
+LABEL_AGENT = "vendetta.agent"
+LABEL_WORKSPACE = "vendetta.workspace"
+
+
+class EnvState(enum.Enum):
+    ABSENT = "absent"
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What differs between providers; callers branch on these, never on names."""
+
+    exec: bool = True
+    follow_logs: bool = True
+    resource_limits: bool = False
+    virtual_machine: bool = False
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the provider's engine can be used on this node, and why not."""
+
+    ready: bool
+    detail: str
+    version: str = ""
+    images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    workspace: str
+    image: str
+    # None: keep the environment alive with an idle init process.
+    command: Sequence[str] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    disk_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class EnvironmentStatus:
+    workspace: str
+    provider: str
+    state: EnvState
+    id: str = ""
+    image: str = ""
+    addresses: tuple[str, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One line of output; ``text`` has no trailing newline."""
+
+    time_unix_nano: int
+    stream: str  # "stdout" | "stderr" | "console"
+    text: str
+    service: str = ""
+
+
+@dataclass(frozen=True)
+class ExecChunk:
+    """Output of a command run inside an environment; the last chunk has exit_code set."""
+
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit_code: int | None = None
+
+
+class Provider(abc.ABC):
+    """Drives one engine on the local node. Every method keeps SDK calls off the loop."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, agent_id: str) -> None:
+        # Environments are labelled with the agent's id: two agents sharing one
+        # engine (two nodes on one host) never touch each other's.
+        self.agent_id = agent_id
+
+    @abc.abstractmethod
+    async def readiness(self) -> Readiness: ...
+
+    @abc.abstractmethod
+    async def create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        """Create the environment, stopped. AlreadyExistsError if it exists."""
+
+    @abc.abstractmethod
+    async def start(self, workspace: str) -> EnvironmentStatus:
+        """Start it; a running environment is left as it is."""
+
+    @abc.abstractmethod
+    async def stop(self, workspace: str, timeout: float = 10.0) -> EnvironmentStatus:
+        """Stop gracefully, forcing after ``timeout``; a stopped one is left as it is."""
+
+    @abc.abstractmethod
+    async def destroy(self, workspace: str) -> None:
+        """Remove it and everything it owns; absent is not an error."""
+
+    @abc.abstractmethod
+    async def inspect(self, workspace: str) -> EnvironmentStatus:
+        """State of one environment; state ABSENT when it does not exist."""
+
+    @abc.abstractmethod
+    async def list(self) -> list[EnvironmentStatus]:
+        """Every environment this agent owns on the engine."""
+
+    @abc.abstractmethod
+    def exec(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+    ) -> AsyncIterator[ExecChunk]:
+        """Run argv (no shell) inside; yield output, then one chunk with exit_code."""
+
+    @abc.abstractmethod
+    def logs(
+        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0
+    ) -> AsyncIterator[LogRecord]:
+        """The environment's own output; with follow, until it stops or the caller cancels."""
+
+    async def close(self) -> None:
+        """Release SDK clients."""
