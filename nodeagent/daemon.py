@@ -1,0 +1,61 @@
+"""Start the agent in the background if it is not answering, and stop it.
+
+``ensure`` is what the coordinator runs on a node (locally, or once per SSH
+connection): it is idempotent and prints where the agent listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.aio
+
+from common.paths import private_dir
+from common.process import read_pid, start_detached, terminate
+from nodeagent.server import socket_path
+from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    socket: str
+    version: str
+    agent_id: str
+    pid: int
+    started: bool  # this call started it
+
+
+async def probe(sock: Path, timeout: float = 2.0) -> nodeagent_pb2.InfoResponse | None:
+    """Info from the agent at ``sock``, or None if nothing answers there."""
+    if not os.path.exists(sock):
+        return None
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+        stub = nodeagent_pb2_grpc.NodeAgentStub(channel)
+        try:
+            return await stub.Info(nodeagent_pb2.InfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return None
+
+
+async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) -> AgentStatus:
+    await asyncio.to_thread(private_dir, agent_dir)
+    sock = socket_path(agent_dir)
+    info = await probe(sock)
+    if info is not None:
+        pid = await asyncio.to_thread(read_pid, agent_dir / "agent.pid")
+        return AgentStatus(str(sock), info.version, info.agent_id, pid, False)
+    argv = [sys.executable, "-m", "nodeagent.main", "--dir", str(agent_dir), *run_args, "run"]
+    started, pid = await start_detached(
+        "node agent", argv, agent_dir / "agent.log", lambda: probe(sock, 1.0), timeout
+    )
+    return AgentStatus(str(sock), started.version, started.agent_id, pid, True)
+
+
+async def stop(agent_dir: Path, timeout: float = 15.0) -> bool:
+    """SIGTERM the agent of ``agent_dir`` and wait; False if none was running."""
+    pid = await asyncio.to_thread(read_pid, agent_dir / "agent.pid")
+    return await terminate(pid, timeout)

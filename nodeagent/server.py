@@ -1,0 +1,113 @@
+"""Run the agent: one process per agent dir, a 0600 unix socket, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import grpc.aio
+
+from common.errors import FailedPreconditionError
+from common.paths import check_socket_path, private_dir
+from common.rpc_errors import ErrorMappingInterceptor
+from nodeagent.providers import ProviderSet, build_providers
+from nodeagent.servicer import NodeAgentServicer
+from vendetta.v1 import nodeagent_pb2_grpc
+
+log = logging.getLogger("vendetta.agent")
+
+SOCKET_NAME = "agent.sock"
+
+
+def socket_path(agent_dir: Path) -> Path:
+    return agent_dir / SOCKET_NAME
+
+
+def agent_id(agent_dir: Path) -> str:
+    """A stable id per agent dir: labels on environments carry it."""
+    path = agent_dir / "agent-id"
+    if path.exists():
+        return path.read_text().strip()
+    new = uuid.uuid4().hex
+    path.write_text(new + "\n")
+    return new
+
+
+class _Lock:
+    """An exclusive lock on the agent dir: two agents must never share one."""
+
+    def __init__(self, agent_dir: Path) -> None:
+        self._fd = os.open(agent_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise FailedPreconditionError(
+                f"another agent is already running with {agent_dir}: "
+                "stop it with `vendetta-agent --dir ... stop`"
+            ) from None
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+class AgentServer:
+    """The agent's gRPC server on ``agent_dir``'s socket, with an async lifetime."""
+
+    def __init__(
+        self, agent_dir: Path, docker_host: str | None = None, providers: ProviderSet | None = None
+    ) -> None:
+        self.agent_dir = private_dir(agent_dir)
+        self.socket = check_socket_path(socket_path(agent_dir))
+        self.agent_id = agent_id(agent_dir)
+        self.providers = providers or build_providers(self.agent_id, docker_host)
+        self._lock: _Lock | None = None
+        self._server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(
+            NodeAgentServicer(self.agent_id, self.providers, str(self.socket)), self._server
+        )
+
+    async def start(self) -> None:
+        self._lock = _Lock(self.agent_dir)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        # The dir is 0700 already; the umask closes the window before chmod.
+        old_umask = os.umask(0o177)
+        try:
+            self._server.add_insecure_port(f"unix:{self.socket}")
+            await self._server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket, 0o600)
+        (self.agent_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+        log.info("agent %s listening on %s", self.agent_id, self.socket)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self._server.stop(grace)
+        await self.providers.close()
+        for path in (self.agent_dir / "agent.pid", self.socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+async def serve(agent_dir: Path, docker_host: str | None = None) -> None:
+    server = AgentServer(agent_dir, docker_host)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("agent stopping")
+        await server.stop()
