@@ -1,0 +1,1 @@
+"""The coordinator: owns nodes, workspaces and their desired vs observed state."""

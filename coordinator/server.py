@@ -1,0 +1,97 @@
+"""Run the coordinator: a grpc.aio server on a user-private unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc.aio
+
+from common.paths import check_socket_path, coordinator_pid, coordinator_socket, private_dir
+from common.rpc_errors import ErrorMappingInterceptor
+from coordinator.models import NodeRecord
+from coordinator.nodes import NodeRegistry
+from coordinator.service_nodes import NodeService, make_transport_factory
+from coordinator.servicer import CoordinatorServicer
+from coordinator.store import SqliteStore
+from coordinator.transports import Transport
+from coordinator.workspaces import WorkspaceService
+from vendetta.v1 import coordinator_pb2_grpc
+
+log = logging.getLogger("vendetta.coordinator")
+
+
+class Coordinator:
+    """Everything the coordinator process holds, with an async lifetime."""
+
+    def __init__(
+        self,
+        home: Path,
+        local_agent_args: list[str] | None = None,
+        transport_factory: Callable[[NodeRecord], Transport] | None = None,
+    ) -> None:
+        self.home = private_dir(home)
+        self.socket = check_socket_path(coordinator_socket(home))
+        self.store = SqliteStore(home / "state.db")
+        self.nodes = NodeRegistry(
+            transport_factory
+            or make_transport_factory(home, home / "agent", local_agent_args or [])
+        )
+        self.node_service = NodeService(self.store, self.nodes)
+        self.workspaces = WorkspaceService(self.store, self.nodes)
+        self.nodes.on_ready(self.workspaces.reconcile_node)
+        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorServicer(
+                self.store,
+                self.nodes,
+                self.node_service,
+                self.workspaces,
+                str(self.socket),
+                str(self.store.path),
+            ),
+            self.server,
+        )
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self.server.add_insecure_port(f"unix:{self.socket}")
+            await self.server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket, 0o600)
+        await self.node_service.start()
+        log.info("coordinator listening on %s", self.socket)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        await self.nodes.close()
+        await self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+
+async def serve(home: Path, local_agent_args: list[str] | None = None) -> None:
+    coordinator = Coordinator(home, local_agent_args)
+    await coordinator.start()
+    coordinator_pid(home).write_text(f"{os.getpid()}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("coordinator stopping")
+        await coordinator.stop()
+        with contextlib.suppress(FileNotFoundError):
+            coordinator_pid(home).unlink()

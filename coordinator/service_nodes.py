@@ -1,0 +1,150 @@
+"""Adding, testing and removing nodes (the registry keeps them connected)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from common.names import validate_name
+from coordinator.models import LOCAL_NODE, NodeRecord
+from coordinator.nodes import NodeConnection, NodeRegistry
+from coordinator.store import Store
+from coordinator.transports import LocalTransport, SshTransport, Transport, scan_host_key
+from coordinator.transports.ssh import fingerprint
+
+
+def make_transport_factory(
+    home: Path, local_agent_dir: Path, local_agent_args: list[str]
+) -> Callable[[NodeRecord], Transport]:
+    def factory(record: NodeRecord) -> Transport:
+        if record.transport == "local":
+            return LocalTransport(local_agent_dir, local_agent_args)
+        return SshTransport(
+            node=record.name,
+            address=record.address,
+            port=record.port,
+            user=record.user,
+            host_key=record.host_key,
+            tunnel_dir=home / "tunnels",
+            identity_file=record.identity_file,
+            agent_command=record.agent_command,
+        )
+
+    return factory
+
+
+class NodeService:
+    def __init__(self, store: Store, nodes: NodeRegistry) -> None:
+        self.store = store
+        self.nodes = nodes
+
+    async def start(self) -> None:
+        """Register the local node if missing, then supervise every known node."""
+        if await self.store.get_node(LOCAL_NODE) is None:
+            await self.store.add_node(
+                NodeRecord(name=LOCAL_NODE, address="localhost", transport="local", port=0)
+            )
+        for record in await self.store.list_nodes():
+            self.nodes.add(self.nodes.connection(record))
+
+    async def scan(self, address: str, port: int) -> tuple[str, str, str]:
+        if not address:
+            raise InvalidArgumentError("no address given: `vendetta node add NAME ADDRESS`")
+        key = await scan_host_key(address, port)
+        line = key.export_public_key("openssh").decode().strip()
+        return line, str(key.get_fingerprint("sha256")), key.get_algorithm()
+
+    async def add(
+        self,
+        *,
+        name: str,
+        address: str,
+        user: str,
+        port: int,
+        identity_file: str,
+        host_key: str,
+        agent_command: list[str],
+    ) -> NodeConnection:
+        validate_name("node", name)
+        if name == LOCAL_NODE:
+            raise InvalidArgumentError(
+                f"{LOCAL_NODE!r} is the coordinator's own node; pick another name"
+            )
+        if not address:
+            raise InvalidArgumentError("no address given: `vendetta node add NAME ADDRESS`")
+        if not host_key:
+            raise InvalidArgumentError(
+                "no host key to pin: the CLI shows the node's fingerprint and pins it "
+                "(`vendetta node add` does this; other clients call ScanHostKey first)"
+            )
+        if identity_file and not os.path.isfile(identity_file):
+            raise InvalidArgumentError(f"identity file {identity_file} does not exist")
+        existing = await self.store.get_node(name)
+        if existing is not None:
+            raise AlreadyExistsError(
+                f"node {name!r} already exists ({existing.user + '@' if existing.user else ''}"
+                f"{existing.address}:{existing.port}); remove it first with "
+                f"`vendetta node remove {name}` or pick another name"
+            )
+        try:
+            fp = fingerprint(host_key)
+        except Exception as exc:
+            raise InvalidArgumentError(f"not an OpenSSH public key: {host_key[:60]!r}") from exc
+        record = NodeRecord(
+            name=name,
+            address=address,
+            transport="ssh",
+            user=user,
+            port=port,
+            host_key=host_key,
+            host_key_fingerprint=fp,
+            identity_file=identity_file,
+            agent_command=agent_command,
+            created_unix_nano=time.time_ns(),
+        )
+        conn = self.nodes.connection(record)
+        await conn.open()  # errors reach the user; nothing is recorded
+        try:
+            await self.store.add_node(record)
+        except BaseException:
+            await conn.close()
+            raise
+        self.nodes.add(conn)
+        return conn
+
+    async def test(self, name: str) -> float:
+        conn = self.nodes.get(name)
+        client = await conn.client()
+        t0 = time.perf_counter()
+        await client.heartbeat()
+        rtt = time.perf_counter() - t0
+        conn.info = await client.info()
+        return rtt
+
+    async def remove(self, name: str, force: bool) -> None:
+        if name == LOCAL_NODE:
+            raise InvalidArgumentError(
+                "the local node is part of the coordinator; it cannot be removed"
+            )
+        if await self.store.get_node(name) is None:
+            self.nodes.get(name)  # raises NotFoundError with the known names
+            raise NotFoundError(f"unknown node {name!r}")
+        workspaces = await self.store.list_workspaces(name)
+        if workspaces and not force:
+            names = ", ".join(w.name for w in workspaces)
+            raise FailedPreconditionError(
+                f"node {name!r} still has workspaces ({names}): destroy them first, or "
+                f"`vendetta node remove {name} --force` to forget them with the node"
+            )
+        for ws in workspaces:
+            await self.store.delete_workspace(ws.name)
+        await self.nodes.remove(name)
+        await self.store.delete_node(name)

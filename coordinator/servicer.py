@@ -1,0 +1,248 @@
+"""Coordinator gRPC servicer: thin; converts at the edge and calls the services."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc.aio
+from google.protobuf.message import Message
+
+from common.errors import InvalidArgumentError, NotFoundError
+from common.names import validate_name
+from common.version import VERSION
+from coordinator.convert import node_to_pb, workspace_to_pb
+from coordinator.nodes import NodeRegistry
+from coordinator.service_nodes import NodeService
+from coordinator.store import Store
+from coordinator.workspaces import WorkspaceService
+from vendetta.v1 import common_pb2, coordinator_pb2_grpc
+from vendetta.v1 import coordinator_pb2 as pb
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+M = TypeVar("M", bound=Message)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        store: Store,
+        nodes: NodeRegistry,
+        node_service: NodeService,
+        workspaces: WorkspaceService,
+        socket_path: str,
+        state_path: str,
+    ) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.node_service = node_service
+        self.workspaces = workspaces
+        self.socket_path = socket_path
+        self.state_path = state_path
+        self.started = time.time_ns()
+
+    async def _once(
+        self, request_id: str, method: str, factory: type[M], run: Callable[[], Awaitable[M]]
+    ) -> M:
+        """Retries carrying the same request id get the first answer, not a second effect."""
+        if request_id:
+            seen = await self.store.get_request(request_id)
+            if seen is not None:
+                if seen[0] != method:
+                    raise InvalidArgumentError(f"request id {request_id!r} was used for {seen[0]}")
+                return factory.FromString(seen[1])
+        response = await run()
+        if request_id:
+            await self.store.put_request(request_id, method, response.SerializeToString())
+        return response
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Ctx) -> pb.ServerInfo:
+        return pb.ServerInfo(
+            version=VERSION,
+            socket_path=self.socket_path,
+            state_path=self.state_path,
+            pid=os.getpid(),
+            started_unix_nano=self.started,
+        )
+
+    # nodes
+    async def ScanHostKey(
+        self, request: pb.ScanHostKeyRequest, context: Ctx
+    ) -> pb.ScanHostKeyResponse:
+        line, fp, kind = await self.node_service.scan(request.address, request.port or 22)
+        return pb.ScanHostKeyResponse(host_key=line, fingerprint=fp, key_type=kind)
+
+    async def AddNode(self, request: pb.AddNodeRequest, context: Ctx) -> pb.Node:
+        async def run() -> pb.Node:
+            conn = await self.node_service.add(
+                name=request.name,
+                address=request.address,
+                user=request.user,
+                port=request.port or 22,
+                identity_file=request.identity_file,
+                host_key=request.host_key,
+                agent_command=list(request.agent_command),
+            )
+            return node_to_pb(conn)
+
+        return await self._once(request.request_id, "AddNode", pb.Node, run)
+
+    async def _node_pb(self, name: str) -> pb.Node:
+        conn = self.nodes.get(name)
+        return node_to_pb(conn, len(await self.store.list_workspaces(name)))
+
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Ctx) -> pb.ListNodesResponse:
+        counts: dict[str, int] = {}
+        for ws in await self.store.list_workspaces():
+            counts[ws.node] = counts.get(ws.node, 0) + 1
+        return pb.ListNodesResponse(
+            nodes=[node_to_pb(c, counts.get(c.name, 0)) for c in self.nodes.all()]
+        )
+
+    async def GetNode(self, request: pb.GetNodeRequest, context: Ctx) -> pb.Node:
+        return await self._node_pb(request.name)
+
+    async def TestNode(self, request: pb.GetNodeRequest, context: Ctx) -> pb.TestNodeResponse:
+        rtt = await self.node_service.test(request.name)
+        return pb.TestNodeResponse(node=await self._node_pb(request.name), agent_rtt_seconds=rtt)
+
+    async def RemoveNode(
+        self, request: pb.RemoveNodeRequest, context: Ctx
+    ) -> pb.RemoveNodeResponse:
+        async def run() -> pb.RemoveNodeResponse:
+            await self.node_service.remove(request.name, request.force)
+            return pb.RemoveNodeResponse()
+
+        return await self._once(request.request_id, "RemoveNode", pb.RemoveNodeResponse, run)
+
+    async def WatchNodes(
+        self, request: pb.WatchNodesRequest, context: Ctx
+    ) -> AsyncIterator[pb.NodeEvent]:
+        for conn in self.nodes.all():  # the current picture first, then changes
+            yield pb.NodeEvent(node=node_to_pb(conn), message="", time_unix_nano=time.time_ns())
+        async for ev in self.nodes.events.subscribe():
+            yield pb.NodeEvent(
+                node=node_to_pb(ev.node), message=ev.message, time_unix_nano=ev.time_unix_nano
+            )
+
+    # workspaces
+    async def CreateWorkspace(
+        self, request: pb.CreateWorkspaceRequest, context: Ctx
+    ) -> pb.Workspace:
+        async def run() -> pb.Workspace:
+            ws = await self.workspaces.create(
+                request.name,
+                request.provider,
+                request.node,
+                request.config_yaml,
+                request.config_path,
+            )
+            return workspace_to_pb(ws)
+
+        return await self._once(request.request_id, "CreateWorkspace", pb.Workspace, run)
+
+    async def UpWorkspace(self, request: pb.WorkspaceRequest, context: Ctx) -> pb.Workspace:
+        async def run() -> pb.Workspace:
+            return workspace_to_pb(await self.workspaces.up(request.name))
+
+        return await self._once(request.request_id, "UpWorkspace", pb.Workspace, run)
+
+    async def DownWorkspace(self, request: pb.WorkspaceRequest, context: Ctx) -> pb.Workspace:
+        async def run() -> pb.Workspace:
+            return workspace_to_pb(await self.workspaces.down(request.name))
+
+        return await self._once(request.request_id, "DownWorkspace", pb.Workspace, run)
+
+    async def DestroyWorkspace(
+        self, request: pb.WorkspaceRequest, context: Ctx
+    ) -> pb.DestroyWorkspaceResponse:
+        async def run() -> pb.DestroyWorkspaceResponse:
+            await self.workspaces.destroy(request.name, request.force)
+            return pb.DestroyWorkspaceResponse()
+
+        return await self._once(
+            request.request_id, "DestroyWorkspace", pb.DestroyWorkspaceResponse, run
+        )
+
+    async def GetWorkspace(self, request: pb.GetWorkspaceRequest, context: Ctx) -> pb.Workspace:
+        ws = await self.workspaces.get(request.name)
+        return workspace_to_pb(self.workspaces.view(ws))
+
+    async def ListWorkspaces(
+        self, request: pb.ListWorkspacesRequest, context: Ctx
+    ) -> pb.ListWorkspacesResponse:
+        if request.node:
+            self.nodes.get(request.node)
+        items = await self.workspaces.list_all(request.node)
+        return pb.ListWorkspacesResponse(
+            workspaces=[workspace_to_pb(self.workspaces.view(ws)) for ws in items]
+        )
+
+    async def WatchWorkspace(
+        self, request: pb.WatchWorkspaceRequest, context: Ctx
+    ) -> AsyncIterator[pb.WorkspaceEvent]:
+        if request.name:
+            validate_name("workspace", request.name)
+        events = self.workspaces.events.subscribe()
+        # Subscribe before reading the current state so nothing falls in between.
+        first = events.__anext__()
+        if request.name:
+            try:
+                current = [await self.workspaces.get(request.name)]
+            except NotFoundError:
+                current = []
+        else:
+            current = await self.workspaces.list_all()
+        for ws in current:
+            yield pb.WorkspaceEvent(
+                workspace=workspace_to_pb(self.workspaces.view(ws)), time_unix_nano=time.time_ns()
+            )
+        ev = await first
+        while True:
+            if not request.name or ev.workspace.name == request.name:
+                yield pb.WorkspaceEvent(
+                    workspace=workspace_to_pb(ev.workspace),
+                    message=ev.message,
+                    time_unix_nano=ev.time_unix_nano,
+                )
+            ev = await events.__anext__()
+
+    async def StreamLogs(
+        self, request: pb.StreamLogsRequest, context: Ctx
+    ) -> AsyncIterator[common_pb2.LogBatch]:
+        if request.tail < 0:
+            raise InvalidArgumentError("--tail must be 0 (all) or a positive number of lines")
+        async for batch in self.workspaces.logs(
+            request.name,
+            follow=request.follow,
+            tail=request.tail,
+            since_unix_nano=request.since_unix_nano,
+            service=request.service,
+        ):
+            yield batch
+
+    async def ExecWorkspace(
+        self, request: pb.ExecWorkspaceRequest, context: Ctx
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        if not request.argv:
+            raise InvalidArgumentError(
+                "no command given: `vendetta workspace exec NAME -- CMD ...`"
+            )
+        async for out in self.workspaces.exec(
+            request.name, list(request.argv), dict(request.env), request.workdir
+        ):
+            yield out
+
+    async def GetConnectionInfo(
+        self, request: pb.GetWorkspaceRequest, context: Ctx
+    ) -> pb.ConnectionInfo:
+        ws = await self.workspaces.get(request.name)
+        return pb.ConnectionInfo(
+            workspace=ws.name,
+            node=ws.node,
+            provider=ws.provider,
+            environment_id=ws.environment_id,
+            exec_hint=["vendetta", "workspace", "exec", ws.name, "--", "/bin/sh"],
+        )

@@ -1,0 +1,267 @@
+"""Coordinator state behind one interface; SQLite (WAL) by default.
+
+The interface is what a PostgreSQL store for several coordinators would
+implement later. SQLite calls are short but blocking: they run in a thread,
+serialised by a lock, so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.errors import AlreadyExistsError
+from coordinator.models import Desired, NodeRecord, WorkspaceRecord, WorkspaceState
+
+T = TypeVar("T")
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    async def add_node(self, node: NodeRecord) -> None: ...
+    @abc.abstractmethod
+    async def get_node(self, name: str) -> NodeRecord | None: ...
+    @abc.abstractmethod
+    async def list_nodes(self) -> list[NodeRecord]: ...
+    @abc.abstractmethod
+    async def delete_node(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def add_workspace(self, ws: WorkspaceRecord) -> None: ...
+    @abc.abstractmethod
+    async def update_workspace(self, ws: WorkspaceRecord) -> None: ...
+    @abc.abstractmethod
+    async def get_workspace(self, name: str) -> WorkspaceRecord | None: ...
+    @abc.abstractmethod
+    async def list_workspaces(self, node: str = "") -> list[WorkspaceRecord]: ...
+    @abc.abstractmethod
+    async def delete_workspace(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_request(self, request_id: str) -> tuple[str, bytes] | None: ...
+    @abc.abstractmethod
+    async def put_request(self, request_id: str, method: str, response: bytes) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    user TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    host_key TEXT NOT NULL,
+    host_key_fingerprint TEXT NOT NULL,
+    identity_file TEXT NOT NULL,
+    agent_command TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workspaces (
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL REFERENCES nodes(name),
+    provider TEXT NOT NULL,
+    image TEXT NOT NULL,
+    config_yaml TEXT NOT NULL,
+    config_path TEXT NOT NULL,
+    desired TEXT NOT NULL,
+    observed TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    environment_id TEXT NOT NULL,
+    addresses TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    response BLOB NOT NULL,
+    created INTEGER NOT NULL
+);
+"""
+
+# Requests older than this are forgotten: retries come within seconds.
+_REQUEST_TTL_NS = 24 * 3600 * 10**9
+
+
+class SqliteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return fn(self._db)
+
+        return await asyncio.to_thread(locked)
+
+    # nodes
+    async def add_node(self, node: NodeRecord) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        node.name,
+                        node.address,
+                        node.transport,
+                        node.user,
+                        node.port,
+                        node.host_key,
+                        node.host_key_fingerprint,
+                        node.identity_file,
+                        json.dumps(node.agent_command),
+                        node.created_unix_nano,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExistsError(f"node {node.name!r} already exists") from exc
+
+        await self._run(op)
+
+    async def get_node(self, name: str) -> NodeRecord | None:
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchall()
+        )
+        return _node(rows[0]) if rows else None
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
+        )
+        return [_node(r) for r in rows]
+
+    async def delete_node(self, name: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM nodes WHERE name=?", (name,)))
+
+    # workspaces
+    async def add_workspace(self, ws: WorkspaceRecord) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            try:
+                db.execute("INSERT INTO workspaces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _ws_row(ws))
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExistsError(f"workspace {ws.name!r} already exists") from exc
+
+        await self._run(op)
+
+    async def update_workspace(self, ws: WorkspaceRecord) -> None:
+        ws.updated_unix_nano = time.time_ns()
+        row = _ws_row(ws)
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE workspaces SET node=?, provider=?, image=?, config_yaml=?, config_path=?, "
+                "desired=?, observed=?, detail=?, environment_id=?, addresses=?, created=?, "
+                "updated=? WHERE name=?",
+                (*row[1:], row[0]),
+            )
+        )
+
+    async def get_workspace(self, name: str) -> WorkspaceRecord | None:
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM workspaces WHERE name=?", (name,)).fetchall()
+        )
+        return _ws(rows[0]) if rows else None
+
+    async def list_workspaces(self, node: str = "") -> list[WorkspaceRecord]:
+        def op(db: sqlite3.Connection) -> list[Any]:
+            if node:
+                q = "SELECT * FROM workspaces WHERE node=? ORDER BY name"
+                return db.execute(q, (node,)).fetchall()
+            return db.execute("SELECT * FROM workspaces ORDER BY name").fetchall()
+
+        return [_ws(r) for r in await self._run(op)]
+
+    async def delete_workspace(self, name: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM workspaces WHERE name=?", (name,)))
+
+    # request ids
+    async def get_request(self, request_id: str) -> tuple[str, bytes] | None:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT method, response FROM requests WHERE id=?", (request_id,)
+            ).fetchall()
+        )
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
+
+    async def put_request(self, request_id: str, method: str, response: bytes) -> None:
+        now = time.time_ns()
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM requests WHERE created < ?", (now - _REQUEST_TTL_NS,))
+            db.execute(
+                "INSERT OR REPLACE INTO requests VALUES (?,?,?,?)",
+                (request_id, method, response, now),
+            )
+
+        await self._run(op)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+
+
+def _node(r: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        name=r["name"],
+        address=r["address"],
+        transport=r["transport"],
+        user=r["user"],
+        port=r["port"],
+        host_key=r["host_key"],
+        host_key_fingerprint=r["host_key_fingerprint"],
+        identity_file=r["identity_file"],
+        agent_command=json.loads(r["agent_command"]),
+        created_unix_nano=r["created"],
+    )
+
+
+def _ws_row(ws: WorkspaceRecord) -> tuple[Any, ...]:
+    return (
+        ws.name,
+        ws.node,
+        ws.provider,
+        ws.image,
+        ws.config_yaml,
+        ws.config_path,
+        ws.desired.value,
+        ws.observed.value,
+        ws.detail,
+        ws.environment_id,
+        json.dumps(ws.addresses),
+        ws.created_unix_nano,
+        ws.updated_unix_nano,
+    )
+
+
+def _ws(r: sqlite3.Row) -> WorkspaceRecord:
+    return WorkspaceRecord(
+        name=r["name"],
+        node=r["node"],
+        provider=r["provider"],
+        image=r["image"],
+        config_yaml=r["config_yaml"],
+        config_path=r["config_path"],
+        desired=Desired(r["desired"]),
+        observed=WorkspaceState(r["observed"]),
+        detail=r["detail"],
+        environment_id=r["environment_id"],
+        addresses=json.loads(r["addresses"]),
+        created_unix_nano=r["created"],
+        updated_unix_nano=r["updated"],
+    )

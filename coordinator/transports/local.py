@@ -1,0 +1,37 @@
+"""The local node: the agent's unix socket on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc.aio
+
+from coordinator.transports.base import CHANNEL_OPTIONS, Transport
+from nodeagent import daemon
+
+
+class LocalTransport(Transport):
+    kind = "local"
+
+    def __init__(self, agent_dir: Path, agent_args: list[str] | None = None) -> None:
+        self.agent_dir = agent_dir
+        self.agent_args = agent_args or []
+        self._channel: grpc.aio.Channel | None = None
+        self._closed = asyncio.Event()
+
+    async def connect(self) -> grpc.aio.Channel:
+        status = await daemon.ensure(self.agent_dir, self.agent_args)
+        self._closed.clear()
+        self._channel = grpc.aio.insecure_channel(f"unix:{status.socket}", options=CHANNEL_OPTIONS)
+        return self._channel
+
+    async def wait_closed(self) -> None:
+        # No connection of our own to lose; heartbeats notice a dead agent.
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        self._closed.set()
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None

@@ -1,0 +1,202 @@
+"""One long-lived asyncssh connection per node, forwarding a private local
+unix socket to the agent's unix socket on the node.
+
+Host keys are always verified against the key pinned at `node add`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shlex
+from pathlib import Path
+
+import asyncssh
+import grpc.aio
+
+from common.errors import (
+    FailedPreconditionError,
+    HostKeyMismatchError,
+    NodeUnreachableError,
+    PermissionDeniedError,
+    VendettaError,
+)
+from common.paths import check_socket_path, private_dir
+from coordinator.transports.base import CHANNEL_OPTIONS, Transport
+
+CONNECT_TIMEOUT = 15.0
+# Fastest cipher measured for bulk through a forward; the rest as asyncssh orders them.
+_ENCRYPTION = [
+    "aes128-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+]
+
+
+async def scan_host_key(address: str, port: int) -> asyncssh.SSHKey:
+    """The host key ``address:port`` presents (to show its fingerprint before pinning)."""
+    try:
+        key = await asyncio.wait_for(
+            asyncssh.get_server_host_key(address, port), timeout=CONNECT_TIMEOUT
+        )
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise NodeUnreachableError(
+            f"cannot reach {address}:{port} over SSH: {_why(exc)}; check the address and port "
+            "and that sshd runs there"
+        ) from exc
+    if key is None:
+        raise NodeUnreachableError(f"{address}:{port} presented no host key")
+    return key
+
+
+def fingerprint(public_key_line: str) -> str:
+    return str(asyncssh.import_public_key(public_key_line).get_fingerprint("sha256"))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncssh.Error):
+        return exc.reason or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+class SshTransport(Transport):
+    kind = "ssh"
+
+    def __init__(
+        self,
+        node: str,
+        address: str,
+        port: int,
+        user: str,
+        host_key: str,
+        tunnel_dir: Path,
+        identity_file: str = "",
+        agent_command: list[str] | None = None,
+    ) -> None:
+        self.node = node
+        self.address = address
+        self.port = port
+        self.user = user
+        self.host_key = asyncssh.import_public_key(host_key)
+        self.identity_file = identity_file
+        self.agent_command = agent_command or ["vendetta-agent"]
+        self.local_socket = check_socket_path(private_dir(tunnel_dir) / f"{node}.sock")
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._listener: asyncssh.SSHListener | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    async def connect(self) -> grpc.aio.Channel:
+        await self.close()
+        conn = await self._open_ssh()
+        try:
+            remote_socket = await self._ensure_agent(conn)
+            with contextlib.suppress(FileNotFoundError):
+                self.local_socket.unlink()
+            self._listener = await conn.forward_local_path(str(self.local_socket), remote_socket)
+            self.local_socket.chmod(0o600)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._channel = grpc.aio.insecure_channel(
+            f"unix:{self.local_socket}", options=CHANNEL_OPTIONS
+        )
+        return self._channel
+
+    async def _open_ssh(self) -> asyncssh.SSHClientConnection:
+        where = (
+            f"node {self.node!r} ({self.user + '@' if self.user else ''}{self.address}:{self.port})"
+        )
+        # Without --identity: ssh-agent and the default ~/.ssh/id_* keys, as ssh(1) does.
+        # With it: exactly that key, no agent keys on top.
+        key_options: dict[str, object] = (
+            {"client_keys": [self.identity_file], "agent_path": None} if self.identity_file else {}
+        )
+        options = asyncssh.SSHClientConnectionOptions(
+            known_hosts=([self.host_key], [], []),
+            username=self.user or None,
+            encryption_algs=_ENCRYPTION,
+            keepalive_interval=10,
+            keepalive_count_max=3,
+            connect_timeout=CONNECT_TIMEOUT,
+            **key_options,
+        )
+        try:
+            return await asyncssh.connect(self.address, self.port, options=options)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            pinned = self.host_key.get_fingerprint("sha256")
+            try:
+                now = (await scan_host_key(self.address, self.port)).get_fingerprint("sha256")
+            except VendettaError:
+                now = "(could not read it)"
+            raise HostKeyMismatchError(
+                f"the SSH host key of {where} has changed: pinned {pinned}, the node now "
+                f"presents {now}. Refusing to connect: this can be an attack. If the node was "
+                f"reinstalled, check the new key and re-add it deliberately: "
+                f"`vendetta node remove {self.node}` then `vendetta node add ...`"
+            ) from exc
+        except asyncssh.PermissionDenied as exc:
+            key = self.identity_file or "your default SSH keys / ssh-agent"
+            raise PermissionDeniedError(
+                f"{where} refused SSH authentication with {key}: add the public key to "
+                f"~{self.user or ''}/.ssh/authorized_keys on the node, or pass --identity KEY"
+            ) from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise NodeUnreachableError(
+                f"cannot reach {where}: {_why(exc)}; check that the node is up and sshd "
+                f"listens on port {self.port}"
+            ) from exc
+
+    async def _ensure_agent(self, conn: asyncssh.SSHClientConnection) -> str:
+        command = shlex.join([*self.agent_command, "ensure"])
+        try:
+            result = await conn.run(command, check=False, timeout=60)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise NodeUnreachableError(
+                f"node {self.node!r}: starting the agent failed: {_why(exc)}"
+            ) from exc
+        out = str(result.stdout or "").strip()
+        if result.exit_status != 0:
+            err = str(result.stderr or "").strip()[-800:]
+            hint = ""
+            if result.exit_status == 127:
+                hint = " (is vendetta installed on the node and on the PATH of SSH sessions?)"
+            raise FailedPreconditionError(
+                f"node {self.node!r}: could not start the node agent with `{command}`: "
+                f"exit {result.exit_status}{hint}: {err or out}"
+            )
+        try:
+            return str(json.loads(out.splitlines()[-1])["socket"])
+        except (ValueError, KeyError, IndexError) as exc:
+            raise FailedPreconditionError(
+                f"node {self.node!r}: the agent's `ensure` printed something unexpected: {out!r}"
+            ) from exc
+
+    async def wait_closed(self) -> None:
+        if self._conn is not None:
+            await self._conn.wait_closed()
+
+    def drop_connection(self) -> None:
+        """Abort the SSH connection (tests and `node test` use it to prove reconnects)."""
+        if self._conn is not None:
+            self._conn.abort()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._conn is not None:
+            self._conn.close()
+            with contextlib.suppress(Exception):
+                await self._conn.wait_closed()
+            self._conn = None
+        with contextlib.suppress(FileNotFoundError):
+            self.local_socket.unlink()
