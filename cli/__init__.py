@@ -1,0 +1,1 @@
+"""The `vendetta` command line: talks only to the coordinator."""

@@ -1,0 +1,182 @@
+"""`vendetta node add|list|status|test|remove`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.client import coordinator, request_id
+from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
+from cli.runner import run
+from common.errors import InvalidArgumentError
+from vendetta.v1 import coordinator_pb2 as pb
+
+app = typer.Typer(help="Manage the nodes that run workspaces.", no_args_is_help=True)
+
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _state(node: pb.Node) -> str:
+    return enum_name(pb.NodeState.Name(node.state), "NODE_STATE_")
+
+
+def _providers(node: pb.Node) -> str:
+    return (
+        ", ".join(f"{p.name} ({'ready' if p.ready else 'not ready'})" for p in node.providers)
+        or "-"
+    )
+
+
+@app.command()
+def add(
+    name: Annotated[str, typer.Argument(help="Name for the node (a-z, 0-9, -).")],
+    address: Annotated[str, typer.Argument(help="Host name or IP address of the node.")],
+    user: Annotated[str, typer.Option(help="SSH user.")] = "",
+    port: Annotated[int, typer.Option(help="SSH port.")] = 22,
+    identity: Annotated[
+        Path | None, typer.Option(help="SSH private key (default: ssh-agent and ~/.ssh/id_*).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Trust the host key shown.")] = False,
+    agent_command: Annotated[
+        str,
+        typer.Option(help="How to run the agent on the node.", envvar="VENDETTA_AGENT_COMMAND"),
+    ] = "vendetta-agent",
+    json_: Json = False,
+) -> None:
+    """Connect to a node over SSH, pin its host key, start its agent, record it."""
+
+    async def go() -> pb.Node:
+        async with coordinator() as c:
+            scan = await c.ScanHostKey(pb.ScanHostKeyRequest(address=address, port=port))
+            err.print(f"Host key of {address}:{port}: {scan.key_type} {scan.fingerprint}")
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise InvalidArgumentError(
+                        "cannot ask whether to trust the host key (no terminal): check the "
+                        "fingerprint above and pass --yes"
+                    )
+                if not typer.confirm("Trust this host key and add the node?"):
+                    raise typer.Exit(1)
+            with err.status(f"Connecting to {name} and starting its agent..."):
+                return await c.AddNode(
+                    pb.AddNodeRequest(
+                        name=name,
+                        address=address,
+                        user=user,
+                        port=port,
+                        identity_file=str(identity.expanduser().absolute()) if identity else "",
+                        host_key=scan.host_key,
+                        agent_command=shlex.split(agent_command),
+                        request_id=request_id(),
+                    )
+                )
+
+    node = run(go())
+    if json_:
+        print_json(as_dict(node))
+        return
+    out.print(
+        f"node [bold]{node.name}[/bold] added: {styled(_state(node))}, host key "
+        f"{node.host_key_fingerprint} pinned, agent {node.agent_version}, "
+        f"providers: {_providers(node)}"
+    )
+
+
+@app.command("list")
+def list_(json_: Json = False) -> None:
+    """All nodes with their state."""
+
+    async def go() -> pb.ListNodesResponse:
+        async with coordinator() as c:
+            return await c.ListNodes(pb.ListNodesRequest())
+
+    resp = run(go())
+    if json_:
+        print_json([as_dict(n) for n in resp.nodes])
+        return
+    table = Table("NAME", "ADDRESS", "STATE", "AGENT", "PROVIDERS", "WORKSPACES", "LAST SEEN")
+    for n in resp.nodes:
+        where = (
+            n.address
+            if n.transport == "local"
+            else f"{n.user + '@' if n.user else ''}{n.address}:{n.port}"
+        )
+        table.add_row(
+            n.name,
+            where,
+            styled(_state(n)),
+            n.agent_version or "-",
+            _providers(n),
+            str(n.workspaces),
+            ago(n.last_seen_unix_nano),
+        )
+    out.print(table)
+
+
+@app.command()
+def status(name: str, json_: Json = False) -> None:
+    """One node: state, agent, providers and their readiness."""
+
+    async def go() -> pb.Node:
+        async with coordinator() as c:
+            return await c.GetNode(pb.GetNodeRequest(name=name))
+
+    n = run(go())
+    if json_:
+        print_json(as_dict(n))
+        return
+    out.print(f"[bold]{n.name}[/bold]: {styled(_state(n))}")
+    out.print(
+        f"  address    {n.address}:{n.port} ({n.transport})" + (f" as {n.user}" if n.user else "")
+    )
+    if n.host_key_fingerprint:
+        out.print(f"  host key   {n.host_key_fingerprint} (pinned)")
+    out.print(f"  agent      {n.agent_version or '-'}, last seen {ago(n.last_seen_unix_nano)}")
+    out.print(f"  workspaces {n.workspaces}")
+    for p in n.providers:
+        mark = "[green]ready[/green]" if p.ready else "[red]not ready[/red]"
+        version = f" {p.version}" if p.version else ""
+        out.print(
+            f"  provider   {p.name}{version}: {mark}" + (f" - {p.detail}" if p.detail else "")
+        )
+    if n.last_error:
+        out.print(f"  last error {n.last_error}")
+    if n.state != pb.NODE_STATE_READY:
+        raise typer.Exit(1)
+
+
+@app.command()
+def test(name: str) -> None:
+    """Round-trip to the node's agent and refresh what it reports."""
+
+    async def go() -> pb.TestNodeResponse:
+        async with coordinator() as c:
+            return await c.TestNode(pb.GetNodeRequest(name=name))
+
+    r = run(go())
+    out.print(
+        f"node {r.node.name}: agent answered in {r.agent_rtt_seconds * 1000:.1f} ms; "
+        f"providers: {_providers(r.node)}"
+    )
+
+
+@app.command()
+def remove(
+    name: str,
+    force: Annotated[bool, typer.Option(help="Also forget the node's workspaces.")] = False,
+) -> None:
+    """Forget a node (its agent and environments are left as they are)."""
+
+    async def go() -> None:
+        async with coordinator() as c:
+            await c.RemoveNode(
+                pb.RemoveNodeRequest(name=name, force=force, request_id=request_id())
+            )
+
+    run(go())
+    out.print(f"node {name} removed")

@@ -1,0 +1,60 @@
+"""Everything the CLI prints: rich for people, JSON for scripts, errors on stderr."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def enum_name(value: str, prefix: str) -> str:
+    return value.removeprefix(prefix).lower()
+
+
+def ago(unix_nano: int) -> str:
+    if not unix_nano:
+        return "-"
+    seconds = max(0, int(dt.datetime.now().timestamp() - unix_nano / 1e9))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+STATE_STYLE = {
+    "ready": "green",
+    "running": "green",
+    "stopped": "yellow",
+    "created": "yellow",
+    "disconnected": "red",
+    "error": "red",
+    "unknown": "magenta",
+    "connecting": "cyan",
+    "starting": "cyan",
+    "stopping": "cyan",
+    "creating": "cyan",
+    "destroying": "cyan",
+}
+
+
+def styled(state: str) -> str:
+    style = STATE_STYLE.get(state)
+    return f"[{style}]{state}[/{style}]" if style else state

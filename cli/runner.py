@@ -1,0 +1,43 @@
+"""Run a command's coroutine; turn errors into one clear line and an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import typer
+
+from cli.client import not_running
+from cli.output import err
+from common.errors import VendettaError
+from common.rpc_errors import from_rpc_error
+
+T = TypeVar("T")
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _error(exc: grpc.aio.AioRpcError) -> VendettaError:
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and (
+        details.startswith("failed to connect") or "Connection refused" in details
+    ):
+        return not_running()
+    return from_rpc_error(exc)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except VendettaError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    except grpc.aio.AioRpcError as exc:
+        err.print(f"[red]error:[/red] {_error(exc)}", markup=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None

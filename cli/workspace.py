@@ -1,0 +1,308 @@
+"""`vendetta workspace create|up|down|destroy|list|status|logs|exec`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.client import coordinator, request_id
+from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
+from cli.runner import run
+from common.errors import VendettaError
+from vendetta.v1 import coordinator_pb2 as pb
+from vendetta.v1 import coordinator_pb2_grpc
+
+app = typer.Typer(help="Create, run and inspect workspaces.", no_args_is_help=True)
+
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Name = Annotated[str, typer.Argument(help="Workspace name.")]
+DEFAULT_CONFIG = Path(".vendetta/config.yaml")
+
+
+def state_of(ws: pb.Workspace) -> str:
+    return enum_name(pb.WorkspaceState.Name(ws.state), "WORKSPACE_STATE_")
+
+
+def _desired(ws: pb.Workspace) -> str:
+    return enum_name(pb.DesiredState.Name(ws.desired), "DESIRED_STATE_")
+
+
+async def _with_progress(
+    c: coordinator_pb2_grpc.CoordinatorAsyncStub,
+    name: str,
+    what: str,
+    call: Callable[[], Awaitable[pb.Workspace]],
+) -> pb.Workspace:
+    """Run ``call`` while showing the workspace's events under a spinner."""
+
+    async def follow() -> None:
+        first = True
+        async for ev in c.WatchWorkspace(pb.WatchWorkspaceRequest(name=name)):
+            if first:  # the current state, not news
+                first = False
+                continue
+            if ev.message:
+                err.print(f"  {name}: {ev.message}")
+
+    watcher = asyncio.create_task(follow())
+    try:
+        with err.status(what):
+            return await call()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
+
+
+@app.command()
+def create(
+    name: Name,
+    provider: Annotated[
+        str, typer.Option(help="docker | lxd (lxc) | qemu (default: from config, else docker).")
+    ] = "",
+    remote: Annotated[str, typer.Option(help="Node to run on (default: config, else local).")] = "",
+    config: Annotated[
+        Path | None, typer.Option(help="Project config (default: ./.vendetta/config.yaml).")
+    ] = None,
+    json_: Json = False,
+) -> None:
+    """Create a workspace's environment (stopped); `up` starts it."""
+    path = config or DEFAULT_CONFIG
+    text = ""
+    if config is not None or path.exists():
+        load_config_or_exit(path)
+        text = path.read_text()
+
+    async def go() -> pb.Workspace:
+        async with coordinator() as c:
+            return await _with_progress(
+                c,
+                name,
+                f"Creating workspace {name}...",
+                lambda: c.CreateWorkspace(
+                    pb.CreateWorkspaceRequest(
+                        name=name,
+                        provider=provider,
+                        node=remote,
+                        config_yaml=text,
+                        config_path=str(path.absolute()) if text else "",
+                        request_id=request_id(),
+                    )
+                ),
+            )
+
+    ws = run(go())
+    if json_:
+        print_json(as_dict(ws))
+        return
+    out.print(
+        f"workspace [bold]{ws.name}[/bold] created on node {ws.node} "
+        f"({ws.provider}, image {ws.image}); start it with `vendetta workspace up {ws.name}`"
+    )
+
+
+def load_config_or_exit(path: Path) -> None:
+    from common.config import load_config  # pydantic and YAML: only where a config is read
+
+    try:
+        load_config(path)
+    except VendettaError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def up(name: Name, json_: Json = False) -> None:
+    """Start the workspace (a running one stays as it is)."""
+
+    async def go() -> pb.Workspace:
+        async with coordinator() as c:
+            return await _with_progress(
+                c,
+                name,
+                f"Starting workspace {name}...",
+                lambda: c.UpWorkspace(pb.WorkspaceRequest(name=name, request_id=request_id())),
+            )
+
+    ws = run(go())
+    if json_:
+        print_json(as_dict(ws))
+        return
+    out.print(f"workspace [bold]{ws.name}[/bold] is {styled(state_of(ws))}")
+    out.print(f"  node      {ws.node}")
+    out.print(f"  provider  {ws.provider} ({ws.image})")
+    if ws.addresses:
+        out.print(f"  addresses {', '.join(ws.addresses)} (on the node)")
+    out.print(f"  logs      vendetta workspace logs {ws.name} -f")
+    out.print(f"  run       vendetta workspace exec {ws.name} -- CMD ...")
+
+
+@app.command()
+def down(name: Name, json_: Json = False) -> None:
+    """Stop the workspace gracefully (a stopped one stays as it is)."""
+
+    async def go() -> pb.Workspace:
+        async with coordinator() as c:
+            return await _with_progress(
+                c,
+                name,
+                f"Stopping workspace {name}...",
+                lambda: c.DownWorkspace(pb.WorkspaceRequest(name=name, request_id=request_id())),
+            )
+
+    ws = run(go())
+    if json_:
+        print_json(as_dict(ws))
+        return
+    out.print(f"workspace [bold]{ws.name}[/bold] is {styled(state_of(ws))}")
+
+
+@app.command()
+def destroy(
+    name: Name,
+    force: Annotated[bool, typer.Option(help="Forget it even if its node is unreachable.")] = False,
+) -> None:
+    """Remove the workspace and its environment."""
+
+    async def go() -> None:
+        async with coordinator() as c:
+            with err.status(f"Destroying workspace {name}..."):
+                await c.DestroyWorkspace(
+                    pb.WorkspaceRequest(name=name, request_id=request_id(), force=force)
+                )
+
+    run(go())
+    out.print(f"workspace {name} destroyed")
+
+
+@app.command("list")
+def list_(
+    node: Annotated[str, typer.Option(help="Only this node's workspaces.")] = "",
+    json_: Json = False,
+) -> None:
+    """All workspaces with their state."""
+
+    async def go() -> pb.ListWorkspacesResponse:
+        async with coordinator() as c:
+            return await c.ListWorkspaces(pb.ListWorkspacesRequest(node=node))
+
+    resp = run(go())
+    if json_:
+        print_json([as_dict(w) for w in resp.workspaces])
+        return
+    if not resp.workspaces:
+        out.print("no workspaces; create one with `vendetta workspace create NAME`")
+        return
+    table = Table("NAME", "NODE", "PROVIDER", "IMAGE", "STATE", "DESIRED", "UPDATED")
+    for w in resp.workspaces:
+        table.add_row(
+            w.name,
+            w.node,
+            w.provider,
+            w.image,
+            styled(state_of(w)),
+            _desired(w),
+            ago(w.updated_unix_nano),
+        )
+    out.print(table)
+
+
+@app.command()
+def status(
+    name: Name,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow changes.")] = False,
+    json_: Json = False,
+) -> None:
+    """One workspace's state (with --watch, every change until Ctrl-C)."""
+
+    async def go() -> None:
+        async with coordinator() as c:
+            ws = await c.GetWorkspace(pb.GetWorkspaceRequest(name=name))
+            _show(ws, json_)
+            if watch:
+                first = True
+                async for ev in c.WatchWorkspace(pb.WatchWorkspaceRequest(name=name)):
+                    if first:
+                        first = False
+                        continue
+                    if json_:
+                        print_json(as_dict(ev))
+                    else:
+                        out.print(f"{styled(state_of(ev.workspace))}: {ev.message}")
+                    if ev.workspace.state == pb.WORKSPACE_STATE_DESTROYED:
+                        return
+
+    run(go())
+
+
+def _show(ws: pb.Workspace, json_: bool) -> None:
+    if json_:
+        print_json(as_dict(ws))
+        return
+    out.print(f"[bold]{ws.name}[/bold]: {styled(state_of(ws))} (desired: {_desired(ws)})")
+    out.print(f"  node     {ws.node}\n  provider {ws.provider}\n  image    {ws.image}")
+    if ws.environment_id:
+        out.print(f"  env id   {ws.environment_id[:12]}")
+    if ws.detail:
+        out.print(f"  detail   {ws.detail}")
+    out.print(f"  created  {ago(ws.created_unix_nano)}, updated {ago(ws.updated_unix_nano)}")
+
+
+@app.command()
+def logs(
+    name: Name,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    tail: Annotated[int, typer.Option(help="Only the last N lines (0: all).")] = 0,
+    service: Annotated[str, typer.Option(help="Only this service's output.")] = "",
+) -> None:
+    """The workspace's output (with -f, until Ctrl-C or the workspace stops)."""
+
+    async def go() -> None:
+        async with coordinator() as c:
+            stream = c.StreamLogs(
+                pb.StreamLogsRequest(name=name, follow=follow, tail=tail, service=service)
+            )
+            async for batch in stream:
+                text = "".join(
+                    (f"{ln.service} | " if ln.service and not service else "") + ln.text + "\n"
+                    for ln in batch.lines
+                )
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+    run(go())
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_(
+    name: Name,
+    command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
+) -> None:
+    """Run a command inside the workspace; its exit code becomes ours."""
+
+    async def go() -> int:
+        async with coordinator() as c:
+            code = 0
+            async for o in c.ExecWorkspace(pb.ExecWorkspaceRequest(name=name, argv=command)):
+                kind = o.WhichOneof("output")
+                if kind == "stdout":
+                    sys.stdout.buffer.write(o.stdout)
+                    sys.stdout.flush()
+                elif kind == "stderr":
+                    sys.stderr.buffer.write(o.stderr)
+                    sys.stderr.flush()
+                elif kind == "exit_code":
+                    code = o.exit_code
+            return code
+
+    code = run(go())
+    raise typer.Exit(code)
