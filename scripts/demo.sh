@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The demo: installs what is missing (scripts/setup.sh), then runs a Docker
+# workspace on the local node through coordinator -> agent -> Docker, shows
+# its status and logs, and tears it down. Safe to run again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+CONFIG=examples/demo/.vendetta/config.yaml
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
+
+step "Start the coordinator (state in ${VENDETTA_HOME:-~/.local/state/vendetta})"
+show vendetta server start
+for _ in $(seq 100); do vendetta node status local >/dev/null 2>&1 && break; sleep 0.2; done
+show vendetta node status local
+
+step "Create and start a Docker workspace on the local node"
+if vendetta workspace status demo >/dev/null 2>&1; then
+  vendetta workspace destroy demo
+fi
+show vendetta workspace create demo --config "$CONFIG"
+show vendetta workspace up demo
+show vendetta workspace list
+show vendetta workspace exec demo -- sh -c 'echo "hello from $(hostname), inside the workspace"'
+
+step "Follow its logs for 4 seconds"
+show timeout --signal=INT 4 vendetta workspace logs demo --follow --tail 3 || true
+
+step "Stop and remove it"
+show vendetta workspace down demo
+show vendetta workspace destroy demo
+show vendetta server stop
+step "Done. Next: vendetta node add NAME ADDRESS to run workspaces on another machine."
