@@ -29,12 +29,13 @@ async def batched(
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=max_items * 4)
 
     async def pump() -> None:
+        # No `finally`: when cancelled, a put on a full queue would block forever.
         try:
             async for item in source:
                 await queue.put(item)
         except Exception as exc:  # handed to the consumer, raised there
             await queue.put(exc)
-        finally:
+        else:
             await queue.put(_END)
 
     task = asyncio.create_task(pump())
@@ -64,8 +65,7 @@ async def batched(
                 return
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task})  # unlike `await task`, keeps our own cancellation
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):

@@ -49,10 +49,21 @@ class DockerSection(_Strict):
     command: list[str] | None = None
 
 
+def _check_size(value: str | None) -> str | None:
+    if value is not None:
+        parse_size(value)
+    return value
+
+
 class LxdSection(_Strict):
     image: str = "ubuntu/22.04"
     cpu: int | None = Field(default=None, ge=1)
     memory: str | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        return _check_size(v)
 
 
 class QemuSection(_Strict):
@@ -60,6 +71,12 @@ class QemuSection(_Strict):
     cpu: int = Field(default=2, ge=1)
     memory: str = "2G"
     disk: str = "20G"
+
+    @field_validator("memory", "disk")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
 
 
 class HealthCheck(_Strict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -22,11 +22,17 @@ class EventBus(Generic[T]):
                     q.get_nowait()
             q.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[T]:
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[AsyncIterator[T]]:
+        """Subscribed from entry to exit: read the current state inside, lose nothing."""
         q: asyncio.Queue[T] = asyncio.Queue(self._queue_size)
         self._subscribers.add(q)
-        try:
+
+        async def events() -> AsyncIterator[T]:
             while True:
                 yield await q.get()
+
+        try:
+            yield events()
         finally:
             self._subscribers.discard(q)

@@ -120,12 +120,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def WatchNodes(
         self, request: pb.WatchNodesRequest, context: Ctx
     ) -> AsyncIterator[pb.NodeEvent]:
-        for conn in self.nodes.all():  # the current picture first, then changes
-            yield pb.NodeEvent(node=node_to_pb(conn), message="", time_unix_nano=time.time_ns())
-        async for ev in self.nodes.events.subscribe():
-            yield pb.NodeEvent(
-                node=node_to_pb(ev.node), message=ev.message, time_unix_nano=ev.time_unix_nano
-            )
+        with self.nodes.events.subscribe() as events:
+            for conn in self.nodes.all():  # the current picture first, then changes
+                yield pb.NodeEvent(node=node_to_pb(conn), time_unix_nano=time.time_ns())
+            async for ev in events:
+                yield pb.NodeEvent(
+                    node=node_to_pb(ev.node), message=ev.message, time_unix_nano=ev.time_unix_nano
+                )
 
     # workspaces
     async def CreateWorkspace(
@@ -185,29 +186,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> AsyncIterator[pb.WorkspaceEvent]:
         if request.name:
             validate_name("workspace", request.name)
-        events = self.workspaces.events.subscribe()
-        # Subscribe before reading the current state so nothing falls in between.
-        first = events.__anext__()
-        if request.name:
-            try:
-                current = [await self.workspaces.get(request.name)]
-            except NotFoundError:
-                current = []
-        else:
-            current = await self.workspaces.list_all()
-        for ws in current:
-            yield pb.WorkspaceEvent(
-                workspace=workspace_to_pb(self.workspaces.view(ws)), time_unix_nano=time.time_ns()
-            )
-        ev = await first
-        while True:
-            if not request.name or ev.workspace.name == request.name:
+        with self.workspaces.events.subscribe() as events:
+            if request.name:
+                try:
+                    current = [await self.workspaces.get(request.name)]
+                except NotFoundError:
+                    current = []
+            else:
+                current = await self.workspaces.list_all()
+            for ws in current:
                 yield pb.WorkspaceEvent(
-                    workspace=workspace_to_pb(ev.workspace),
-                    message=ev.message,
-                    time_unix_nano=ev.time_unix_nano,
+                    workspace=workspace_to_pb(self.workspaces.view(ws)),
+                    time_unix_nano=time.time_ns(),
                 )
-            ev = await events.__anext__()
+            async for ev in events:
+                if not request.name or ev.workspace.name == request.name:
+                    yield pb.WorkspaceEvent(
+                        workspace=workspace_to_pb(ev.workspace),
+                        message=ev.message,
+                        time_unix_nano=ev.time_unix_nano,
+                    )
 
     async def StreamLogs(
         self, request: pb.StreamLogsRequest, context: Ctx

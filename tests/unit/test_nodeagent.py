@@ -1,0 +1,161 @@
+"""The agent server over a FakeProvider, and the fake's own contract (providers.base)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from nodeagent.providers import ProviderSet
+from nodeagent.server import AgentServer
+from providers.base import EnvironmentSpec, EnvState, LogRecord, Readiness
+from tests.support.fakes import FakeProvider, short_tmp_dir
+from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
+
+# ----------------------------------------------------------------------------- the fake
+
+
+async def test_fake_provider_follows_the_provider_contract() -> None:
+    p = FakeProvider()
+    spec = EnvironmentSpec(workspace="ws", image="img")
+    assert (await p.inspect("ws")).state == EnvState.ABSENT
+
+    created = await p.create(spec)
+    assert created.state == EnvState.CREATED
+    with pytest.raises(AlreadyExistsError):
+        await p.create(spec)
+
+    assert (await p.start("ws")).state == EnvState.RUNNING
+    assert (await p.start("ws")).state == EnvState.RUNNING  # idempotent
+    assert (await p.stop("ws")).state == EnvState.STOPPED
+    assert (await p.stop("ws")).state == EnvState.STOPPED  # idempotent
+    assert [s.workspace for s in await p.list()] == ["ws"]
+
+    await p.destroy("ws")
+    await p.destroy("ws")  # absent is fine
+    assert (await p.inspect("ws")).state == EnvState.ABSENT
+    with pytest.raises(NotFoundError):
+        await p.start("ws")
+
+
+async def test_fake_provider_logs_follow_until_stopped() -> None:
+    p = FakeProvider()
+    await p.create(EnvironmentSpec(workspace="ws", image="img"))
+    await p.start("ws")
+    p.add_log("ws", "one")
+    got: list[str] = []
+
+    async def follow() -> None:
+        async for rec in p.logs("ws", follow=True, tail=None):
+            got.append(rec.text)
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.02)
+    # Tests may append to the recorded lines directly.
+    p.environments["ws"].logs.append(LogRecord(0, "stdout", "two"))
+    await asyncio.sleep(0.1)
+    await p.stop("ws")
+    await asyncio.wait_for(task, 5.0)
+    assert got == ["one", "two"]
+    assert p.active_log_streams == 0
+
+
+# ----------------------------------------------------------------------------- the agent
+
+
+@pytest.fixture
+async def agent_dir() -> AsyncIterator[Path]:
+    root = short_tmp_dir()
+    try:
+        yield root / "agent"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_agent_socket_is_private_and_info_lists_providers(agent_dir: Path) -> None:
+    provider = FakeProvider("a1")
+    provider.readiness_value = Readiness(ready=False, detail="engine down: start it")
+    server = AgentServer(agent_dir, providers=ProviderSet({"docker": provider}))
+    await server.start()
+    try:
+        assert stat.S_IMODE(server.socket.stat().st_mode) == 0o600
+        assert stat.S_IMODE(agent_dir.stat().st_mode) == 0o700
+        async with grpc.aio.insecure_channel(f"unix:{server.socket}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)
+            info = await stub.Info(nodeagent_pb2.InfoRequest())
+            assert info.agent_id == server.agent_id
+            assert info.socket_path == str(server.socket)
+            assert [p.name for p in info.providers] == ["docker"]
+            assert not info.providers[0].ready
+            assert info.providers[0].detail == "engine down: start it"
+            assert "exec" in info.providers[0].capabilities
+            # A provider that is not ready contributes no environments (and no error).
+            envs = await stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
+            assert list(envs.environments) == []
+    finally:
+        await server.stop(grace=0.2)
+    assert provider.closed
+    assert not server.socket.exists()
+
+
+async def test_agent_id_is_stable_across_restarts(agent_dir: Path) -> None:
+    first = AgentServer(agent_dir, providers=ProviderSet({"docker": FakeProvider()}))
+    second = AgentServer(agent_dir, providers=ProviderSet({"docker": FakeProvider()}))
+    assert first.agent_id == second.agent_id
+
+
+async def test_second_agent_on_the_same_dir_is_refused(agent_dir: Path) -> None:
+    first = AgentServer(agent_dir, providers=ProviderSet({"docker": FakeProvider()}))
+    await first.start()
+    try:
+        second = AgentServer(agent_dir, providers=ProviderSet({"docker": FakeProvider()}))
+        with pytest.raises(FailedPreconditionError, match="already running"):
+            await second.start()
+    finally:
+        await first.stop(grace=0.2)
+
+
+async def test_agent_environment_lifecycle_over_grpc(agent_dir: Path) -> None:
+    provider = FakeProvider("a1")
+    server = AgentServer(agent_dir, providers=ProviderSet({"docker": provider}))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{server.socket}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)
+            spec = nodeagent_pb2.EnvironmentSpec(
+                workspace="ws", provider="docker", image="img", env={"A": "1"}, cpus=2
+            )
+            env = await stub.CreateEnvironment(nodeagent_pb2.CreateEnvironmentRequest(spec=spec))
+            assert env.state == common_pb2.ENVIRONMENT_STATE_CREATED
+            assert provider.environments["ws"].spec.env == {"A": "1"}
+            assert provider.environments["ws"].spec.cpus == 2
+            assert provider.environments["ws"].spec.command is None  # empty: keep-alive
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.CreateEnvironment(nodeagent_pb2.CreateEnvironmentRequest(spec=spec))
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+            no_image = nodeagent_pb2.EnvironmentSpec(workspace="ws2", provider="docker")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.CreateEnvironment(nodeagent_pb2.CreateEnvironmentRequest(spec=no_image))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+            req = nodeagent_pb2.EnvironmentRequest(workspace="ws", provider="docker")
+            env = await stub.StartEnvironment(req)
+            assert env.state == common_pb2.ENVIRONMENT_STATE_RUNNING
+            env = await stub.StopEnvironment(
+                nodeagent_pb2.StopEnvironmentRequest(workspace="ws", provider="docker")
+            )
+            assert env.state == common_pb2.ENVIRONMENT_STATE_STOPPED
+            await stub.DestroyEnvironment(req)
+            env = await stub.InspectEnvironment(req)
+            assert env.state == common_pb2.ENVIRONMENT_STATE_ABSENT
+    finally:
+        await server.stop(grace=0.2)
