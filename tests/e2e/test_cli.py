@@ -1,0 +1,391 @@
+"""The CLI end to end: a real coordinator, real agents reached through real
+sshd on loopback (each node its own host key, agent dir and socket), and the
+real Docker engine.
+
+Tests run in file order and share one coordinator (module scope): nodes added
+early are used later, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from tests.conftest import TEST_IMAGE
+from tests.support.sshd import SshServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
+
+BIN = Path(sys.executable).parent
+TIMEOUT = 120
+
+
+@dataclass
+class Env:
+    home: Path
+    env: dict[str, str]
+    nodes: dict[str, SshServer] = field(default_factory=dict)
+    agent_dirs: list[Path] = field(default_factory=list)
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(BIN / "vendetta"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"vendetta {' '.join(args)} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def fails(self, *args: str) -> str:
+        """Run a command that must fail; return its combined output (one clear line)."""
+        proc = self.cli(*args, check=False)
+        assert proc.returncode != 0, f"vendetta {' '.join(args)} succeeded:\n{proc.stdout}"
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return " ".join((proc.stdout + proc.stderr).split())
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def agent_command(self, name: str, extra: str = "") -> str:
+        agent_dir = self.home / f"agent-{name}"
+        self.agent_dirs.append(agent_dir)
+        return f"{BIN / 'vendetta-agent'} --dir {agent_dir} {extra}".strip()
+
+    def add_node(
+        self, name: str, server: SshServer, *extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        return self.cli(
+            "node",
+            "add",
+            name,
+            server.host,
+            "--port",
+            str(server.port),
+            "--user",
+            server.user,
+            "--identity",
+            str(server.client_key_path),
+            "--yes",
+            "--agent-command",
+            self.agent_command(name),
+            *extra,
+        )
+
+    def node(self, name: str) -> dict[str, Any]:
+        nodes = {n["name"]: n for n in self.json("node", "list")}
+        return dict(nodes[name])
+
+    def wait_node(self, name: str, state: str, within: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        while True:
+            node = self.node(name)
+            if node["state"] == f"NODE_STATE_{state.upper()}":
+                return node
+            if time.monotonic() > deadline:
+                raise AssertionError(f"node {name} never became {state}: {node}")
+            time.sleep(0.3)
+
+    def workspace(self, name: str) -> dict[str, Any]:
+        return dict(self.json("workspace", "status", name))
+
+
+def _containers(workspace: str) -> list[Any]:
+    client = docker.from_env()
+    try:
+        return list(
+            client.containers.list(all=True, filters={"label": f"vendetta.workspace={workspace}"})
+        )
+    finally:
+        client.close()
+
+
+def write_config(path: Path, name: str, image: str = TEST_IMAGE, extra: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"name: {name}\n"
+        "provider: docker\n"
+        f"docker:\n  image: {image}\n"
+        "  command: [/bin/sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n"
+        + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def e2e() -> Iterator[Env]:
+    # Unix socket paths must stay short: no pytest tmp_path here.
+    home = Path(tempfile.mkdtemp(prefix="vd-e2e-", dir="/tmp"))
+    env = {**os.environ, "VENDETTA_HOME": str(home / "coord"), "NO_COLOR": "1", "COLUMNS": "200"}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    e = Env(home=home, env=env)
+    e.agent_dirs.append(home / "coord" / "agent")
+    try:
+        e.nodes["node1"] = SshServer.start(home / "sshd1", host="127.0.0.2")
+        e.nodes["node2"] = SshServer.start(home / "sshd2", host="127.0.0.3")
+        e.cli("server", "start")
+        yield e
+    finally:
+        e.cli("server", "stop", check=False)
+        for agent_dir in e.agent_dirs:
+            subprocess.run(
+                [str(BIN / "vendetta-agent"), "--dir", str(agent_dir), "stop"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        for server in e.nodes.values():
+            server.stop()
+        client = docker.from_env()
+        for c in client.containers.list(all=True, filters={"label": "vendetta.managed=true"}):
+            if any(c.labels.get("vendetta.agent") == _agent_id(d) for d in e.agent_dirs):
+                c.remove(force=True)
+        client.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _agent_id(agent_dir: Path) -> str:
+    try:
+        return (agent_dir / "agent-id").read_text().strip()
+    except FileNotFoundError:
+        return "-"
+
+
+def test_server_runs_with_the_local_node(e2e: Env) -> None:
+    status = e2e.cli("server", "status")
+    assert "coordinator is running" in status.stdout
+    local = e2e.wait_node("local", "ready")
+    assert [p["name"] for p in local["providers"] if p["ready"]] == ["docker"]
+    # starting twice is fine and says so
+    assert "already running" in e2e.cli("server", "start").stdout
+
+
+def test_node_add_pins_host_key_and_starts_agent(e2e: Env) -> None:
+    server = e2e.nodes["node1"]
+    added = e2e.add_node("node1", server)
+    assert server.host_fingerprint() in added.stderr  # shown before pinning
+    assert "added" in added.stdout and "ready" in added.stdout
+    node = e2e.node("node1")
+    assert node["state"] == "NODE_STATE_READY"
+    assert node["host_key_fingerprint"] == server.host_fingerprint()
+    assert node["agent_version"]
+    assert any(p["name"] == "docker" and p["ready"] for p in node["providers"])
+    status = e2e.cli("node", "status", "node1").stdout
+    assert "docker" in status and "ready" in status
+    # the agent listens on a 0600 unix socket in its own dir
+    sock = e2e.home / "agent-node1" / "agent.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    assert "agent answered" in e2e.cli("node", "test", "node1").stdout
+
+
+def test_remote_workspace_lifecycle_with_logs_follow(e2e: Env) -> None:
+    cfg = write_config(e2e.home / "proj1" / ".vendetta" / "config.yaml", "proj1")
+    created = e2e.cli("workspace", "create", "ws1", "--remote", "node1", "--config", str(cfg))
+    assert "created on node node1" in created.stdout
+    ws = e2e.workspace("ws1")
+    assert ws["state"] == "WORKSPACE_STATE_STOPPED" and ws["node"] == "node1"
+
+    up = e2e.cli("workspace", "up", "ws1")
+    assert "running" in up.stdout and "node1" in up.stdout
+    assert e2e.cli("workspace", "up", "ws1").returncode == 0  # idempotent
+    (container,) = _containers("ws1")
+    assert container.status == "running"
+
+    listed = {w["name"]: w for w in e2e.json("workspace", "list")}
+    assert listed["ws1"]["state"] == "WORKSPACE_STATE_RUNNING"
+
+    # logs -f streams new lines until the workspace stops
+    follow = subprocess.Popen(
+        [str(BIN / "vendetta"), "workspace", "logs", "ws1", "-f", "--tail", "1"],
+        env=e2e.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follow.stdout is not None
+        seen = [follow.stdout.readline() for _ in range(3)]
+        assert all(line.startswith("tick ") for line in seen), seen
+        numbers = [int(line.split()[1]) for line in seen]
+        assert numbers == sorted(numbers) and len(set(numbers)) == 3
+        down = e2e.cli("workspace", "down", "ws1")
+        assert "stopped" in down.stdout
+        assert follow.wait(timeout=30) == 0
+    finally:
+        follow.kill()
+    assert e2e.cli("workspace", "down", "ws1").returncode == 0  # idempotent
+
+    tail = e2e.cli("workspace", "logs", "ws1", "--tail", "2").stdout.splitlines()
+    assert len(tail) == 2 and all(t.startswith("tick ") for t in tail)
+
+    e2e.cli("workspace", "destroy", "ws1")
+    assert _containers("ws1") == []
+    assert "unknown workspace" in e2e.fails("workspace", "status", "ws1")
+
+
+def test_local_workspace_exec(e2e: Env) -> None:
+    cfg = write_config(e2e.home / "proj2" / ".vendetta" / "config.yaml", "proj2")
+    e2e.cli("workspace", "create", "loc", "--config", str(cfg))
+    assert e2e.workspace("loc")["node"] == "local"
+    e2e.cli("workspace", "up", "loc")
+    run = e2e.cli("workspace", "exec", "loc", "--", "sh", "-c", "echo out-$((6*7)); echo err >&2")
+    assert run.stdout == "out-42\n" and run.stderr == "err\n"
+    code = e2e.cli("workspace", "exec", "loc", "--", "sh", "-c", "exit 7", check=False)
+    assert code.returncode == 7
+    e2e.cli("workspace", "destroy", "loc")
+    assert _containers("loc") == []
+
+
+def test_two_remote_nodes_have_separate_agents(e2e: Env) -> None:
+    e2e.add_node("node2", e2e.nodes["node2"])
+    cfg = write_config(e2e.home / "proj3" / ".vendetta" / "config.yaml", "proj3")
+    e2e.cli("workspace", "create", "ws2", "--remote", "node2", "--config", str(cfg))
+    e2e.cli("workspace", "up", "ws2")
+    (container,) = _containers("ws2")
+    assert container.labels["vendetta.agent"] == _agent_id(e2e.home / "agent-node2")
+    assert _agent_id(e2e.home / "agent-node1") != _agent_id(e2e.home / "agent-node2")
+    nodes = {n["name"]: n for n in e2e.json("node", "list")}
+    assert nodes["node2"]["workspaces"] == 1 and nodes["node1"]["workspaces"] == 0
+
+
+def test_bad_names_and_unknowns(e2e: Env) -> None:
+    assert "invalid workspace name" in e2e.fails("workspace", "create", "Bad_Name")
+    assert "unknown workspace 'nope'" in e2e.fails("workspace", "up", "nope")
+    assert "unknown node 'nowhere'" in e2e.fails(
+        "workspace", "create", "ws9", "--remote", "nowhere"
+    )
+    assert "already exists" in e2e.fails("workspace", "create", "ws2", "--remote", "node2")
+    assert "invalid node name" in e2e.fails(
+        "node", "add", "Node_1", "127.0.0.2", "--port", str(e2e.nodes["node1"].port), "--yes"
+    )
+    out = e2e.fails(
+        "node", "add", "node1", "127.0.0.2", "--port", str(e2e.nodes["node1"].port), "--yes"
+    )
+    assert "already exists" in out
+    bad = e2e.home / "bad" / "config.yaml"
+    bad.parent.mkdir()
+    bad.write_text("name: x\nprovider: docker\ndocker: {imagee: foo}\n")
+    out = e2e.fails("workspace", "create", "ws9", "--config", str(bad))
+    assert str(bad) in out and "docker.imagee" in out and "unknown key" in out
+    assert "ws9" not in {w["name"] for w in e2e.json("workspace", "list")}
+
+
+def test_unreachable_node_and_wrong_key_are_refused(e2e: Env) -> None:
+    server = e2e.nodes["node1"]
+    # nothing listens there
+    out = e2e.fails("node", "add", "ghost", "127.0.0.9", "--port", "1", "--yes")
+    assert "cannot reach 127.0.0.9:1" in out
+    # a key the node does not accept
+    stranger = e2e.home / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    out = e2e.fails(
+        "node",
+        "add",
+        "stranger",
+        server.host,
+        "--port",
+        str(server.port),
+        "--user",
+        "root",
+        "--identity",
+        str(stranger),
+        "--yes",
+        "--agent-command",
+        e2e.agent_command("stranger"),
+    )
+    assert "refused SSH authentication" in out and str(stranger) in out
+    names = {n["name"] for n in e2e.json("node", "list")}
+    assert "ghost" not in names and "stranger" not in names
+
+
+def test_docker_down_and_missing_image(e2e: Env) -> None:
+    server = e2e.nodes["node1"]
+    e2e.cli(
+        "node",
+        "add",
+        "nodocker",
+        server.host,
+        "--port",
+        str(server.port),
+        "--user",
+        "root",
+        "--identity",
+        str(server.client_key_path),
+        "--yes",
+        "--agent-command",
+        e2e.agent_command("nodocker", "--docker-host unix:///nonexistent.sock"),
+    )
+    status = e2e.cli("node", "status", "nodocker").stdout
+    assert "not ready" in status and "Docker daemon not reachable" in status
+    cfg = write_config(e2e.home / "proj4" / ".vendetta" / "config.yaml", "proj4")
+    out = e2e.fails("workspace", "create", "wsd", "--remote", "nodocker", "--config", str(cfg))
+    assert "Docker daemon not reachable" in out
+    assert "wsd" not in {w["name"] for w in e2e.json("workspace", "list")}
+
+    missing = write_config(
+        e2e.home / "proj5" / ".vendetta" / "config.yaml", "proj5", image="vendetta/missing:0"
+    )
+    out = e2e.fails("workspace", "create", "wsm", "--remote", "node1", "--config", str(missing))
+    assert "vendetta/missing:0" in out and "not on this node" in out
+    assert "wsm" not in {w["name"] for w in e2e.json("workspace", "list")}
+    assert _containers("wsm") == []
+    e2e.cli("node", "remove", "nodocker")
+
+
+def test_node_down_then_back(e2e: Env) -> None:
+    server = e2e.nodes["node1"]
+    cfg = write_config(e2e.home / "proj6" / ".vendetta" / "config.yaml", "proj6")
+    e2e.cli("workspace", "create", "ws6", "--remote", "node1", "--config", str(cfg))
+    e2e.cli("workspace", "up", "ws6")
+    server.stop()
+    e2e.wait_node("node1", "disconnected")
+    assert e2e.workspace("ws6")["state"] == "WORKSPACE_STATE_UNKNOWN"
+    out = e2e.fails("workspace", "down", "ws6")
+    assert "node 'node1' is disconnected" in out
+    # the same host key comes back on the same address: the node reconnects by itself
+    server.restart()
+    e2e.wait_node("node1", "ready")
+    assert e2e.workspace("ws6")["state"] == "WORKSPACE_STATE_RUNNING"
+    e2e.cli("workspace", "destroy", "ws6")
+
+
+def test_changed_host_key_is_refused(e2e: Env) -> None:
+    server = e2e.nodes["node2"]
+    old = server.host_fingerprint()
+    server.rotate_host_key(drop_connections=True)
+    new = server.host_fingerprint()
+    node = e2e.wait_node("node2", "disconnected")
+    deadline = time.monotonic() + 60
+    while "has changed" not in node["last_error"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+        node = e2e.node("node2")
+    assert "has changed" in node["last_error"]
+    assert old in node["last_error"] and new in node["last_error"]
+    out = e2e.fails("workspace", "up", "ws2")
+    assert "disconnected" in out and "has changed" in out
+    # the pinned key was not replaced
+    assert e2e.node("node2")["host_key_fingerprint"] == old
+    # forget it deliberately (its workspace with it), then re-add with the new key
+    e2e.cli("node", "remove", "node2", "--force")
+    e2e.add_node("node2", server)
+    assert e2e.node("node2")["host_key_fingerprint"] == new

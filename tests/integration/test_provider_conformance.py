@@ -1,0 +1,236 @@
+"""One conformance suite for every provider, through the agent's real gRPC wire.
+
+Each provider runs behind a real AgentServer on a unix socket and is driven
+with the generated NodeAgent stub, exactly as the coordinator drives it. A new
+provider joins by adding a ``ProviderCase`` to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+import pytest
+
+from nodeagent.providers import ProviderSet
+from nodeagent.server import AgentServer, agent_id
+from providers.base import Provider
+from tests.conftest import TEST_IMAGE
+from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
+
+if TYPE_CHECKING:
+    from vendetta.v1.nodeagent_pb2_grpc import NodeAgentAsyncStub
+
+
+@dataclass(frozen=True)
+class ProviderCase:
+    name: str
+    make: Callable[[str], Provider]
+    image: str
+    missing_image: str
+    marks: tuple[pytest.MarkDecorator, ...]
+
+
+def _docker(agent_id: str) -> Provider:
+    from providers.docker import DockerProvider
+
+    return DockerProvider(agent_id)
+
+
+CASES = [
+    ProviderCase("docker", _docker, TEST_IMAGE, "vendetta/absent:0", (pytest.mark.docker,)),
+]
+
+
+@dataclass
+class Agent:
+    stub: NodeAgentAsyncStub
+    provider: str
+    case: ProviderCase
+
+    def ws(self) -> str:
+        return f"conf-{uuid.uuid4().hex[:8]}"
+
+    def spec(self, ws: str, **kw: object) -> nodeagent_pb2.CreateEnvironmentRequest:
+        spec = nodeagent_pb2.EnvironmentSpec(
+            workspace=ws,
+            provider=self.provider,
+            image=self.case.image,
+            **kw,  # type: ignore[arg-type]
+        )
+        return nodeagent_pb2.CreateEnvironmentRequest(spec=spec)
+
+    def ref(self, ws: str) -> nodeagent_pb2.EnvironmentRequest:
+        return nodeagent_pb2.EnvironmentRequest(workspace=ws, provider=self.provider)
+
+    async def exec(self, ws: str, *argv: str) -> tuple[bytes, bytes, int]:
+        out, err, code = b"", b"", -1
+        request = nodeagent_pb2.ExecRequest(workspace=ws, provider=self.provider, argv=argv)
+        async for o in self.stub.Exec(request):
+            kind = o.WhichOneof("output")
+            if kind == "stdout":
+                out += o.stdout
+            elif kind == "stderr":
+                err += o.stderr
+            elif kind == "exit_code":
+                code = o.exit_code
+        return out, err, code
+
+
+@pytest.fixture(params=[pytest.param(c, marks=c.marks, id=c.name) for c in CASES])
+async def agent(request: pytest.FixtureRequest) -> AsyncIterator[Agent]:
+    case: ProviderCase = request.param
+    agent_dir = Path(tempfile.mkdtemp(prefix="vd-conf-", dir="/tmp"))
+    providers = ProviderSet({case.name: case.make(agent_id(agent_dir))})
+    server = AgentServer(agent_dir, providers=providers)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"unix:{server.socket}")
+    a = Agent(nodeagent_pb2_grpc.NodeAgentStub(channel), case.name, case)
+    try:
+        yield a
+    finally:
+        listed = await a.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
+        for env in listed.environments:
+            await a.stub.DestroyEnvironment(a.ref(env.workspace))
+        await channel.close(None)
+        await server.stop()
+        shutil.rmtree(agent_dir, ignore_errors=True)
+
+
+async def test_info_reports_the_provider_ready(agent: Agent) -> None:
+    info = await agent.stub.Info(nodeagent_pb2.InfoRequest())
+    (p,) = [p for p in info.providers if p.name == agent.provider]
+    assert p.ready, p.detail
+    assert "exec" in p.capabilities
+    assert info.capacity.cpus >= 1 and info.agent_id
+
+
+async def test_lifecycle_is_idempotent(agent: Agent) -> None:
+    ws = agent.ws()
+    env = await agent.stub.CreateEnvironment(agent.spec(ws))
+    assert env.state in (common_pb2.ENVIRONMENT_STATE_CREATED, common_pb2.ENVIRONMENT_STATE_STOPPED)
+    with pytest.raises(grpc.aio.AioRpcError) as dup:
+        await agent.stub.CreateEnvironment(agent.spec(ws))
+    assert dup.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    for _ in range(2):
+        env = await agent.stub.StartEnvironment(agent.ref(ws))
+        assert env.state == common_pb2.ENVIRONMENT_STATE_RUNNING
+    listed = await agent.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
+    assert [e.workspace for e in listed.environments] == [ws]
+    for _ in range(2):
+        env = await agent.stub.StopEnvironment(
+            nodeagent_pb2.StopEnvironmentRequest(
+                workspace=ws, provider=agent.provider, timeout_seconds=5
+            )
+        )
+        assert env.state == common_pb2.ENVIRONMENT_STATE_STOPPED
+    for _ in range(2):
+        await agent.stub.DestroyEnvironment(agent.ref(ws))
+    env = await agent.stub.InspectEnvironment(agent.ref(ws))
+    assert env.state == common_pb2.ENVIRONMENT_STATE_ABSENT
+
+
+async def test_exec_streams_output_and_exit_code(agent: Agent) -> None:
+    ws = agent.ws()
+    await agent.stub.CreateEnvironment(agent.spec(ws, env={"GREETING": "hi there"}))
+    with pytest.raises(grpc.aio.AioRpcError) as stopped:
+        await agent.exec(ws, "true")
+    assert stopped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "vendetta workspace up" in (stopped.value.details() or "")
+    await agent.stub.StartEnvironment(agent.ref(ws))
+    out, err, code = await agent.exec(ws, "sh", "-c", 'echo "$GREETING"; echo oops >&2; exit 3')
+    assert (out, err, code) == (b"hi there\n", b"oops\n", 3)
+    # argv is passed as a list: no shell interprets it
+    out, _, code = await agent.exec(ws, "echo", "$HOME; rm -rf /")
+    assert (out, code) == (b"$HOME; rm -rf /\n", 0)
+
+
+async def test_logs_tail_and_follow(agent: Agent) -> None:
+    ws = agent.ws()
+    script = "for i in 1 2 3; do echo line $i; done; echo warn >&2; while :; do sleep 0.2; done"
+    await agent.stub.CreateEnvironment(agent.spec(ws, command=["sh", "-c", script]))
+    await agent.stub.StartEnvironment(agent.ref(ws))
+    req = nodeagent_pb2.AgentLogsRequest(workspace=ws, provider=agent.provider, tail=0)
+    lines: list[common_pb2.LogLine] = []
+    for _ in range(50):
+        lines = [ln async for b in agent.stub.StreamLogs(req) for ln in b.lines]
+        if len(lines) >= 4:
+            break
+        await asyncio.sleep(0.1)
+    texts = {(ln.stream, ln.text) for ln in lines}
+    assert {("stdout", "line 1"), ("stdout", "line 3"), ("stderr", "warn")} <= texts
+    assert all(ln.time_unix_nano > 0 for ln in lines)
+
+    follow = agent.stub.StreamLogs(
+        nodeagent_pb2.AgentLogsRequest(workspace=ws, provider=agent.provider, follow=True, tail=1)
+    )
+
+    async def collect() -> list[str]:
+        got: list[str] = []
+        async for batch in follow:
+            got.extend(ln.text for ln in batch.lines)
+            if "fresh line" in got:
+                return got
+        return got
+
+    reader = asyncio.create_task(collect())
+    await asyncio.sleep(0.5)
+    _, _, code = await agent.exec(ws, "sh", "-c", "echo 'fresh line' > /proc/1/fd/1")
+    assert code == 0
+    got = await asyncio.wait_for(reader, 30)
+    assert "fresh line" in got
+
+
+async def test_follow_ends_when_environment_stops(agent: Agent) -> None:
+    ws = agent.ws()
+    await agent.stub.CreateEnvironment(
+        agent.spec(ws, command=["sh", "-c", "echo up; exec sleep 600"])
+    )
+    await agent.stub.StartEnvironment(agent.ref(ws))
+    follow = agent.stub.StreamLogs(
+        nodeagent_pb2.AgentLogsRequest(workspace=ws, provider=agent.provider, follow=True)
+    )
+
+    async def drain() -> int:
+        return sum([len(b.lines) async for b in follow])
+
+    reader = asyncio.create_task(drain())
+    await asyncio.sleep(0.5)
+    await agent.stub.StopEnvironment(
+        nodeagent_pb2.StopEnvironmentRequest(
+            workspace=ws, provider=agent.provider, timeout_seconds=1
+        )
+    )
+    assert await asyncio.wait_for(reader, 30) >= 1
+
+
+async def test_errors_name_the_cause(agent: Agent) -> None:
+    ws = agent.ws()
+    req = agent.spec(ws)
+    req.spec.image = agent.case.missing_image
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await agent.stub.CreateEnvironment(req)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert agent.case.missing_image in (missing.value.details() or "")
+    env = await agent.stub.InspectEnvironment(agent.ref(ws))
+    assert env.state == common_pb2.ENVIRONMENT_STATE_ABSENT  # nothing half-created
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await agent.stub.StartEnvironment(agent.ref("no-such-ws"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await agent.stub.CreateEnvironment(agent.spec("Bad_Name"))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await agent.stub.InspectEnvironment(
+            nodeagent_pb2.EnvironmentRequest(workspace=ws, provider="nope")
+        )
+    assert other.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not available on this node" in (other.value.details() or "")
