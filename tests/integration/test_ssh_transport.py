@@ -88,9 +88,15 @@ async def test_changed_host_key_is_refused(server: SshServer, workdir: Path) -> 
     assert server.host_fingerprint() in str(exc.value) and "has changed" in str(exc.value)
 
 
-async def test_unaccepted_key_is_refused(server: SshServer, workdir: Path) -> None:
+@pytest.fixture
+def other_key(workdir: Path) -> Path:
     other = workdir / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    return other
+
+
+async def test_unaccepted_key_is_refused(server: SshServer, workdir: Path, other_key: Path) -> None:
+    other = other_key
     with pytest.raises(PermissionDeniedError) as exc:
         await transport(server, workdir, identity_file=str(other)).connect()
     assert str(other) in str(exc.value) and "authorized_keys" in str(exc.value)
