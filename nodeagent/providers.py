@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import importlib
+import logging
+from collections.abc import Callable, Mapping
 
 from common.errors import InvalidArgumentError
 from providers.base import Provider, Readiness
+
+log = logging.getLogger("vendetta.agent")
 
 
 class ProviderSet:
@@ -36,7 +40,29 @@ class ProviderSet:
         await asyncio.gather(*(p.close() for p in self._providers.values()))
 
 
-def build_providers(agent_id: str, docker_host: str | None) -> ProviderSet:
-    from providers.docker import DockerProvider
+# name -> (module, class). Imported at agent start: a provider whose SDK is not
+# installed is left out (and logged) instead of taking the agent down.
+PROVIDERS: dict[str, tuple[str, str]] = {
+    "docker": ("providers.docker", "DockerProvider"),
+}
 
-    return ProviderSet({"docker": DockerProvider(agent_id, base_url=docker_host)})
+
+def build_providers(
+    agent_id: str,
+    docker_host: str | None,
+    options: Mapping[str, Callable[[type[Provider]], Provider]] | None = None,
+) -> ProviderSet:
+    built: dict[str, Provider] = {}
+    factories: dict[str, Callable[[type[Provider]], Provider]] = {
+        "docker": lambda cls: cls(agent_id, base_url=docker_host),  # type: ignore[call-arg]
+        **(options or {}),
+    }
+    for name, (module, attr) in PROVIDERS.items():
+        try:
+            cls: type[Provider] = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            log.warning("provider %s unavailable: %s", name, exc)
+            continue
+        make = factories.get(name)
+        built[name] = make(cls) if make else cls(agent_id)
+    return ProviderSet(built)
