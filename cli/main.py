@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import node, server, workspace
+from cli import node, project, server, workspace
 from common.version import VERSION
 
 app = typer.Typer(
@@ -19,6 +19,8 @@ app = typer.Typer(
 app.add_typer(server.app, name="server")
 app.add_typer(node.app, name="node")
 app.add_typer(workspace.app, name="workspace")
+app.add_typer(project.config_app, name="config")
+app.command()(project.init)
 
 
 def _version(value: bool) -> None:

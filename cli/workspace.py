@@ -14,6 +14,7 @@ from rich.table import Table
 
 from cli.client import coordinator, request_id
 from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
+from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from common.errors import VendettaError
 from vendetta.v1 import coordinator_pb2 as pb
@@ -23,7 +24,6 @@ app = typer.Typer(help="Create, run and inspect workspaces.", no_args_is_help=Tr
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Name = Annotated[str, typer.Argument(help="Workspace name.")]
-DEFAULT_CONFIG = Path(".vendetta/config.yaml")
 
 
 def state_of(ws: pb.Workspace) -> str:
