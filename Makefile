@@ -31,7 +31,7 @@ fmt: ## Format the code with ruff
 protos: ## Regenerate vendetta/v1 from protos/
 	bash scripts/gen_protos.sh
 
-bench: ## Benchmarks against baselines measured in the same run (not written yet: issue 7)
-	@echo "make bench: no benchmarks yet (issue 7); nothing was measured" >&2; exit 1
+bench: setup ## Benchmarks against baselines in the same run (BENCH_ARGS=--quick for a short run)
+	$(PY) -m bench $(BENCH_ARGS)
 
 .PHONY: help setup demo test lint fmt protos bench

@@ -1,0 +1,1 @@
+"""`make bench`: what users feel, against baselines measured in the same run."""
