@@ -16,7 +16,7 @@ from typing import Any
 
 from common.errors import NodeUnreachableError, NotFoundError, VendettaError
 from coordinator.agent_client import AgentClient
-from coordinator.events import EventBus
+from common.events import EventBus
 from coordinator.models import NodeRecord, NodeState
 from coordinator.transports import Transport
 from vendetta.v1 import nodeagent_pb2

@@ -18,7 +18,7 @@ from common.errors import (
     VendettaError,
 )
 from common.names import validate_name
-from coordinator.events import EventBus
+from common.events import EventBus
 from coordinator.models import LOCAL_NODE, Desired, NodeState, WorkspaceRecord, WorkspaceState
 from coordinator.nodes import NodeConnection, NodeRegistry
 from coordinator.store import Store

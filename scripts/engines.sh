@@ -126,6 +126,7 @@ cmd_start() {
     start_dockerd
     prepare_sshd
     build_busybox_image
+    bash "$(dirname "${BASH_SOURCE[0]}")/engine-lxd.sh"
 }
 
 cmd_stop() {

@@ -43,6 +43,28 @@ def docker_engine() -> Iterator[None]:
     yield
 
 
+LXD_TEST_IMAGE = os.environ.get("VENDETTA_LXD_TEST_IMAGE", "vendetta/busybox")
+
+
+def _lxd_problem() -> str:
+    try:
+        import pylxd
+
+        client = pylxd.Client()
+        client.api.storage_pools["default"].get()
+        client.api.images.aliases[LXD_TEST_IMAGE].get()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def lxd_engine() -> Iterator[None]:
+    problem = _lxd_problem()
+    require("LXD (initialised, with the test image)", not problem, problem)
+    yield
+
+
 @pytest.fixture(scope="session")
 def sshd_binary() -> Iterator[str]:
     path = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -55,5 +77,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("docker") and hasattr(item, "fixturenames"):
             item.fixturenames.insert(0, "docker_engine")
+        if item.get_closest_marker("lxd") and hasattr(item, "fixturenames"):
+            item.fixturenames.insert(0, "lxd_engine")
         if item.get_closest_marker("sshd") and hasattr(item, "fixturenames"):
             item.fixturenames.insert(0, "sshd_binary")

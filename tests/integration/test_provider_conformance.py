@@ -23,7 +23,7 @@ import pytest
 from nodeagent.providers import ProviderSet
 from nodeagent.server import AgentServer, agent_id
 from providers.base import Provider
-from tests.conftest import TEST_IMAGE
+from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 if TYPE_CHECKING:
@@ -45,8 +45,15 @@ def _docker(agent_id: str) -> Provider:
     return DockerProvider(agent_id)
 
 
+def _lxd(agent_id: str) -> Provider:
+    from providers.lxd import LxdProvider
+
+    return LxdProvider(agent_id)
+
+
 CASES = [
     ProviderCase("docker", _docker, TEST_IMAGE, "vendetta/absent:0", (pytest.mark.docker,)),
+    ProviderCase("lxd", _lxd, LXD_TEST_IMAGE, "vendetta/absent", (pytest.mark.lxd,)),
 ]
 
 

@@ -1,0 +1,612 @@
+"""LxdProvider: each environment is one LXD system container on the node's LXD daemon.
+
+Lifecycle lives here; the supervised command and its log format in
+``command``, log reading in ``logs``, the error seam in ``errors``. Every
+pylxd call runs in a thread (``asyncio.to_thread``, or a dedicated thread for
+an exec's output).
+
+Containers are found only by their config keys (``user.vendetta.managed``,
+``user.vendetta.agent``, ``user.vendetta.workspace``), never by name alone,
+so an agent finds its own after a restart and two agents sharing one LXD
+daemon never see each other's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import pylxd
+import pylxd.exceptions
+
+from common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    ImageNotFoundError,
+    InvalidArgumentError,
+    NotFoundError,
+    VendettaError,
+)
+from common.names import validate_name
+from providers.base import (
+    LABEL_AGENT,
+    LABEL_MANAGED,
+    LABEL_WORKSPACE,
+    Capabilities,
+    EnvironmentSpec,
+    EnvironmentStatus,
+    EnvState,
+    ExecChunk,
+    LogRecord,
+    Provider,
+    Readiness,
+)
+from providers.lxd.command import launch_argv
+from providers.lxd.errors import lxd_errors, translate
+from providers.lxd.logs import LogReader
+
+T = TypeVar("T")
+
+DEFAULT_LXD_SOCKET = "/var/lib/lxd/unix.socket"
+
+# The base labels as LXD config keys (LXD only allows user.* for free-form keys).
+KEY_MANAGED = f"user.{LABEL_MANAGED}"
+KEY_AGENT = f"user.{LABEL_AGENT}"
+KEY_WORKSPACE = f"user.{LABEL_WORKSPACE}"
+KEY_COMMAND = "user.vendetta.command"
+
+MAX_IMAGES = 20
+MAX_NAME = 63  # LXD instance names are hostnames
+THREAD_PREFIX = "vendetta-lxd-"
+# How long to retry an operation LXD refuses because another one runs on the instance.
+BUSY_WAIT = 30.0
+
+INIT_HINT = "LXD is not initialised: run `lxd init --auto` or scripts/engine-lxd.sh"
+IMAGE_HINT = (
+    "import it on the node (`lxc image import META ROOTFS --alias NAME`, or "
+    "scripts/engine-lxd.sh for vendetta/busybox) or set lxd.image in .vendetta/config.yaml"
+)
+
+_UNSAFE = re.compile(r"[^a-z0-9-]")
+
+
+def _state_of(status: str, config: Mapping[str, Any]) -> EnvState:
+    if status == "Running":
+        return EnvState.RUNNING
+    if status == "Stopped":
+        # LXD records the power state once an instance has run.
+        return EnvState.STOPPED if "volatile.last_state.power" in config else EnvState.CREATED
+    if status in ("Frozen", "Error", "Aborting", "Stopping"):
+        return EnvState.STOPPED
+    return EnvState.UNKNOWN
+
+
+def _addresses(state: Mapping[str, Any] | None) -> tuple[str, ...]:
+    found: builtins.list[str] = []
+    for name, iface in ((state or {}).get("network") or {}).items():
+        if name == "lo":
+            continue
+        for address in (iface or {}).get("addresses") or ():
+            if address.get("scope") == "global" and address.get("address") not in found:
+                found.append(str(address["address"]))
+    return tuple(found)
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for key in env:
+        if not key or "=" in key or "\0" in key:
+            raise InvalidArgumentError(f"invalid environment variable name {key!r}")
+
+
+def _limits(spec: EnvironmentSpec) -> dict[str, str]:
+    config: dict[str, str] = {}
+    if spec.cpus is not None:
+        if spec.cpus <= 0:
+            raise InvalidArgumentError(f"cpus must be positive, got {spec.cpus}")
+        config["limits.cpu"] = str(math.ceil(spec.cpus))
+        if spec.cpus != math.ceil(spec.cpus):
+            # A fraction of CPU time: the quota per 100 ms period, across all CPUs.
+            config["limits.cpu.allowance"] = f"{round(spec.cpus * 100)}ms/100ms"
+    if spec.memory_bytes is not None:
+        if spec.memory_bytes <= 0:
+            raise InvalidArgumentError(f"memory must be positive, got {spec.memory_bytes} bytes")
+        config["limits.memory"] = f"{spec.memory_bytes}B"
+    return config
+
+
+class LxdProvider(Provider):
+    """Environments as system containers on the local LXD daemon, driven with pylxd 2.4."""
+
+    name: ClassVar[str] = "lxd"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        exec=True, follow_logs=True, resource_limits=True, virtual_machine=False
+    )
+
+    def __init__(self, agent_id: str, endpoint: str | None = None) -> None:
+        """``endpoint`` None: LXD's local unix socket (``$LXD_DIR`` or /var/lib/lxd).
+
+        Nothing connects here: the client is made on first use, in a thread.
+        """
+        if not agent_id:
+            raise InvalidArgumentError("agent id must not be empty")
+        super().__init__(agent_id)
+        self._endpoint = endpoint
+        lxd_dir = os.environ.get("LXD_DIR")
+        socket = os.path.join(lxd_dir, "unix.socket") if lxd_dir else DEFAULT_LXD_SOCKET
+        self.where = endpoint or f"unix://{socket}"
+        self._socket = None if endpoint else socket
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        # pylxd asks the daemon for /1.0 here: it blocks.
+        return pylxd.Client(endpoint=self._endpoint)
+
+    async def _lxd(self) -> Any:
+        """The pylxd client, made on first use (failures are not cached)."""
+        client = self._client
+        if client is None:
+            async with self._client_lock:
+                client = self._client
+                if client is None:
+                    with lxd_errors(self.where, "connecting to LXD"):
+                        client = await asyncio.to_thread(self._connect)
+                    self._client = client
+        return client
+
+    async def _run(self, action: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(client)`` in a thread; its pylxd errors come out as common.errors."""
+        client = await self._lxd()
+        with lxd_errors(self.where, action):
+            return await asyncio.to_thread(fn, client)
+
+    def instance_name(self, workspace: str) -> str:
+        """``vd-{workspace}-{agent_id[:8]}``, shortened (with a hash) to fit 63 characters."""
+        suffix = _UNSAFE.sub("-", self.agent_id[:8].lower()).strip("-") or "agent"
+        name = f"vd-{workspace}-{suffix}"
+        if len(name) <= MAX_NAME:
+            return name
+        digest = hashlib.sha256(workspace.encode()).hexdigest()[:8]
+        room = MAX_NAME - len(f"vd--{digest}-{suffix}")
+        return f"vd-{workspace[:room].rstrip('-')}-{digest}-{suffix}"
+
+    def _owned(self, info: Mapping[str, Any], workspace: str | None) -> bool:
+        config = info.get("config") or {}
+        return (
+            config.get(KEY_MANAGED) == "true"
+            and config.get(KEY_AGENT) == self.agent_id
+            and (workspace is None or config.get(KEY_WORKSPACE) == workspace)
+        )
+
+    def _instances(self, client: Any, workspace: str | None) -> builtins.list[dict[str, Any]]:
+        """This agent's instances (for one workspace), newest first. Blocking."""
+        response = client.api.instances.get(params={"recursion": 1})
+        infos = [i for i in response.json()["metadata"] if self._owned(i, workspace)]
+        infos.sort(key=lambda i: str(i.get("created_at", "")), reverse=True)
+        return infos
+
+    def _find_sync(self, client: Any, workspace: str) -> dict[str, Any] | None:
+        """The workspace's instance (config, status, and live state), or None. Blocking."""
+        for info in self._instances(client, workspace):
+            try:
+                state = client.api.instances[info["name"]].state.get().json()["metadata"]
+            except pylxd.exceptions.NotFound:
+                continue  # vanished between list and state
+            return {**info, "state": state}
+        return None
+
+    async def _find(self, workspace: str) -> dict[str, Any] | None:
+        return await self._run(
+            f"looking up workspace {workspace!r}", lambda c: self._find_sync(c, workspace)
+        )
+
+    async def _require(self, workspace: str) -> dict[str, Any]:
+        info = await self._find(workspace)
+        if info is None:
+            raise NotFoundError(
+                f"workspace {workspace!r} has no LXD environment on this node: "
+                f"create it first (`vendetta workspace up {workspace}`)"
+            )
+        return info
+
+    def _status(self, workspace: str, info: Mapping[str, Any]) -> EnvironmentStatus:
+        config = info.get("config") or {}
+        status = str(info.get("status") or "")
+        state = info.get("state")
+        detail = f"lxd status {status or 'unknown'}"
+        if KEY_COMMAND in config:
+            detail += ", command supervised by the agent"
+        return EnvironmentStatus(
+            workspace=workspace,
+            provider=self.name,
+            state=_state_of(status, config),
+            id=str(info.get("name", "")),
+            image=str(config.get("image.description") or config.get("volatile.base_image", "")),
+            addresses=_addresses(state),
+            detail=detail,
+        )
+
+    @staticmethod
+    def _not_running(workspace: str) -> str:
+        return f"workspace {workspace} is not running: run `vendetta workspace up {workspace}`"
+
+    @staticmethod
+    def _wait(client: Any, response: Any) -> None:
+        """Wait for the background operation of ``response``; raises if it failed."""
+        client.operations.wait_for_operation(response.json()["operation"])
+
+    @classmethod
+    def _state_change(
+        cls, client: Any, name: str, request: Callable[[Any], Any], done_if: str = ""
+    ) -> None:
+        """Make ``request(instance node)`` and wait for it, retrying while LXD is busy.
+
+        An instance runs one state operation at a time: a forced stop or a delete
+        right after a graceful stop gave up is refused ("busy running a stop
+        operation") until LXD has finished with that one.
+        """
+        deadline = time.monotonic() + BUSY_WAIT
+        while True:
+            try:
+                cls._wait(client, request(client.api.instances[name]))
+                return
+            except pylxd.exceptions.LXDAPIException as exc:
+                if isinstance(exc, pylxd.exceptions.NotFound):
+                    raise
+                if done_if and done_if in str(exc).lower():
+                    return  # e.g. a stop that raced with the instance stopping by itself
+                if "is busy running" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+    # -- readiness -------------------------------------------------------------
+
+    async def readiness(self) -> Readiness:
+        if self._socket and not os.path.exists(self._socket):
+            installed = any(
+                os.access(os.path.join(d, "lxd"), os.X_OK)
+                for d in os.environ.get("PATH", "").split(os.pathsep)
+            )
+            if not installed:
+                return Readiness(
+                    ready=False,
+                    detail="LXD is not installed: `apt-get install -y lxd` "
+                    "(or run scripts/engine-lxd.sh)",
+                )
+
+        def probe(client: Any) -> tuple[dict[str, Any], builtins.list[str], str]:
+            host: dict[str, Any] = client.api.get().json()["metadata"]
+            pools = [
+                p.rsplit("/", 1)[-1] for p in client.api["storage-pools"].get().json()["metadata"]
+            ]
+            problem = ""
+            if "default" not in pools:
+                problem = f"{INIT_HINT} (no storage pool named default)"
+            else:
+                profile = client.api.profiles["default"].get().json()["metadata"]
+                disks = [
+                    d
+                    for d in (profile.get("devices") or {}).values()
+                    if d.get("type") == "disk" and d.get("path") == "/"
+                ]
+                if not disks:
+                    problem = f"{INIT_HINT} (the default profile has no root disk)"
+            names: builtins.list[str] = []
+            for image in client.api.images.get(params={"recursion": 1}).json()["metadata"]:
+                aliases = [a["name"] for a in image.get("aliases") or ()]
+                names.extend(aliases or [str(image.get("fingerprint", ""))[:12]])
+            return host, sorted(names), problem
+
+        try:
+            host, images, problem = await self._run("checking the LXD daemon", probe)
+        except VendettaError as exc:
+            return Readiness(ready=False, detail=exc.message)
+        env = host.get("environment") or {}
+        version = str(env.get("server_version", "?"))
+        if problem:
+            return Readiness(ready=False, detail=problem, version=version)
+        return Readiness(
+            ready=True,
+            detail=(
+                f"LXD {version} ({env.get('driver', '?')} {env.get('driver_version', '')}, "
+                f"storage {env.get('storage', '?')}) at {self.where}"
+            ),
+            version=version,
+            images=tuple(images[:MAX_IMAGES]),
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _resolve_image(self, client: Any, image: str) -> str:
+        """The fingerprint of ``image`` (an alias or a fingerprint prefix). Blocking."""
+        with contextlib.suppress(pylxd.exceptions.NotFound):
+            alias = client.api.images.aliases[image].get().json()["metadata"]
+            return str(alias["target"])
+        if re.fullmatch(r"[0-9a-f]{6,64}", image):
+            with contextlib.suppress(pylxd.exceptions.NotFound):
+                return str(client.api.images[image].get().json()["metadata"]["fingerprint"])
+        names: builtins.list[str] = []
+        for info in client.api.images.get(params={"recursion": 1}).json()["metadata"]:
+            aliases = [a["name"] for a in info.get("aliases") or ()]
+            names.extend(aliases or [str(info.get("fingerprint", ""))[:12]])
+        have = ", ".join(sorted(names)[:MAX_IMAGES]) or "none"
+        raise ImageNotFoundError(
+            f"image {image!r} is not on this node's LXD (images here: {have}): {IMAGE_HINT}"
+        )
+
+    async def create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        workspace = validate_name("workspace", spec.workspace)
+        if not spec.image:
+            raise InvalidArgumentError(
+                f"workspace {workspace!r} has no image: set lxd.image in .vendetta/config.yaml"
+            )
+        if spec.command is not None and not spec.command:
+            raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
+        _check_env(spec.env)
+        config = {
+            KEY_MANAGED: "true",
+            KEY_AGENT: self.agent_id,
+            KEY_WORKSPACE: workspace,
+            **_limits(spec),
+            **{f"environment.{k}": v for k, v in spec.env.items()},
+        }
+        if spec.command is not None:
+            config[KEY_COMMAND] = json.dumps(list(spec.command))
+
+        existing = await self._find(workspace)
+        if existing is not None:
+            raise AlreadyExistsError(
+                f"workspace {workspace!r} already has an LXD environment on this node "
+                f"({self._status(workspace, existing).detail}): start it with "
+                f"`vendetta workspace up {workspace}` or remove it with "
+                f"`vendetta workspace destroy {workspace}`"
+            )
+        name = self.instance_name(workspace)
+
+        def create_instance(client: Any) -> None:
+            fingerprint = self._resolve_image(client, spec.image)
+            response = client.api.instances.post(
+                json={
+                    "name": name,
+                    "type": "container",
+                    "source": {"type": "image", "fingerprint": fingerprint},
+                    "profiles": ["default"],
+                    "config": config,
+                }
+            )
+            self._wait(client, response)
+
+        try:
+            await self._run(f"creating instance {name!r}", create_instance)
+        except AlreadyExistsError as exc:
+            raise AlreadyExistsError(
+                f"cannot create workspace {workspace!r}: the instance name {name!r} is "
+                f"already taken on this LXD ({exc}); if it is a leftover, remove it with "
+                f"`lxc delete --force {name}`"
+            ) from exc
+        return await self.inspect(workspace)
+
+    async def start(self, workspace: str) -> EnvironmentStatus:
+        validate_name("workspace", workspace)
+        info = await self._require(workspace)
+        name = str(info["name"])
+        status = info.get("status")
+        if status == "Running":
+            return self._status(workspace, info)
+        command = (info.get("config") or {}).get(KEY_COMMAND)
+
+        def start_instance(client: Any) -> None:
+            action = "unfreeze" if status == "Frozen" else "start"
+            self._wait(client, client.api.instances[name].state.put(json={"action": action}))
+            if command is not None and action == "start":
+                argv = launch_argv([str(a) for a in json.loads(command)])
+                result = client.instances.get(name).execute(argv)
+                if result.exit_code != 0:
+                    raise FailedPreconditionError(
+                        f"workspace {workspace} started, but its command could not be "
+                        f"launched (exit code {result.exit_code}: {result.stderr.strip()}); "
+                        "the image needs /bin/sh and setsid"
+                    )
+
+        await self._run(f"starting {workspace!r}", start_instance)
+        return await self.inspect(workspace)
+
+    async def stop(self, workspace: str, timeout: float = 10.0) -> EnvironmentStatus:
+        validate_name("workspace", workspace)
+        info = await self._require(workspace)
+        name = str(info["name"])
+        if info.get("status") not in ("Running", "Frozen"):
+            return self._status(workspace, info)
+        seconds = max(0, math.ceil(timeout))
+
+        def stop_instance(client: Any) -> None:
+            if seconds > 0 and info.get("status") == "Running":
+                # Init's halt signal (SIGPWR), then force once `seconds` have passed.
+                try:
+                    self._state_change(
+                        client,
+                        name,
+                        lambda node: node.state.put(json={"action": "stop", "timeout": seconds}),
+                    )
+                    return
+                except pylxd.exceptions.LXDAPIException:
+                    current = client.api.instances[name].state.get().json()["metadata"]
+                    if current.get("status") == "Stopped":
+                        return
+            self._state_change(
+                client,
+                name,
+                lambda node: node.state.put(json={"action": "stop", "force": True}),
+                "already stopped",
+            )
+
+        await self._run(f"stopping {workspace!r}", stop_instance)
+        return await self.inspect(workspace)
+
+    async def destroy(self, workspace: str) -> None:
+        validate_name("workspace", workspace)
+
+        def remove_all(client: Any) -> None:
+            for info in self._instances(client, workspace):
+                name = str(info["name"])
+                try:
+                    if info.get("status") != "Stopped":
+                        self._state_change(
+                            client,
+                            name,
+                            lambda node: node.state.put(json={"action": "stop", "force": True}),
+                            "already stopped",
+                        )
+                    self._state_change(client, name, lambda node: node.delete())
+                except pylxd.exceptions.NotFound:
+                    pass  # already gone: that is what we want
+
+        await self._run(f"removing workspace {workspace!r}", remove_all)
+
+    async def inspect(self, workspace: str) -> EnvironmentStatus:
+        validate_name("workspace", workspace)
+        info = await self._find(workspace)
+        if info is None:
+            return EnvironmentStatus(workspace=workspace, provider=self.name, state=EnvState.ABSENT)
+        return self._status(workspace, info)
+
+    async def list(self) -> builtins.list[EnvironmentStatus]:
+        def find_all(client: Any) -> builtins.list[dict[str, Any]]:
+            infos = []
+            for info in self._instances(client, None):
+                try:
+                    state = client.api.instances[info["name"]].state.get().json()["metadata"]
+                except pylxd.exceptions.NotFound:
+                    continue
+                infos.append({**info, "state": state})
+            return infos
+
+        infos = await self._run("listing environments", find_all)
+        statuses: dict[str, EnvironmentStatus] = {}
+        for info in infos:  # newest first: keep the newest per workspace
+            workspace = str((info.get("config") or {}).get(KEY_WORKSPACE, ""))
+            if workspace and workspace not in statuses:
+                statuses[workspace] = self._status(workspace, info)
+        return [statuses[w] for w in sorted(statuses)]
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        session = getattr(getattr(client, "api", None), "session", None)
+        if session is not None:
+            await asyncio.to_thread(session.close)
+
+    # -- exec ------------------------------------------------------------------
+
+    async def exec(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+    ) -> AsyncGenerator[ExecChunk, None]:
+        """Run argv (no shell) in the running environment; output chunks, then the exit code.
+
+        pylxd's ``execute`` blocks until the command ends, so it runs in its own
+        daemon thread whose output handlers hand chunks to the loop. Cancelling
+        stops the stream at once, but pylxd has no way to abort an exec: the
+        command (and that thread) run on until the command ends.
+        """
+        validate_name("workspace", workspace)
+        if not argv:
+            raise InvalidArgumentError("exec needs a command: argv is empty")
+        _check_env(env or {})
+        info = await self._require(workspace)
+        if info.get("status") != "Running":
+            raise FailedPreconditionError(self._not_running(workspace))
+        name = str(info["name"])
+        action = f"running {argv[0]!r} in {workspace!r}"
+        client = await self._lxd()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ExecChunk | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item: ExecChunk | BaseException) -> None:
+            if not cancelled.is_set():
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            try:
+                instance = client.instances.get(name)
+                result = instance.execute(
+                    list(argv),
+                    environment=dict(env or {}),
+                    cwd=workdir or None,
+                    decode=False,
+                    stdout_handler=lambda data: put(ExecChunk(stdout=bytes(data))),
+                    stderr_handler=lambda data: put(ExecChunk(stderr=bytes(data))),
+                )
+                code = result.exit_code
+                put(ExecChunk(exit_code=int(code) if code is not None else -1))
+            except Exception as exc:
+                put(exc)
+
+        thread = threading.Thread(target=run, name=f"{THREAD_PREFIX}exec-{workspace}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    error = translate(item, where=self.where, action=action)
+                    if isinstance(error, FailedPreconditionError) and "not running" in str(error):
+                        raise FailedPreconditionError(self._not_running(workspace)) from item
+                    raise error from item
+                yield item
+                if item.exit_code is not None:
+                    return
+        finally:
+            cancelled.set()
+
+    # -- logs ------------------------------------------------------------------
+
+    async def logs(
+        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0
+    ) -> AsyncGenerator[LogRecord, None]:
+        """The command's stdout/stderr (see ``command``) and the console (PID 1's output).
+
+        Without ``follow``: what is there now. With ``follow``: then new lines
+        as they appear (polled), until the environment stops (the last lines
+        are read after it stopped) or the caller cancels.
+        """
+        validate_name("workspace", workspace)
+        if tail is not None and tail < 0:
+            raise InvalidArgumentError(f"tail must be 0 or more, got {tail}")
+        if since_unix_nano < 0:
+            raise InvalidArgumentError(f"since must be 0 or more, got {since_unix_nano}")
+        info = await self._require(workspace)
+        name = str(info["name"])
+        action = f"reading logs of {workspace!r}"
+        reader = LogReader(name)
+
+        first = await self._run(action, reader.read)
+        records = [r for r in first.records if r.time_unix_nano >= since_unix_nano]
+        if tail is not None:
+            records = records[-tail:] if tail else []
+        for record in records:
+            yield record
+        if not follow:
+            return
+        running = first.running
+        while running:
+            await asyncio.sleep(reader.poll_interval)
+            batch = await self._run(action, reader.read)
+            running = batch.running
+            for record in batch.records:
+                yield record
