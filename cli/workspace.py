@@ -17,13 +17,28 @@ from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from common.errors import VendettaError
+from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 from vendetta.v1 import coordinator_pb2 as pb
-from vendetta.v1 import coordinator_pb2_grpc
 
 app = typer.Typer(help="Create, run and inspect workspaces.", no_args_is_help=True)
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Name = Annotated[str, typer.Argument(help="Workspace name.")]
+
+
+def services_table(ws: pb.Workspace) -> Table:
+    table = Table("SERVICE", "STATE", "PORT", "ON THE NODE", "RESTARTS", "DETAIL")
+    for s in ws.services:
+        state = enum_name(common_pb2.ServiceState.Name(s.state), "SERVICE_STATE_")
+        table.add_row(
+            s.name,
+            styled(state),
+            str(s.port or "-"),
+            s.node_endpoint or "-",
+            str(s.restarts),
+            s.detail,
+        )
+    return table
 
 
 def state_of(ws: pb.Workspace) -> str:
@@ -136,6 +151,8 @@ def up(name: Name, json_: Json = False) -> None:
         print_json(as_dict(ws))
         return
     out.print(f"workspace [bold]{ws.name}[/bold] is {styled(state_of(ws))}")
+    if ws.services:
+        out.print(services_table(ws))
     out.print(f"  node      {ws.node}")
     out.print(f"  provider  {ws.provider} ({ws.image})")
     if ws.addresses:
@@ -253,6 +270,8 @@ def _show(ws: pb.Workspace, json_: bool) -> None:
     if ws.detail:
         out.print(f"  detail   {ws.detail}")
     out.print(f"  created  {ago(ws.created_unix_nano)}, updated {ago(ws.updated_unix_nano)}")
+    if ws.services:
+        out.print(services_table(ws))
 
 
 @app.command()

@@ -75,3 +75,39 @@ class AgentClient:
         with mapped_rpc_errors():
             async for batch in self._stub.StreamLogs(request):
                 yield batch
+
+    async def start_services(
+        self, workspace: str, provider: str, services: list[common_pb2.ServiceSpec]
+    ) -> AsyncIterator[common_pb2.ServiceEvent]:
+        request = nodeagent_pb2.StartServicesRequest(
+            workspace=workspace, provider=provider, services=services
+        )
+        with mapped_rpc_errors():
+            async for ev in self._stub.StartServices(request):
+                yield ev
+
+    async def get_services(self, workspace: str, provider: str) -> list[common_pb2.ServiceStatus]:
+        with mapped_rpc_errors():
+            resp = await self._stub.GetServices(
+                nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
+                timeout=30.0,
+            )
+        return list(resp.services)
+
+    async def watch_services(
+        self, workspace: str, provider: str
+    ) -> AsyncIterator[common_pb2.ServiceEvent]:
+        request = nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider)
+        with mapped_rpc_errors():
+            async for ev in self._stub.WatchServices(request):
+                yield ev
+
+    async def run_hook(
+        self, workspace: str, provider: str, name: str, command: str
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        request = nodeagent_pb2.RunHookRequest(
+            workspace=workspace, provider=provider, name=name, command=command
+        )
+        with mapped_rpc_errors():
+            async for out in self._stub.RunHook(request):
+                yield out

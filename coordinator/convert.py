@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from coordinator.models import Desired, NodeState, WorkspaceRecord, WorkspaceState
 from coordinator.nodes import NodeConnection
+from vendetta.v1 import common_pb2
 from vendetta.v1 import coordinator_pb2 as pb
 
 _NODE_STATE = {
@@ -36,8 +37,11 @@ def node_to_pb(conn: NodeConnection, workspaces: int = 0) -> pb.Node:
     return node
 
 
-def workspace_to_pb(ws: WorkspaceRecord) -> pb.Workspace:
+def workspace_to_pb(
+    ws: WorkspaceRecord, services: list[common_pb2.ServiceStatus] | None = None
+) -> pb.Workspace:
     return pb.Workspace(
+        services=services or [],
         name=ws.name,
         node=ws.node,
         provider=ws.provider,

@@ -62,3 +62,4 @@ class WorkspaceRecord:
     addresses: list[str] = field(default_factory=list)
     created_unix_nano: int = field(default_factory=time.time_ns)
     updated_unix_nano: int = field(default_factory=time.time_ns)
+    setup_done: bool = False  # the config's setup hook ran (once, at the first up)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import NodeUnreachableError, NotFoundError, VendettaError
-from coordinator.agent_client import AgentClient
 from common.events import EventBus
+from coordinator.agent_client import AgentClient
 from coordinator.models import NodeRecord, NodeState
 from coordinator.transports import Transport
 from vendetta.v1 import nodeagent_pb2

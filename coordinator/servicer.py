@@ -146,7 +146,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def UpWorkspace(self, request: pb.WorkspaceRequest, context: Ctx) -> pb.Workspace:
         async def run() -> pb.Workspace:
-            return workspace_to_pb(await self.workspaces.up(request.name))
+            ws = await self.workspaces.up(request.name)
+            return workspace_to_pb(ws, self.workspaces.service_statuses(ws.name))
 
         return await self._once(request.request_id, "UpWorkspace", pb.Workspace, run)
 
@@ -169,7 +170,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def GetWorkspace(self, request: pb.GetWorkspaceRequest, context: Ctx) -> pb.Workspace:
         ws = await self.workspaces.get(request.name)
-        return workspace_to_pb(self.workspaces.view(ws))
+        return workspace_to_pb(self.workspaces.view(ws), self.workspaces.service_statuses(ws.name))
 
     async def ListWorkspaces(
         self, request: pb.ListWorkspacesRequest, context: Ctx
@@ -196,15 +197,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 current = await self.workspaces.list_all()
             for ws in current:
                 yield pb.WorkspaceEvent(
-                    workspace=workspace_to_pb(self.workspaces.view(ws)),
+                    workspace=workspace_to_pb(
+                        self.workspaces.view(ws), self.workspaces.service_statuses(ws.name)
+                    ),
                     time_unix_nano=time.time_ns(),
                 )
             async for ev in events:
                 if not request.name or ev.workspace.name == request.name:
                     yield pb.WorkspaceEvent(
-                        workspace=workspace_to_pb(ev.workspace),
+                        workspace=workspace_to_pb(
+                            ev.workspace, self.workspaces.service_statuses(ev.workspace.name)
+                        ),
                         message=ev.message,
                         time_unix_nano=ev.time_unix_nano,
+                        service=ev.service,
                     )
 
     async def StreamLogs(

@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
     environment_id TEXT NOT NULL,
     addresses TEXT NOT NULL,
     created INTEGER NOT NULL,
-    updated INTEGER NOT NULL
+    updated INTEGER NOT NULL,
+    setup_done INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
@@ -104,6 +105,11 @@ class SqliteStore(Store):
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(workspaces)")}
+            if "setup_done" not in columns:  # state from before hooks existed
+                self._db.execute(
+                    "ALTER TABLE workspaces ADD COLUMN setup_done INTEGER NOT NULL DEFAULT 0"
+                )
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -155,7 +161,9 @@ class SqliteStore(Store):
     async def add_workspace(self, ws: WorkspaceRecord) -> None:
         def op(db: sqlite3.Connection) -> None:
             try:
-                db.execute("INSERT INTO workspaces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _ws_row(ws))
+                db.execute(
+                    "INSERT INTO workspaces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _ws_row(ws)
+                )
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExistsError(f"workspace {ws.name!r} already exists") from exc
 
@@ -168,7 +176,7 @@ class SqliteStore(Store):
             lambda db: db.execute(
                 "UPDATE workspaces SET node=?, provider=?, image=?, config_yaml=?, config_path=?, "
                 "desired=?, observed=?, detail=?, environment_id=?, addresses=?, created=?, "
-                "updated=? WHERE name=?",
+                "updated=?, setup_done=? WHERE name=?",
                 (*row[1:], row[0]),
             )
         )
@@ -246,6 +254,7 @@ def _ws_row(ws: WorkspaceRecord) -> tuple[Any, ...]:
         json.dumps(ws.addresses),
         ws.created_unix_nano,
         ws.updated_unix_nano,
+        int(ws.setup_done),
     )
 
 
@@ -264,4 +273,5 @@ def _ws(r: sqlite3.Row) -> WorkspaceRecord:
         addresses=json.loads(r["addresses"]),
         created_unix_nano=r["created"],
         updated_unix_nano=r["updated"],
+        setup_done=bool(r["setup_done"]),
     )

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from common.config import PROVIDERS, ProjectConfig, parse_config, parse_size
 from common.errors import (
     AlreadyExistsError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
     VendettaError,
 )
-from common.names import validate_name
 from common.events import EventBus
+from common.names import validate_name
+from coordinator import services
+from coordinator.agent_client import AgentClient
 from coordinator.models import LOCAL_NODE, Desired, NodeState, WorkspaceRecord, WorkspaceState
 from coordinator.nodes import NodeConnection, NodeRegistry
 from coordinator.store import Store
@@ -39,6 +42,7 @@ class WorkspaceEvent:
     workspace: WorkspaceRecord
     message: str
     time_unix_nano: int
+    service: common_pb2.ServiceStatus | None = None
 
 
 class WorkspaceService:
@@ -48,12 +52,41 @@ class WorkspaceService:
         self.events: EventBus[WorkspaceEvent] = EventBus()
         # One operation at a time per workspace: up during destroy must not race.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Last known state of each workspace's services, kept fresh by a relay of
+        # the agent's service events while the workspace runs.
+        self.services: dict[str, dict[str, common_pb2.ServiceStatus]] = {}
+        self._relays: dict[str, asyncio.Task[None]] = {}
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    def _publish(self, ws: WorkspaceRecord, message: str) -> None:
-        self.events.publish(WorkspaceEvent(ws, message, time.time_ns()))
+    def _publish(
+        self, ws: WorkspaceRecord, message: str, service: common_pb2.ServiceStatus | None = None
+    ) -> None:
+        self.events.publish(WorkspaceEvent(ws, message, time.time_ns(), service))
+
+    def service_statuses(self, name: str) -> list[common_pb2.ServiceStatus]:
+        return list(self.services.get(name, {}).values())
+
+    def _service_event(self, ws: WorkspaceRecord, ev: common_pb2.ServiceEvent) -> None:
+        self.services.setdefault(ws.name, {})[ev.service.name] = ev.service
+        self._publish(ws, ev.message, ev.service)
+
+    def _start_relay(self, ws: WorkspaceRecord, client: AgentClient) -> None:
+        """Keep service state and events flowing while the workspace runs."""
+        self._stop_relay(ws.name)
+
+        async def relay() -> None:
+            with contextlib.suppress(VendettaError):
+                async for ev in client.watch_services(ws.name, ws.provider):
+                    self._service_event(ws, ev)
+
+        self._relays[ws.name] = asyncio.create_task(relay(), name=f"relay-{ws.name}")
+
+    def _stop_relay(self, name: str) -> None:
+        task = self._relays.pop(name, None)
+        if task is not None:
+            task.cancel()
 
     async def _save(self, ws: WorkspaceRecord, message: str = "") -> None:
         await self.store.update_workspace(ws)
@@ -101,6 +134,7 @@ class WorkspaceService:
                     f"name, or remove it first with `vendetta workspace destroy {name}`"
                 )
             spec = _spec(name, provider, cfg)
+            spec.ports.extend(services.ports(cfg))
             ws = WorkspaceRecord(
                 name=name,
                 node=node,
@@ -146,7 +180,47 @@ class WorkspaceService:
                 raise
             self._observe(ws, env)
             await self._save(ws, "environment running")
+            cfg = _config(ws)
+            if cfg and cfg.hooks and cfg.hooks.setup and not ws.setup_done:
+                await self._hook(ws, client, "setup", cfg.hooks.setup)
+                ws.setup_done = True
+                await self._save(ws, "setup hook done")
+            specs = services.service_specs(cfg)
+            if specs:
+                await self._start_services(ws, client, specs)
             return ws
+
+    async def _hook(self, ws: WorkspaceRecord, client: AgentClient, name: str, cmd: str) -> None:
+        self._publish(ws, f"running the {name} hook")
+        code = -1
+        async for out in client.run_hook(ws.name, ws.provider, name, cmd):
+            if out.WhichOneof("output") == "exit_code":
+                code = out.exit_code
+        if code != 0:
+            raise FailedPreconditionError(
+                f"the {name} hook of workspace {ws.name!r} exited with code {code}; its output: "
+                f"`vendetta workspace logs {ws.name} --service hook-{name}`"
+            )
+
+    async def _start_services(
+        self, ws: WorkspaceRecord, client: AgentClient, specs: list[common_pb2.ServiceSpec]
+    ) -> None:
+        self._stop_relay(ws.name)
+        self.services[ws.name] = {s.name: common_pb2.ServiceStatus(name=s.name) for s in specs}
+        async for ev in client.start_services(ws.name, ws.provider, specs):
+            self._service_event(ws, ev)
+        self._start_relay(ws, client)
+        statuses = self.service_statuses(ws.name)
+        if any(s.state != common_pb2.SERVICE_STATE_HEALTHY for s in statuses):
+            ws.detail = "some services failed"
+            await self._save(ws, "services failed")
+            raise FailedPreconditionError(
+                f"workspace {ws.name!r} is running, but not all its services are healthy:\n"
+                f"{services.failure_summary(statuses)}\n"
+                f"see `vendetta workspace logs {ws.name} --service NAME`; fix the config and "
+                f"run `vendetta workspace up {ws.name}` again"
+            )
+        await self._save(ws, f"{len(statuses)} services healthy")
 
     async def down(self, name: str, timeout: float = 10.0) -> WorkspaceRecord:
         async with self._lock(name):
@@ -160,6 +234,8 @@ class WorkspaceService:
                 ws.observed, ws.detail = WorkspaceState.ERROR, str(exc)
                 await self._save(ws, f"stop failed: {exc}")
                 raise
+            finally:
+                self._stop_relay(name)
             self._observe(ws, env)
             await self._save(ws, "environment stopped")
             return ws
@@ -177,6 +253,12 @@ class WorkspaceService:
                         f"{name} --force`"
                     ) from exc
             else:
+                cfg = _config(ws)
+                teardown = cfg.hooks.teardown if cfg and cfg.hooks else None
+                if teardown and ws.observed == WorkspaceState.RUNNING:
+                    with contextlib.suppress(VendettaError):  # a failing teardown must not block
+                        await self._hook(ws, client, "teardown", teardown)
+                self._stop_relay(name)
                 ws.observed = WorkspaceState.DESTROYING
                 await self._save(ws, "destroying environment")
                 try:
@@ -189,6 +271,7 @@ class WorkspaceService:
             ws.observed = WorkspaceState.DESTROYED
             self._publish(ws, "destroyed")
         self._locks.pop(name, None)
+        self.services.pop(name, None)
 
     async def logs(
         self, name: str, *, follow: bool, tail: int, since_unix_nano: int, service: str
@@ -250,10 +333,25 @@ class WorkspaceService:
                     ):
                         self._observe(fresh, await client.start(fresh.name, fresh.provider))
                         await self._save(fresh, "restarted by the reconciler (desired: running)")
+                        specs = services.service_specs(_config(fresh))
+                        if specs:
+                            with contextlib.suppress(VendettaError):
+                                await self._start_services(fresh, client, specs)
                     elif fresh.observed != before:
                         await self._save(fresh, f"observed {fresh.observed.value}")
+                    if fresh.observed == WorkspaceState.RUNNING:
+                        # The agent kept supervising the services: pick their state up again.
+                        for st in await client.get_services(fresh.name, fresh.provider):
+                            self.services.setdefault(fresh.name, {})[st.name] = st
+                        self._start_relay(fresh, client)
         except VendettaError as exc:
             log.warning("reconcile of node %s stopped: %s", conn.name, exc)
+
+
+def _config(ws: WorkspaceRecord) -> ProjectConfig | None:
+    if not ws.config_yaml.strip():
+        return None
+    return parse_config(ws.config_yaml, ws.config_path or "config")
 
 
 def _spec(name: str, provider: str, cfg: ProjectConfig | None) -> nodeagent_pb2.EnvironmentSpec:

@@ -30,6 +30,7 @@ def spec_from_pb(pb: nodeagent_pb2.EnvironmentSpec) -> EnvironmentSpec:
         cpus=pb.cpus or None,
         memory_bytes=pb.memory_bytes or None,
         disk_bytes=pb.disk_bytes or None,
+        ports=tuple(pb.ports),
     )
 
 
@@ -42,6 +43,7 @@ def status_to_pb(st: EnvironmentStatus) -> nodeagent_pb2.Environment:
         image=st.image,
         addresses=list(st.addresses),
         detail=st.detail,
+        ports=dict(st.ports),
     )
 
 

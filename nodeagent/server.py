@@ -18,6 +18,7 @@ from common.paths import check_socket_path, private_dir
 from common.rpc_errors import ErrorMappingInterceptor
 from nodeagent.providers import ProviderSet, build_providers
 from nodeagent.servicer import NodeAgentServicer
+from nodeagent.services.manager import ServiceManager
 from vendetta.v1 import nodeagent_pb2_grpc
 
 log = logging.getLogger("vendetta.agent")
@@ -68,10 +69,13 @@ class AgentServer:
         self.agent_id = agent_id(agent_dir)
         self.providers = providers or build_providers(self.agent_id, docker_host)
         self._lock: _Lock | None = None
+        self.services = ServiceManager(agent_dir / "services", self.providers)
         self._server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
         nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(
-            NodeAgentServicer(self.agent_id, self.providers, str(self.socket)), self._server
+            NodeAgentServicer(self.agent_id, self.providers, str(self.socket), self.services),
+            self._server,
         )
+        self._resume: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._lock = _Lock(self.agent_dir)
@@ -87,9 +91,14 @@ class AgentServer:
         os.chmod(self.socket, 0o600)
         (self.agent_dir / "agent.pid").write_text(f"{os.getpid()}\n")
         log.info("agent %s listening on %s", self.agent_id, self.socket)
+        # Services an earlier run of this agent supervised keep running: find them again.
+        self._resume = asyncio.create_task(self.services.resume_all())
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
         await self._server.stop(grace)
+        await self.services.close()
         await self.providers.close()
         for path in (self.agent_dir / "agent.pid", self.socket):
             with contextlib.suppress(FileNotFoundError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -11,12 +12,14 @@ from typing import Any
 import grpc.aio
 
 from common.batching import batched
-from common.errors import InvalidArgumentError
+from common.errors import FailedPreconditionError, InvalidArgumentError
 from common.names import validate_name
 from common.version import VERSION
 from nodeagent import convert
 from nodeagent.providers import ProviderSet
-from providers.base import LogRecord
+from nodeagent.services import spec
+from nodeagent.services.manager import ServiceManager
+from providers.base import EnvState, LogRecord
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -30,10 +33,13 @@ def _total_memory() -> int:
 
 
 class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
-    def __init__(self, agent_id: str, providers: ProviderSet, socket_path: str) -> None:
+    def __init__(
+        self, agent_id: str, providers: ProviderSet, socket_path: str, services: ServiceManager
+    ) -> None:
         self.agent_id = agent_id
         self.providers = providers
         self.socket_path = socket_path
+        self.services = services
 
     async def Info(
         self, request: nodeagent_pb2.InfoRequest, context: Ctx
@@ -79,12 +85,14 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     ) -> nodeagent_pb2.Environment:
         provider = self.providers.get(request.provider)
         timeout = request.timeout_seconds or 10.0
+        await self.services.stop(request.workspace, timeout)
         return convert.status_to_pb(await provider.stop(request.workspace, timeout))
 
     async def DestroyEnvironment(
         self, request: nodeagent_pb2.EnvironmentRequest, context: Ctx
     ) -> nodeagent_pb2.DestroyEnvironmentResponse:
         await self.providers.get(request.provider).destroy(request.workspace)
+        await self.services.forget(request.workspace)
         return nodeagent_pb2.DestroyEnvironmentResponse()
 
     async def InspectEnvironment(
@@ -122,14 +130,128 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         self, request: nodeagent_pb2.AgentLogsRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.LogBatch]:
         provider = self.providers.get(request.provider)
-        records = provider.logs(
-            request.workspace,
-            follow=request.follow,
-            tail=request.tail or None,
-            since_unix_nano=request.since_unix_nano,
-        )
+        tail = request.tail or None
+        ws = request.workspace
+        sources: list[AsyncIterator[LogRecord]] = []
+        if request.service:
+            sources.append(
+                self.services.records(
+                    ws,
+                    [request.service],
+                    follow=request.follow,
+                    tail=tail,
+                    since=request.since_unix_nano,
+                )
+            )
+        else:
+            sources.append(
+                provider.logs(
+                    ws, follow=request.follow, tail=tail, since_unix_nano=request.since_unix_nano
+                )
+            )
+            names = self.services.service_names(ws)
+            if names:
+                sources.append(
+                    self.services.records(
+                        ws,
+                        names,
+                        follow=request.follow,
+                        tail=tail,
+                        since=request.since_unix_nano,
+                    )
+                )
+        records = sources[0] if len(sources) == 1 else merge(sources, tail, request.follow)
         async for batch in batched(records, size=_record_size):
             yield common_pb2.LogBatch(lines=[convert.log_to_pb(r) for r in batch])
+
+    async def StartServices(
+        self, request: nodeagent_pb2.StartServicesRequest, context: Ctx
+    ) -> AsyncIterator[common_pb2.ServiceEvent]:
+        specs = [spec.from_pb(s) for s in request.services]
+        for s in specs:
+            validate_name("service", s.name)
+        env = await self.providers.get(request.provider).inspect(request.workspace)
+        if env.state != EnvState.RUNNING:
+            raise FailedPreconditionError(
+                f"workspace {request.workspace!r} is not running: start its environment first"
+            )
+        sup = self.services.supervisor(request.workspace, request.provider)
+        async for ev in sup.start(specs):
+            yield ev
+
+    async def StopServices(
+        self, request: nodeagent_pb2.StopServicesRequest, context: Ctx
+    ) -> nodeagent_pb2.ServicesStatus:
+        sup = self.services.existing(request.workspace)
+        statuses = await sup.stop(request.timeout_seconds or 10.0) if sup else []
+        return nodeagent_pb2.ServicesStatus(workspace=request.workspace, services=statuses)
+
+    async def GetServices(
+        self, request: nodeagent_pb2.EnvironmentRequest, context: Ctx
+    ) -> nodeagent_pb2.ServicesStatus:
+        sup = self.services.existing(request.workspace)
+        return nodeagent_pb2.ServicesStatus(
+            workspace=request.workspace, services=sup.statuses() if sup else []
+        )
+
+    async def WatchServices(
+        self, request: nodeagent_pb2.EnvironmentRequest, context: Ctx
+    ) -> AsyncIterator[common_pb2.ServiceEvent]:
+        sup = self.services.supervisor(request.workspace, request.provider)
+        with sup.events.subscribe() as events:
+            async for ev in events:
+                yield ev
+
+    async def RunHook(
+        self, request: nodeagent_pb2.RunHookRequest, context: Ctx
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        if request.name not in ("setup", "teardown"):
+            raise InvalidArgumentError(f"unknown hook {request.name!r} (setup or teardown)")
+        async for chunk in self.services.hook(
+            request.workspace, request.provider, request.name, request.command
+        ):
+            if chunk.stdout:
+                yield common_pb2.ExecOutput(stdout=chunk.stdout)
+            if chunk.stderr:
+                yield common_pb2.ExecOutput(stderr=chunk.stderr)
+            if chunk.exit_code is not None:
+                yield common_pb2.ExecOutput(exit_code=chunk.exit_code)
+
+
+async def merge(
+    sources: list[AsyncIterator[LogRecord]], tail: int | None, follow: bool
+) -> AsyncIterator[LogRecord]:
+    """Several log sources as one: history sorted by time (tail across all), then live."""
+    if not follow:
+        history = sorted([r for s in sources async for r in s], key=lambda r: r.time_unix_nano)
+        for r in history[-tail:] if tail else history:
+            yield r
+        return
+    queue: asyncio.Queue[LogRecord | None] = asyncio.Queue(maxsize=10000)
+
+    async def pump(source: AsyncIterator[LogRecord]) -> None:
+        try:
+            async for r in source:
+                await queue.put(r)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(s)) for s in sources]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            item = await queue.get()
+            if item is None:
+                ended += 1
+                if tasks[0].done():
+                    # The environment's own output ended: it stopped, and so did its services.
+                    return
+                continue
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _record_size(rec: LogRecord) -> int:

@@ -31,6 +31,9 @@ class Capabilities:
     follow_logs: bool = True
     resource_limits: bool = False
     virtual_machine: bool = False
+    # exec streams output as it comes and may stay open for hours: the service
+    # supervisor then follows processes and logs through it; otherwise it polls.
+    long_exec_streams: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class EnvironmentSpec:
     cpus: float | None = None
     memory_bytes: int | None = None
     disk_bytes: int | None = None
+    # Ports inside to publish on the node's loopback (never on other addresses).
+    ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class EnvironmentStatus:
     image: str = ""
     addresses: tuple[str, ...] = ()
     detail: str = ""
+    # port inside -> "127.0.0.1:PORT" on the node, for published ports of a running env
+    ports: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

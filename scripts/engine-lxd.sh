@@ -75,11 +75,15 @@ profiles:
 YAML
 }
 
+# Bump when the image's content changes: an older import is replaced.
+IMAGE_VERSION=2
+
 import_image() {
-    if lxc image info "$IMAGE_ALIAS" >/dev/null 2>&1; then
+    if lxc image info "$IMAGE_ALIAS" 2>/dev/null | grep -q "vendetta_version: \"\?$IMAGE_VERSION\"\?\$"; then
         log "image $IMAGE_ALIAS present"
         return 0
     fi
+    lxc image delete "$IMAGE_ALIAS" >/dev/null 2>&1 || true
     log "building image $IMAGE_ALIAS from $BUSYBOX"
     local work root applet
     work=$(mktemp -d)
@@ -96,10 +100,11 @@ import_image() {
     printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
     printf '%s\n' 'root:x:0:' >"$root/etc/group"
     printf '%s\n' 'PATH=/bin:/sbin:/usr/bin:/usr/sbin' >"$root/etc/environment"
-    # busybox init: nothing to bring up; one idle respawned process keeps it calm.
-    # SIGPWR (LXD's graceful stop) is mapped by busybox init to `shutdown` actions.
+    # busybox init brings up loopback (services listen on it; real distros do
+    # this too); one idle respawned process keeps it calm. SIGPWR (LXD's
+    # graceful stop) is mapped by busybox init to `shutdown` actions.
     cat >"$root/etc/inittab" <<'INITTAB'
-::sysinit:/bin/true
+::sysinit:/bin/ip link set lo up
 ::respawn:/bin/sleep 3600
 ::shutdown:/bin/true
 INITTAB
@@ -109,6 +114,7 @@ creation_date: $(date +%s)
 properties:
   description: vendetta test image (busybox init, Debian busybox-static)
   os: busybox
+  vendetta_version: "$IMAGE_VERSION"
   release: "$("$BUSYBOX" | head -n1 | awk '{print $2}')"
 YAML
     tar -C "$work" -czf "$work/metadata.tar.gz" metadata.yaml

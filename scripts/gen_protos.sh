@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+# protoc finds the mypy-protobuf plugins (protoc-gen-mypy*) on PATH, beside the interpreter.
+export PATH="$(cd "$(dirname "$PY")" && pwd):$PATH"
 out=vendetta
 if [[ "${1:-}" == "--check" ]]; then
   out=$(mktemp -d)/vendetta

@@ -95,6 +95,18 @@ def _addresses(info: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _ports(info: Mapping[str, Any]) -> dict[int, str]:
+    bound = (info.get("NetworkSettings") or {}).get("Ports") or {}
+    found: dict[int, str] = {}
+    for key, bindings in bound.items():
+        port, _, proto = str(key).partition("/")
+        for b in bindings or ():
+            if proto == "tcp" and b.get("HostPort"):
+                found[int(port)] = f"{b.get('HostIp') or '127.0.0.1'}:{b['HostPort']}"
+                break
+    return found
+
+
 def _detail(state: Mapping[str, Any]) -> str:
     status = str(state.get("Status") or "unknown")
     parts = [f"docker status {status}"]
@@ -223,6 +235,7 @@ class DockerProvider(Provider):
             image=str((info.get("Config") or {}).get("Image") or info.get("Image") or ""),
             addresses=_addresses(info),
             detail=_detail(state),
+            ports=_ports(info),
         )
 
     @staticmethod
@@ -291,8 +304,11 @@ class DockerProvider(Provider):
             host_config = api.create_host_config(
                 nano_cpus=round(spec.cpus * 1e9) if spec.cpus is not None else None,
                 mem_limit=spec.memory_bytes,
+                # Loopback only, on a free port Docker picks: the coordinator forwards to it.
+                port_bindings={p: ("127.0.0.1", None) for p in spec.ports},
             )
             created = api.create_container(
+                ports=list(spec.ports),
                 image=spec.image,
                 command=command,
                 name=name,

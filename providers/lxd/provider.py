@@ -129,7 +129,12 @@ class LxdProvider(Provider):
 
     name: ClassVar[str] = "lxd"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        exec=True, follow_logs=True, resource_limits=True, virtual_machine=False
+        exec=True,
+        follow_logs=True,
+        resource_limits=True,
+        virtual_machine=False,
+        # pylxd's exec websockets (ws4py) break each other when many stay open.
+        long_exec_streams=False,
     )
 
     def __init__(self, agent_id: str, endpoint: str | None = None) -> None:

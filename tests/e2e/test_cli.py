@@ -8,116 +8,18 @@ early are used later, as a user would.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import docker
 import pytest
 
 from tests.conftest import TEST_IMAGE
+from tests.support.cli import BIN, Env, agent_id, cli_env, containers
 from tests.support.sshd import SshServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
-
-BIN = Path(sys.executable).parent
-TIMEOUT = 120
-
-
-@dataclass
-class Env:
-    home: Path
-    env: dict[str, str]
-    nodes: dict[str, SshServer] = field(default_factory=dict)
-    agent_dirs: list[Path] = field(default_factory=list)
-
-    def cli(
-        self, *args: str, check: bool = True, timeout: float = TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(BIN / "vendetta"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"vendetta {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return proc
-
-    def fails(self, *args: str) -> str:
-        """Run a command that must fail; return its combined output (one clear line)."""
-        proc = self.cli(*args, check=False)
-        assert proc.returncode != 0, f"vendetta {' '.join(args)} succeeded:\n{proc.stdout}"
-        assert "Traceback" not in proc.stderr, proc.stderr
-        return " ".join((proc.stdout + proc.stderr).split())
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.cli(*args, "--json").stdout)
-
-    def agent_command(self, name: str, extra: str = "") -> str:
-        agent_dir = self.home / f"agent-{name}"
-        self.agent_dirs.append(agent_dir)
-        return f"{BIN / 'vendetta-agent'} --dir {agent_dir} {extra}".strip()
-
-    def add_node(
-        self, name: str, server: SshServer, *extra: str
-    ) -> subprocess.CompletedProcess[str]:
-        return self.cli(
-            "node",
-            "add",
-            name,
-            server.host,
-            "--port",
-            str(server.port),
-            "--user",
-            server.user,
-            "--identity",
-            str(server.client_key_path),
-            "--yes",
-            "--agent-command",
-            self.agent_command(name),
-            *extra,
-        )
-
-    def node(self, name: str) -> dict[str, Any]:
-        nodes = {n["name"]: n for n in self.json("node", "list")}
-        return dict(nodes[name])
-
-    def wait_node(self, name: str, state: str, within: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + within
-        while True:
-            node = self.node(name)
-            if node["state"] == f"NODE_STATE_{state.upper()}":
-                return node
-            if time.monotonic() > deadline:
-                raise AssertionError(f"node {name} never became {state}: {node}")
-            time.sleep(0.3)
-
-    def workspace(self, name: str) -> dict[str, Any]:
-        return dict(self.json("workspace", "status", name))
-
-
-def _containers(workspace: str) -> list[Any]:
-    client = docker.from_env()
-    try:
-        return list(
-            client.containers.list(all=True, filters={"label": f"vendetta.workspace={workspace}"})
-        )
-    finally:
-        client.close()
 
 
 def write_config(path: Path, name: str, image: str = TEST_IMAGE, extra: str = "") -> Path:
@@ -134,41 +36,11 @@ def write_config(path: Path, name: str, image: str = TEST_IMAGE, extra: str = ""
 
 @pytest.fixture(scope="module")
 def e2e() -> Iterator[Env]:
-    # Unix socket paths must stay short: no pytest tmp_path here.
-    home = Path(tempfile.mkdtemp(prefix="vd-e2e-", dir="/tmp"))
-    env = {**os.environ, "VENDETTA_HOME": str(home / "coord"), "NO_COLOR": "1", "COLUMNS": "200"}
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    e = Env(home=home, env=env)
-    e.agent_dirs.append(home / "coord" / "agent")
-    try:
-        e.nodes["node1"] = SshServer.start(home / "sshd1", host="127.0.0.2")
-        e.nodes["node2"] = SshServer.start(home / "sshd2", host="127.0.0.3")
+    with cli_env() as e:
+        e.nodes["node1"] = SshServer.start(e.home / "sshd1", host="127.0.0.2")
+        e.nodes["node2"] = SshServer.start(e.home / "sshd2", host="127.0.0.3")
         e.cli("server", "start")
         yield e
-    finally:
-        e.cli("server", "stop", check=False)
-        for agent_dir in e.agent_dirs:
-            subprocess.run(
-                [str(BIN / "vendetta-agent"), "--dir", str(agent_dir), "stop"],
-                capture_output=True,
-                timeout=30,
-                check=False,
-            )
-        for server in e.nodes.values():
-            server.stop()
-        client = docker.from_env()
-        for c in client.containers.list(all=True, filters={"label": "vendetta.managed=true"}):
-            if any(c.labels.get("vendetta.agent") == _agent_id(d) for d in e.agent_dirs):
-                c.remove(force=True)
-        client.close()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def _agent_id(agent_dir: Path) -> str:
-    try:
-        return (agent_dir / "agent-id").read_text().strip()
-    except FileNotFoundError:
-        return "-"
 
 
 def test_server_runs_with_the_local_node(e2e: Env) -> None:
@@ -208,7 +80,7 @@ def test_remote_workspace_lifecycle_with_logs_follow(e2e: Env) -> None:
     up = e2e.cli("workspace", "up", "ws1")
     assert "running" in up.stdout and "node1" in up.stdout
     assert e2e.cli("workspace", "up", "ws1").returncode == 0  # idempotent
-    (container,) = _containers("ws1")
+    (container,) = containers("ws1")
     assert container.status == "running"
 
     listed = {w["name"]: w for w in e2e.json("workspace", "list")}
@@ -239,7 +111,7 @@ def test_remote_workspace_lifecycle_with_logs_follow(e2e: Env) -> None:
     assert len(tail) == 2 and all(t.startswith("tick ") for t in tail)
 
     e2e.cli("workspace", "destroy", "ws1")
-    assert _containers("ws1") == []
+    assert containers("ws1") == []
     assert "unknown workspace" in e2e.fails("workspace", "status", "ws1")
 
 
@@ -253,7 +125,7 @@ def test_local_workspace_exec(e2e: Env) -> None:
     code = e2e.cli("workspace", "exec", "loc", "--", "sh", "-c", "exit 7", check=False)
     assert code.returncode == 7
     e2e.cli("workspace", "destroy", "loc")
-    assert _containers("loc") == []
+    assert containers("loc") == []
 
 
 def test_two_remote_nodes_have_separate_agents(e2e: Env) -> None:
@@ -261,9 +133,9 @@ def test_two_remote_nodes_have_separate_agents(e2e: Env) -> None:
     cfg = write_config(e2e.home / "proj3" / ".vendetta" / "config.yaml", "proj3")
     e2e.cli("workspace", "create", "ws2", "--remote", "node2", "--config", str(cfg))
     e2e.cli("workspace", "up", "ws2")
-    (container,) = _containers("ws2")
-    assert container.labels["vendetta.agent"] == _agent_id(e2e.home / "agent-node2")
-    assert _agent_id(e2e.home / "agent-node1") != _agent_id(e2e.home / "agent-node2")
+    (container,) = containers("ws2")
+    assert container.labels["vendetta.agent"] == agent_id(e2e.home / "agent-node2")
+    assert agent_id(e2e.home / "agent-node1") != agent_id(e2e.home / "agent-node2")
     nodes = {n["name"]: n for n in e2e.json("node", "list")}
     assert nodes["node2"]["workspaces"] == 1 and nodes["node1"]["workspaces"] == 0
 
@@ -348,7 +220,7 @@ def test_docker_down_and_missing_image(e2e: Env) -> None:
     out = e2e.fails("workspace", "create", "wsm", "--remote", "node1", "--config", str(missing))
     assert "vendetta/missing:0" in out and "not on this node" in out
     assert "wsm" not in {w["name"] for w in e2e.json("workspace", "list")}
-    assert _containers("wsm") == []
+    assert containers("wsm") == []
     e2e.cli("node", "remove", "nodocker")
 
 

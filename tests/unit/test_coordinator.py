@@ -11,8 +11,8 @@ import grpc.aio
 import pytest
 
 from common.errors import EngineUnavailableError, ImageNotFoundError
-from common.rpc_errors import from_rpc_error
 from common.events import EventBus
+from common.rpc_errors import from_rpc_error
 from providers.base import EnvState
 from tests.support.fakes import Cluster, ssh_public_key_line, wait_until
 from vendetta.v1 import common_pb2

@@ -43,6 +43,45 @@ ENVIRONMENT_STATE_STOPPED: EnvironmentState.ValueType  # 4
 ENVIRONMENT_STATE_UNKNOWN: EnvironmentState.ValueType  # 5
 Global___EnvironmentState: _TypeAlias = EnvironmentState  # noqa: Y015
 
+class _ServiceState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_STATE_UNSPECIFIED: _ServiceState.ValueType  # 0
+    SERVICE_STATE_PENDING: _ServiceState.ValueType  # 1
+    """waiting for its dependencies"""
+    SERVICE_STATE_STARTING: _ServiceState.ValueType  # 2
+    """running, health not yet passed"""
+    SERVICE_STATE_HEALTHY: _ServiceState.ValueType  # 3
+    SERVICE_STATE_UNHEALTHY: _ServiceState.ValueType  # 4
+    """was healthy, checks now fail"""
+    SERVICE_STATE_EXITED: _ServiceState.ValueType  # 5
+    """ended (stopped, or no restart wanted)"""
+    SERVICE_STATE_FAILED: _ServiceState.ValueType  # 6
+    """never became healthy, or gave up restarting"""
+    SERVICE_STATE_STOPPED: _ServiceState.ValueType  # 7
+    """stopped by `down`"""
+
+class ServiceState(_ServiceState, metaclass=_ServiceStateEnumTypeWrapper): ...
+
+SERVICE_STATE_UNSPECIFIED: ServiceState.ValueType  # 0
+SERVICE_STATE_PENDING: ServiceState.ValueType  # 1
+"""waiting for its dependencies"""
+SERVICE_STATE_STARTING: ServiceState.ValueType  # 2
+"""running, health not yet passed"""
+SERVICE_STATE_HEALTHY: ServiceState.ValueType  # 3
+SERVICE_STATE_UNHEALTHY: ServiceState.ValueType  # 4
+"""was healthy, checks now fail"""
+SERVICE_STATE_EXITED: ServiceState.ValueType  # 5
+"""ended (stopped, or no restart wanted)"""
+SERVICE_STATE_FAILED: ServiceState.ValueType  # 6
+"""never became healthy, or gave up restarting"""
+SERVICE_STATE_STOPPED: ServiceState.ValueType  # 7
+"""stopped by `down`"""
+Global___ServiceState: _TypeAlias = ServiceState  # noqa: Y015
+
 @_typing.final
 class ProviderInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -165,3 +204,190 @@ class ExecOutput(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
 
 Global___ExecOutput: _TypeAlias = ExecOutput  # noqa: Y015
+
+@_typing.final
+class HealthCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HTTP_FIELD_NUMBER: _builtins.int
+    TCP_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    START_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    http: _builtins.str
+    """path, e.g. /health (GET on the service port)"""
+    tcp: _builtins.int
+    """port that must accept connections"""
+    interval_seconds: _builtins.float
+    timeout_seconds: _builtins.float
+    retries: _builtins.int
+    start_period_seconds: _builtins.float
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """argv run inside the environment; exit 0 = healthy"""
+
+    def __init__(
+        self,
+        *,
+        http: _builtins.str = ...,
+        tcp: _builtins.int = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
+        interval_seconds: _builtins.float = ...,
+        timeout_seconds: _builtins.float = ...,
+        retries: _builtins.int = ...,
+        start_period_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "http", b"http", "interval_seconds", b"interval_seconds", "retries", b"retries", "start_period_seconds", b"start_period_seconds", "tcp", b"tcp", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheck: _TypeAlias = HealthCheck  # noqa: Y015
+
+@_typing.final
+class ServiceSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    port: _builtins.int
+    """0: none"""
+    restart: _builtins.str
+    """no | on-failure | always"""
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """argv; a string command is ["sh", "-c", CMD]"""
+
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def health(self) -> Global___HealthCheck:
+        """unset: healthy once started"""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
+        port: _builtins.int = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        health: Global___HealthCheck | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        restart: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "depends_on", b"depends_on", "env", b"env", "health", b"health", "name", b"name", "port", b"port", "restart", b"restart"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceSpec: _TypeAlias = ServiceSpec  # noqa: Y015
+
+@_typing.final
+class ServiceStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    NODE_ENDPOINT_FIELD_NUMBER: _builtins.int
+    LAST_LINES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    state: Global___ServiceState.ValueType
+    pid: _builtins.int
+    restarts: _builtins.int
+    exit_code: _builtins.int
+    detail: _builtins.str
+    """why it failed, what the health check said"""
+    port: _builtins.int
+    """the port inside the environment"""
+    node_endpoint: _builtins.str
+    """host:port that reaches it on the node"""
+    @_builtins.property
+    def last_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """end of its log when it failed"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        state: Global___ServiceState.ValueType = ...,
+        pid: _builtins.int = ...,
+        restarts: _builtins.int = ...,
+        exit_code: _builtins.int = ...,
+        detail: _builtins.str = ...,
+        port: _builtins.int = ...,
+        node_endpoint: _builtins.str = ...,
+        last_lines: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "exit_code", b"exit_code", "last_lines", b"last_lines", "name", b"name", "node_endpoint", b"node_endpoint", "pid", b"pid", "port", b"port", "restarts", b"restarts", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceStatus: _TypeAlias = ServiceStatus  # noqa: Y015
+
+@_typing.final
+class ServiceEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    message: _builtins.str
+    time_unix_nano: _builtins.int
+    @_builtins.property
+    def service(self) -> Global___ServiceStatus: ...
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        service: Global___ServiceStatus | None = ...,
+        message: _builtins.str = ...,
+        time_unix_nano: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service", b"service"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "service", b"service", "time_unix_nano", b"time_unix_nano", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceEvent: _TypeAlias = ServiceEvent  # noqa: Y015

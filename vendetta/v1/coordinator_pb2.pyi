@@ -551,6 +551,7 @@ class Workspace(_message.Message):
     CREATED_UNIX_NANO_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_NANO_FIELD_NUMBER: _builtins.int
     CONFIG_PATH_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     node: _builtins.str
     provider: _builtins.str
@@ -564,6 +565,8 @@ class Workspace(_message.Message):
     config_path: _builtins.str
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def services(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ServiceStatus]: ...
     def __init__(
         self,
         *,
@@ -579,10 +582,11 @@ class Workspace(_message.Message):
         created_unix_nano: _builtins.int = ...,
         updated_unix_nano: _builtins.int = ...,
         config_path: _builtins.str = ...,
+        services: _abc.Iterable[_common_pb2.ServiceStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "config_path", b"config_path", "created_unix_nano", b"created_unix_nano", "desired", b"desired", "detail", b"detail", "environment_id", b"environment_id", "image", b"image", "name", b"name", "node", b"node", "provider", b"provider", "state", b"state", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "config_path", b"config_path", "created_unix_nano", b"created_unix_nano", "desired", b"desired", "detail", b"detail", "environment_id", b"environment_id", "image", b"image", "name", b"name", "node", b"node", "provider", b"provider", "services", b"services", "state", b"state", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -670,20 +674,26 @@ class WorkspaceEvent(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     time_unix_nano: _builtins.int
     @_builtins.property
     def workspace(self) -> Global___Workspace: ...
+    @_builtins.property
+    def service(self) -> _common_pb2.ServiceStatus:
+        """set when the event is about one service"""
+
     def __init__(
         self,
         *,
         workspace: Global___Workspace | None = ...,
         message: _builtins.str = ...,
         time_unix_nano: _builtins.int = ...,
+        service: _common_pb2.ServiceStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "workspace", b"workspace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "time_unix_nano", b"time_unix_nano", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "service", b"service", "time_unix_nano", b"time_unix_nano", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

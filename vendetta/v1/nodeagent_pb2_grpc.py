@@ -87,6 +87,31 @@ class NodeAgentStub:
                 request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.AgentLogsRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.LogBatch.FromString,
                 _registered_method=True)
+        self.StartServices = channel.unary_stream(
+                '/vendetta.v1.NodeAgent/StartServices',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.StartServicesRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ServiceEvent.FromString,
+                _registered_method=True)
+        self.StopServices = channel.unary_unary(
+                '/vendetta.v1.NodeAgent/StopServices',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.StopServicesRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.ServicesStatus.FromString,
+                _registered_method=True)
+        self.GetServices = channel.unary_unary(
+                '/vendetta.v1.NodeAgent/GetServices',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.EnvironmentRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.ServicesStatus.FromString,
+                _registered_method=True)
+        self.WatchServices = channel.unary_stream(
+                '/vendetta.v1.NodeAgent/WatchServices',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.EnvironmentRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ServiceEvent.FromString,
+                _registered_method=True)
+        self.RunHook = channel.unary_stream(
+                '/vendetta.v1.NodeAgent/RunHook',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.RunHookRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -154,6 +179,39 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartServices(self, request, context):
+        """Services run inside a running environment, supervised by the agent (they
+        keep running, restarting and logging while the coordinator is away).
+        StartServices streams progress and ends when all are healthy (or fails).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunHook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +264,31 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.AgentLogsRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.LogBatch.SerializeToString,
+            ),
+            'StartServices': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartServices,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.StartServicesRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ServiceEvent.SerializeToString,
+            ),
+            'StopServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopServices,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.StopServicesRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.ServicesStatus.SerializeToString,
+            ),
+            'GetServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServices,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.EnvironmentRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.ServicesStatus.SerializeToString,
+            ),
+            'WatchServices': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchServices,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.EnvironmentRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ServiceEvent.SerializeToString,
+            ),
+            'RunHook': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunHook,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.RunHookRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +563,141 @@ class NodeAgent:
             '/vendetta.v1.NodeAgent/StreamLogs',
             vendetta_dot_v1_dot_nodeagent__pb2.AgentLogsRequest.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.LogBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/StartServices',
+            vendetta_dot_v1_dot_nodeagent__pb2.StartServicesRequest.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ServiceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/StopServices',
+            vendetta_dot_v1_dot_nodeagent__pb2.StopServicesRequest.SerializeToString,
+            vendetta_dot_v1_dot_nodeagent__pb2.ServicesStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/GetServices',
+            vendetta_dot_v1_dot_nodeagent__pb2.EnvironmentRequest.SerializeToString,
+            vendetta_dot_v1_dot_nodeagent__pb2.ServicesStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/WatchServices',
+            vendetta_dot_v1_dot_nodeagent__pb2.EnvironmentRequest.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ServiceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunHook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/RunHook',
+            vendetta_dot_v1_dot_nodeagent__pb2.RunHookRequest.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
             options,
             channel_credentials,
             insecure,

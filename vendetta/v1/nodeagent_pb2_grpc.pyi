@@ -46,6 +46,15 @@ class NodeAgentStub:
     ListEnvironments: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.ListEnvironmentsRequest, _nodeagent_pb2.ListEnvironmentsResponse]
     Exec: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.ExecRequest, _common_pb2.ExecOutput]
     StreamLogs: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.AgentLogsRequest, _common_pb2.LogBatch]
+    StartServices: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.StartServicesRequest, _common_pb2.ServiceEvent]
+    """Services run inside a running environment, supervised by the agent (they
+    keep running, restarting and logging while the coordinator is away).
+    StartServices streams progress and ends when all are healthy (or fails).
+    """
+    StopServices: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.StopServicesRequest, _nodeagent_pb2.ServicesStatus]
+    GetServices: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.EnvironmentRequest, _nodeagent_pb2.ServicesStatus]
+    WatchServices: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.EnvironmentRequest, _common_pb2.ServiceEvent]
+    RunHook: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.RunHookRequest, _common_pb2.ExecOutput]
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -64,6 +73,15 @@ class NodeAgentAsyncStub(NodeAgentStub):
     ListEnvironments: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.ListEnvironmentsRequest, _nodeagent_pb2.ListEnvironmentsResponse]  # type: ignore[assignment]
     Exec: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.ExecRequest, _common_pb2.ExecOutput]  # type: ignore[assignment]
     StreamLogs: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.AgentLogsRequest, _common_pb2.LogBatch]  # type: ignore[assignment]
+    StartServices: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.StartServicesRequest, _common_pb2.ServiceEvent]  # type: ignore[assignment]
+    """Services run inside a running environment, supervised by the agent (they
+    keep running, restarting and logging while the coordinator is away).
+    StartServices streams progress and ends when all are healthy (or fails).
+    """
+    StopServices: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.StopServicesRequest, _nodeagent_pb2.ServicesStatus]  # type: ignore[assignment]
+    GetServices: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.EnvironmentRequest, _nodeagent_pb2.ServicesStatus]  # type: ignore[assignment]
+    WatchServices: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.EnvironmentRequest, _common_pb2.ServiceEvent]  # type: ignore[assignment]
+    RunHook: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.RunHookRequest, _common_pb2.ExecOutput]  # type: ignore[assignment]
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """The agent on every node. Listens on a unix socket (0600) only; the
@@ -139,5 +157,44 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _nodeagent_pb2.AgentLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.LogBatch], _abc.AsyncIterator[_common_pb2.LogBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def StartServices(
+        self,
+        request: _nodeagent_pb2.StartServicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ServiceEvent], _abc.AsyncIterator[_common_pb2.ServiceEvent]]:
+        """Services run inside a running environment, supervised by the agent (they
+        keep running, restarting and logging while the coordinator is away).
+        StartServices streams progress and ends when all are healthy (or fails).
+        """
+
+    @_abc_1.abstractmethod
+    def StopServices(
+        self,
+        request: _nodeagent_pb2.StopServicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodeagent_pb2.ServicesStatus, _abc.Awaitable[_nodeagent_pb2.ServicesStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def GetServices(
+        self,
+        request: _nodeagent_pb2.EnvironmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodeagent_pb2.ServicesStatus, _abc.Awaitable[_nodeagent_pb2.ServicesStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchServices(
+        self,
+        request: _nodeagent_pb2.EnvironmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ServiceEvent], _abc.AsyncIterator[_common_pb2.ServiceEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def RunHook(
+        self,
+        request: _nodeagent_pb2.RunHookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ExecOutput], _abc.AsyncIterator[_common_pb2.ExecOutput]]: ...
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,139 @@
+"""The agent's services: one supervisor per workspace, resumed at agent start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+from common.errors import NotFoundError, VendettaError
+from nodeagent.providers import ProviderSet
+from nodeagent.services.logstore import LogStore
+from nodeagent.services.supervisor import WorkspaceSupervisor
+from providers.base import EnvState, ExecChunk, LogRecord, Provider
+
+log = logging.getLogger("vendetta.services")
+
+
+class ProviderEnv:
+    """A provider bound to one workspace: what the supervisor drives."""
+
+    def __init__(self, provider: Provider, workspace: str) -> None:
+        self.provider = provider
+        self.workspace = workspace
+        self.long_exec_streams = provider.capabilities.long_exec_streams
+
+    def exec(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> AsyncIterator[ExecChunk]:
+        return self.provider.exec(self.workspace, argv, env)
+
+    async def endpoint(self, port: int, published: bool = False) -> tuple[str, int] | None:
+        status = await self.provider.inspect(self.workspace)
+        if not published and status.addresses and ":" not in status.addresses[0]:
+            return status.addresses[0], port
+        if port in status.ports:
+            host, _, node_port = status.ports[port].rpartition(":")
+            return host, int(node_port)
+        return None
+
+
+class ServiceManager:
+    def __init__(self, root: Path, providers: ProviderSet) -> None:
+        self.root = root
+        self.providers = providers
+        self._sups: dict[str, WorkspaceSupervisor] = {}
+
+    def logs(self, workspace: str) -> LogStore:
+        return (
+            LogStore(self.root / "logs" / workspace)
+            if workspace not in self._sups
+            else (self._sups[workspace].logs)
+        )
+
+    def supervisor(self, workspace: str, provider: str) -> WorkspaceSupervisor:
+        sup = self._sups.get(workspace)
+        if sup is None:
+            sup = self._sups[workspace] = WorkspaceSupervisor(
+                workspace,
+                provider,
+                ProviderEnv(self.providers.get(provider), workspace),
+                self.root / "state" / f"{workspace}.json",
+                LogStore(self.root / "logs" / workspace),
+            )
+        return sup
+
+    def existing(self, workspace: str) -> WorkspaceSupervisor | None:
+        return self._sups.get(workspace)
+
+    async def resume_all(self) -> None:
+        """Find the services an earlier agent run supervised, and supervise them again."""
+        for state in sorted((self.root / "state").glob("*.json")):
+            workspace = state.stem
+            try:
+                provider, specs = WorkspaceSupervisor.load_spec(state)
+                env = await self.providers.get(provider).inspect(workspace)
+                if env.state != EnvState.RUNNING:
+                    state.unlink()
+                    continue
+                sup = self.supervisor(workspace, provider)
+                sup.services = {s.name: s for s in specs}
+                await sup.resume()
+                log.info("resumed supervising %d services of %s", len(specs), workspace)
+            except (VendettaError, ValueError, KeyError, OSError) as exc:
+                log.warning("could not resume the services of %s: %s", workspace, exc)
+
+    async def stop(self, workspace: str, timeout: float) -> list[object]:
+        sup = self._sups.get(workspace)
+        if sup is None:
+            return []
+        return list(await sup.stop(timeout))
+
+    async def forget(self, workspace: str) -> None:
+        """The environment is gone: drop supervision, state and logs."""
+        sup = self._sups.pop(workspace, None)
+        if sup is not None:
+            await sup.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "state" / f"{workspace}.json").unlink()
+        await asyncio.to_thread(shutil.rmtree, self.root / "logs" / workspace, True)
+
+    async def hook(
+        self, workspace: str, provider: str, name: str, command: str
+    ) -> AsyncIterator[ExecChunk]:
+        """Run a hook with sh -c; its output goes to the caller and into the logs."""
+        logs = self.supervisor(workspace, provider).logs.get(f"hook-{name}")
+        env = ProviderEnv(self.providers.get(provider), workspace)
+        async for chunk in env.exec(["sh", "-c", command]):
+            if chunk.stdout:
+                await logs.feed("stdout", chunk.stdout)
+            if chunk.stderr:
+                await logs.feed("stderr", chunk.stderr)
+            yield chunk
+
+    async def records(
+        self, workspace: str, services: list[str], *, follow: bool, tail: int | None, since: int
+    ) -> AsyncIterator[LogRecord]:
+        store = self.logs(workspace)
+        known = store.known()
+        for s in services:
+            if s not in known and s not in self._services_of(workspace):
+                raise NotFoundError(
+                    f"workspace {workspace!r} has no service {s!r} "
+                    f"(services: {', '.join(self._services_of(workspace)) or 'none'})"
+                )
+        async for r in store.stream(services, follow=follow, tail=tail, since_unix_nano=since):
+            yield r
+
+    def _services_of(self, workspace: str) -> list[str]:
+        sup = self._sups.get(workspace)
+        return list(sup.services) if sup else []
+
+    def service_names(self, workspace: str) -> list[str]:
+        return sorted(set(self._services_of(workspace)) | set(self.logs(workspace).known()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._sups.values()), return_exceptions=True)

@@ -1,0 +1,341 @@
+"""Supervise one workspace's services: order, health gates, restart policy, events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from common.errors import VendettaError
+from common.events import EventBus
+from nodeagent.services import health, process
+from nodeagent.services.logstore import LogStore
+from nodeagent.services.process import Env
+from nodeagent.services.spec import ServiceDef, from_pb, injected_env, levels, to_pb
+from vendetta.v1 import common_pb2
+
+log = logging.getLogger("vendetta.services")
+
+RESTART_LIMIT = 5
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 30.0
+S = common_pb2
+
+
+class ServiceRunner:
+    """One service's life: start, health gate, watch, restart per its policy."""
+
+    def __init__(self, sup: WorkspaceSupervisor, svc: ServiceDef) -> None:
+        self.sup = sup
+        self.svc = svc
+        self.state = S.SERVICE_STATE_PENDING
+        self.pid = 0
+        self.restarts = 0
+        self.exit_code = 0
+        self.detail = "waiting for dependencies" if svc.depends_on else ""
+        self.settled = asyncio.Event()  # healthy, or given up
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+        self._exit: asyncio.Task[int] | None = None
+        self._tails: list[asyncio.Task[None]] = []
+
+    def status(self) -> common_pb2.ServiceStatus:
+        st = common_pb2.ServiceStatus(
+            name=self.svc.name,
+            state=self.state,
+            pid=self.pid,
+            restarts=self.restarts,
+            exit_code=self.exit_code,
+            detail=self.detail,
+            port=self.svc.port,
+            node_endpoint=self.sup.published.get(self.svc.port, ""),
+        )
+        if self.state == S.SERVICE_STATE_FAILED:
+            st.last_lines.extend(self.sup.logs.get(self.svc.name).last_lines(10))
+        return st
+
+    def set(
+        self, state: common_pb2.ServiceState.ValueType, detail: str, restarting: bool = False
+    ) -> None:
+        self.state, self.detail = state, detail
+        final = state in (S.SERVICE_STATE_FAILED, S.SERVICE_STATE_EXITED) and not restarting
+        if state == S.SERVICE_STATE_HEALTHY or final:
+            self.settled.set()
+        name = S.ServiceState.Name(state).removeprefix("SERVICE_STATE_").lower()
+        self.sup.publish(self, f"{self.svc.name}: {name}" + (f" ({detail})" if detail else ""))
+
+    def launch(self, resume_pid: int = 0) -> None:
+        self.task = asyncio.create_task(self._run(resume_pid), name=f"svc-{self.svc.name}")
+
+    def _start_tails(self) -> None:
+        if self._tails:
+            return
+        slog = self.sup.logs.get(self.svc.name)
+        follow = process.tail if self.sup.env.long_exec_streams else process.poll_tail
+        for stream in ("stdout", "stderr"):
+            self._tails.append(
+                asyncio.create_task(
+                    follow(self.sup.env, self.svc.name, stream, slog.offset(stream), slog.feed)
+                )
+            )
+
+    async def _run(self, resume_pid: int) -> None:
+        backoff = BACKOFF_INITIAL
+        env = injected_env(self.svc, self.sup.services)
+        while True:
+            gave_up = asyncio.Event()
+            try:
+                if resume_pid:
+                    self.pid, resume_pid = resume_pid, 0
+                    self._exit = asyncio.create_task(
+                        process.watch_exit(self.sup.env, self.svc.name, self.pid)
+                    )
+                    self.set(S.SERVICE_STATE_STARTING, f"found running again (pid {self.pid})")
+                else:
+                    self.set(S.SERVICE_STATE_STARTING, "")
+                    self.pid, self._exit = await process.start(
+                        self.sup.env,
+                        self.svc.name,
+                        self.svc.argv,
+                        env,
+                        detached=not self.sup.env.long_exec_streams,
+                    )
+                    self.sup.save()
+                self._start_tails()
+                checker = asyncio.create_task(self._health(gave_up))
+                try:
+                    code = await self._exit
+                finally:
+                    checker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await checker
+            except VendettaError as exc:
+                self.set(S.SERVICE_STATE_FAILED, f"could not start: {exc}")
+                return
+            self.exit_code, self.pid = code, 0
+            if self.stopping:
+                self.set(S.SERVICE_STATE_STOPPED, f"stopped (exit {code})")
+                return
+            if gave_up.is_set():
+                return  # health never passed: failed, not restarted
+            policy = self.svc.restart
+            wants = policy == "always" or (policy == "on-failure" and code != 0)
+            if not wants:
+                state = S.SERVICE_STATE_EXITED if code == 0 else S.SERVICE_STATE_FAILED
+                self.set(state, f"exited with code {code}")
+                return
+            if self.restarts >= RESTART_LIMIT:
+                self.set(
+                    S.SERVICE_STATE_FAILED,
+                    f"exited with code {code}; gave up after {self.restarts} restarts",
+                )
+                return
+            self.restarts += 1
+            self.set(
+                S.SERVICE_STATE_EXITED,
+                f"exited with code {code}; restart {self.restarts}/{RESTART_LIMIT} in {backoff:g}s",
+                restarting=True,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _health(self, gave_up: asyncio.Event) -> None:
+        h = self.svc.health
+        if h is None:
+            self.set(S.SERVICE_STATE_HEALTHY, "started (no health check)")
+            return
+        await asyncio.sleep(h.start_period)
+        failures, healthy = 0, False
+        while True:
+            ok, seen = await health.check(self.sup.env, self.svc)
+            if ok:
+                failures = 0
+                if self.state != S.SERVICE_STATE_HEALTHY:
+                    healthy = True
+                    self.set(S.SERVICE_STATE_HEALTHY, seen)
+            else:
+                failures += 1
+                if not healthy and failures >= h.retries:
+                    gave_up.set()
+                    self.set(
+                        S.SERVICE_STATE_FAILED,
+                        f"health check never passed after {failures} tries: {seen}",
+                    )
+                    await process.signal(self.sup.env, self.pid, "KILL")
+                    return
+                if healthy and failures >= h.retries and self.state == S.SERVICE_STATE_HEALTHY:
+                    self.set(S.SERVICE_STATE_UNHEALTHY, seen)
+            await asyncio.sleep(h.interval)
+
+    async def stop(self, timeout: float) -> None:
+        self.stopping = True
+        if self.pid and self._exit is not None and not self._exit.done():
+            await process.signal(self.sup.env, self.pid, "TERM")
+            done, _ = await asyncio.wait({self._exit}, timeout=timeout)
+            if not done:
+                await process.signal(self.sup.env, self.pid, "KILL")
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.task, timeout=5)
+            if not self.task.done():
+                self.task.cancel()
+        if self.state not in (S.SERVICE_STATE_STOPPED,):
+            self.set(S.SERVICE_STATE_STOPPED, "stopped")
+        await self.cancel_tails()
+        with contextlib.suppress(VendettaError):
+            await process.stop_tails(self.sup.env, self.svc.name)
+
+    async def cancel_tails(self) -> None:
+        for t in self._tails:
+            t.cancel()
+        await asyncio.gather(*self._tails, return_exceptions=True)
+        self._tails = []
+
+
+class WorkspaceSupervisor:
+    """All services of one workspace. Its spec is kept on disk so a restarted agent resumes."""
+
+    def __init__(
+        self, workspace: str, provider: str, env: Env, state_file: Path, logs: LogStore
+    ) -> None:
+        self.workspace = workspace
+        self.provider = provider
+        self.env = env
+        self.state_file = state_file
+        self.logs = logs
+        self.services: dict[str, ServiceDef] = {}
+        self.runners: dict[str, ServiceRunner] = {}
+        self.published: dict[int, str] = {}
+        self.events: EventBus[common_pb2.ServiceEvent] = EventBus()
+        self._lock = asyncio.Lock()
+
+    def publish(self, runner: ServiceRunner, message: str) -> None:
+        self.events.publish(
+            common_pb2.ServiceEvent(
+                workspace=self.workspace,
+                service=runner.status(),
+                message=message,
+                time_unix_nano=time.time_ns(),
+            )
+        )
+
+    def statuses(self) -> list[common_pb2.ServiceStatus]:
+        return [self.runners[n].status() for n in self.services if n in self.runners]
+
+    def save(self) -> None:
+        data = {
+            "provider": self.provider,
+            "services": [to_pb(s).SerializeToString().hex() for s in self.services.values()],
+        }
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(data))
+
+    @staticmethod
+    def load_spec(state_file: Path) -> tuple[str, list[ServiceDef]]:
+        data = json.loads(state_file.read_text())
+        specs = [
+            from_pb(common_pb2.ServiceSpec.FromString(bytes.fromhex(h))) for h in data["services"]
+        ]
+        return str(data["provider"]), specs
+
+    async def start(self, services: list[ServiceDef]) -> AsyncIterator[common_pb2.ServiceEvent]:
+        """Start in dependency order, each layer in parallel once the previous is healthy."""
+        layers = levels(services)
+        async with self._lock:
+            with self.events.subscribe() as events:
+                runner = asyncio.create_task(self._start_layers(services, layers))
+                while not runner.done():
+                    getter = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait(
+                        {getter, runner}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter in done:
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                await runner
+                for ev in events.drain():
+                    yield ev
+                # Always end with where every service stands (nothing may have changed).
+                for st in self.statuses():
+                    yield common_pb2.ServiceEvent(
+                        workspace=self.workspace, service=st, time_unix_nano=time.time_ns()
+                    )
+
+    async def _start_layers(
+        self, services: list[ServiceDef], layers: list[list[ServiceDef]]
+    ) -> None:
+        running = {
+            n
+            for n, r in self.runners.items()
+            if r.task is not None and not r.task.done() and r.svc == self.services.get(n)
+        }
+        self.services = {s.name: s for s in services}
+        self.published = await self._published_ports()
+        self.save()
+        failed: list[str] = []
+        for layer in layers:
+            todo = [s for s in layer if s.name not in running]
+            for s in todo:
+                blocked = [d for d in s.depends_on if d in failed]
+                r = self.runners[s.name] = ServiceRunner(self, s)
+                if blocked:
+                    failed.append(s.name)
+                    r.set(S.SERVICE_STATE_FAILED, f"not started: {', '.join(blocked)} failed")
+                    continue
+                r.launch()
+            await asyncio.gather(*(self.runners[s.name].settled.wait() for s in layer))
+            failed += [
+                s.name
+                for s in layer
+                if self.runners[s.name].state != S.SERVICE_STATE_HEALTHY and s.name not in failed
+            ]
+
+    async def _published_ports(self) -> dict[int, str]:
+        ports: dict[int, str] = {}
+        for s in self.services.values():
+            for p in s.ports():
+                ep = await self.env.endpoint(p, published=True)
+                if ep:
+                    ports[p] = f"{ep[0]}:{ep[1]}"
+        return ports
+
+    async def resume(self) -> None:
+        """After an agent restart: find each service's process again, else start it."""
+        self.published = await self._published_ports()
+        self.save()
+        for layer in levels(list(self.services.values())):
+            for s in layer:
+                r = self.runners[s.name] = ServiceRunner(self, s)
+                pid = await process.read_pid(self.env, s.name)
+                gone = await process.exit_code(self.env, s.name) is not None
+                if pid and not gone and await process.alive(self.env, pid):
+                    r.launch(resume_pid=pid)
+                else:
+                    r.launch()
+
+    async def stop(self, timeout: float) -> list[common_pb2.ServiceStatus]:
+        """Reverse dependency order, gracefully (TERM, wait, KILL)."""
+        async with self._lock:
+            for layer in reversed(levels(list(self.services.values()))):
+                await asyncio.gather(
+                    *(self.runners[s.name].stop(timeout) for s in layer if s.name in self.runners)
+                )
+            statuses = self.statuses()
+            with contextlib.suppress(FileNotFoundError):
+                self.state_file.unlink()
+            return statuses
+
+    async def close(self) -> None:
+        """Stop supervising (agent shutdown): services keep running inside."""
+        for r in self.runners.values():
+            if r.task is not None:
+                r.task.cancel()
+            await r.cancel_tails()
+        await asyncio.gather(
+            *(r.task for r in self.runners.values() if r.task is not None), return_exceptions=True
+        )
