@@ -44,6 +44,7 @@ class ProviderSet:
 # installed is left out (and logged) instead of taking the agent down.
 PROVIDERS: dict[str, tuple[str, str]] = {
     "docker": ("providers.docker", "DockerProvider"),
+    "qemu": ("providers.qemu", "QemuProvider"),
     "lxd": ("providers.lxd", "LxdProvider"),
 }
 

@@ -126,7 +126,11 @@ cmd_start() {
     start_dockerd
     prepare_sshd
     build_busybox_image
-    bash "$(dirname "${BASH_SOURCE[0]}")/engine-lxd.sh"
+    local here
+    here=$(dirname "${BASH_SOURCE[0]}")
+    bash "$here/engine-lxd.sh"
+    bash "$here/engine-qemu.sh"
+    bash "$here/build-guest-image.sh"
 }
 
 cmd_stop() {

@@ -65,6 +65,35 @@ def lxd_engine() -> Iterator[None]:
     yield
 
 
+def _qemu_problem() -> str:
+    try:
+        from providers.qemu.provider import DEFAULT_IMAGE, DEFAULT_IMAGE_DIR, IMAGE_FILES
+    except ImportError as exc:  # libvirt-python not installed
+        return f"{exc} (bash scripts/engine-qemu.sh installs it)"
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open("qemu:///system")
+        try:
+            conn.getLibVersion()
+        finally:
+            conn.close()
+    except libvirt.libvirtError as exc:
+        return f"libvirtd not answering: {exc} (bash scripts/engine-qemu.sh starts it)"
+    image = DEFAULT_IMAGE_DIR / DEFAULT_IMAGE
+    if not all((image / f).is_file() for f in IMAGE_FILES):
+        return f"guest image {image} missing (bash scripts/build-guest-image.sh builds it)"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def qemu_engine() -> Iterator[None]:
+    problem = _qemu_problem()
+    require("libvirt + QEMU (with the guest image)", not problem, problem)
+    yield
+
+
 @pytest.fixture(scope="session")
 def sshd_binary() -> Iterator[str]:
     path = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -79,5 +108,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.fixturenames.insert(0, "docker_engine")
         if item.get_closest_marker("lxd") and hasattr(item, "fixturenames"):
             item.fixturenames.insert(0, "lxd_engine")
+        if item.get_closest_marker("qemu") and hasattr(item, "fixturenames"):
+            item.fixturenames.insert(0, "qemu_engine")
         if item.get_closest_marker("sshd") and hasattr(item, "fixturenames"):
             item.fixturenames.insert(0, "sshd_binary")

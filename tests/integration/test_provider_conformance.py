@@ -51,9 +51,16 @@ def _lxd(agent_id: str) -> Provider:
     return LxdProvider(agent_id)
 
 
+def _qemu(agent_id: str) -> Provider:
+    from providers.qemu import QemuProvider
+
+    return QemuProvider(agent_id)
+
+
 CASES = [
     ProviderCase("docker", _docker, TEST_IMAGE, "vendetta/absent:0", (pytest.mark.docker,)),
     ProviderCase("lxd", _lxd, LXD_TEST_IMAGE, "vendetta/absent", (pytest.mark.lxd,)),
+    ProviderCase("qemu", _qemu, "debian-12", "absent-guest", (pytest.mark.qemu,)),
 ]
 
 

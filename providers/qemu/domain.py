@@ -1,0 +1,170 @@
+"""Libvirt domain XML for a vendetta guest, and the metadata that marks it as ours.
+
+A domain carries a ``<metadata>`` element in :data:`NS_URI` naming the agent,
+the workspace and what the provider needs again later (image, command, env,
+the files it owns), so an agent finds its own guests after a restart and
+never touches another agent's.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NS_URI = "https://vendetta.dev/xmlns/libvirt/qemu/1"
+NS_PREFIX = "vendetta"
+ET.register_namespace(NS_PREFIX, NS_URI)
+
+# Guest-side device names (see scripts/build-guest-image.sh).
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+STDOUT_CHANNEL = "org.vendetta.stdout"
+STDERR_CHANNEL = "org.vendetta.stderr"
+
+
+@dataclass(frozen=True)
+class Files:
+    """Host files one guest owns: all of them go away with the environment."""
+
+    overlay: Path
+    console: Path
+    stdout: Path
+    stderr: Path
+    agent_socket: Path
+
+    @classmethod
+    def for_domain(cls, state_dir: Path, domain: str) -> Files:
+        return cls(
+            overlay=state_dir / f"{domain}.qcow2",
+            console=state_dir / f"{domain}.console.log",
+            stdout=state_dir / f"{domain}.stdout.log",
+            stderr=state_dir / f"{domain}.stderr.log",
+            agent_socket=state_dir / f"{domain}.agent.sock",
+        )
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.overlay, self.console, self.stdout, self.stderr, self.agent_socket)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What we store in the domain's metadata element."""
+
+    agent: str
+    workspace: str
+    image: str
+    state_dir: str
+    command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def to_xml(self) -> str:
+        def q(tag: str) -> str:
+            return f"{{{NS_URI}}}{tag}"
+
+        root = ET.Element(q("env"))
+        for key in ("agent", "workspace", "image", "state_dir"):
+            ET.SubElement(root, q(key)).text = str(getattr(self, key))
+        if self.command is not None:
+            ET.SubElement(root, q("command")).text = json.dumps(list(self.command))
+        ET.SubElement(root, q("environment")).text = json.dumps(dict(self.env))
+        return ET.tostring(root, encoding="unicode")
+
+    @classmethod
+    def from_xml(cls, text: str) -> Meta:
+        root = ET.fromstring(text)
+        # libvirt hands the element back with its namespace on every child.
+        values = {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in root}
+        command = values.get("command")
+        return cls(
+            agent=values.get("agent", ""),
+            workspace=values.get("workspace", ""),
+            image=values.get("image", ""),
+            state_dir=values.get("state_dir", ""),
+            command=tuple(json.loads(command)) if command else None,
+            env=json.loads(values.get("environment") or "{}"),
+        )
+
+
+def _escape(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&apos;")
+    )
+
+
+def domain_xml(
+    *,
+    name: str,
+    virt_type: str,
+    vcpus: int,
+    memory_kib: int,
+    kernel: Path,
+    initrd: Path,
+    files: Files,
+    meta: Meta,
+    emulator: str = "",
+) -> str:
+    """A persistent domain: direct kernel boot, root on the overlay, no network.
+
+    Under ``kvm`` the host CPU is passed through; under ``qemu`` (TCG) QEMU's
+    default model is emulated. ACPI is on so the guest can be shut down.
+    """
+    cpu = "<cpu mode='host-passthrough'/>" if virt_type == "kvm" else ""
+    emulator_xml = f"<emulator>{_escape(emulator)}</emulator>" if emulator else ""
+    metadata = meta.to_xml()
+
+    def file_channel(path: Path, target: str) -> str:
+        return (
+            f"<channel type='file'><source path='{_escape(str(path))}' append='on'/>"
+            f"<target type='virtio' name='{target}'/></channel>"
+        )
+
+    return f"""<domain type='{virt_type}'>
+  <name>{_escape(name)}</name>
+  <metadata>{metadata}</metadata>
+  <memory unit='KiB'>{memory_kib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{_escape(str(kernel))}</kernel>
+    <initrd>{_escape(str(initrd))}</initrd>
+    <cmdline>root=/dev/vda rw console=ttyS0 quiet loglevel=4 panic=-1</cmdline>
+  </os>
+  <features><acpi/></features>
+  {cpu}
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    {emulator_xml}
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{_escape(str(files.overlay))}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path='{_escape(str(files.console))}' append='on'/>
+      <target port='0'/>
+    </serial>
+    <console type='file'>
+      <source path='{_escape(str(files.console))}' append='on'/>
+      <target type='serial' port='0'/>
+    </console>
+    <channel type='unix'>
+      <source mode='bind' path='{_escape(str(files.agent_socket))}'/>
+      <target type='virtio' name='{AGENT_CHANNEL}'/>
+    </channel>
+    {file_channel(files.stdout, STDOUT_CHANNEL)}
+    {file_channel(files.stderr, STDERR_CHANNEL)}
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def guest_argv(argv: Sequence[str], workdir: str) -> list[str]:
+    """argv as run by the guest agent: in ``workdir`` if given, never through a shell parse."""
+    if not workdir:
+        return list(argv)
+    return ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", workdir, *argv]
