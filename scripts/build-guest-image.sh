@@ -26,6 +26,8 @@ IMAGE_DIR=${VENDETTA_IMAGE_DIR:-/var/cache/vendetta/images}
 NAME=debian-12
 OUT=$IMAGE_DIR/$NAME
 STAMP=$OUT/.built
+# Bump when what the image holds changes: an older cached build is replaced.
+IMAGE_VERSION=2
 ROOTFS_SIZE=2G   # sparse: the qcow2 holds only what is used (~30 MB)
 BUSYBOX=/bin/busybox
 force=0
@@ -42,7 +44,7 @@ for arg in "$@"; do
 done
 
 [[ $(id -u) == 0 ]] || die "run as root"
-if ((force == 0)) && [[ -f $STAMP && -f $OUT/vmlinuz && -f $OUT/initrd.img && -f $OUT/rootfs.qcow2 ]]; then
+if ((force == 0)) && [[ -f $STAMP ]] && grep -q "^v$IMAGE_VERSION " "$STAMP" && [[ -f $OUT/vmlinuz && -f $OUT/initrd.img && -f $OUT/rootfs.qcow2 ]]; then
     log "$OUT present ($(<"$STAMP")); --force rebuilds"
     exit 0
 fi
@@ -129,6 +131,7 @@ mount -o remount,rw / 2>/dev/null
 hostname -F /etc/hostname
 echo "vendetta-guest: growing / to the disk"
 resize2fs /dev/vda >/dev/null 2>&1 || true
+ip link set lo up  # services listen on loopback, as on any distribution
 # Device links /dev/virtio-ports/NAME (udev's job on a full system).
 mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
@@ -190,5 +193,5 @@ cp "kernel/boot/vmlinuz-$kver" "$OUT/vmlinuz"
 mkfs.ext4 -q -F -L vendetta-root -d "$root" "$work/rootfs.ext4" "$ROOTFS_SIZE" >/dev/null
 qemu-img convert -O qcow2 "$work/rootfs.ext4" "$OUT/rootfs.qcow2"
 chmod 644 "$OUT"/*
-printf 'kernel %s, built %s in %ss\n' "$kver" "$(date -u +%FT%TZ)" "$((SECONDS - start))" >"$STAMP"
+printf 'v%s kernel %s, built %s in %ss\n' "$IMAGE_VERSION" "$kver" "$(date -u +%FT%TZ)" "$((SECONDS - start))" >"$STAMP"
 log "built $OUT: $(<"$STAMP")"

@@ -189,7 +189,7 @@ class QemuProvider(Provider):
     def __init__(
         self,
         agent_id: str,
-        uri: str = DEFAULT_URI,
+        uri: str | None = None,
         image_dir: Path = DEFAULT_IMAGE_DIR,
         state_dir: Path | None = None,
     ) -> None:
@@ -197,7 +197,8 @@ class QemuProvider(Provider):
         if not agent_id:
             raise InvalidArgumentError("agent id must not be empty")
         super().__init__(agent_id)
-        self.uri = uri
+        # As virsh does: an explicit URI, else LIBVIRT_DEFAULT_URI, else the system daemon.
+        self.uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
         self.image_dir = Path(image_dir)
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
         self._conn: libvirt.virConnect | None = None
@@ -326,9 +327,10 @@ class QemuProvider(Provider):
         kernel, initrd, rootfs = (base / f for f in IMAGE_FILES)
         missing = [p.name for p in (kernel, initrd, rootfs) if not p.is_file()]
         if missing:
+            have = ", ".join(self._images()) or "none"
             raise ImageNotFoundError(
                 f"guest image {image!r} not found on this node ({base} lacks "
-                f"{', '.join(missing)}): {IMAGE_HINT}"
+                f"{', '.join(missing)}); images on this node: {have}. {IMAGE_HINT}"
             )
         return kernel, initrd, rootfs
 

@@ -65,6 +65,11 @@ PROVIDERS = [
         ("docker", f"docker:\n  image: {TEST_IMAGE}\n"), marks=pytest.mark.docker, id="docker"
     ),
     pytest.param(("lxd", f"lxd:\n  image: {LXD_TEST_IMAGE}\n"), marks=pytest.mark.lxd, id="lxd"),
+    pytest.param(
+        ("qemu", "qemu: {image: debian-12, cpu: 1, memory: 512M, disk: 2G}\n"),
+        marks=pytest.mark.qemu,
+        id="qemu",
+    ),
 ]
 
 

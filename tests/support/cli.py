@@ -129,6 +129,11 @@ def cli_env(prefix: str = "vd-e2e-") -> Iterator[Env]:
     try:
         yield e
     finally:
+        # Whatever a failed test left: destroyed through vendetta, on every provider.
+        listed = e.cli("workspace", "list", "--json", check=False)
+        if listed.returncode == 0:
+            for ws in json.loads(listed.stdout or "[]"):
+                e.cli("workspace", "destroy", ws["name"], "--force", check=False)
         e.cli("server", "stop", check=False)
         for agent_dir in e.agent_dirs:
             subprocess.run(
