@@ -12,6 +12,7 @@ import grpc.aio
 
 from common.paths import coordinator_log, coordinator_pid, coordinator_socket, private_dir
 from common.process import read_pid, start_detached, terminate
+from common.version import build_id
 from vendetta.v1 import coordinator_pb2 as pb
 from vendetta.v1 import coordinator_pb2_grpc
 
@@ -35,8 +36,10 @@ async def start(
     """Start the coordinator unless it answers already; (info, started_now)."""
     await asyncio.to_thread(private_dir, home)
     info = await probe(home)
-    if info is not None:
+    if info is not None and info.version == build_id():
         return info, False
+    if info is not None:  # another build is running (vendetta was upgraded): replace it
+        await stop(home)
     argv = [sys.executable, "-m", "coordinator.main", "--home", str(home), *extra_args]
     started, _ = await start_detached(
         "coordinator", argv, coordinator_log(home), lambda: probe(home, 1.0), timeout

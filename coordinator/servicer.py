@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from common.errors import InvalidArgumentError, NotFoundError
 from common.names import validate_name
-from common.version import VERSION
+from common.version import build_id
 from coordinator.convert import node_to_pb, workspace_to_pb
 from coordinator.nodes import NodeRegistry
 from coordinator.service_nodes import NodeService
@@ -60,7 +60,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Ctx) -> pb.ServerInfo:
         return pb.ServerInfo(
-            version=VERSION,
+            version=build_id(),
             socket_path=self.socket_path,
             state_path=self.state_path,
             pid=os.getpid(),

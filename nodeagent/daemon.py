@@ -16,6 +16,7 @@ import grpc.aio
 
 from common.paths import private_dir
 from common.process import read_pid, start_detached, terminate
+from common.version import build_id
 from nodeagent.server import socket_path
 from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
 
@@ -45,9 +46,13 @@ async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) ->
     await asyncio.to_thread(private_dir, agent_dir)
     sock = socket_path(agent_dir)
     info = await probe(sock)
-    if info is not None:
+    if info is not None and info.version == build_id():
         pid = await asyncio.to_thread(read_pid, agent_dir / "agent.pid")
         return AgentStatus(str(sock), info.version, info.agent_id, pid, False)
+    if info is not None:
+        # An agent from another build (vendetta was upgraded): replace it. Its
+        # services keep running inside their environments; the new agent finds them.
+        await stop(agent_dir)
     argv = [sys.executable, "-m", "nodeagent.main", "--dir", str(agent_dir), *run_args, "run"]
     started, pid = await start_detached(
         "node agent", argv, agent_dir / "agent.log", lambda: probe(sock, 1.0), timeout

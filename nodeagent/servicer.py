@@ -14,7 +14,7 @@ import grpc.aio
 from common.batching import batched
 from common.errors import FailedPreconditionError, InvalidArgumentError
 from common.names import validate_name
-from common.version import VERSION
+from common.version import build_id
 from nodeagent import convert
 from nodeagent.providers import ProviderSet
 from nodeagent.services import spec
@@ -49,7 +49,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             for p, r in await self.providers.readiness()
         ]
         return nodeagent_pb2.InfoResponse(
-            version=VERSION,
+            version=build_id(),
             agent_id=self.agent_id,
             hostname=socket.gethostname(),
             providers=infos,

@@ -16,7 +16,7 @@ show vendetta server start
 for _ in $(seq 100); do vendetta node status local >/dev/null 2>&1 && break; sleep 0.2; done
 show vendetta node status local
 
-step "Create and start a Docker workspace on the local node"
+step "Create and start a Docker workspace with three services on the local node"
 if vendetta workspace status demo >/dev/null 2>&1; then
   vendetta workspace destroy demo
 fi
@@ -25,8 +25,13 @@ show vendetta workspace up demo
 show vendetta workspace list
 show vendetta workspace exec demo -- sh -c 'echo "hello from $(hostname), inside the workspace"'
 
-step "Follow its logs for 4 seconds"
-show timeout --signal=INT 4 vendetta workspace logs demo --follow --tail 3 || true
+step "Reach the web service through the port published on this node's loopback"
+port=$(vendetta workspace status demo --json | python3 -c 'import json,sys; print(next(s["node_endpoint"] for s in json.load(sys.stdin)["services"] if s["name"]=="web"))')
+show wget -qO- "http://$port/" 2>/dev/null || show python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://$port/').read().decode())"
+
+step "Logs of one service, then all of them interleaved, following for 3 seconds"
+show vendetta workspace logs demo --service web
+show timeout --signal=INT 3 vendetta workspace logs demo --follow --tail 4 || true
 
 step "Stop and remove it"
 show vendetta workspace down demo
