@@ -27,17 +27,13 @@ Name = Annotated[str, typer.Argument(help="Workspace name.")]
 
 
 def services_table(ws: pb.Workspace) -> Table:
-    table = Table("SERVICE", "STATE", "PORT", "ON THE NODE", "RESTARTS", "DETAIL")
+    table = Table("SERVICE", "STATE", "ON YOUR MACHINE", "PORT", "RESTARTS", "DETAIL")
     for s in ws.services:
         state = enum_name(common_pb2.ServiceState.Name(s.state), "SERVICE_STATE_")
-        table.add_row(
-            s.name,
-            styled(state),
-            str(s.port or "-"),
-            s.node_endpoint or "-",
-            str(s.restarts),
-            s.detail,
-        )
+        here = f"http://{s.local_address}" if s.local_address else "-"
+        if s.local_note:
+            here += f" ({s.local_note})"
+        table.add_row(s.name, styled(state), here, str(s.port or "-"), str(s.restarts), s.detail)
     return table
 
 
@@ -159,6 +155,45 @@ def up(name: Name, json_: Json = False) -> None:
         out.print(f"  addresses {', '.join(ws.addresses)} (on the node)")
     out.print(f"  logs      vendetta workspace logs {ws.name} -f")
     out.print(f"  run       vendetta workspace exec {ws.name} -- CMD ...")
+
+
+@app.command()
+def ports(name: Name, json_: Json = False) -> None:
+    """Where each service of the workspace is on this machine."""
+
+    async def go() -> pb.Workspace:
+        async with coordinator() as c:
+            return await c.GetWorkspace(pb.GetWorkspaceRequest(name=name))
+
+    ws = run(go())
+    rows = [
+        {
+            "service": s.name,
+            "port": s.port,
+            "local_address": s.local_address,
+            "node_endpoint": s.node_endpoint,
+            "note": s.local_note,
+        }
+        for s in ws.services
+        if s.port
+    ]
+    if json_:
+        print_json(rows)
+        return
+    if not rows:
+        out.print(f"workspace {name} has no service ports (is it up?)")
+        return
+    table = Table("SERVICE", "ON YOUR MACHINE", "PORT", "ON THE NODE", "NOTE")
+    for r in rows:
+        local = f"http://{r['local_address']}" if r["local_address"] else "-"
+        table.add_row(
+            str(r["service"]),
+            local,
+            str(r["port"]),
+            str(r["node_endpoint"] or "-"),
+            str(r["note"]),
+        )
+    out.print(table)
 
 
 @app.command()

@@ -72,6 +72,7 @@ class Coordinator:
         log.info("coordinator listening on %s", self.socket)
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.workspaces.ports.close_all()
         await self.server.stop(grace)
         await self.nodes.close()
         await self.store.close()

@@ -45,6 +45,13 @@ class Store(abc.ABC):
     async def delete_workspace(self, name: str) -> None: ...
 
     @abc.abstractmethod
+    async def get_ports(self, workspace: str) -> dict[str, int]: ...
+    @abc.abstractmethod
+    async def set_port(self, workspace: str, service: str, port: int) -> None: ...
+    @abc.abstractmethod
+    async def delete_ports(self, workspace: str) -> None: ...
+
+    @abc.abstractmethod
     async def get_request(self, request_id: str) -> tuple[str, bytes] | None: ...
     @abc.abstractmethod
     async def put_request(self, request_id: str, method: str, response: bytes) -> None: ...
@@ -81,6 +88,12 @@ CREATE TABLE IF NOT EXISTS workspaces (
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL,
     setup_done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS ports (
+    workspace TEXT NOT NULL,
+    service TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    PRIMARY KEY (workspace, service)
 );
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
@@ -198,6 +211,25 @@ class SqliteStore(Store):
 
     async def delete_workspace(self, name: str) -> None:
         await self._run(lambda db: db.execute("DELETE FROM workspaces WHERE name=?", (name,)))
+
+    # ports chosen on the user's machine, reused on the next up
+    async def get_ports(self, workspace: str) -> dict[str, int]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT service, port FROM ports WHERE workspace=?", (workspace,)
+            ).fetchall()
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def set_port(self, workspace: str, service: str, port: int) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO ports VALUES (?,?,?)", (workspace, service, port)
+            )
+        )
+
+    async def delete_ports(self, workspace: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM ports WHERE workspace=?", (workspace,)))
 
     # request ids
     async def get_request(self, request_id: str) -> tuple[str, bytes] | None:

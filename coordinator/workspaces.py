@@ -24,6 +24,7 @@ from coordinator import services
 from coordinator.agent_client import AgentClient
 from coordinator.models import LOCAL_NODE, Desired, NodeState, WorkspaceRecord, WorkspaceState
 from coordinator.nodes import NodeConnection, NodeRegistry
+from coordinator.ports import PortManager
 from coordinator.store import Store
 from vendetta.v1 import common_pb2, nodeagent_pb2
 
@@ -49,6 +50,7 @@ class WorkspaceService:
     def __init__(self, store: Store, nodes: NodeRegistry) -> None:
         self.store = store
         self.nodes = nodes
+        self.ports = PortManager(store, nodes)
         self.events: EventBus[WorkspaceEvent] = EventBus()
         # One operation at a time per workspace: up during destroy must not race.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -66,7 +68,13 @@ class WorkspaceService:
         self.events.publish(WorkspaceEvent(ws, message, time.time_ns(), service))
 
     def service_statuses(self, name: str) -> list[common_pb2.ServiceStatus]:
-        return list(self.services.get(name, {}).values())
+        statuses = list(self.services.get(name, {}).values())
+        self.ports.annotate(name, statuses)
+        return statuses
+
+    async def _forward_ports(self, ws: WorkspaceRecord) -> None:
+        for note in await self.ports.ensure(ws.name, ws.node, self.service_statuses(ws.name)):
+            self._publish(ws, note)
 
     def _service_event(self, ws: WorkspaceRecord, ev: common_pb2.ServiceEvent) -> None:
         self.services.setdefault(ws.name, {})[ev.service.name] = ev.service
@@ -210,6 +218,7 @@ class WorkspaceService:
         async for ev in client.start_services(ws.name, ws.provider, specs):
             self._service_event(ws, ev)
         self._start_relay(ws, client)
+        await self._forward_ports(ws)
         statuses = self.service_statuses(ws.name)
         if any(s.state != common_pb2.SERVICE_STATE_HEALTHY for s in statuses):
             ws.detail = "some services failed"
@@ -236,6 +245,7 @@ class WorkspaceService:
                 raise
             finally:
                 self._stop_relay(name)
+                self.ports.close_workspace(name)
             self._observe(ws, env)
             await self._save(ws, "environment stopped")
             return ws
@@ -259,6 +269,7 @@ class WorkspaceService:
                     with contextlib.suppress(VendettaError):  # a failing teardown must not block
                         await self._hook(ws, client, "teardown", teardown)
                 self._stop_relay(name)
+                self.ports.close_workspace(name)
                 ws.observed = WorkspaceState.DESTROYING
                 await self._save(ws, "destroying environment")
                 try:
@@ -267,6 +278,8 @@ class WorkspaceService:
                     ws.observed, ws.detail = WorkspaceState.ERROR, str(exc)
                     await self._save(ws, f"destroy failed: {exc}")
                     raise
+            self.ports.close_workspace(name)
+            await self.store.delete_ports(name)
             await self.store.delete_workspace(name)
             ws.observed = WorkspaceState.DESTROYED
             self._publish(ws, "destroyed")
@@ -344,6 +357,9 @@ class WorkspaceService:
                         for st in await client.get_services(fresh.name, fresh.provider):
                             self.services.setdefault(fresh.name, {})[st.name] = st
                         self._start_relay(fresh, client)
+                        # Forwards through a dropped SSH connection died with it.
+                        self.ports.close_workspace(fresh.name)
+                        await self._forward_ports(fresh)
         except VendettaError as exc:
             log.warning("reconcile of node %s stopped: %s", conn.name, exc)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import abc
+from typing import Protocol
 
 import grpc.aio
 
@@ -11,6 +12,15 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+
+class Forward(Protocol):
+    """A listener on this machine's loopback that reaches a port on the node."""
+
+    @property
+    def port(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Transport(abc.ABC):
@@ -31,3 +41,10 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
+        """Listen on 127.0.0.1:listen_port (0: any free port) here, reach dest on the node.
+
+        OSError if the port is taken; the error tree if the node is unreachable.
+        """

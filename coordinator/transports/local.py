@@ -7,7 +7,8 @@ from pathlib import Path
 
 import grpc.aio
 
-from coordinator.transports.base import CHANNEL_OPTIONS, Transport
+from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
+from coordinator.transports.tcp_proxy import TcpForward
 from nodeagent import daemon
 
 
@@ -29,6 +30,9 @@ class LocalTransport(Transport):
     async def wait_closed(self) -> None:
         # No connection of our own to lose; heartbeats notice a dead agent.
         await self._closed.wait()
+
+    async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
+        return await TcpForward.open(listen_port, dest_host, dest_port)
 
     async def close(self) -> None:
         self._closed.set()

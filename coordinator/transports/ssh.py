@@ -23,7 +23,7 @@ from common.errors import (
     VendettaError,
 )
 from common.paths import check_socket_path, private_dir
-from coordinator.transports.base import CHANNEL_OPTIONS, Transport
+from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 
 CONNECT_TIMEOUT = 15.0
 # Fastest cipher measured for bulk through a forward; the rest as asyncssh orders them.
@@ -181,6 +181,14 @@ class SshTransport(Transport):
         if self._conn is not None:
             await self._conn.wait_closed()
 
+    async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
+        if self._conn is None:
+            raise NodeUnreachableError(f"node {self.node!r} is not connected")
+        listener = await self._conn.forward_local_port(
+            "127.0.0.1", listen_port, dest_host, dest_port
+        )
+        return _SshForward(listener)
+
     def drop_connection(self) -> None:
         """Abort the SSH connection (tests and `node test` use it to prove reconnects)."""
         if self._conn is not None:
@@ -200,3 +208,15 @@ class SshTransport(Transport):
             self._conn = None
         with contextlib.suppress(FileNotFoundError):
             self.local_socket.unlink()
+
+
+class _SshForward:
+    def __init__(self, listener: asyncssh.SSHListener) -> None:
+        self._listener = listener
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.get_port())
+
+    def close(self) -> None:
+        self._listener.close()

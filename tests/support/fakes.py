@@ -36,7 +36,8 @@ from common.errors import (
 from coordinator.models import LOCAL_NODE, NodeRecord, NodeState
 from coordinator.server import Coordinator
 from coordinator.transports import Transport
-from coordinator.transports.base import CHANNEL_OPTIONS
+from coordinator.transports.base import CHANNEL_OPTIONS, Forward
+from coordinator.transports.tcp_proxy import TcpForward
 from nodeagent.providers import ProviderSet
 from nodeagent.server import AgentServer
 from providers.base import (
@@ -283,6 +284,10 @@ class FakeTransport(Transport):
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
+        # The real loopback proxy: forwards are plain TCP on one machine.
+        return await TcpForward.open(listen_port, dest_host, dest_port)
 
     async def close(self) -> None:
         self.closes += 1

@@ -327,6 +327,8 @@ class ServiceStatus(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     NODE_ENDPOINT_FIELD_NUMBER: _builtins.int
     LAST_LINES_FIELD_NUMBER: _builtins.int
+    LOCAL_ADDRESS_FIELD_NUMBER: _builtins.int
+    LOCAL_NOTE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___ServiceState.ValueType
     pid: _builtins.int
@@ -338,6 +340,10 @@ class ServiceStatus(_message.Message):
     """the port inside the environment"""
     node_endpoint: _builtins.str
     """host:port that reaches it on the node"""
+    local_address: _builtins.str
+    """where it is on the user's machine (coordinator's)"""
+    local_note: _builtins.str
+    """e.g. why the port differs from the service's"""
     @_builtins.property
     def last_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """end of its log when it failed"""
@@ -354,10 +360,12 @@ class ServiceStatus(_message.Message):
         port: _builtins.int = ...,
         node_endpoint: _builtins.str = ...,
         last_lines: _abc.Iterable[_builtins.str] | None = ...,
+        local_address: _builtins.str = ...,
+        local_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "exit_code", b"exit_code", "last_lines", b"last_lines", "name", b"name", "node_endpoint", b"node_endpoint", "pid", b"pid", "port", b"port", "restarts", b"restarts", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "exit_code", b"exit_code", "last_lines", b"last_lines", "local_address", b"local_address", "local_note", b"local_note", "name", b"name", "node_endpoint", b"node_endpoint", "pid", b"pid", "port", b"port", "restarts", b"restarts", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
