@@ -3,7 +3,10 @@
 On disk, each service has ``NAME.jsonl`` (records with time and stream, for
 history across agent restarts) and ``NAME.stdout.raw`` / ``NAME.stderr.raw``,
 byte copies of what was read from the environment, whose sizes are the
-offsets to resume tailing from after a restart.
+offsets to resume tailing from after a restart. A line not yet ended when the
+agent stopped is taken up again from the end of its raw file; ``NAME.STREAM.flushed``
+holds the raw offset up to which such a line was already made a record (see
+:meth:`ServiceLog.flush`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from providers.base import LogRecord
 
 RING_LINES = 5000  # per service: bounded memory whatever a service prints
+STREAMS = ("stdout", "stderr")
+_BLOCK = 65536
 
 
 class ServiceLog:
@@ -27,6 +32,7 @@ class ServiceLog:
         self.dir = directory
         self.ring: collections.deque[LogRecord] = collections.deque(maxlen=RING_LINES)
         self._partial = {"stdout": b"", "stderr": b""}
+        self._fed = {"stdout": 0, "stderr": 0}  # raw bytes taken into _partial or records
         self._changed = asyncio.Condition()
         self._seq = 0
         self._load()
@@ -37,12 +43,39 @@ class ServiceLog:
     def _raw(self, stream: str) -> Path:
         return self.dir / f"{self.service}.{stream}.raw"
 
+    def _flushed(self, stream: str) -> Path:
+        return self.dir / f"{self.service}.{stream}.flushed"
+
     def _load(self) -> None:
         with contextlib.suppress(FileNotFoundError), self._jsonl().open() as f:
             for line in collections.deque(f, maxlen=RING_LINES):
                 with contextlib.suppress(ValueError, KeyError):
                     d = json.loads(line)
                     self.ring.append(LogRecord(d["t"], d["s"], d["x"], self.service))
+        for stream in STREAMS:
+            self._partial[stream] = self._unfinished_line(stream)
+            self._fed[stream] = self.offset(stream)
+
+    def _unfinished_line(self, stream: str) -> bytes:
+        """The raw file's bytes after its last newline: counted in the offset, not a record yet."""
+        try:
+            with self._raw(stream).open("rb") as f:
+                end = pos = f.seek(0, 2)
+                tail = b""
+                while pos > 0 and b"\n" not in tail:
+                    step = min(_BLOCK, pos)
+                    pos -= step
+                    f.seek(pos)
+                    tail = f.read(step) + tail
+        except FileNotFoundError:
+            return b""
+        partial = tail.rsplit(b"\n", 1)[-1]
+        start = end - len(partial)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            flushed = int(self._flushed(stream).read_text())
+            if flushed > start:
+                partial = partial[flushed - start :]
+        return partial
 
     def offset(self, stream: str) -> int:
         try:
@@ -50,12 +83,31 @@ class ServiceLog:
         except FileNotFoundError:
             return 0
 
+    def fed(self, stream: str) -> int:
+        """Bytes of ``stream`` taken in so far: the offset, once a feed() under way is done."""
+        return self._fed[stream]
+
     async def feed(self, stream: str, data: bytes) -> None:
         """Bytes read from the environment; complete lines become records."""
         await asyncio.to_thread(self._append_raw, stream, data)
         buf = self._partial[stream] + data
         *lines, self._partial[stream] = buf.split(b"\n")
+        self._fed[stream] += len(data)
         await self.add([(stream, ln.decode(errors="replace")) for ln in lines])
+
+    async def flush(self) -> None:
+        """Make lines not ended by a newline records (the process that printed them is gone)."""
+        lines = [
+            (s, self._partial[s].decode(errors="replace")) for s in STREAMS if self._partial[s]
+        ]
+        if not lines:
+            return
+        marks = {s: self._fed[s] for s in STREAMS if self._partial[s]}
+        for stream in marks:
+            self._partial[stream] = b""
+        for stream, fed in marks.items():
+            await asyncio.to_thread(self._flushed(stream).write_text, str(fed))
+        await self.add(lines)
 
     def _append_raw(self, stream: str, data: bytes) -> None:
         with self._raw(stream).open("ab") as f:

@@ -23,6 +23,8 @@ log = logging.getLogger("vendetta.services")
 RESTART_LIMIT = 5
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
+REPLACE_TIMEOUT = 10.0  # TERM to KILL, for a service stopped because its spec changed
+CATCH_UP_TRIES = 20  # after an exit: checks that the tails read all output, 0.05 s apart
 S = common_pb2
 
 
@@ -39,6 +41,8 @@ class ServiceRunner:
         self.detail = "waiting for dependencies" if svc.depends_on else ""
         self.settled = asyncio.Event()  # healthy, or given up
         self.stopping = False
+        self._stop_timeout = REPLACE_TIMEOUT
+        self._woken = asyncio.Event()  # set by stop(): ends a restart backoff at once
         self.task: asyncio.Task[None] | None = None
         self._exit: asyncio.Task[int] | None = None
         self._tails: list[asyncio.Task[None]] = []
@@ -83,10 +87,42 @@ class ServiceRunner:
                 )
             )
 
+    async def _signal(self, sig: str) -> None:
+        # Never pid 0: kill would signal the whole process group.
+        if self.pid > 0:
+            await process.signal(self.sup.env, self.pid, sig)
+
+    async def _terminate(self, timeout: float) -> None:
+        """TERM the current process, KILL it if it has not exited after ``timeout``."""
+        if self.pid and self._exit is not None and not self._exit.done():
+            await self._signal("TERM")
+            done, _ = await asyncio.wait({self._exit}, timeout=timeout)
+            if not done:
+                await self._signal("KILL")
+
+    async def _flush_logs(self) -> None:
+        """The process has exited: once the tails have read all it wrote, end its last lines."""
+        slog = self.sup.logs.get(self.svc.name)
+        for _ in range(CATCH_UP_TRIES):
+            behind = False
+            for stream in ("stdout", "stderr"):
+                path = f"{process.service_dir(self.svc.name)}/{stream}"
+                with contextlib.suppress(VendettaError):
+                    argv = ["tail", "-c", f"+{slog.fed(stream) + 1}", path]
+                    code, out, _ = await process.run(self.sup.env, argv)
+                    behind = behind or (code == 0 and bool(out))
+            if not behind:
+                break
+            await asyncio.sleep(0.05)
+        await slog.flush()
+
     async def _run(self, resume_pid: int) -> None:
         backoff = BACKOFF_INITIAL
         env = injected_env(self.svc, self.sup.services)
         while True:
+            if self.stopping:
+                self.set(S.SERVICE_STATE_STOPPED, "stopped")
+                return
             gave_up = asyncio.Event()
             try:
                 if resume_pid:
@@ -106,6 +142,8 @@ class ServiceRunner:
                     )
                     self.sup.save()
                 self._start_tails()
+                if self.stopping:  # stop() came while it was starting, and saw no pid
+                    await self._terminate(self._stop_timeout)
                 checker = asyncio.create_task(self._health(gave_up))
                 try:
                     code = await self._exit
@@ -117,6 +155,7 @@ class ServiceRunner:
                 self.set(S.SERVICE_STATE_FAILED, f"could not start: {exc}")
                 return
             self.exit_code, self.pid = code, 0
+            await self._flush_logs()
             if self.stopping:
                 self.set(S.SERVICE_STATE_STOPPED, f"stopped (exit {code})")
                 return
@@ -140,7 +179,8 @@ class ServiceRunner:
                 f"exited with code {code}; restart {self.restarts}/{RESTART_LIMIT} in {backoff:g}s",
                 restarting=True,
             )
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), timeout=backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _health(self, gave_up: asyncio.Event) -> None:
@@ -165,7 +205,7 @@ class ServiceRunner:
                         S.SERVICE_STATE_FAILED,
                         f"health check never passed after {failures} tries: {seen}",
                     )
-                    await process.signal(self.sup.env, self.pid, "KILL")
+                    await self._signal("KILL")
                     return
                 if healthy and failures >= h.retries and self.state == S.SERVICE_STATE_HEALTHY:
                     self.set(S.SERVICE_STATE_UNHEALTHY, seen)
@@ -173,14 +213,13 @@ class ServiceRunner:
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
-        if self.pid and self._exit is not None and not self._exit.done():
-            await process.signal(self.sup.env, self.pid, "TERM")
-            done, _ = await asyncio.wait({self._exit}, timeout=timeout)
-            if not done:
-                await process.signal(self.sup.env, self.pid, "KILL")
+        self._stop_timeout = timeout
+        self._woken.set()
+        await self._terminate(timeout)
         if self.task is not None:
+            # Enough for a runner that was starting the process to TERM (and KILL) it.
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.task, timeout=5)
+                await asyncio.wait_for(self.task, timeout=timeout + 5)
             if not self.task.done():
                 self.task.cancel()
         if self.state not in (S.SERVICE_STATE_STOPPED,):
@@ -212,6 +251,7 @@ class WorkspaceSupervisor:
         self.published: dict[int, str] = {}
         self.events: EventBus[common_pb2.ServiceEvent] = EventBus()
         self._lock = asyncio.Lock()
+        self._resuming: asyncio.Task[None] | None = None
 
     def publish(self, runner: ServiceRunner, message: str) -> None:
         self.events.publish(
@@ -222,6 +262,10 @@ class WorkspaceSupervisor:
                 time_unix_nano=time.time_ns(),
             )
         )
+
+    def _alive(self, name: str) -> bool:
+        r = self.runners.get(name)
+        return r is not None and r.task is not None and not r.task.done()
 
     def statuses(self) -> list[common_pb2.ServiceStatus]:
         return [self.runners[n].status() for n in self.services if n in self.runners]
@@ -269,20 +313,32 @@ class WorkspaceSupervisor:
     async def _start_layers(
         self, services: list[ServiceDef], layers: list[list[ServiceDef]]
     ) -> None:
-        running = {
-            n
-            for n, r in self.runners.items()
-            if r.task is not None and not r.task.done() and r.svc == self.services.get(n)
-        }
-        self.services = {s.name: s for s in services}
+        await self._stop_resuming()
+        new = {s.name: s for s in services}
+        keep = {n for n, r in self.runners.items() if self._alive(n) and r.svc == new.get(n)}
+        # Services dropped from the spec, or whose spec changed, end before any replacement.
+        old = [r for n, r in self.runners.items() if n not in keep]
+        await self._stop_runners(old, REPLACE_TIMEOUT, replacing=True)
+        for r in old:
+            del self.runners[r.svc.name]
+        self.services = new
         self.published = await self._published_ports()
         self.save()
+        for s in services:
+            if s.name not in keep:
+                self.runners[s.name] = ServiceRunner(self, s)
+        await self._launch_layers(layers, keep)
+
+    async def _launch_layers(self, layers: list[list[ServiceDef]], skip: set[str]) -> None:
+        """Launch each layer's runners once the previous layer has settled; those in
+        ``skip`` are already running. A service whose dependency failed is not started."""
         failed: list[str] = []
         for layer in layers:
-            todo = [s for s in layer if s.name not in running]
-            for s in todo:
+            for s in layer:
+                if s.name in skip:
+                    continue
+                r = self.runners[s.name]
                 blocked = [d for d in s.depends_on if d in failed]
-                r = self.runners[s.name] = ServiceRunner(self, s)
                 if blocked:
                     failed.append(s.name)
                     r.set(S.SERVICE_STATE_FAILED, f"not started: {', '.join(blocked)} failed")
@@ -295,6 +351,33 @@ class WorkspaceSupervisor:
                 if self.runners[s.name].state != S.SERVICE_STATE_HEALTHY and s.name not in failed
             ]
 
+    async def _stop_runners(
+        self, runners: list[ServiceRunner], timeout: float, replacing: bool = False
+    ) -> None:
+        """Stop gracefully, dependents first (by the current spec's order).
+
+        ``replacing``: the runners are dropped afterwards, so those already ended
+        keep their state and only lose their log tails.
+        """
+        if not runners:
+            return
+        by_name = {r.svc.name: r for r in runners}
+        layers = levels(list(self.services.values()))
+        in_spec = [[s.name for s in layer if s.name in by_name] for layer in reversed(layers)]
+        listed = {n for group in in_spec for n in group}
+        groups = [[n for n in by_name if n not in listed], *in_spec]
+        for group in groups:
+            await asyncio.gather(*(self._stop_one(by_name[n], timeout, replacing) for n in group))
+
+    async def _stop_one(self, r: ServiceRunner, timeout: float, replacing: bool) -> None:
+        if not replacing or (r.task is not None and not r.task.done()):
+            await r.stop(timeout)
+        else:  # ended (exited, failed, stopped) or never launched: only its log tails remain
+            r.stopping = True
+            await r.cancel_tails()
+            with contextlib.suppress(VendettaError):
+                await process.stop_tails(self.env, r.svc.name)
+
     async def _published_ports(self) -> dict[int, str]:
         ports: dict[int, str] = {}
         for s in self.services.values():
@@ -305,26 +388,41 @@ class WorkspaceSupervisor:
         return ports
 
     async def resume(self) -> None:
-        """After an agent restart: find each service's process again, else start it."""
+        """After an agent restart: find each service's process again, else start it.
+
+        Services still running are watched again at once; the others are started in
+        the background, in dependency order as start() does.
+        """
+        await self._stop_resuming()
         self.published = await self._published_ports()
         self.save()
-        for layer in levels(list(self.services.values())):
-            for s in layer:
-                r = self.runners[s.name] = ServiceRunner(self, s)
-                pid = await process.read_pid(self.env, s.name)
-                gone = await process.exit_code(self.env, s.name) is not None
-                if pid and not gone and await process.alive(self.env, pid):
-                    r.launch(resume_pid=pid)
-                else:
-                    r.launch()
+        found: set[str] = set()
+        self.runners = {}
+        for s in self.services.values():
+            r = self.runners[s.name] = ServiceRunner(self, s)
+            pid = await process.read_pid(self.env, s.name)
+            gone = await process.exit_code(self.env, s.name) is not None
+            if pid and not gone and await process.alive(self.env, pid):
+                r.launch(resume_pid=pid)
+                found.add(s.name)
+        if len(found) < len(self.services):
+            layers = levels(list(self.services.values()))
+            self._resuming = asyncio.create_task(
+                self._launch_layers(layers, found), name=f"resume-{self.workspace}"
+            )
+
+    async def _stop_resuming(self) -> None:
+        """start(), stop() and close() take over from a resume still starting services."""
+        task, self._resuming = self._resuming, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
 
     async def stop(self, timeout: float) -> list[common_pb2.ServiceStatus]:
         """Reverse dependency order, gracefully (TERM, wait, KILL)."""
         async with self._lock:
-            for layer in reversed(levels(list(self.services.values()))):
-                await asyncio.gather(
-                    *(self.runners[s.name].stop(timeout) for s in layer if s.name in self.runners)
-                )
+            await self._stop_resuming()
+            await self._stop_runners(list(self.runners.values()), timeout)
             statuses = self.statuses()
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.unlink()
@@ -332,6 +430,7 @@ class WorkspaceSupervisor:
 
     async def close(self) -> None:
         """Stop supervising (agent shutdown): services keep running inside."""
+        await self._stop_resuming()
         for r in self.runners.values():
             if r.task is not None:
                 r.task.cancel()
