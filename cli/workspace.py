@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +37,24 @@ def services_table(ws: pb.Workspace) -> Table:
             here += f" ({s.local_note})"
         table.add_row(s.name, styled(state), here, str(s.port or "-"), str(s.restarts), s.detail)
     return table
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """'10m' (ago) or an ISO time (local unless it says otherwise) -> unix nanoseconds."""
+    now = time.time() if now is None else now
+    value = text.strip()
+    if value[:-1].isdigit() and value[-1:] in _UNITS:
+        return int((now - int(value[:-1]) * _UNITS[value[-1]]) * 1e9)
+    try:
+        return int(dt.datetime.fromisoformat(value).timestamp() * 1e9)
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: use a duration like 30s, 10m, 2h, 1d or a time like "
+            "2026-11-22T10:00"
+        ) from None
 
 
 def state_of(ws: pb.Workspace) -> str:
@@ -317,13 +337,23 @@ def logs(
     ] = False,
     tail: Annotated[int, typer.Option(help="Only the last N lines (0: all).")] = 0,
     service: Annotated[str, typer.Option(help="Only this service's output.")] = "",
+    since: Annotated[
+        str, typer.Option(help="Only lines since a time: 30s, 10m, 2h, 1d or 2026-11-22T10:00.")
+    ] = "",
 ) -> None:
     """The workspace's output (with -f, until Ctrl-C or the workspace stops)."""
+    try:
+        since_ns = parse_since(since) if since else 0
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(2) from None
 
     async def go() -> None:
         async with coordinator() as c:
             stream = c.StreamLogs(
-                pb.StreamLogsRequest(name=name, follow=follow, tail=tail, service=service)
+                pb.StreamLogsRequest(
+                    name=name, follow=follow, tail=tail, service=service, since_unix_nano=since_ns
+                )
             )
             async for batch in stream:
                 text = "".join(
@@ -334,6 +364,32 @@ def logs(
                 sys.stdout.flush()
 
     run(go())
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def connect(
+    name: Name,
+    command: Annotated[
+        list[str] | None, typer.Argument(help="A command to run instead of a shell (after --).")
+    ] = None,
+) -> None:
+    """Open a shell inside the workspace (or run `-- CMD ...`); its exit code becomes ours."""
+    from cli.terminal import session
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if not command and not interactive:
+        err.print(
+            "[red]error:[/red] no terminal here for a shell: run a command instead, "
+            f"`vendetta workspace connect {name} -- CMD ...`",
+            markup=True,
+        )
+        raise typer.Exit(1)
+
+    async def go() -> int:
+        async with coordinator() as c:
+            return await session(c, name, list(command or []), interactive)
+
+    raise typer.Exit(run(go()))
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -111,3 +111,10 @@ class AgentClient:
         with mapped_rpc_errors():
             async for out in self._stub.RunHook(request):
                 yield out
+
+    async def attach(
+        self, requests: AsyncIterator[common_pb2.AttachInput]
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        with mapped_rpc_errors():
+            async for out in self._stub.Attach(requests):
+                yield out

@@ -239,6 +239,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         ):
             yield out
 
+    async def Connect(
+        self, request_iterator: AsyncIterator[common_pb2.AttachInput], context: Ctx
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        async for out in self.workspaces.connect(request_iterator):
+            yield out
+
     async def GetConnectionInfo(
         self, request: pb.GetWorkspaceRequest, context: Ctx
     ) -> pb.ConnectionInfo:

@@ -313,6 +313,30 @@ class WorkspaceService:
         async for out in client.exec(request):
             yield out
 
+    async def connect(
+        self, requests: AsyncIterator[common_pb2.AttachInput]
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        """Relay a session between a client and the workspace's agent."""
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise InvalidArgumentError("a connect stream starts with a `start` message")
+        ws = await self.get(first.start.workspace)
+        if ws.observed != WorkspaceState.RUNNING:
+            raise FailedPreconditionError(
+                f"workspace {ws.name!r} is {ws.observed.value}: start it with "
+                f"`vendetta workspace up {ws.name}`"
+            )
+        client = await self.nodes.get(ws.node).client()
+        first.start.provider = ws.provider
+
+        async def forward() -> AsyncIterator[common_pb2.AttachInput]:
+            yield first
+            async for msg in requests:
+                yield msg
+
+        async for out in client.attach(forward()):
+            yield out
+
     def _observe(self, ws: WorkspaceRecord, env: nodeagent_pb2.Environment) -> None:
         if env.state == common_pb2.ENVIRONMENT_STATE_ABSENT:
             ws.observed = WorkspaceState.ERROR

@@ -19,7 +19,7 @@ from nodeagent import convert
 from nodeagent.providers import ProviderSet
 from nodeagent.services import spec
 from nodeagent.services.manager import ServiceManager
-from providers.base import EnvState, LogRecord
+from providers.base import EnvState, ExecChunk, LogRecord
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -202,6 +202,42 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             async for ev in events:
                 yield ev
 
+    async def Attach(
+        self, request_iterator: AsyncIterator[common_pb2.AttachInput], context: Ctx
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise InvalidArgumentError("an attach stream starts with a `start` message")
+        start = first.start
+        provider = self.providers.get(start.provider)
+        argv = list(start.argv) or LOGIN_SHELL
+        if not start.tty:
+            # Plain pipes: a command whose output and exit code come back.
+            async for chunk in provider.exec(start.workspace, argv, dict(start.env)):
+                yield _exec_output(chunk)
+            return
+        size = start.size
+        terminal = await provider.attach(
+            start.workspace, argv, rows=size.rows or 24, cols=size.cols or 80, env=dict(start.env)
+        )
+
+        async def pump_input() -> None:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("input")
+                if kind == "stdin":
+                    await terminal.write(msg.stdin)
+                elif kind == "resize":
+                    await terminal.resize(msg.resize.rows, msg.resize.cols)
+
+        inputs = asyncio.create_task(pump_input())
+        try:
+            async for chunk in terminal.output():
+                yield _exec_output(chunk)
+        finally:
+            inputs.cancel()
+            await asyncio.gather(inputs, return_exceptions=True)
+            await terminal.close()
+
     async def RunHook(
         self, request: nodeagent_pb2.RunHookRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.ExecOutput]:
@@ -216,6 +252,18 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
                 yield common_pb2.ExecOutput(stderr=chunk.stderr)
             if chunk.exit_code is not None:
                 yield common_pb2.ExecOutput(exit_code=chunk.exit_code)
+
+
+# A login shell: bash where the image has it, else sh.
+LOGIN_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"]
+
+
+def _exec_output(chunk: ExecChunk) -> common_pb2.ExecOutput:
+    if chunk.exit_code is not None:
+        return common_pb2.ExecOutput(exit_code=chunk.exit_code)
+    if chunk.stderr:
+        return common_pb2.ExecOutput(stderr=chunk.stderr)
+    return common_pb2.ExecOutput(stdout=chunk.stdout)
 
 
 async def merge(

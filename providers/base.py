@@ -34,6 +34,8 @@ class Capabilities:
     # exec streams output as it comes and may stay open for hours: the service
     # supervisor then follows processes and logs through it; otherwise it polls.
     long_exec_streams: bool = True
+    # attach() gives an interactive terminal (PTY, stdin, resize)
+    terminal: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,23 @@ class ExecChunk:
     exit_code: int | None = None
 
 
+class Terminal(abc.ABC):
+    """An interactive session inside an environment, on a pseudo-terminal."""
+
+    @abc.abstractmethod
+    def output(self) -> AsyncIterator[ExecChunk]:
+        """What the terminal prints; the last chunk carries the exit code."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
 class Provider(abc.ABC):
     """Drives one engine on the local node. Every method keeps SDK calls off the loop."""
 
@@ -145,6 +164,23 @@ class Provider(abc.ABC):
         self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0
     ) -> AsyncIterator[LogRecord]:
         """The environment's own output; with follow, until it stops or the caller cancels."""
+
+    async def attach(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        *,
+        rows: int,
+        cols: int,
+        env: Mapping[str, str] | None = None,
+    ) -> Terminal:
+        """An interactive terminal running argv; only where capabilities.terminal."""
+        from common.errors import FailedPreconditionError
+
+        raise FailedPreconditionError(
+            f"interactive terminals are not available for {self.name} environments yet; "
+            "run a command instead: `vendetta workspace connect NAME -- CMD ...`"
+        )
 
     async def close(self) -> None:
         """Release SDK clients."""

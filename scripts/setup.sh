@@ -30,7 +30,7 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
     || die "Python >= 3.11 required, $PYTHON is $("$PYTHON" -V 2>&1)"
 
 # --- system packages -------------------------------------------------------
-packages=(docker.io openssh-server busybox-static iproute2 make git ca-certificates
+packages=(docker.io openssh-server busybox-static iproute2 make git ca-certificates tmux
           # libvirt-python (a project dependency) builds against these at pip install time
           gcc pkg-config libvirt-dev python3-dev)
 # `python3 -m venv --help` works on Debian even without python3-venv; what the

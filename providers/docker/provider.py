@@ -42,6 +42,7 @@ from providers.base import (
     LogRecord,
     Provider,
     Readiness,
+    Terminal,
 )
 from providers.docker.errors import docker_errors, translate
 from providers.docker.images import DEFAULT_PULL_STALL_TIMEOUT, ensure_image
@@ -53,6 +54,7 @@ from providers.docker.streams import (
     open_log_records,
     shutdown_socket,
 )
+from providers.docker.terminal import DockerTerminal
 
 T = TypeVar("T")
 
@@ -130,7 +132,7 @@ class DockerProvider(Provider):
 
     name: ClassVar[str] = "docker"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        exec=True, follow_logs=True, resource_limits=True, virtual_machine=False
+        exec=True, follow_logs=True, resource_limits=True, virtual_machine=False, terminal=True
     )
 
     def __init__(
@@ -481,6 +483,41 @@ class DockerProvider(Provider):
             delay = min(delay * 2, 0.5)
         exit_code = result.get("ExitCode")
         yield ExecChunk(exit_code=int(exit_code) if exit_code is not None else -1)
+
+    async def attach(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        *,
+        rows: int,
+        cols: int,
+        env: Mapping[str, str] | None = None,
+    ) -> Terminal:
+        """An exec with a TTY and stdin, on a raw socket (resizable)."""
+        _check_env(env or {})
+        info = await self._require(workspace)
+        if (info.get("State") or {}).get("Status") != "running":
+            raise FailedPreconditionError(self._not_running(workspace))
+        container_id = str(info["Id"])
+        action = f"opening a terminal in {workspace!r}"
+        exec_id: str = await self._run(
+            action,
+            lambda api: api.exec_create(
+                container_id,
+                list(argv),
+                stdin=True,
+                stdout=True,
+                stderr=True,
+                tty=True,
+                environment=dict(env) if env else None,
+            )["Id"],
+        )
+        sock = await self._run(action, lambda api: api.exec_start(exec_id, socket=True, tty=True))
+        api = await self._api()
+        terminal = DockerTerminal(api, exec_id, sock, workspace)
+        await terminal.resize(rows, cols)
+        terminal.settle_size()
+        return terminal
 
     # -- logs ------------------------------------------------------------------
 

@@ -135,6 +135,10 @@ def test_logs_per_service_and_interleaved(project: tuple[Env, str, Path]) -> Non
     assert worker.splitlines() == ["worker tick hello"] * 2
     hook = e.cli("workspace", "logs", "three", "--service", "hook-setup").stdout
     assert "setting things up" in hook
+    recent = e.cli("workspace", "logs", "three", "--service", "worker", "--since", "1d").stdout
+    assert "worker tick hello" in recent
+    future = e.cli("workspace", "logs", "three", "--service", "worker", "--since", "2099-01-01")
+    assert future.stdout == ""
     everything = e.cli("workspace", "logs", "three").stdout
     assert "db | db ready" in everything and "worker | worker tick hello" in everything
     assert "web | web sees db" in everything

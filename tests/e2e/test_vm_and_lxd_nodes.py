@@ -128,6 +128,17 @@ def test_lifecycle_exec_logs(node: tuple[Env, Case]) -> None:
         assert not [p for p in QEMU_STATE.glob("*") if "vm1" in p.name]
 
 
+def test_connect_runs_a_command_and_refuses_a_terminal_honestly(node: tuple[Env, Case]) -> None:
+    e, case = node
+    e.cli("workspace", "create", "con", "--remote", "n1", "--config", config(e, case, "con"))
+    e.cli("workspace", "up", "con")
+    run = e.cli(
+        "workspace", "connect", "con", "--", "sh", "-c", "echo in-$((1+1)); exit 6", check=False
+    )
+    assert (run.stdout, run.returncode) == ("in-2\n", 6)
+    e.cli("workspace", "destroy", "con")
+
+
 def test_missing_image_lists_what_the_node_has(node: tuple[Env, Case]) -> None:
     e, case = node
     section = case.section.replace(

@@ -70,3 +70,16 @@ def test_validate_ok_and_json() -> None:
 def test_validate_missing_file_says_how_to_create_one() -> None:
     result = runner.invoke(app, ["config", "validate", "nope.yaml"])
     assert result.exit_code == 1 and "vendetta init" in result.output
+
+
+def test_since_accepts_durations_and_times_and_explains_mistakes() -> None:
+    from cli.workspace import parse_since
+
+    now = 1_800_000_000.0
+    assert parse_since("10m", now) == int((now - 600) * 1e9)
+    assert parse_since("2h", now) == int((now - 7200) * 1e9)
+    assert parse_since("2026-11-22T10:00:00+00:00") == 1_795_341_600 * 10**9
+    with pytest.raises(ValueError, match="use a duration like 30s"):
+        parse_since("yesterday")
+    bad = runner.invoke(app, ["workspace", "logs", "w", "--since", "soon"])
+    assert bad.exit_code == 2 and "--since 'soon'" in bad.output

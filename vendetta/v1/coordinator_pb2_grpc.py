@@ -127,6 +127,11 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.GetWorkspaceRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.ConnectionInfo.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/vendetta.v1.Coordinator/Connect',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -245,6 +250,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Connect(self, request_iterator, context):
+        """`workspace connect`: a shell or command inside, through coordinator and
+        agent (no new SSH session per call). start.workspace names the workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +350,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetConnectionInfo,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.GetWorkspaceRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.ConnectionInfo.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.AttachInput.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -827,6 +845,33 @@ class Coordinator:
             '/vendetta.v1.Coordinator/GetConnectionInfo',
             vendetta_dot_v1_dot_coordinator__pb2.GetWorkspaceRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.ConnectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vendetta.v1.Coordinator/Connect',
+            vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,10 @@ class CoordinatorStub:
     StreamLogs: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.StreamLogsRequest, _common_pb2.LogBatch]
     ExecWorkspace: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.ExecWorkspaceRequest, _common_pb2.ExecOutput]
     GetConnectionInfo: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetWorkspaceRequest, _coordinator_pb2.ConnectionInfo]
+    Connect: _grpc.StreamStreamMultiCallable[_common_pb2.AttachInput, _common_pb2.ExecOutput]
+    """`workspace connect`: a shell or command inside, through coordinator and
+    agent (no new SSH session per call). start.workspace names the workspace.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -88,6 +92,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     StreamLogs: _aio.UnaryStreamMultiCallable[_coordinator_pb2.StreamLogsRequest, _common_pb2.LogBatch]  # type: ignore[assignment]
     ExecWorkspace: _aio.UnaryStreamMultiCallable[_coordinator_pb2.ExecWorkspaceRequest, _common_pb2.ExecOutput]  # type: ignore[assignment]
     GetConnectionInfo: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetWorkspaceRequest, _coordinator_pb2.ConnectionInfo]  # type: ignore[assignment]
+    Connect: _aio.StreamStreamMultiCallable[_common_pb2.AttachInput, _common_pb2.ExecOutput]  # type: ignore[assignment]
+    """`workspace connect`: a shell or command inside, through coordinator and
+    agent (no new SSH session per call). start.workspace names the workspace.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator owns the truth: nodes, workspaces, desired vs observed
@@ -223,5 +231,15 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.GetWorkspaceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ConnectionInfo, _abc.Awaitable[_coordinator_pb2.ConnectionInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Connect(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.AttachInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ExecOutput], _abc.AsyncIterator[_common_pb2.ExecOutput]]:
+        """`workspace connect`: a shell or command inside, through coordinator and
+        agent (no new SSH session per call). start.workspace names the workspace.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

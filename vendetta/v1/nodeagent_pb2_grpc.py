@@ -112,6 +112,11 @@ class NodeAgentStub:
                 request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.RunHookRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
                 _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/vendetta.v1.NodeAgent/Attach',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -212,6 +217,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request_iterator, context):
+        """A session inside the environment: stdin, terminal resizes in; output and
+        finally the exit code out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +301,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
             'RunHook': grpc.unary_stream_rpc_method_handler(
                     servicer.RunHook,
                     request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.RunHookRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.AttachInput.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
             ),
     }
@@ -697,6 +715,33 @@ class NodeAgent:
             target,
             '/vendetta.v1.NodeAgent/RunHook',
             vendetta_dot_v1_dot_nodeagent__pb2.RunHookRequest.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vendetta.v1.NodeAgent/Attach',
+            vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
             options,
             channel_credentials,

@@ -55,6 +55,10 @@ class NodeAgentStub:
     GetServices: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.EnvironmentRequest, _nodeagent_pb2.ServicesStatus]
     WatchServices: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.EnvironmentRequest, _common_pb2.ServiceEvent]
     RunHook: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.RunHookRequest, _common_pb2.ExecOutput]
+    Attach: _grpc.StreamStreamMultiCallable[_common_pb2.AttachInput, _common_pb2.ExecOutput]
+    """A session inside the environment: stdin, terminal resizes in; output and
+    finally the exit code out.
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -82,6 +86,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     GetServices: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.EnvironmentRequest, _nodeagent_pb2.ServicesStatus]  # type: ignore[assignment]
     WatchServices: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.EnvironmentRequest, _common_pb2.ServiceEvent]  # type: ignore[assignment]
     RunHook: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.RunHookRequest, _common_pb2.ExecOutput]  # type: ignore[assignment]
+    Attach: _aio.StreamStreamMultiCallable[_common_pb2.AttachInput, _common_pb2.ExecOutput]  # type: ignore[assignment]
+    """A session inside the environment: stdin, terminal resizes in; output and
+    finally the exit code out.
+    """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """The agent on every node. Listens on a unix socket (0600) only; the
@@ -196,5 +204,15 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _nodeagent_pb2.RunHookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.ExecOutput], _abc.AsyncIterator[_common_pb2.ExecOutput]]: ...
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.AttachInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ExecOutput], _abc.AsyncIterator[_common_pb2.ExecOutput]]:
+        """A session inside the environment: stdin, terminal resizes in; output and
+        finally the exit code out.
+        """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,78 @@
+"""Interactive terminals in containers: an exec with a TTY on a raw socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from providers.base import ExecChunk, Terminal
+from providers.docker.streams import ThreadedStream, shutdown_socket
+
+
+class DockerTerminal(Terminal):
+    def __init__(self, api: Any, exec_id: str, sock: Any, name: str) -> None:
+        self._api = api
+        self._exec_id = exec_id
+        self._sock = sock
+        self._raw = getattr(sock, "_sock", sock)
+        self._name = name
+        self._settle: asyncio.Task[None] | None = None
+        self._size = (24, 80)
+
+    def _chunks(self) -> Iterator[bytes]:
+        while data := self._raw.recv(65536):
+            yield bytes(data)
+
+    async def output(self) -> AsyncIterator[ExecChunk]:
+        stream: ThreadedStream[bytes] = ThreadedStream(
+            f"tty-{self._name}",
+            lambda: (self._chunks(), lambda: shutdown_socket(self._sock)),
+            lambda exc: exc,
+        )
+        try:
+            async for data in stream:
+                yield ExecChunk(stdout=data)
+        finally:
+            await stream.aclose()
+        delay = 0.005
+        while True:  # the output ends just before Docker records the exit code
+            result = await asyncio.to_thread(self._api.exec_inspect, self._exec_id)
+            if not result.get("Running"):
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        code = result.get("ExitCode")
+        yield ExecChunk(exit_code=int(code) if code is not None else -1)
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._raw.sendall, data)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        self._size = (rows, cols)
+        await self._apply(rows, cols)
+
+    async def _apply(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(Exception):  # the process may have just ended
+            await asyncio.to_thread(self._api.exec_resize, self._exec_id, height=rows, width=cols)
+
+    def settle_size(self) -> None:
+        """Apply the size again shortly: a resize sent right after the exec starts
+        can land before its PTY exists (Docker's own CLI retries too). Always the
+        latest size, so a resize from the user in between is never undone."""
+
+        async def again() -> None:
+            for delay in (0.05, 0.2, 0.5):
+                await asyncio.sleep(delay)
+                await self._apply(*self._size)
+
+        self._settle = asyncio.create_task(again())
+
+    async def close(self) -> None:
+        if self._settle is not None:
+            self._settle.cancel()
+        with contextlib.suppress(OSError):
+            self._raw.shutdown(socket.SHUT_WR)
+        shutdown_socket(self._sock)

@@ -1,0 +1,170 @@
+"""`workspace connect` through coordinator and agent on a node reached over a
+real sshd: a command's output and exit code, and an interactive terminal
+driven through tmux (a real PTY on our side): typing, output, resize, exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.conftest import IN_CI, TEST_IMAGE
+from tests.support.cli import BIN, Env, cli_env
+from tests.support.sshd import SshServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[Env]:
+    with cli_env(prefix="vd-conn-") as e:
+        e.nodes["n1"] = SshServer.start(e.home / "sshd", host="127.0.0.8")
+        e.cli("server", "start")
+        e.add_node("n1", e.nodes["n1"])
+        cfg = e.home / "p" / ".vendetta" / "config.yaml"
+        cfg.parent.mkdir(parents=True)
+        cfg.write_text(f"name: p\ndocker: {{image: '{TEST_IMAGE}'}}\n")
+        e.cli("workspace", "create", "term", "--remote", "n1", "--config", str(cfg))
+        e.cli("workspace", "up", "term")
+        yield e
+
+
+def test_command_output_and_exit_code(remote: Env) -> None:
+    run = remote.cli(
+        "workspace",
+        "connect",
+        "term",
+        "--",
+        "sh",
+        "-c",
+        "echo out-$((3*4)); echo err >&2; exit 7",
+        check=False,
+    )
+    assert (run.stdout, run.stderr, run.returncode) == ("out-12\n", "err\n", 7)
+
+
+def test_no_terminal_and_no_command_says_what_to_do(remote: Env) -> None:
+    out = remote.fails("workspace", "connect", "term")
+    assert "no terminal" in out and "connect term -- CMD" in out
+
+
+def test_stopped_workspace_is_refused(remote: Env) -> None:
+    remote.cli("workspace", "down", "term")
+    out = remote.fails("workspace", "connect", "term", "--", "true")
+    assert "vendetta workspace up term" in out
+    remote.cli("workspace", "up", "term")
+
+
+class Tmux:
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    def screen(self) -> str:
+        return self("capture-pane", "-t", "s", "-p")
+
+    def wait_for(self, text: str, within: float = 30) -> str:
+        deadline = time.monotonic() + within
+        while text not in (screen := self.screen()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never showed:\n{screen}")
+            time.sleep(0.2)
+        return screen
+
+
+def test_interactive_terminal_through_a_pty(remote: Env) -> None:
+    if shutil.which("tmux") is None:
+        if IN_CI:
+            pytest.fail("tmux is needed (scripts/setup.sh installs it)")
+        pytest.skip("tmux not installed")
+    tmux = Tmux(f"vd-test-{remote.home.name}")
+    env_args = [
+        shlex.quote(f"{k}={v}") for k, v in remote.env.items() if k in ("VENDETTA_HOME", "PATH")
+    ]
+    connect = f"{BIN / 'vendetta'} workspace connect term"
+    shell = f"env {' '.join(env_args)} {connect}; echo EXITED=$?; sleep 60"
+    tmux("new-session", "-d", "-s", "s", "-x", "120", "-y", "30", shell)
+    try:
+        tmux.wait_for("/ #")  # the shell's prompt, inside the workspace
+        tmux("send-keys", "-t", "s", "echo hello-$((6*7)); hostname; stty size", "Enter")
+        screen = tmux.wait_for("30 120")  # our terminal's size reached the PTY inside
+        assert "hello-42\nterm\n30 120" in screen  # output, then the container's hostname
+        # Resize: the CLI's SIGWINCH handling sends the new size along the stream.
+        tmux("resize-window", "-t", "s", "-x", "100", "-y", "20")
+        pane_tty = tmux("display", "-p", "-t", "s", "#{pane_tty}").strip()
+        deadline = time.monotonic() + 10
+        while (
+            "20 100"
+            not in subprocess.run(
+                ["stty", "-F", pane_tty, "size"], capture_output=True, text=True, check=False
+            ).stdout
+        ):
+            assert time.monotonic() < deadline, "tmux never resized its pane"
+            time.sleep(0.1)
+        # A detached tmux resizes the PTY without always signalling it: do what the
+        # kernel does for an attached terminal, SIGWINCH to its foreground group.
+        pane_pid = int(tmux("display", "-p", "-t", "s", "#{pane_pid}").strip())
+        os.killpg(os.getpgid(pane_pid), signal.SIGWINCH)
+        time.sleep(1)
+        tmux("send-keys", "-t", "s", "clear; stty size", "Enter")
+        tmux.wait_for("20 100")
+        tmux("send-keys", "-t", "s", "exit 3", "Enter")
+        tmux.wait_for("EXITED=3")  # the exit code came back through
+    finally:
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, check=False)
+
+
+async def test_resizes_reach_the_terminal_inside(remote: Env) -> None:
+    """The same stream the CLI opens: resize messages change the PTY inside."""
+    import asyncio
+
+    import grpc.aio
+
+    from vendetta.v1 import common_pb2, coordinator_pb2_grpc
+
+    sock = f"unix:{remote.env['VENDETTA_HOME']}/coordinator.sock"
+    queue: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[common_pb2.AttachInput]:
+        size = common_pb2.TerminalSize(rows=30, cols=120)
+        yield common_pb2.AttachInput(
+            start=common_pb2.AttachStart(workspace="term", tty=True, size=size)
+        )
+        while (msg := await queue.get()) is not None:
+            yield msg
+
+    async def type_() -> None:
+        await asyncio.sleep(1.0)
+        for rows, cols in ((20, 100), (40, 160)):
+            queue.put_nowait(
+                common_pb2.AttachInput(resize=common_pb2.TerminalSize(rows=rows, cols=cols))
+            )
+            await asyncio.sleep(0.5)
+            queue.put_nowait(common_pb2.AttachInput(stdin=b"stty size\n"))
+            await asyncio.sleep(0.5)
+        queue.put_nowait(common_pb2.AttachInput(stdin=b"exit 5\n"))
+
+    out, code = b"", -1
+    async with grpc.aio.insecure_channel(sock) as channel:
+        typing = asyncio.create_task(type_())
+        async for o in coordinator_pb2_grpc.CoordinatorStub(channel).Connect(requests()):
+            kind = o.WhichOneof("output")
+            if kind == "stdout":
+                out += o.stdout
+            elif kind == "exit_code":
+                code = o.exit_code
+        queue.put_nowait(None)
+        await typing
+    sizes = [ln for ln in out.decode().split("\r\n") if ln[:1].isdigit()]
+    assert sizes == ["20 100", "40 160"] and code == 5, (sizes, code)
