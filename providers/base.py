@@ -165,6 +165,15 @@ class Provider(abc.ABC):
     ) -> AsyncIterator[LogRecord]:
         """The environment's own output; with follow, until it stops or the caller cancels."""
 
+    def missing(self, workspace: str) -> Exception:
+        """The error for a workspace that has no environment of this provider here."""
+        from common.errors import NotFoundError
+
+        return NotFoundError(
+            f"workspace {workspace!r} has no {self.name} environment on this node: create "
+            f"it with `vendetta workspace create {workspace}`, then `vendetta workspace up`"
+        )
+
     async def attach(
         self,
         workspace: str,

@@ -26,7 +26,6 @@ from common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     VendettaError,
 )
 from common.names import validate_name
@@ -221,10 +220,7 @@ class DockerProvider(Provider):
     async def _require(self, workspace: str) -> dict[str, Any]:
         info = await self._find(workspace)
         if info is None:
-            raise NotFoundError(
-                f"workspace {workspace!r} has no Docker environment on this node: "
-                f"create it first (`vendetta workspace up {workspace}`)"
-            )
+            raise self.missing(workspace)
         return info
 
     def _status(self, workspace: str, info: Mapping[str, Any]) -> EnvironmentStatus:

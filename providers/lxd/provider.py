@@ -34,7 +34,6 @@ from common.errors import (
     FailedPreconditionError,
     ImageNotFoundError,
     InvalidArgumentError,
-    NotFoundError,
     VendettaError,
 )
 from common.names import validate_name
@@ -220,10 +219,7 @@ class LxdProvider(Provider):
     async def _require(self, workspace: str) -> dict[str, Any]:
         info = await self._find(workspace)
         if info is None:
-            raise NotFoundError(
-                f"workspace {workspace!r} has no LXD environment on this node: "
-                f"create it first (`vendetta workspace up {workspace}`)"
-            )
+            raise self.missing(workspace)
         return info
 
     def _status(self, workspace: str, info: Mapping[str, Any]) -> EnvironmentStatus:

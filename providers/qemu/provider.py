@@ -292,10 +292,7 @@ class QemuProvider(Provider):
     ) -> tuple[libvirt.virDomain, Meta]:
         found = self._find_sync(conn, workspace)
         if found is None:
-            raise NotFoundError(
-                f"workspace {workspace!r} has no QEMU environment on this node: "
-                f"create it first (`vendetta workspace up {workspace}`)"
-            )
+            raise self.missing(workspace)
         return found
 
     def _status_sync(self, dom: libvirt.virDomain, meta: Meta) -> EnvironmentStatus:
