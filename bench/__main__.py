@@ -1,15 +1,18 @@
-"""`python -m bench [--quick]`: control-plane overhead and RPC latency.
+"""`python -m bench [--quick]`: what users feel, against baselines in the same run.
 
 Every figure is measured against a baseline in the same run, interleaved
-round by round, so the ratios hold on a noisy machine. Results are printed as
-a table and written as JSON under bench-results/.
+round by round, so the ratios hold on a noisy machine (issue 7). Results are
+printed as tables, written as JSON under bench-results/, and plotted there as
+PNGs. Figures are for reading, never pass/fail in tests.
 
-Measured now (issue 7 items 1 and 2):
-  - workspace up/down through coordinator -> SSH tunnel -> agent -> Docker,
-    versus the same start/stop done directly with docker-py;
-  - a unary call to the agent through the SSH tunnel, versus the same call on
-    the agent's own socket, versus a plain gRPC echo on loopback, and a
-    coordinator read (GetWorkspace) through its unix socket.
+Sections (--only to pick some):
+  rpc          unary call through the SSH tunnel vs the agent's socket vs loopback echo
+  lifecycle    up/down through coordinator/tunnel/agent vs the engine's SDK
+               (docker-py, pylxd, libvirt) on the same image
+  logs         `workspace logs -f` vs `ssh node docker logs -f`: lines/s, MB/s, latency
+  tunnel       forwarded service port vs `ssh -L`: MB/s
+  concurrency  50 workspaces up at once on 3 nodes vs 50 docker-py threads
+  scale        one coordinator, N simulated nodes: list latency, RSS, heartbeat CPU
 """
 
 from __future__ import annotations
@@ -20,213 +23,262 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import docker
-import grpc
-import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
-from bench.stats import Series, interleaved
-from common.paths import coordinator_socket
-from coordinator import daemon
-from providers.docker.provider import IDLE_COMMAND
-from tests.support.sshd import SshServer
-from vendetta.v1 import coordinator_pb2 as pb
-from vendetta.v1 import coordinator_pb2_grpc, nodeagent_pb2, nodeagent_pb2_grpc
+from bench import concurrency, lifecycle, logs, plots, rpc, scale, tunnel
+from bench.cluster import bench_cluster
 
-IMAGE = "vendetta/busybox:latest"
-AGENT = str(Path(sys.executable).parent / "vendetta-agent")
-console = Console(width=None if sys.stdout.isatty() else 130)
+SECTIONS = ("rpc", "lifecycle", "logs", "tunnel", "concurrency", "scale")
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
-def _echo_server() -> grpc.aio.Server:
-    async def ping(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        return request
-
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo",
-        {"Ping": grpc.unary_unary_rpc_method_handler(ping)},
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    return server
-
-
-async def run(quick: bool) -> dict[str, Any]:
-    rpc_rounds = 300 if quick else 3000
-    life_rounds = 4 if quick else 20
-    root = Path(tempfile.mkdtemp(prefix="vd-bench-", dir="/tmp"))
-    home = root / "coord"
-    sshd = SshServer.start(root / "sshd", host="127.0.0.5")
-    dclient = docker.from_env()
-    baseline = None
-    results: dict[str, Any] = {"rpc": [], "lifecycle": []}
+def _cpu_model() -> str:
     try:
-        await daemon.start(home, [])
-        async with grpc.aio.insecure_channel(f"unix:{coordinator_socket(home)}") as cch:
-            c = coordinator_pb2_grpc.CoordinatorStub(cch)
-            scan = await c.ScanHostKey(pb.ScanHostKeyRequest(address=sshd.host, port=sshd.port))
-            await c.AddNode(
-                pb.AddNodeRequest(
-                    name="n1",
-                    address=sshd.host,
-                    port=sshd.port,
-                    user=sshd.user,
-                    identity_file=str(sshd.client_key_path),
-                    host_key=scan.host_key,
-                    agent_command=[AGENT, "--dir", str(root / "agent")],
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    sections = [s for s in SECTIONS if s in args.only]
+    results: dict[str, Any] = {"errors": {}, "section_seconds": {}}
+
+    async def section(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        if name not in sections:
+            return
+        console.print(f"[bold]{name}[/bold] ...")
+        t0 = time.perf_counter()
+        try:
+            results[name] = await fn()
+        except Exception as exc:
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        results["section_seconds"][name] = time.perf_counter() - t0
+        console.print(f"  {name}: {results['section_seconds'][name]:.0f} s")
+
+    needs_cluster = [s for s in sections if s != "scale"]
+    if needs_cluster:
+        root = Path(tempfile.mkdtemp(prefix="vd-bench-", dir="/tmp"))
+        try:
+            nodes = 3 if "concurrency" in sections else 1
+            async with bench_cluster(root, nodes=nodes) as cl:
+                await section("rpc", lambda: rpc.run(cl, args.quick))
+                await section(
+                    "lifecycle", lambda: lifecycle.run(cl, args.quick, args.providers.split(","))
                 )
-            )
-            config = f"name: bench\ndocker: {{image: '{IMAGE}'}}\n"
-            await c.CreateWorkspace(
-                pb.CreateWorkspaceRequest(name="bench", node="n1", config_yaml=config)
-            )
-
-            # --- RPC latency -------------------------------------------------
-            echo = _echo_server()
-            port = echo.add_insecure_port("127.0.0.1:0")
-            await echo.start()
-            tunnel = grpc.aio.insecure_channel(f"unix:{home / 'tunnels' / 'n1.sock'}")
-            direct = grpc.aio.insecure_channel(f"unix:{root / 'agent' / 'agent.sock'}")
-            loop_ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            ping = loop_ch.unary_unary("/bench.Echo/Ping", None, None)
-            via_tunnel = nodeagent_pb2_grpc.NodeAgentStub(tunnel)
-            via_socket = nodeagent_pb2_grpc.NodeAgentStub(direct)
-            hb = nodeagent_pb2.HeartbeatRequest()
-            get = pb.GetWorkspaceRequest(name="bench")
-            s_echo, s_direct, s_tunnel, s_coord = (
-                Series("plain gRPC echo, loopback TCP"),
-                Series("agent Heartbeat, agent's unix socket"),
-                Series("agent Heartbeat, through the SSH tunnel"),
-                Series("coordinator GetWorkspace, unix socket"),
-            )
-            cases = [
-                (s_echo, lambda: ping(b"x")),
-                (s_direct, lambda: via_socket.Heartbeat(hb)),
-                (s_tunnel, lambda: via_tunnel.Heartbeat(hb)),
-                (s_coord, lambda: c.GetWorkspace(get)),
-            ]
-            await interleaved(50, [(Series("warm-up"), f) for _, f in cases])
-            await interleaved(rpc_rounds, cases)  # type: ignore[arg-type]
-            for s, base in (
-                (s_echo, None),
-                (s_direct, s_echo),
-                (s_tunnel, s_direct),
-                (s_coord, s_echo),
-            ):
-                row = s.summary()
-                if base is not None:
-                    row["baseline"] = base.name
-                    row["ratio"] = s.median / base.median
-                    row["added_ms"] = (s.median - base.median) * 1e3
-                results["rpc"].append(row)
-            for ch in (tunnel, direct, loop_ch):
-                await ch.close(None)
-            await echo.stop(None)
-
-            # --- lifecycle: up/down vs docker-py start/stop ------------------
-            baseline = await asyncio.to_thread(
-                dclient.containers.create,
-                IMAGE,
-                list(IDLE_COMMAND),
-                labels={"vendetta.bench": "baseline"},
-            )
-            assert baseline is not None
-            container = baseline
-
-            async def sdk_start() -> None:
-                await asyncio.to_thread(container.start)
-                await asyncio.to_thread(container.reload)
-
-            async def sdk_stop() -> None:
-                await asyncio.to_thread(container.stop, timeout=10)
-                await asyncio.to_thread(container.reload)
-
-            v_up, v_down = (
-                Series("workspace up (coordinator, tunnel, agent)"),
-                Series("workspace down (coordinator, tunnel, agent)"),
-            )
-            d_up, d_down = Series("docker-py start + inspect"), Series("docker-py stop + inspect")
-            for _ in range(life_rounds):
-                await interleaved(1, [(d_up, sdk_start)])
-                await interleaved(
-                    1, [(v_up, lambda: c.UpWorkspace(pb.WorkspaceRequest(name="bench")))]
-                )
-                await interleaved(1, [(d_down, sdk_stop)])
-                await interleaved(
-                    1, [(v_down, lambda: c.DownWorkspace(pb.WorkspaceRequest(name="bench")))]
-                )
-            for s, base in ((d_up, None), (v_up, d_up), (d_down, None), (v_down, d_down)):
-                row = s.summary()
-                if base is not None:
-                    row["baseline"] = base.name
-                    row["ratio"] = s.median / base.median
-                    row["added_ms"] = (s.median - base.median) * 1e3
-                results["lifecycle"].append(row)
-            await c.DestroyWorkspace(pb.WorkspaceRequest(name="bench"))
-    finally:
-        if baseline is not None:
-            await asyncio.to_thread(baseline.remove, force=True)
-        await daemon.stop(home)
-        await asyncio.to_thread(
-            subprocess.run,
-            [AGENT, "--dir", str(root / "agent"), "stop"],
-            capture_output=True,
-            check=False,
-        )
-        sshd.stop()
-        dclient.close()
-        shutil.rmtree(root, ignore_errors=True)
+                await section("logs", lambda: logs.run(cl, args.quick))
+                await section("tunnel", lambda: tunnel.run(cl, args.quick))
+                await section("concurrency", lambda: concurrency.run(cl, args.quick))
+        except Exception as exc:  # setup or teardown: keep what was measured
+            results["errors"]["cluster"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    sizes = (
+        [int(x) for x in args.nodes.split(",")]
+        if args.nodes
+        else ([10, 100] if args.quick else [10, 100, 1000])
+    )
+    await section("scale", lambda: scale.run(args.quick, sizes))
     return results
 
 
-def show(results: dict[str, Any]) -> None:
-    for section, title in (
-        ("rpc", "RPC latency"),
-        ("lifecycle", "Control-plane overhead (docker)"),
-    ):
-        table = Table(title=title)
-        for col in ("measure", "n", "median ms", "p95 ms", "p99 ms", "vs baseline", "added ms"):
-            table.add_column(col, justify="left" if col == "measure" else "right")
-        for r in results[section]:
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(v: float) -> str:
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3f}"
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("measure", "n", "median", "p95 / min", "p99 / max", "vs baseline", "added ms"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "baseline"
+        if "median_ms" in r:
             table.add_row(
                 r["name"],
                 str(r["n"]),
-                f"{r['median_ms']:.3f}",
-                f"{r['p95_ms']:.3f}",
-                f"{r['p99_ms']:.3f}",
-                f"{r['ratio']:.2f}x" if "ratio" in r else "baseline",
-                f"{r['added_ms']:+.3f}" if "added_ms" in r else "",
+                f"{_fmt(r['median_ms'])} ms",
+                f"{_fmt(r['p95_ms'])} ms",
+                f"{_fmt(r['p99_ms'])} ms",
+                ratio,
+                f"{r['added_ms']:+.1f}" if "added_ms" in r else "",
             )
-        console.print(table)
+        else:
+            unit = r.get("unit", "")
+            table.add_row(
+                r["name"],
+                str(r["n"]),
+                f"{_fmt(r['median'])} {unit}",
+                f"{_fmt(r['min'])} {unit}",
+                f"{_fmt(r['max'])} {unit}",
+                ratio,
+                "",
+            )
+    return table
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets against this run's figures (information, not pass/fail)."""
+    out: list[dict[str, Any]] = []
+
+    def add(what: str, value: float, unit: str, target: str, met: bool) -> None:
+        out.append({"target": what, "value": value, "unit": unit, "goal": target, "met": met})
+
+    for r in results.get("lifecycle", {}).get("rows", []):
+        if "added_ms" in r:
+            add(f"overhead: {r['name']}", r["added_ms"], "ms", "< 100 ms", r["added_ms"] < 100)
+    lg = results.get("logs", {})
+    for t in lg.get("throughput", []):
+        if t["side"] != "vendetta":
+            continue
+        lps, mbs = t["lines_per_s"]["median"], t["mb_per_s"]["median"]
+        add(f"logs lines/s, {t['case']}", lps, "lines/s", ">= 100,000", lps >= 100_000)
+        add(f"logs MB/s, {t['case']}", mbs, "MB/s", ">= 50", mbs >= 50)
+    for r in lg.get("rows", []):
+        if r["name"].startswith("workspace logs -f: line latency"):
+            add("log line latency p50", r["median_ms"], "ms", "<= 100 ms", r["median_ms"] <= 100)
+    for r in results.get("tunnel", {}).get("rows", []):
+        if "ratio" in r:
+            add("tunnel MB/s vs ssh -L", r["ratio"], "x", ">= 1.0x", r["ratio"] >= 1.0)
+    for p in results.get("scale", {}).get("points", []):
+        for key in ("list_nodes_ms", "list_workspaces_ms"):
+            p99 = p[key]["p99_ms"]
+            add(f"{key[:-3]} p99 at {p['nodes']} nodes", p99, "ms", "< 50 ms", p99 < 50)
+    return out
+
+
+def show(results: dict[str, Any]) -> None:
+    if results.get("rpc"):
+        console.print(_table("RPC latency", results["rpc"]))
+    life = results.get("lifecycle", {})
+    if life.get("rows"):
+        console.print(_table("Control-plane overhead (up/down vs the engine's SDK)", life["rows"]))
+    for name, why in life.get("skipped", {}).items():
+        console.print(f"  lifecycle {name}: skipped ({why})")
+    lg = results.get("logs", {})
+    if lg.get("rows"):
+        console.print(_table("Log streaming (throughput rows: seconds per burst)", lg["rows"]))
+        t = Table(title="Log streaming throughput", title_justify="left")
+        cols = ("side", "lines", "median lines/s", "median MB/s", "min MB/s", "max MB/s", "vs ssh")
+        for col in cols:
+            t.add_column(col, justify="left" if col == "side" else "right")
+        ssh = {
+            x["case"]: x["mb_per_s"]["median"] for x in lg["throughput"] if x["side"] == "openssh"
+        }
+        for x in lg["throughput"]:
+            base = ssh.get(x["case"])
+            t.add_row(
+                f"{x['side']}, {x['case']}",
+                f"{x['lines']:,}",
+                _fmt(x["lines_per_s"]["median"]),
+                _fmt(x["mb_per_s"]["median"]),
+                _fmt(x["mb_per_s"]["min"]),
+                _fmt(x["mb_per_s"]["max"]),
+                f"{x['mb_per_s']['median'] / base:.2f}x" if base else "",
+            )
+        console.print(t)
+    if results.get("tunnel", {}).get("rows"):
+        console.print(_table("Tunnel throughput", results["tunnel"]["rows"]))
+    if results.get("concurrency", {}).get("rows"):
+        console.print(_table("Concurrency (seconds shown as ms)", results["concurrency"]["rows"]))
+    sc = results.get("scale", {})
+    if sc.get("rows"):
+        console.print(_table("Scale: list latency (ratio vs the smallest N)", sc["rows"]))
+        t = Table(title="Scale: coordinator vs N nodes", title_justify="left")
+        for col in (
+            "nodes",
+            "all READY s",
+            "create N ws s",
+            "heartbeat CPU % core",
+            "CPU ms/heartbeat",
+            "RSS MB",
+        ):
+            t.add_column(col, justify="right")
+        for p in sc["points"]:
+            t.add_row(
+                str(p["nodes"]),
+                f"{p['all_ready_s']:.2f}",
+                f"{p['create_workspaces_s']:.2f}",
+                f"{100 * p['idle_cpu_core_fraction']:.1f}",
+                f"{p['cpu_ms_per_heartbeat']:.2f}",
+                f"{p['rss_mb']:.0f}",
+            )
+        console.print(t)
+    tg = results.get("targets", [])
+    if tg:
+        t = Table(title="Issue 7 targets (information, not pass/fail)", title_justify="left")
+        for col in ("target", "this run", "goal", "met"):
+            t.add_column(col, justify="left" if col == "target" else "right")
+        for x in tg:
+            t.add_row(
+                x["target"],
+                f"{_fmt(x['value'])} {x['unit']}",
+                x["goal"],
+                "yes" if x["met"] else "[red]no[/red]",
+            )
+        console.print(t)
+    for name, err in results["errors"].items():
+        console.print(f"[red]{name} failed:[/red] {err}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and sizes (~3 minutes)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}"
+    )
+    p.add_argument(
+        "--providers", default="docker,lxd,qemu", help="lifecycle providers (default: all)"
+    )
+    p.add_argument("--nodes", default="", help="scale sizes, e.g. 10,100,1000")
     args = p.parse_args()
+    unknown = set(args.only.split(",")) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections: {', '.join(sorted(unknown))}")
     started = time.time()
-    results = asyncio.run(run(args.quick))
+    results = asyncio.run(run(args))
+    results["targets"] = targets(results)
     results["machine"] = {
         "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
     }
     results["quick"] = args.quick
+    results["sections"] = args.only.split(",")
     results["seconds"] = time.time() - started
     show(results)
     args.out.mkdir(exist_ok=True)
-    path = args.out / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    stem = time.strftime("bench-%Y%m%d-%H%M%S")
+    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(results, indent=2))
+    pngs = plots.write(results, args.out, stem)
     console.print(f"raw results: {path} ({results['seconds']:.0f} s)")
+    for png in pngs:
+        console.print(f"plot: {png}")
+    if results["errors"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
