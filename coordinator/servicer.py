@@ -254,5 +254,5 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             node=ws.node,
             provider=ws.provider,
             environment_id=ws.environment_id,
-            exec_hint=["vendetta", "workspace", "exec", ws.name, "--", "/bin/sh"],
+            exec_hint=["vendetta", "workspace", "connect", ws.name],
         )
