@@ -163,6 +163,24 @@ async def watch_exit(env: Env, name: str, pid: int, interval: float = 1.0) -> in
         await asyncio.sleep(interval)
 
 
+async def find_running(env: Env, name: str, tries: int = 3) -> int:
+    """The pid of the service if it still runs, else 0.
+
+    As in watch_exit, a process is taken for gone only when several reads in a
+    row agree: one failed exec (seen with LXD) must not start a second copy.
+    """
+    for attempt in range(tries):
+        try:
+            pid = await read_pid(env, name)
+            if pid and await exit_code(env, name) is None and await alive(env, pid):
+                return pid
+        except VendettaError:
+            pass
+        if attempt + 1 < tries:
+            await asyncio.sleep(0.2)
+    return 0
+
+
 async def signal(env: Env, pid: int, sig: str) -> None:
     await run(env, ["kill", f"-{sig}", str(pid)])
 

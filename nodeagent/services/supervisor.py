@@ -400,9 +400,8 @@ class WorkspaceSupervisor:
         self.runners = {}
         for s in self.services.values():
             r = self.runners[s.name] = ServiceRunner(self, s)
-            pid = await process.read_pid(self.env, s.name)
-            gone = await process.exit_code(self.env, s.name) is not None
-            if pid and not gone and await process.alive(self.env, pid):
+            pid = await process.find_running(self.env, s.name)
+            if pid:
                 r.launch(resume_pid=pid)
                 found.add(s.name)
         if len(found) < len(self.services):

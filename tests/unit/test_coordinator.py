@@ -785,4 +785,4 @@ async def test_server_info_and_connection_info(cluster: Cluster) -> None:
     conn = await cluster.stub.GetConnectionInfo(pb.GetWorkspaceRequest(name="ws1"))
     assert (conn.workspace, conn.node, conn.provider) == ("ws1", "node1", "docker")
     assert conn.environment_id == cluster.provider("node1").environments["ws1"].id
-    assert list(conn.exec_hint)[:4] == ["vendetta", "workspace", "exec", "ws1"]
+    assert list(conn.exec_hint) == ["vendetta", "workspace", "connect", "ws1"]
