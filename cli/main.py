@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import node, project, server, workspace
+from cli import node, project, server, ssh_config, workspace
 from common.version import VERSION
 
 app = typer.Typer(
@@ -21,6 +21,8 @@ app.add_typer(node.app, name="node")
 app.add_typer(workspace.app, name="workspace")
 app.add_typer(project.config_app, name="config")
 app.command()(project.init)
+app.command("ssh-config")(ssh_config.ssh_config)
+app.command("ssh-proxy", hidden=True)(ssh_config.ssh_proxy)
 
 
 def _version(value: bool) -> None:
@@ -45,3 +47,7 @@ def _root(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import grpc
+import grpc.aio
 import typer
 from rich.table import Table
 
@@ -42,6 +45,14 @@ def add(
         Path | None, typer.Option(help="SSH private key (default: ssh-agent and ~/.ssh/id_*).")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Trust the host key shown.")] = False,
+    password: Annotated[
+        bool,
+        typer.Option(
+            "--password",
+            help="If the node refuses your key, ask for the user's password (from the "
+            "terminal, else one line of stdin) and install the key with it, once.",
+        ),
+    ] = False,
     agent_command: Annotated[
         str,
         typer.Option(help="How to run the agent on the node.", envvar="VENDETTA_AGENT_COMMAND"),
@@ -62,19 +73,30 @@ def add(
                     )
                 if not typer.confirm("Trust this host key and add the node?"):
                     raise typer.Exit(1)
-            with err.status(f"Connecting to {name} and starting its agent..."):
-                return await c.AddNode(
-                    pb.AddNodeRequest(
-                        name=name,
-                        address=address,
-                        user=user,
-                        port=port,
-                        identity_file=str(identity.expanduser().absolute()) if identity else "",
-                        host_key=scan.host_key,
-                        agent_command=shlex.split(agent_command),
-                        request_id=request_id(),
-                    )
-                )
+            req = pb.AddNodeRequest(
+                name=name,
+                address=address,
+                user=user,
+                port=port,
+                identity_file=str(identity.expanduser().absolute()) if identity else "",
+                host_key=scan.host_key,
+                agent_command=shlex.split(agent_command),
+                request_id=request_id(),
+            )
+            try:
+                with err.status(f"Connecting to {name} and starting its agent..."):
+                    return await c.AddNode(req)
+            except grpc.aio.AioRpcError as exc:
+                if not password or exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+            who = f"{user or getpass.getuser()}@{address}"
+            err.print(f"{who} does not accept your key yet: installing it with the password.")
+            req.password = _read_password(f"Password for {who}: ")
+            req.request_id = request_id()
+            with err.status(f"Installing the key on {name} and starting its agent..."):
+                node = await c.AddNode(req)
+            err.print("Key installed: from now on the node is reached with the key only.")
+            return node
 
     node = run(go())
     if json_:
@@ -85,6 +107,55 @@ def add(
         f"{node.host_key_fingerprint} pinned, agent {node.agent_version}, "
         f"providers: {_providers(node)}"
     )
+
+
+def _read_password(prompt: str) -> str:
+    # Never from argv (it shows in `ps` and shell history): the terminal, or a pipe.
+    tty = sys.stdin.isatty()
+    secret = getpass.getpass(prompt) if tty else sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        raise InvalidArgumentError("no password given (type it, or pipe it on stdin)")
+    return secret
+
+
+@app.command()
+def trust(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Trust the key shown.")] = False,
+    json_: Json = False,
+) -> None:
+    """Pin the host key a node presents now, after you checked it (e.g. a reinstall)."""
+
+    async def go() -> pb.Node:
+        async with coordinator() as c:
+            node = await c.GetNode(pb.GetNodeRequest(name=name))
+            if node.transport != "ssh":
+                raise InvalidArgumentError(f"node {name!r} is not reached over SSH: no host key")
+            scan = await c.ScanHostKey(pb.ScanHostKeyRequest(address=node.address, port=node.port))
+            if scan.fingerprint == node.host_key_fingerprint:
+                err.print(
+                    f"The host key of {name} is unchanged ({scan.fingerprint}): nothing to do."
+                )
+                return node
+            err.print(f"Pinned host key of {name}:   {node.host_key_fingerprint}")
+            err.print(
+                f"{node.address}:{node.port} now presents: {scan.key_type} {scan.fingerprint}"
+            )
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise InvalidArgumentError(
+                        "cannot ask whether to trust the new host key (no terminal): check the "
+                        "fingerprint above and pass --yes"
+                    )
+                if not typer.confirm("Trust the new host key?"):
+                    raise typer.Exit(1)
+            return await c.TrustNode(pb.TrustNodeRequest(name=name, host_key=scan.host_key))
+
+    node = run(go())
+    if json_:
+        print_json(as_dict(node))
+        return
+    out.print(f"node [bold]{name}[/bold]: host key {node.host_key_fingerprint} pinned.")
 
 
 @app.command("list")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
@@ -28,6 +28,12 @@ def _error(exc: grpc.aio.AioRpcError) -> VendettaError:
     ):
         return not_running()
     return from_rpc_error(exc)
+
+
+def fail(exc: VendettaError) -> NoReturn:
+    """Report an error found on the CLI's side the way run() reports the server's."""
+    err.print(f"[red]error:[/red] {exc}", markup=True)
+    raise typer.Exit(EXIT_ERROR)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -10,7 +10,8 @@ import signal
 import sys
 import termios
 import tty
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TextIO
 
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 
@@ -31,11 +32,6 @@ async def session(
     queue: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
     start = common_pb2.AttachStart(workspace=workspace, argv=argv, tty=interactive, size=_size())
 
-    async def requests() -> AsyncIterator[common_pb2.AttachInput]:
-        yield common_pb2.AttachInput(start=start)
-        while (msg := await queue.get()) is not None:
-            yield msg
-
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
     saved = None
@@ -55,23 +51,48 @@ async def session(
         loop.add_signal_handler(
             signal.SIGWINCH, lambda: queue.put_nowait(common_pb2.AttachInput(resize=_size()))
         )
-    code = 0
     try:
-        async for out in c.Connect(requests()):
-            kind = out.WhichOneof("output")
-            if kind == "stdout":
-                sys.stdout.buffer.write(out.stdout)
-                sys.stdout.flush()
-            elif kind == "stderr":
-                sys.stderr.buffer.write(out.stderr)
-                sys.stderr.flush()
-            elif kind == "exit_code":
-                code = out.exit_code
+        return await stream(c, start, queue, _write(sys.stdout), _write(sys.stderr))
     finally:
-        queue.put_nowait(None)
         if saved is not None:
             loop.remove_reader(fd)
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signal.SIGWINCH)
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _write(f: TextIO) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        f.buffer.write(data)
+        f.flush()
+
+    return write
+
+
+async def stream(
+    c: coordinator_pb2_grpc.CoordinatorAsyncStub,
+    start: common_pb2.AttachStart,
+    inputs: asyncio.Queue[common_pb2.AttachInput | None],
+    stdout: Callable[[bytes], object],
+    stderr: Callable[[bytes], object],
+) -> int:
+    """One Connect stream: ``start``, then ``inputs`` until None; the remote exit code."""
+
+    async def requests() -> AsyncIterator[common_pb2.AttachInput]:
+        yield common_pb2.AttachInput(start=start)
+        while (msg := await inputs.get()) is not None:
+            yield msg
+
+    code = 0
+    try:
+        async for out in c.Connect(requests()):
+            kind = out.WhichOneof("output")
+            if kind == "stdout":
+                stdout(out.stdout)
+            elif kind == "stderr":
+                stderr(out.stderr)
+            elif kind == "exit_code":
+                code = out.exit_code
+    finally:
+        inputs.put_nowait(None)
     return code

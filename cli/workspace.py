@@ -18,7 +18,9 @@ from cli.client import coordinator, request_id
 from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
+from cli.ssh_config import included as ssh_included
 from common.errors import VendettaError
+from coordinator.ssh_entries import SUFFIX
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 from vendetta.v1 import coordinator_pb2 as pb
 
@@ -173,6 +175,9 @@ def up(name: Name, json_: Json = False) -> None:
     out.print(f"  provider  {ws.provider} ({ws.image})")
     if ws.addresses:
         out.print(f"  addresses {', '.join(ws.addresses)} (on the node)")
+    out.print(f"  shell     vendetta workspace connect {ws.name}")
+    ssh_hint = "" if ssh_included() else "  (once: vendetta ssh-config)"
+    out.print(f"  ssh       ssh {ws.name}{SUFFIX}{ssh_hint}")
     out.print(f"  logs      vendetta workspace logs {ws.name} -f")
     out.print(f"  run       vendetta workspace exec {ws.name} -- CMD ...")
 

@@ -53,3 +53,17 @@ def coordinator_pid(home: Path) -> Path:
 
 def coordinator_log(home: Path) -> Path:
     return home / "coordinator.log"
+
+
+def ssh_dir(home: Path) -> Path:
+    """Keys and the `Host *.vendetta` entries the coordinator maintains."""
+    return home / "ssh"
+
+
+def ssh_entries(home: Path) -> Path:
+    return ssh_dir(home) / "config"
+
+
+def vendetta_client_key(home: Path) -> Path:
+    """The key vendetta generates when the user has none (ssh-agent, ~/.ssh/id_*)."""
+    return ssh_dir(home) / "id_ed25519"

@@ -14,10 +14,11 @@ import grpc.aio
 
 from common.paths import check_socket_path, coordinator_pid, coordinator_socket, private_dir
 from common.rpc_errors import ErrorMappingInterceptor
-from coordinator.models import NodeRecord
+from coordinator.models import NodeRecord, WorkspaceState
 from coordinator.nodes import NodeRegistry
 from coordinator.service_nodes import NodeService, make_transport_factory
 from coordinator.servicer import CoordinatorServicer
+from coordinator.ssh_entries import SshEntries
 from coordinator.store import SqliteStore
 from coordinator.transports import Transport
 from coordinator.workspaces import WorkspaceService
@@ -42,9 +43,12 @@ class Coordinator:
             transport_factory
             or make_transport_factory(home, home / "agent", local_agent_args or [])
         )
-        self.node_service = NodeService(self.store, self.nodes)
+        self.node_service = NodeService(self.store, self.nodes, self.home)
         self.workspaces = WorkspaceService(self.store, self.nodes)
         self.nodes.on_ready(self.workspaces.reconcile_node)
+        self.ssh_entries = SshEntries(self.home)
+        self.node_service.after_remove = self._write_ssh_entries
+        self._tasks: list[asyncio.Task[None]] = []
         self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorServicer(
@@ -69,9 +73,27 @@ class Coordinator:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
         await self.node_service.start()
+        await asyncio.to_thread(self.ssh_entries.prepare)
+        await self._write_ssh_entries()
+        self._tasks.append(asyncio.create_task(self._follow_workspaces()))
         log.info("coordinator listening on %s", self.socket)
 
+    async def _write_ssh_entries(self) -> None:
+        await self.ssh_entries.write_async(w.name for w in await self.store.list_workspaces())
+
+    async def _follow_workspaces(self) -> None:
+        """Rewrite the SSH entries when a workspace appears or goes."""
+        known = {w.name for w in await self.store.list_workspaces()}
+        with self.workspaces.events.subscribe() as sub:
+            async for ev in sub:
+                gone = ev.workspace.observed == WorkspaceState.DESTROYED
+                if gone == (ev.workspace.name in known):
+                    known = {w.name for w in await self.store.list_workspaces()}
+                    await self.ssh_entries.write_async(known)
+
     async def stop(self, grace: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
         self.workspaces.ports.close_all()
         await self.server.stop(grace)
         await self.nodes.close()

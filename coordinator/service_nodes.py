@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from common.errors import (
@@ -12,13 +13,18 @@ from common.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
 )
 from common.names import validate_name
+from common.paths import vendetta_client_key
 from coordinator.models import LOCAL_NODE, NodeRecord
 from coordinator.nodes import NodeConnection, NodeRegistry
+from coordinator.ssh_keys import key_for_node
 from coordinator.store import Store
 from coordinator.transports import LocalTransport, SshTransport, Transport, scan_host_key
 from coordinator.transports.ssh import fingerprint
+
+log = logging.getLogger("vendetta.coordinator")
 
 
 def make_transport_factory(
@@ -36,15 +42,19 @@ def make_transport_factory(
             tunnel_dir=home / "tunnels",
             identity_file=record.identity_file,
             agent_command=record.agent_command,
+            vendetta_key=vendetta_client_key(home),
         )
 
     return factory
 
 
 class NodeService:
-    def __init__(self, store: Store, nodes: NodeRegistry) -> None:
+    def __init__(self, store: Store, nodes: NodeRegistry, home: Path) -> None:
         self.store = store
         self.nodes = nodes
+        self.vendetta_key = vendetta_client_key(home)
+        # Told when a node (and with --force, its workspaces) is gone.
+        self.after_remove: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Register the local node if missing, then supervise every known node."""
@@ -72,6 +82,7 @@ class NodeService:
         identity_file: str,
         host_key: str,
         agent_command: list[str],
+        password: str = "",
     ) -> NodeConnection:
         validate_name("node", name)
         if name == LOCAL_NODE:
@@ -111,12 +122,44 @@ class NodeService:
             created_unix_nano=time.time_ns(),
         )
         conn = self.nodes.connection(record)
-        await conn.open()  # errors reach the user; nothing is recorded
+        # Errors reach the user; nothing is recorded.
+        if not identity_file:
+            await key_for_node("", self.vendetta_key)  # makes vendetta's key if there is none
+        try:
+            await conn.open()
+        except PermissionDeniedError as exc:
+            line, source = await key_for_node(identity_file, self.vendetta_key)
+            if not password or not isinstance(conn.transport, SshTransport):
+                raise PermissionDeniedError(
+                    f"{exc}. The key to install is {source}: {line}"
+                ) from None
+            await conn.transport.install_key(password, line)
+            log.info("node %s: installed the key from %s with the password", name, source)
+            await conn.open()  # with the key only, from now on
         try:
             await self.store.add_node(record)
         except BaseException:
             await conn.close()
             raise
+        self.nodes.add(conn)
+        return conn
+
+    async def trust(self, name: str, host_key: str) -> NodeConnection:
+        """Pin ``host_key`` (the one the user just checked) and reconnect with it."""
+        if name == LOCAL_NODE:
+            raise InvalidArgumentError("the local node is not reached over SSH: no host key")
+        record = await self.store.get_node(name)
+        if record is None:
+            self.nodes.get(name)  # raises NotFoundError with the known names
+            raise NotFoundError(f"unknown node {name!r}")
+        try:
+            fp = fingerprint(host_key)
+        except Exception as exc:
+            raise InvalidArgumentError(f"not an OpenSSH public key: {host_key[:60]!r}") from exc
+        record.host_key, record.host_key_fingerprint = host_key, fp
+        await self.store.set_host_key(name, host_key, fp)
+        await self.nodes.remove(name)
+        conn = self.nodes.connection(record)
         self.nodes.add(conn)
         return conn
 
@@ -148,3 +191,5 @@ class NodeService:
             await self.store.delete_workspace(ws.name)
         await self.nodes.remove(name)
         await self.store.delete_node(name)
+        if self.after_remove is not None:
+            await self.after_remove()

@@ -84,6 +84,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 identity_file=request.identity_file,
                 host_key=request.host_key,
                 agent_command=list(request.agent_command),
+                password=request.password,
             )
             return node_to_pb(conn)
 
@@ -116,6 +117,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             return pb.RemoveNodeResponse()
 
         return await self._once(request.request_id, "RemoveNode", pb.RemoveNodeResponse, run)
+
+    async def TrustNode(self, request: pb.TrustNodeRequest, context: Ctx) -> pb.Node:
+        await self.node_service.trust(request.name, request.host_key)
+        return await self._node_pb(request.name)
 
     async def WatchNodes(
         self, request: pb.WatchNodesRequest, context: Ctx

@@ -34,6 +34,9 @@ class Store(abc.ABC):
     async def delete_node(self, name: str) -> None: ...
 
     @abc.abstractmethod
+    async def set_host_key(self, name: str, host_key: str, fingerprint: str) -> None: ...
+
+    @abc.abstractmethod
     async def add_workspace(self, ws: WorkspaceRecord) -> None: ...
     @abc.abstractmethod
     async def update_workspace(self, ws: WorkspaceRecord) -> None: ...
@@ -166,6 +169,14 @@ class SqliteStore(Store):
             lambda db: db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
         )
         return [_node(r) for r in rows]
+
+    async def set_host_key(self, name: str, host_key: str, fingerprint: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE nodes SET host_key=?, host_key_fingerprint=? WHERE name=?",
+                (host_key, fingerprint, name),
+            )
+        )
 
     async def delete_node(self, name: str) -> None:
         await self._run(lambda db: db.execute("DELETE FROM nodes WHERE name=?", (name,)))

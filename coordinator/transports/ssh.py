@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncssh
 import grpc.aio
+from asyncssh.public_key import load_default_keypairs
 
 from common.errors import (
     FailedPreconditionError,
@@ -77,6 +78,7 @@ class SshTransport(Transport):
         tunnel_dir: Path,
         identity_file: str = "",
         agent_command: list[str] | None = None,
+        vendetta_key: Path | None = None,
     ) -> None:
         self.node = node
         self.address = address
@@ -84,6 +86,7 @@ class SshTransport(Transport):
         self.user = user
         self.host_key = asyncssh.import_public_key(host_key)
         self.identity_file = identity_file
+        self.vendetta_key = vendetta_key
         self.agent_command = agent_command or ["vendetta-agent"]
         self.local_socket = check_socket_path(private_dir(tunnel_dir) / f"{node}.sock")
         self._conn: asyncssh.SSHClientConnection | None = None
@@ -108,24 +111,47 @@ class SshTransport(Transport):
         )
         return self._channel
 
-    async def _open_ssh(self) -> asyncssh.SSHClientConnection:
-        where = (
-            f"node {self.node!r} ({self.user + '@' if self.user else ''}{self.address}:{self.port})"
-        )
-        # Without --identity: ssh-agent and the default ~/.ssh/id_* keys, as ssh(1) does.
-        # With it: exactly that key, no agent keys on top.
-        key_options: dict[str, object] = (
-            {"client_keys": [self.identity_file], "agent_path": None} if self.identity_file else {}
-        )
-        options = asyncssh.SSHClientConnectionOptions(
+    @property
+    def where(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        return f"node {self.node!r} ({who}{self.address}:{self.port})"
+
+    def _key_options(self) -> dict[str, object]:
+        # With --identity: exactly that key, no agent keys on top. Without: ssh-agent
+        # and the default ~/.ssh/id_* keys, as ssh(1) does, plus vendetta's own key.
+        if self.identity_file:
+            return {"client_keys": [self.identity_file], "agent_path": None}
+        keys = list(load_default_keypairs())
+        if self.vendetta_key is not None and self.vendetta_key.is_file():
+            keys += asyncssh.load_keypairs([self.vendetta_key], ignore_encrypted=True)
+        return {"client_keys": keys}
+
+    def _options(self, **auth: object) -> asyncssh.SSHClientConnectionOptions:
+        return asyncssh.SSHClientConnectionOptions(
             known_hosts=([self.host_key], [], []),
             username=self.user or None,
             encryption_algs=_ENCRYPTION,
             keepalive_interval=10,
             keepalive_count_max=3,
             connect_timeout=CONNECT_TIMEOUT,
-            **key_options,
+            **auth,
         )
+
+    async def _open_ssh(self) -> asyncssh.SSHClientConnection:
+        try:
+            return await self._connect(self._options(**self._key_options()))
+        except asyncssh.PermissionDenied as exc:
+            key = self.identity_file or "your SSH keys (ssh-agent, ~/.ssh/id_*, vendetta's own)"
+            raise PermissionDeniedError(
+                f"{self.where} refused SSH authentication with {key}: add the public key to "
+                f"~{self.user or ''}/.ssh/authorized_keys on the node, or add the node with "
+                "`--password` to install it with the node's password once"
+            ) from exc
+
+    async def _connect(
+        self, options: asyncssh.SSHClientConnectionOptions
+    ) -> asyncssh.SSHClientConnection:
+        """Connect with the pinned host key; a changed key or no route is a clear error."""
         try:
             return await asyncssh.connect(self.address, self.port, options=options)
         except asyncssh.HostKeyNotVerifiable as exc:
@@ -135,22 +161,53 @@ class SshTransport(Transport):
             except VendettaError:
                 now = "(could not read it)"
             raise HostKeyMismatchError(
-                f"the SSH host key of {where} has changed: pinned {pinned}, the node now "
+                f"the SSH host key of {self.where} has changed: pinned {pinned}, the node now "
                 f"presents {now}. Refusing to connect: this can be an attack. If the node was "
-                f"reinstalled, check the new key and re-add it deliberately: "
-                f"`vendetta node remove {self.node}` then `vendetta node add ...`"
+                f"reinstalled, check the new key, then trust it deliberately with "
+                f"`vendetta node trust {self.node}`"
             ) from exc
-        except asyncssh.PermissionDenied as exc:
-            key = self.identity_file or "your default SSH keys / ssh-agent"
-            raise PermissionDeniedError(
-                f"{where} refused SSH authentication with {key}: add the public key to "
-                f"~{self.user or ''}/.ssh/authorized_keys on the node, or pass --identity KEY"
-            ) from exc
+        except asyncssh.PermissionDenied:
+            raise
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise NodeUnreachableError(
-                f"cannot reach {where}: {_why(exc)}; check that the node is up and sshd "
+                f"cannot reach {self.where}: {_why(exc)}; check that the node is up and sshd "
                 f"listens on port {self.port}"
             ) from exc
+
+    async def install_key(self, password: str, public_key_line: str) -> None:
+        """Log in once with ``password`` and add the key to the user's authorized_keys."""
+        options = self._options(
+            password=password,
+            client_keys=None,
+            agent_path=None,
+            preferred_auth=("keyboard-interactive", "password"),
+        )
+        try:
+            conn = await self._connect(options)
+        except asyncssh.PermissionDenied as exc:
+            raise PermissionDeniedError(
+                f"{self.where} refused the password (or does not allow password logins): "
+                "check it, or install the key yourself"
+            ) from exc
+        key = shlex.quote(public_key_line)
+        script = (
+            "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+            f"{{ grep -qxF {key} ~/.ssh/authorized_keys || "
+            f"printf '%s\\n' {key} >> ~/.ssh/authorized_keys; }}"
+        )
+        try:
+            result = await conn.run(script, check=False, timeout=30)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise NodeUnreachableError(
+                f"{self.where}: installing the key failed: {_why(exc)}"
+            ) from exc
+        finally:
+            conn.close()
+        if result.exit_status != 0:
+            raise FailedPreconditionError(
+                f"{self.where}: could not add the key to ~/.ssh/authorized_keys: "
+                f"{str(result.stderr or result.stdout).strip()[-400:]}"
+            )
 
     async def _ensure_agent(self, conn: asyncssh.SSHClientConnection) -> str:
         command = shlex.join([*self.agent_command, "ensure"])

@@ -254,11 +254,20 @@ def test_changed_host_key_is_refused(e2e: Env) -> None:
         node = e2e.node("node2")
     assert "has changed" in node["last_error"]
     assert old in node["last_error"] and new in node["last_error"]
+    assert "vendetta node trust node2" in node["last_error"]
     out = e2e.fails("workspace", "up", "ws2")
     assert "disconnected" in out and "has changed" in out
     # the pinned key was not replaced
     assert e2e.node("node2")["host_key_fingerprint"] == old
-    # forget it deliberately (its workspace with it), then re-add with the new key
-    e2e.cli("node", "remove", "node2", "--force")
-    e2e.add_node("node2", server)
-    assert e2e.node("node2")["host_key_fingerprint"] == new
+    # trusting needs a deliberate yes: without a terminal to ask, --yes
+    out = e2e.fails("node", "trust", "node2")
+    assert "--yes" in out and old in out and new in out
+    assert e2e.node("node2")["host_key_fingerprint"] == old
+    trusted = e2e.cli("node", "trust", "node2", "--yes")
+    assert new in trusted.stdout
+    assert e2e.wait_node("node2", "ready")["host_key_fingerprint"] == new
+    # the node's workspace is still there and works again
+    e2e.cli("workspace", "up", "ws2")
+    assert e2e.workspace("ws2")["state"] == "WORKSPACE_STATE_RUNNING"
+    # trusting an unchanged key changes nothing
+    assert "unchanged" in e2e.cli("node", "trust", "node2").stderr

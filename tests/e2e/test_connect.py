@@ -6,12 +6,14 @@ driven through tmux (a real PTY on our side): typing, output, resize, exit.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +170,99 @@ async def test_resizes_reach_the_terminal_inside(remote: Env) -> None:
         await typing
     sizes = [ln for ln in out.decode().split("\r\n") if ln[:1].isdigit()]
     assert sizes == ["20 100", "40 160"] and code == 5, (sizes, code)
+
+
+# -- `vendetta ssh-config`: `ssh NAME.vendetta` with the real OpenSSH client ---------
+
+
+def _ssh(remote: Env, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ssh", "-F", str(config), "-o", "BatchMode=yes", *args],
+        env=remote.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture()
+def ssh_config(remote: Env) -> Path:
+    config = remote.home / "dot-ssh" / "config"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text("Host elsewhere\n  User someone\n")
+    return config
+
+
+def test_ssh_config_includes_once_with_consent(remote: Env, ssh_config: Path) -> None:
+    before = ssh_config.read_text()
+    out = remote.fails("ssh-config", "--file", str(ssh_config))
+    assert "--dry-run" in out and "--yes" in out  # no terminal to ask: says how
+    dry = remote.cli("ssh-config", "--file", str(ssh_config), "--dry-run")
+    entries = Path(remote.env["VENDETTA_HOME"]) / "ssh" / "config"
+    assert f'+Include "{entries}"' in dry.stdout
+    assert ssh_config.read_text() == before  # a dry run changes nothing
+
+    done = remote.cli("ssh-config", "--file", str(ssh_config), "--yes")
+    assert "ssh term.vendetta" in done.stdout
+    text = ssh_config.read_text()
+    # At the top (an Include after a Host block would be scoped to it), the rest kept.
+    assert text.splitlines()[1] == f'Include "{entries}"' and text.endswith(before)
+    again = remote.json("ssh-config", "--file", str(ssh_config), "--yes")
+    assert again["changed"] is False and again["included"] is True
+    assert ssh_config.read_text() == text  # idempotent
+    assert "term.vendetta" in again["hosts"]
+
+    remote.cli("ssh-config", "--file", str(ssh_config), "--remove", "--yes")
+    assert ssh_config.read_text() == before
+
+
+def test_ssh_to_a_workspace_runs_commands(remote: Env, ssh_config: Path) -> None:
+    remote.cli("ssh-config", "--file", str(ssh_config), "--yes")
+    ok = _ssh(remote, ssh_config, "term.vendetta", "true")
+    assert ok.returncode == 0, ok.stderr
+    run = _ssh(
+        remote, ssh_config, "term.vendetta", "echo out-$((3*4)); hostname; echo err >&2; exit 7"
+    )
+    assert (run.stdout, run.stderr, run.returncode) == ("out-12\nterm\n", "err\n", 7)
+
+
+def test_ssh_entry_goes_with_the_workspace(remote: Env, ssh_config: Path) -> None:
+    remote.cli("ssh-config", "--file", str(ssh_config), "--yes")
+    cfg = remote.home / "p" / ".vendetta" / "config.yaml"
+    remote.cli("workspace", "create", "brief", "--remote", "n1", "--config", str(cfg))
+    entries = Path(remote.env["VENDETTA_HOME"]) / "ssh" / "config"
+    deadline = time.monotonic() + 10
+    while "Host brief.vendetta" not in entries.read_text():
+        assert time.monotonic() < deadline, entries.read_text()
+        time.sleep(0.1)
+    stopped = _ssh(remote, ssh_config, "brief.vendetta", "true")
+    assert stopped.returncode == 255 and "vendetta workspace up brief" in stopped.stderr
+    remote.cli("workspace", "destroy", "brief")
+    while "Host brief.vendetta" in entries.read_text():
+        assert time.monotonic() < deadline, entries.read_text()
+        time.sleep(0.1)
+    assert "Host term.vendetta" in entries.read_text()
+    gone = _ssh(remote, ssh_config, "brief.vendetta", "true")
+    assert gone.returncode == 255
+
+
+def test_interactive_ssh_session(remote: Env, ssh_config: Path) -> None:
+    if shutil.which("tmux") is None:
+        if IN_CI:
+            pytest.fail("tmux is needed (scripts/setup.sh installs it)")
+        pytest.skip("tmux not installed")
+    remote.cli("ssh-config", "--file", str(ssh_config), "--yes")
+    tmux = Tmux(f"vd-ssh-{remote.home.name}")
+    shell = f"ssh -F {shlex.quote(str(ssh_config))} term.vendetta; echo EXITED=$?; sleep 60"
+    tmux("new-session", "-d", "-s", "s", "-x", "120", "-y", "30", shell)
+    try:
+        tmux.wait_for("/ #")
+        tmux("send-keys", "-t", "s", "echo hello-$((6*7)); stty size; echo TERM=$TERM", "Enter")
+        screen = tmux.wait_for("30 120")
+        assert "hello-42\n30 120\n" in screen  # a PTY of tmux's size, inside
+        assert re.search(r"TERM=(screen|tmux)", screen), screen  # the client's TERM too
+        tmux("send-keys", "-t", "s", "exit 4", "Enter")
+        tmux.wait_for("EXITED=4")
+    finally:
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, check=False)

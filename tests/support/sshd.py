@@ -129,11 +129,19 @@ class SshServer:
         self.pid_path = self.root / "sshd.pid"
         self.log_path = self.root / "sshd.log"
         self._process: subprocess.Popen[bytes] | None = None
+        # Also passwords, and each user's own ~/.ssh/authorized_keys (key installs).
+        self.password_auth = False
 
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    def start(cls, root: Path, host: str = "127.0.0.2", port: int | None = None) -> SshServer:
+    def start(
+        cls,
+        root: Path,
+        host: str = "127.0.0.2",
+        port: int | None = None,
+        password_auth: bool = False,
+    ) -> SshServer:
         """Generate keys and config in ``root`` and start sshd on ``host:port``.
 
         With ``port=None`` a free high port is picked (retried if another
@@ -149,6 +157,7 @@ class SshServer:
         root.mkdir(parents=True, exist_ok=True)
 
         server = cls(root, host, port if port is not None else _free_port(host))
+        server.password_auth = password_auth
         _keygen(server.host_key_path, f"vendetta-test-host@{host}")
         _keygen(server.client_key_path, "vendetta-test-client")
         server.authorized_keys_path.write_text(server.client_public_key() + "\n")
@@ -266,11 +275,12 @@ class SshServer:
                     f"ListenAddress {self.host}",
                     f"HostKey {q(self.host_key_path)}",
                     f"PidFile {q(self.pid_path)}",
-                    f"AuthorizedKeysFile {q(self.authorized_keys_path)}",
+                    f"AuthorizedKeysFile {q(self.authorized_keys_path)}"
+                    + (" .ssh/authorized_keys" if self.password_auth else ""),
                     "PubkeyAuthentication yes",
-                    "PasswordAuthentication no",
+                    f"PasswordAuthentication {'yes' if self.password_auth else 'no'}",
                     "KbdInteractiveAuthentication no",
-                    "PermitRootLogin prohibit-password",
+                    f"PermitRootLogin {'yes' if self.password_auth else 'prohibit-password'}",
                     "StrictModes no",
                     "UsePAM no",
                     "AllowTcpForwarding yes",

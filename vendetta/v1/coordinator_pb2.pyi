@@ -198,6 +198,7 @@ class AddNodeRequest(_message.Message):
     HOST_KEY_FIELD_NUMBER: _builtins.int
     AGENT_COMMAND_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     user: _builtins.str
@@ -209,6 +210,10 @@ class AddNodeRequest(_message.Message):
     host_key: _builtins.str
     """the key to pin, from ScanHostKey"""
     request_id: _builtins.str
+    password: _builtins.str
+    """Used once, only if the node refuses our key: log in with it and add the key
+    to the user's authorized_keys. Never stored.
+    """
     @_builtins.property
     def agent_command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: ["vendetta-agent"]"""
@@ -224,14 +229,38 @@ class AddNodeRequest(_message.Message):
         host_key: _builtins.str = ...,
         agent_command: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        password: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_command", b"agent_command", "host_key", b"host_key", "identity_file", b"identity_file", "name", b"name", "port", b"port", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_command", b"agent_command", "host_key", b"host_key", "identity_file", b"identity_file", "name", b"name", "password", b"password", "port", b"port", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AddNodeRequest: _TypeAlias = AddNodeRequest  # noqa: Y015
+
+@_typing.final
+class TrustNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOST_KEY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    host_key: _builtins.str
+    """the key to pin now, from ScanHostKey"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        host_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_key", b"host_key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustNodeRequest: _TypeAlias = TrustNodeRequest  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):

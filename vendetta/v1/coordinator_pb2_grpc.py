@@ -72,6 +72,11 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeResponse.FromString,
                 _registered_method=True)
+        self.TrustNode = channel.unary_unary(
+                '/vendetta.v1.Coordinator/TrustNode',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.TrustNodeRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.Node.FromString,
+                _registered_method=True)
         self.WatchNodes = channel.unary_stream(
                 '/vendetta.v1.Coordinator/WatchNodes',
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.WatchNodesRequest.SerializeToString,
@@ -179,6 +184,13 @@ class CoordinatorServicer:
 
     def RemoveNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrustNode(self, request, context):
+        """Pin the node's new host key after a deliberate check (`node trust`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -295,6 +307,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'TrustNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrustNode,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.TrustNodeRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.Node.SerializeToString,
             ),
             'WatchNodes': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchNodes,
@@ -548,6 +565,33 @@ class Coordinator:
             '/vendetta.v1.Coordinator/RemoveNode',
             vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrustNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/TrustNode',
+            vendetta_dot_v1_dot_coordinator__pb2.TrustNodeRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.Node.FromString,
             options,
             channel_credentials,
             insecure,

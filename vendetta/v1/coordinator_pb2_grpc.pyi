@@ -46,6 +46,8 @@ class CoordinatorStub:
     GetNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.Node]
     TestNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.TestNodeResponse]
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveNodeRequest, _coordinator_pb2.RemoveNodeResponse]
+    TrustNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.TrustNodeRequest, _coordinator_pb2.Node]
+    """Pin the node's new host key after a deliberate check (`node trust`)."""
     WatchNodes: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchNodesRequest, _coordinator_pb2.NodeEvent]
     CreateWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CreateWorkspaceRequest, _coordinator_pb2.Workspace]
     """Workspaces. Mutations are idempotent; request_id makes retries take effect once."""
@@ -80,6 +82,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     GetNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.Node]  # type: ignore[assignment]
     TestNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.TestNodeResponse]  # type: ignore[assignment]
     RemoveNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveNodeRequest, _coordinator_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    TrustNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.TrustNodeRequest, _coordinator_pb2.Node]  # type: ignore[assignment]
+    """Pin the node's new host key after a deliberate check (`node trust`)."""
     WatchNodes: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchNodesRequest, _coordinator_pb2.NodeEvent]  # type: ignore[assignment]
     CreateWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CreateWorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
     """Workspaces. Mutations are idempotent; request_id makes retries take effect once."""
@@ -153,6 +157,14 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RemoveNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RemoveNodeResponse, _abc.Awaitable[_coordinator_pb2.RemoveNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TrustNode(
+        self,
+        request: _coordinator_pb2.TrustNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.Node, _abc.Awaitable[_coordinator_pb2.Node]]:
+        """Pin the node's new host key after a deliberate check (`node trust`)."""
 
     @_abc_1.abstractmethod
     def WatchNodes(

@@ -1,0 +1,73 @@
+"""Which SSH key a node should accept: the user's own, else one vendetta makes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import asyncssh
+from asyncssh.public_key import load_default_keypairs
+
+from common.errors import InvalidArgumentError
+from common.paths import private_dir
+
+
+def write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def ensure_key(path: Path, comment: str) -> asyncssh.SSHKey:
+    """Load the ed25519 key at ``path``, generating it (0600, and a .pub) if missing."""
+    private_dir(path.parent)
+    if path.exists():
+        return asyncssh.read_private_key(path)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    write_private(path, key.export_private_key())
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    return key
+
+
+def _line(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key("openssh").decode().strip()
+
+
+async def _agent_key() -> str | None:
+    with contextlib.suppress(OSError, asyncssh.Error, ValueError):
+        agent = await asyncssh.connect_agent()
+        if agent is not None:
+            try:
+                keys = await agent.get_keys()
+            finally:
+                agent.close()
+            if keys:
+                return _line(asyncssh.import_public_key(keys[0].public_data))
+    return None
+
+
+async def key_for_node(identity_file: str, vendetta_key: Path) -> tuple[str, str]:
+    """(public key line, where it comes from): --identity, else the first of
+    ~/.ssh/id_*, else ssh-agent's first key, else vendetta's key (made if missing)."""
+    if identity_file:
+        try:
+            key = asyncssh.read_private_key(identity_file)
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise InvalidArgumentError(
+                f"cannot read the key {identity_file}: {exc} (a key with a passphrase "
+                "must be loaded into ssh-agent instead)"
+            ) from exc
+        return _line(key), identity_file
+    defaults = load_default_keypairs()
+    if defaults:
+        first = defaults[0]
+        return _line(
+            asyncssh.import_public_key(first.public_data)
+        ), f"~/.ssh ({first.get_algorithm()})"
+    agent = await _agent_key()
+    if agent is not None:
+        return agent, "ssh-agent"
+    made = not vendetta_key.exists()
+    key = ensure_key(vendetta_key, "vendetta")
+    return _line(key), f"{vendetta_key}{' (generated now)' if made else ''}"
