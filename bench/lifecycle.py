@@ -7,8 +7,9 @@ alone on the machine):
 
 - docker: docker-py start + inspect / stop + inspect of a container of the
   same image and idle command;
-- lxd: pylxd start(wait) + sync / stop(wait) + sync of a twin instance
-  (created by vendetta, never started by it);
+- lxd: pylxd start(wait) + sync / graceful stop(wait) + sync of a twin
+  instance (created by vendetta, never started by it); graceful (init's
+  SIGPWR, as `workspace down` does), not pylxd's default forced stop;
 - qemu: libvirt create + wait for the guest agent / guest-agent shutdown +
   wait until off, on a twin domain (same image, same definition).
 
@@ -128,13 +129,14 @@ async def _lxd(cl: Cluster, rounds: int) -> list[dict[str, Any]]:
             await asyncio.to_thread(inst.sync)
 
         async def down() -> None:
-            await asyncio.to_thread(inst.stop, timeout=10, wait=True)
+            # Graceful, as `workspace down` is: pylxd forces (SIGKILL) by default.
+            await asyncio.to_thread(inst.stop, timeout=10, force=False, wait=True)
             await asyncio.to_thread(inst.sync)
 
         async def close() -> None:
             pass
 
-        sdk = Sdk("pylxd start(wait) + sync", "pylxd stop(wait) + sync", up, down, close)
+        sdk = Sdk("pylxd start(wait) + sync", "pylxd graceful stop(wait) + sync", up, down, close)
         return await _measure(cl, "lxd", ws, sdk, rounds)
     finally:
         for name in (ws, twin):
