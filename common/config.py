@@ -109,6 +109,8 @@ class HealthCheck(_Strict):
 class Service(_Strict):
     command: str | list[str]
     port: int | None = Field(default=None, ge=1, le=65535)
+    # The port on the user's machine, pinned: taken is an error, never a shift.
+    local_port: int | None = Field(default=None, ge=1, le=65535)
     depends_on: list[str] = Field(default_factory=list)
     health_check: HealthCheck | None = Field(default=None, alias="health_check")
     env: dict[str, str] = Field(default_factory=dict)
@@ -158,6 +160,7 @@ class ProjectConfig(_Strict):
 def _services_problems(cfg: ProjectConfig) -> list[str]:
     problems: list[str] = []
     ports: dict[int, str] = {}
+    local: dict[int, str] = {}
     for name, svc in cfg.services.items():
         if not NAME_RE.fullmatch(name):
             problems.append(f"services.{name}: invalid service name (lowercase, digits, '-')")
@@ -174,6 +177,18 @@ def _services_problems(cfg: ProjectConfig) -> list[str]:
                     f"service {ports[svc.port]!r}"
                 )
             ports.setdefault(svc.port, name)
+        if svc.local_port is not None:
+            if svc.port is None:
+                problems.append(
+                    f"services.{name}.local_port: needs services.{name}.port (the port "
+                    "inside that it reaches)"
+                )
+            if svc.local_port in local:
+                problems.append(
+                    f"services.{name}.local_port: port {svc.local_port} is already the "
+                    f"local port of service {local[svc.local_port]!r}"
+                )
+            local.setdefault(svc.local_port, name)
     cycle = _find_cycle({n: s.depends_on for n, s in cfg.services.items()})
     if cycle:
         problems.append("services: dependency cycle " + " -> ".join(cycle))

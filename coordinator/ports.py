@@ -12,8 +12,9 @@ import contextlib
 import errno
 import logging
 
-from common.errors import VendettaError
+from common.errors import FailedPreconditionError, VendettaError
 from coordinator.nodes import NodeRegistry
+from coordinator.port_holder import port_is_free, who_holds
 from coordinator.store import Store
 from coordinator.transports.base import Forward
 from vendetta.v1 import common_pb2
@@ -28,10 +29,39 @@ class PortManager:
         # (workspace, service) -> (forward, node endpoint it reaches)
         self._forwards: dict[tuple[str, str], tuple[Forward, str]] = {}
 
+    def holder(self, port: int) -> str:
+        """Who listens on ``port`` here: one of our forwards, else the process."""
+        for (workspace, service), (fwd, _) in self._forwards.items():
+            if fwd.port == port:
+                return f"service {service!r} of workspace {workspace!r} (vendetta)"
+        return who_holds(port)
+
+    def check_pinned(self, workspace: str, pinned: dict[str, int]) -> None:
+        """Before `up` starts anything: every pinned local port is ours or free."""
+        for service, port in sorted(pinned.items()):
+            current = self._forwards.get((workspace, service))
+            if current is not None and current[0].port == port:
+                continue
+            if not port_is_free(port):
+                raise FailedPreconditionError(
+                    f"services.{service}.local_port: port {port} on this machine is held by "
+                    f"{self.holder(port)}; stop it or choose another local_port (nothing was "
+                    "started)"
+                )
+
     async def ensure(
-        self, workspace: str, node: str, statuses: list[common_pb2.ServiceStatus]
+        self,
+        workspace: str,
+        node: str,
+        statuses: list[common_pb2.ServiceStatus],
+        pinned: dict[str, int] | None = None,
     ) -> list[str]:
-        """Forward every published service port; fill local_address; return announcements."""
+        """Forward every published service port; fill local_address; return announcements.
+
+        ``pinned`` ports (the config's local_port) are never shifted: taken, the
+        service is left unforwarded and the note says who holds the port.
+        """
+        pinned = pinned or {}
         transport = self.nodes.get(node).transport
         stored = await self.store.get_ports(workspace)
         notes: list[str] = []
@@ -45,12 +75,16 @@ class PortManager:
                 continue
             self._close(key)
             host, _, port = st.node_endpoint.rpartition(":")
-            wanted = stored.get(st.name, st.port)
+            wanted = pinned.get(st.name) or stored.get(st.name, st.port)
             try:
                 fwd = await transport.forward(wanted, host, int(port))
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     log.warning("forward of %s/%s failed: %s", workspace, st.name, exc)
+                    continue
+                if st.name in pinned:
+                    st.local_note = f"local_port {wanted} is held by {self.holder(wanted)}"
+                    notes.append(f"{st.name}: not forwarded: {st.local_note}")
                     continue
                 fwd = await transport.forward(0, host, int(port))
                 st.local_note = f"port {wanted} is taken on this machine"

@@ -73,7 +73,8 @@ class WorkspaceService:
         return statuses
 
     async def _forward_ports(self, ws: WorkspaceRecord) -> None:
-        for note in await self.ports.ensure(ws.name, ws.node, self.service_statuses(ws.name)):
+        statuses = self.service_statuses(ws.name)
+        for note in await self.ports.ensure(ws.name, ws.node, statuses, _pinned(_config(ws))):
             self._publish(ws, note)
 
     def _service_event(self, ws: WorkspaceRecord, ev: common_pb2.ServiceEvent) -> None:
@@ -177,6 +178,7 @@ class WorkspaceService:
             ws = await self.get(name)
             conn = self.nodes.get(ws.node)
             client = await conn.client()
+            self.ports.check_pinned(ws.name, _pinned(_config(ws)))
             previous = ws.desired
             ws.desired, ws.observed, ws.detail = Desired.RUNNING, WorkspaceState.STARTING, ""
             await self._save(ws, f"starting environment on node {ws.node}")
@@ -392,6 +394,13 @@ def _config(ws: WorkspaceRecord) -> ProjectConfig | None:
     if not ws.config_yaml.strip():
         return None
     return parse_config(ws.config_yaml, ws.config_path or "config")
+
+
+def _pinned(cfg: ProjectConfig | None) -> dict[str, int]:
+    """The services' local ports the config names explicitly."""
+    if cfg is None:
+        return {}
+    return {n: s.local_port for n, s in cfg.services.items() if s.local_port is not None}
 
 
 def _spec(name: str, provider: str, cfg: ProjectConfig | None) -> nodeagent_pb2.EnvironmentSpec:

@@ -6,6 +6,7 @@ shifted, back after the SSH connection drops, gone after down.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -115,3 +116,33 @@ def test_forward_comes_back_after_the_ssh_connection_drops(remote: tuple[Env, in
     e.nodes["n1"].kill_connections()  # every SSH connection to the node dies
     assert eventually_fetch(port) == "hello from site1\n"
     assert e.node("n1")["state"] == "NODE_STATE_READY"
+
+
+def test_a_pinned_local_port_that_is_taken_is_an_error_naming_its_holder(
+    remote: tuple[Env, int],
+) -> None:
+    e, port = remote
+    pinned = free_port()
+    cfg = e.home / "pinned" / ".vendetta" / "config.yaml"
+    cfg.parent.mkdir(parents=True)
+    text = (e.home / "site/.vendetta/config.yaml").read_text()
+    cfg.write_text(
+        text.replace(f"    port: {port}\n", f"    port: {port}\n    local_port: {pinned}\n")
+    )
+    e.cli("workspace", "create", "site3", "--remote", "n1", "--config", str(cfg))
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", pinned))
+    holder.listen()
+    try:
+        out = e.fails("workspace", "up", "site3")
+        assert f"port {pinned}" in out and f"pid {os.getpid()}" in out, out
+        assert "local_port" in out
+        # nothing was started
+        assert e.workspace("site3")["state"] == "WORKSPACE_STATE_STOPPED"
+    finally:
+        holder.close()
+    # once free, the pinned port is used as it is (no shift), and kept on the next up
+    e.cli("workspace", "up", "site3")
+    assert ports(e, "site3")["web"]["local_address"] == f"localhost:{pinned}"
+    assert fetch(pinned) == "hello from site3\n"
+    e.cli("workspace", "destroy", "site3")

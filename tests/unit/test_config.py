@@ -328,3 +328,19 @@ def test_validate_name_rejects(name: str) -> None:
     assert f"invalid node name {name!r}" in message
     assert "1-63 characters" in message
     assert "lowercase letters, digits and '-'" in message
+
+
+def test_local_port_needs_a_port_and_is_unique() -> None:
+    cfg = parse_config(
+        "name: p\nservices:\n  web: {command: x, port: 80, local_port: 8080}\n", "c.yaml"
+    )
+    assert cfg.services["web"].local_port == 8080
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            "name: p\nservices:\n  a: {command: x, local_port: 8080}\n"
+            "  b: {command: x, port: 81, local_port: 8080}\n",
+            "c.yaml",
+        )
+    text = str(e.value)
+    assert "services.a.local_port: needs services.a.port" in text
+    assert "services.b.local_port: port 8080 is already the local port of service 'a'" in text

@@ -1,0 +1,56 @@
+"""Who holds a TCP port on this machine: for errors that say what to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from pathlib import Path
+
+_LISTEN = "0A"  # TCP state code in /proc/net/tcp
+
+
+def port_is_free(port: int) -> bool:
+    """Whether ``127.0.0.1:port`` can be listened on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def _listening_inodes(port: int, proc: Path) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == _LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.add(inode)
+    return inodes
+
+
+def who_holds(port: int, proc: Path = Path("/proc")) -> str:
+    """'pid 123 (nginx)' for the listener on ``port``, or a hint when it is not visible."""
+    inodes = _listening_inodes(port, proc)
+    if inodes:
+        wanted = {f"socket:[{i}]" for i in inodes}
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.scandir(entry / "fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd.path) in wanted:
+                            comm = (entry / "comm").read_text().strip()
+                            return f"pid {entry.name} ({comm})"
+    return "a process this user cannot see (try `sudo ss -ltnp`)"
