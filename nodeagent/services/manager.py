@@ -33,8 +33,13 @@ class ProviderEnv:
 
     async def endpoint(self, port: int, published: bool = False) -> tuple[str, int] | None:
         status = await self.provider.inspect(self.workspace)
-        if not published and status.addresses and ":" not in status.addresses[0]:
-            return status.addresses[0], port
+        if not published:
+            # Health checks: straight to the environment, else from inside; never through
+            # a published port: Docker's proxy and LXD's proxy devices accept connections
+            # even when nothing listens behind them.
+            if status.addresses and ":" not in status.addresses[0]:
+                return status.addresses[0], port
+            return None
         if port in status.ports:
             host, _, node_port = status.ports[port].rpartition(":")
             return host, int(node_port)

@@ -1,7 +1,9 @@
 """LxdProvider: each environment is one LXD system container on the node's LXD daemon.
 
 Lifecycle lives here; the supervised command and its log format in
-``command``, log reading in ``logs``, the error seam in ``errors``. Every
+``command``, log reading in ``logs``, published ports (proxy devices) in
+``ports``, interactive terminals in ``terminal`` (on the small websocket
+client of ``websocket``), the error seam in ``errors``. Every
 pylxd call runs in a thread (``asyncio.to_thread``, or a dedicated thread for
 an exec's output).
 
@@ -49,10 +51,14 @@ from providers.base import (
     LogRecord,
     Provider,
     Readiness,
+    Terminal,
 )
+from providers.lxd import ports
 from providers.lxd.command import launch_argv
 from providers.lxd.errors import lxd_errors, translate
 from providers.lxd.logs import LogReader
+from providers.lxd.terminal import LxdTerminal, open_terminal
+from providers.lxd.websocket import HandshakeError
 
 T = TypeVar("T")
 
@@ -69,6 +75,10 @@ MAX_NAME = 63  # LXD instance names are hostnames
 THREAD_PREFIX = "vendetta-lxd-"
 # How long to retry an operation LXD refuses because another one runs on the instance.
 BUSY_WAIT = 30.0
+# Starts tried when a published port's node port is taken between our check and LXD's listen.
+START_ATTEMPTS = 3
+# A terminal's TERM unless the caller gives one (LXD sets none; Docker gives xterm).
+DEFAULT_TERM = "xterm"
 
 INIT_HINT = "LXD is not initialised: run `lxd init --auto` or scripts/engine-lxd.sh"
 IMAGE_HINT = (
@@ -107,6 +117,12 @@ def _check_env(env: Mapping[str, str]) -> None:
             raise InvalidArgumentError(f"invalid environment variable name {key!r}")
 
 
+def _check_ports(published: Sequence[int]) -> None:
+    for port in published:
+        if not 1 <= port <= 65535:
+            raise InvalidArgumentError(f"port {port} is out of range (1-65535)")
+
+
 def _limits(spec: EnvironmentSpec) -> dict[str, str]:
     config: dict[str, str] = {}
     if spec.cpus is not None:
@@ -134,6 +150,8 @@ class LxdProvider(Provider):
         virtual_machine=False,
         # pylxd's exec websockets (ws4py) break each other when many stay open.
         long_exec_streams=False,
+        # attach() opens its own two websockets (providers.lxd.websocket), not pylxd's.
+        terminal=True,
     )
 
     def __init__(self, agent_id: str, endpoint: str | None = None) -> None:
@@ -151,6 +169,7 @@ class LxdProvider(Provider):
         self._socket = None if endpoint else socket
         self._client: Any = None
         self._client_lock = asyncio.Lock()
+        self._hangups: set[asyncio.Future[None]] = set()
 
     # -- plumbing --------------------------------------------------------------
 
@@ -237,6 +256,8 @@ class LxdProvider(Provider):
             image=str(config.get("image.description") or config.get("volatile.base_image", "")),
             addresses=_addresses(state),
             detail=detail,
+            # Proxy devices listen only while the instance runs.
+            ports=ports.published(info.get("devices") or {}) if status == "Running" else {},
         )
 
     @staticmethod
@@ -271,6 +292,35 @@ class LxdProvider(Provider):
                 if "is busy running" not in str(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(0.2)
+
+    @classmethod
+    def _start_publishing(cls, client: Any, name: str) -> None:
+        """Start the stopped instance ``name``, its published ports on free node ports. Blocking.
+
+        A node port taken since it was chosen (by anything on the node) is
+        replaced first; if one is taken between that check and LXD's listen,
+        the start fails, and is tried again with fresh ports for all.
+        """
+        node = client.api.instances[name]
+        for attempt in range(1, START_ATTEMPTS + 1):
+            devices = node.get().json()["metadata"].get("devices") or {}
+            moved = ports.repicked(devices, everything=attempt > 1)
+            if moved:
+                # PATCH merges: the devices named here are replaced, the others kept.
+                cls._wait_maybe(client, node.patch(json={"devices": moved}))
+            try:
+                cls._wait(client, node.state.put(json={"action": "start"}))
+                return
+            except pylxd.exceptions.LXDAPIException as exc:
+                if attempt == START_ATTEMPTS or not ports.is_listen_failure(str(exc)):
+                    raise
+
+    @staticmethod
+    def _wait_maybe(client: Any, response: Any) -> None:
+        """Wait for ``response``'s operation if LXD answered with one (PATCH may be sync)."""
+        body = response.json()
+        if body.get("type") == "async" and body.get("operation"):
+            client.operations.wait_for_operation(body["operation"])
 
     # -- readiness -------------------------------------------------------------
 
@@ -356,6 +406,7 @@ class LxdProvider(Provider):
         if spec.command is not None and not spec.command:
             raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
         _check_env(spec.env)
+        _check_ports(spec.ports)
         config = {
             KEY_MANAGED: "true",
             KEY_AGENT: self.agent_id,
@@ -385,6 +436,8 @@ class LxdProvider(Provider):
                     "source": {"type": "image", "fingerprint": fingerprint},
                     "profiles": ["default"],
                     "config": config,
+                    # Published on free node ports now; start moves any taken meanwhile.
+                    "devices": ports.devices_for(spec.ports),
                 }
             )
             self._wait(client, response)
@@ -410,7 +463,10 @@ class LxdProvider(Provider):
 
         def start_instance(client: Any) -> None:
             action = "unfreeze" if status == "Frozen" else "start"
-            self._wait(client, client.api.instances[name].state.put(json={"action": action}))
+            if action == "unfreeze":
+                self._wait(client, client.api.instances[name].state.put(json={"action": action}))
+            else:
+                self._start_publishing(client, name)
             if command is not None and action == "start":
                 argv = launch_argv([str(a) for a in json.loads(command)])
                 result = client.instances.get(name).execute(argv)
@@ -574,6 +630,55 @@ class LxdProvider(Provider):
                     return
         finally:
             cancelled.set()
+
+    async def attach(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        *,
+        rows: int,
+        cols: int,
+        env: Mapping[str, str] | None = None,
+    ) -> Terminal:
+        """An interactive exec on a PTY of ``rows`` x ``cols`` (see ``terminal``)."""
+        validate_name("workspace", workspace)
+        if not argv:
+            raise InvalidArgumentError("a terminal needs a command: argv is empty")
+        _check_env(env or {})
+        info = await self._require(workspace)
+        if info.get("status") != "Running":
+            raise FailedPreconditionError(self._not_running(workspace))
+        name = str(info["name"])
+        action = f"opening a terminal in {workspace!r}"
+        environment = {"TERM": DEFAULT_TERM, **(env or {})}
+
+        def open_(client: Any) -> LxdTerminal:
+            try:
+                operation, data, control = open_terminal(
+                    client, name, argv, environment, rows, cols
+                )
+            except HandshakeError as exc:
+                raise FailedPreconditionError(f"{action}: LXD refused the terminal: {exc}") from exc
+            return LxdTerminal(client, operation, data, control, workspace)
+
+        opening = asyncio.ensure_future(self._run(action, open_))
+        try:
+            return await asyncio.shield(opening)
+        except FailedPreconditionError as exc:
+            if "not running" in str(exc):  # stopped since we looked
+                raise FailedPreconditionError(self._not_running(workspace)) from exc
+            raise
+        except asyncio.CancelledError:
+            # Cancelled while LXD was starting it: hang the terminal up once it is open,
+            # so no shell is left running inside with nobody attached.
+            def abandon(task: asyncio.Future[LxdTerminal]) -> None:
+                if not task.cancelled() and task.exception() is None:
+                    hang_up = asyncio.ensure_future(task.result().close())
+                    self._hangups.add(hang_up)
+                    hang_up.add_done_callback(self._hangups.discard)
+
+            opening.add_done_callback(abandon)
+            raise
 
     # -- logs ------------------------------------------------------------------
 

@@ -10,9 +10,11 @@ names, and removes what it created.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pylxd
 import pytest
@@ -25,8 +27,8 @@ from common.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from providers.base import EnvironmentSpec, EnvState, LogRecord
-from providers.lxd import LxdProvider
+from providers.base import EnvironmentSpec, EnvState, LogRecord, Terminal
+from providers.lxd import LxdProvider, ports
 from providers.lxd.command import CommandLogParser
 from providers.lxd.provider import KEY_AGENT, KEY_MANAGED, KEY_WORKSPACE
 from tests.conftest import LXD_TEST_IMAGE
@@ -103,6 +105,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {WAIT:g}s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+def instance_devices(name: str) -> dict[str, dict[str, str]]:
+    return dict(pylxd.Client().instances.get(name).devices)
 
 
 async def collect(provider: LxdProvider, workspace: str, **kw: object) -> list[LogRecord]:
@@ -327,3 +333,239 @@ def test_command_log_parser_maps_uptime_to_wall_time() -> None:
     assert err == LogRecord(1_700_000_002_000_000_000, "stderr", "oops")
     assert end is not None and end.stream == "console" and "code 3" in end.text
     assert parser.parse("garbage") is None
+
+
+# -- published ports -----------------------------------------------------------------
+
+# A web server inside, as the environment's command (busybox httpd, in the foreground).
+WEB = (
+    "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html "
+    "&& exec httpd -f -p 8080 -h /www"
+)
+
+
+async def http_get(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.read(), 5)).decode(errors="replace")
+    finally:
+        writer.close()
+
+
+async def serves(address: str, text: str) -> None:
+    async def check() -> bool:
+        try:
+            return text in await http_get(address)
+        except OSError:
+            return False
+
+    await eventually(check, f"{text!r} from {address}")
+
+
+async def squat(port: int) -> socket.socket:
+    """Listen on ``port`` of the node's loopback, as another program would.
+
+    LXD's forkproxy goes on listening for a moment after a stop returns: wait for it.
+    """
+    deadline = time.monotonic() + WAIT
+    while True:
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", port))
+        except OSError:
+            squatter.close()
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+            continue
+        squatter.listen()
+        return squatter
+
+
+def listening_on(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp has them) with a TCP listener on ``port``."""
+    found = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(path).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:
+                found.append(address)
+    return found
+
+
+async def test_published_ports_reach_a_server_inside(provider: LxdProvider, workspace: str) -> None:
+    created = await provider.create(
+        EnvironmentSpec(
+            workspace=workspace, image=IMAGE, command=["sh", "-c", WEB], ports=(8080, 9090)
+        )
+    )
+    assert created.ports == {}  # nothing listens while it is not running
+    devices = await asyncio.to_thread(instance_devices, created.id)
+    assert {n: d["connect"] for n, d in devices.items() if n.startswith("vd-port-")} == {
+        "vd-port-8080": "tcp:127.0.0.1:8080",
+        "vd-port-9090": "tcp:127.0.0.1:9090",
+    }
+    assert all(
+        d["type"] == "proxy" and d["bind"] == "host" and d["listen"].startswith("tcp:127.0.0.1:")
+        for n, d in devices.items()
+        if n.startswith("vd-port-")
+    )
+
+    status = await provider.start(workspace)
+    assert set(status.ports) == {8080, 9090}
+    assert all(a.startswith("127.0.0.1:") for a in status.ports.values())
+    await serves(status.ports[8080], f"hello-from-{created.id}")
+    # Listening on the node's loopback only, nowhere else.
+    node_port = int(status.ports[8080].rpartition(":")[2])
+    assert listening_on(node_port) == ["0100007F"]
+    # Nothing listens inside on 9090: its proxy takes a connection, then ends it unanswered.
+    try:
+        answer = await http_get(status.ports[9090])
+    except OSError:
+        answer = ""
+    assert answer == ""
+    assert (await provider.list())[0].ports == status.ports
+
+    stopped = await provider.stop(workspace, timeout=2)
+    assert stopped.ports == {}
+
+    async def closed() -> bool:  # LXD's forkproxy exits shortly after the stop returns
+        return listening_on(node_port) == []
+
+    await eventually(closed, f"nothing listening on {node_port} after the stop")
+
+
+async def test_a_node_port_taken_while_stopped_moves_at_start(
+    provider: LxdProvider, workspace: str
+) -> None:
+    await provider.create(
+        EnvironmentSpec(
+            workspace=workspace, image=IMAGE, command=["sh", "-c", WEB], ports=(8080, 9090)
+        )
+    )
+    first = await provider.start(workspace)
+    await provider.stop(workspace, timeout=2)
+    taken = int(first.ports[8080].rpartition(":")[2])
+    with await squat(taken):
+        again = await provider.start(workspace)
+        assert again.state is EnvState.RUNNING
+        assert set(again.ports) == {8080, 9090}
+        assert again.ports[8080] != first.ports[8080]
+        assert again.ports[9090] == first.ports[9090]  # still free: kept
+        await serves(again.ports[8080], "hello-from-")
+
+
+async def test_a_port_taken_between_check_and_start_is_retried(
+    provider: LxdProvider, workspace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LXD's own refusal (a proxy that cannot listen) leads to fresh ports and a new start."""
+    await provider.create(
+        EnvironmentSpec(workspace=workspace, image=IMAGE, command=["sh", "-c", WEB], ports=(8080,))
+    )
+    first = await provider.start(workspace)
+    await provider.stop(workspace, timeout=2)
+    monkeypatch.setattr(ports, "is_free", lambda port: True)  # the check misses the squatter
+    taken = int(first.ports[8080].rpartition(":")[2])
+    with await squat(taken):
+        again = await provider.start(workspace)
+        assert again.ports[8080] != first.ports[8080]
+        await serves(again.ports[8080], "hello-from-")
+
+
+async def test_invalid_ports_are_rejected(provider: LxdProvider, workspace: str) -> None:
+    for bad in (0, 65536):
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            await provider.create(EnvironmentSpec(workspace=workspace, image=IMAGE, ports=(bad,)))
+    assert (await provider.inspect(workspace)).state is EnvState.ABSENT
+
+
+# -- terminals -----------------------------------------------------------------------
+
+
+class Screen:
+    """Everything a terminal printed so far, read in the background, and its exit code."""
+
+    def __init__(self, terminal: Terminal) -> None:
+        self.out = b""
+        self.code: int | None = None
+        self.task = asyncio.create_task(self._read(terminal))
+
+    async def _read(self, terminal: Terminal) -> None:
+        async for chunk in terminal.output():
+            assert self.code is None, "no chunk may follow the one with the exit code"
+            self.out += chunk.stdout
+            if chunk.exit_code is not None:
+                self.code = chunk.exit_code
+
+    async def shows(self, text: str, within: float = WAIT) -> bool:
+        deadline = time.monotonic() + within
+        while text.encode() not in self.out:
+            if self.task.done():
+                self.task.result()
+                pytest.fail(f"the terminal ended before {text!r}:\n{self.out.decode()}")
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+async def test_terminal_types_resizes_and_returns_the_exit_code(
+    provider: LxdProvider, running: str
+) -> None:
+    assert provider.capabilities.terminal
+    terminal = await provider.attach(running, ["sh"], rows=30, cols=120, env={"EXTRA": "x"})
+    screen = Screen(terminal)
+    try:
+        # Arithmetic, so the echo of what was typed never matches what is awaited.
+        await terminal.write(b"echo hi-$((6*7)) $SPEC_VAR $EXTRA $TERM; stty size\n")
+        assert await screen.shows("hi-42 from-spec x xterm"), screen.out
+        assert await screen.shows("30 120"), screen.out
+        await terminal.write(b"[ -t 0 ] && [ -t 1 ] && echo tty-$((2+3))\n")
+        assert await screen.shows("tty-5"), screen.out  # stdin and stdout are a terminal
+        await terminal.resize(20, 100)
+        # The resize goes over the control websocket, the keys over the data one: they
+        # may be handled in either order, so ask again until the new size shows.
+        for _ in range(5):
+            await terminal.write(b"stty size\n")
+            if await screen.shows("20 100", within=2):
+                break
+        assert b"20 100" in screen.out
+        await terminal.write(b"exit 3\n")
+        await asyncio.wait_for(screen.task, WAIT)
+        assert screen.code == 3
+    finally:
+        await terminal.close()
+
+
+async def test_closing_a_terminal_hangs_up_its_command(provider: LxdProvider, running: str) -> None:
+    terminal = await provider.attach(
+        running,
+        ["sh", "-c", "echo $$ > /tmp/tty.pid; echo ready-$((1+1)); exec sleep 600"],
+        rows=24,
+        cols=80,
+    )
+    screen = Screen(terminal)
+    assert await screen.shows("ready-2"), screen.out
+    screen.task.cancel()
+    await asyncio.gather(screen.task, return_exceptions=True)
+    await terminal.close()
+
+    async def gone() -> bool:
+        _, _, code = await run(provider, running, ["sh", "-c", "kill -0 $(cat /tmp/tty.pid)"])
+        return code != 0
+
+    await eventually(gone, "the terminal's command to end")
+
+
+async def test_terminal_needs_a_running_environment(provider: LxdProvider, workspace: str) -> None:
+    await provider.create(EnvironmentSpec(workspace=workspace, image=IMAGE))
+    with pytest.raises(FailedPreconditionError, match="vendetta workspace up"):
+        await provider.attach(workspace, ["sh"], rows=24, cols=80)
+    await provider.start(workspace)
+    with pytest.raises(InvalidArgumentError):
+        await provider.attach(workspace, [], rows=24, cols=80)

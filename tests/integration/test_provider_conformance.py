@@ -248,3 +248,78 @@ async def test_errors_name_the_cause(agent: Agent) -> None:
         )
     assert other.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not available on this node" in (other.value.details() or "")
+
+
+async def test_terminal_types_resizes_and_exits(agent: Agent) -> None:
+    """Every provider with ``capabilities.terminal``: a shell on a PTY through Attach."""
+    info = await agent.stub.Info(nodeagent_pb2.InfoRequest())
+    (p,) = [p for p in info.providers if p.name == agent.provider]
+    if "terminal" not in p.capabilities:
+        pytest.skip(f"{agent.provider} has no interactive terminals (capabilities.terminal)")
+    ws = agent.ws()
+    await agent.stub.CreateEnvironment(agent.spec(ws))
+    await agent.stub.StartEnvironment(agent.ref(ws))
+
+    queue: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    start = common_pb2.AttachStart(
+        workspace=ws,
+        provider=agent.provider,
+        argv=["/bin/sh"],
+        tty=True,
+        size=common_pb2.TerminalSize(rows=30, cols=120),
+    )
+
+    async def inputs() -> AsyncIterator[common_pb2.AttachInput]:
+        yield common_pb2.AttachInput(start=start)
+        while (msg := await queue.get()) is not None:
+            yield msg
+
+    out = bytearray()
+    codes: list[int] = []
+
+    async def read() -> None:
+        async for o in agent.stub.Attach(inputs()):
+            kind = o.WhichOneof("output")
+            if kind == "stdout":
+                out.extend(o.stdout)
+            elif kind == "stderr":
+                out.extend(o.stderr)
+            elif kind == "exit_code":
+                codes.append(o.exit_code)
+
+    reader = asyncio.create_task(read())
+
+    def type_(text: str) -> None:
+        queue.put_nowait(common_pb2.AttachInput(stdin=text.encode()))
+
+    async def shows(text: str, within: float = 30) -> bool:
+        deadline = asyncio.get_running_loop().time() + within
+        while text.encode() not in out:
+            if reader.done():
+                reader.result()  # the stream's error, if it ended with one
+                pytest.fail(f"the terminal ended before {text!r} showed:\n{out.decode()}")
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    try:
+        # Arithmetic, so the terminal's echo of what was typed never matches what is awaited.
+        type_("echo hi-$((6*7)); stty size\n")
+        assert await shows("hi-42") and await shows("30 120"), out.decode()
+        type_("[ -t 0 ] && [ -t 1 ] && echo tty-$((2+3))\n")
+        assert await shows("tty-5"), out.decode()
+        queue.put_nowait(common_pb2.AttachInput(resize=common_pb2.TerminalSize(rows=20, cols=100)))
+        # A resize and the next keys may travel apart (LXD: two websockets): ask again.
+        for _ in range(5):
+            type_("stty size\n")
+            if await shows("20 100", within=2):
+                break
+        assert b"20 100" in out, out.decode()
+        type_("exit 3\n")
+        await asyncio.wait_for(reader, 30)
+        assert codes == [3]
+    finally:
+        queue.put_nowait(None)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)

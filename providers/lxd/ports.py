@@ -1,0 +1,122 @@
+"""Published ports of LXD environments: proxy devices on the node's loopback.
+
+Each port of ``EnvironmentSpec.ports`` becomes a device of the instance named
+``vd-port-<port>`` (so it is recognisably ours), of type ``proxy``: LXD's
+forkproxy listens on ``tcp:127.0.0.1:<node port>`` on the host
+(``bind: host``, loopback only, never another address) and connects each
+connection to ``tcp:127.0.0.1:<port>`` inside the container's network
+namespace, so it needs no network interface in the container.
+
+The node port is picked free by the agent when the environment is created,
+and again at each start for any that another process has taken meanwhile
+(LXD refuses to start an instance whose proxy cannot listen). The devices
+are the record: status reads the node ports back from them. The agent and
+LXD share the host, so "free" is checked by binding here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+DEVICE_PREFIX = "vd-port-"
+LOOPBACK = "127.0.0.1"
+
+
+def device_name(port: int) -> str:
+    return f"{DEVICE_PREFIX}{port}"
+
+
+def proxy_device(port: int, node_port: int) -> dict[str, str]:
+    """The device that publishes ``port`` inside on ``127.0.0.1:node_port`` of the node."""
+    return {
+        "type": "proxy",
+        "listen": f"tcp:{LOOPBACK}:{node_port}",
+        "connect": f"tcp:{LOOPBACK}:{port}",
+        "bind": "host",
+    }
+
+
+def _tcp_port(address: object) -> int | None:
+    """The port of ``tcp:HOST:PORT``, else None."""
+    if not isinstance(address, str) or not address.startswith("tcp:"):
+        return None
+    _, _, port = address.rpartition(":")
+    return int(port) if port.isdigit() else None
+
+
+def ours(devices: Mapping[str, Any]) -> dict[int, int]:
+    """Inside port -> node port, for each of our proxy devices in ``devices``."""
+    found: dict[int, int] = {}
+    for name, device in devices.items():
+        if not name.startswith(DEVICE_PREFIX) or (device or {}).get("type") != "proxy":
+            continue
+        inside, node = _tcp_port(device.get("connect")), _tcp_port(device.get("listen"))
+        if inside is not None and node is not None:
+            found[inside] = node
+    return found
+
+
+def published(devices: Mapping[str, Any]) -> dict[int, str]:
+    """Inside port -> ``127.0.0.1:PORT`` on the node, as ``EnvironmentStatus.ports`` has it."""
+    return {inside: f"{LOOPBACK}:{node}" for inside, node in sorted(ours(devices).items())}
+
+
+def is_free(port: int) -> bool:
+    """Whether a listener could bind ``127.0.0.1:port`` on this host now (as forkproxy does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As Go listeners do: a connection in TIME_WAIT does not make the port taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
+    """``count`` distinct ports free on the node's loopback, none in ``avoid``.
+
+    The sockets are held together while choosing, so the kernel never hands
+    out one port twice.
+    """
+    with contextlib.ExitStack() as stack:
+        chosen: list[int] = []
+        for _ in range(count + len(avoid)):
+            if len(chosen) == count:
+                break
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+            if port not in avoid:
+                chosen.append(port)
+        if len(chosen) < count:
+            raise OSError(f"could not find {count} free ports on {LOOPBACK}")
+        return chosen
+
+
+def devices_for(ports: Iterable[int], avoid: Collection[int] = ()) -> dict[str, dict[str, str]]:
+    """Proxy devices for ``ports``, each on a free node port (none in ``avoid``)."""
+    wanted = sorted(set(ports))
+    return {
+        device_name(p): proxy_device(p, node)
+        for p, node in zip(wanted, free_ports(len(wanted), avoid), strict=True)
+    }
+
+
+def repicked(devices: Mapping[str, Any], *, everything: bool = False) -> dict[str, dict[str, str]]:
+    """New devices for our ports whose node port is taken now (all of them with ``everything``)."""
+    current = ours(devices)
+    stale = [p for p, node in sorted(current.items()) if everything or not is_free(node)]
+    if not stale:
+        return {}
+    # Our other node ports are free only because the instance is stopped: not those.
+    return devices_for(stale, avoid=set(current.values()))
+
+
+def is_listen_failure(text: str) -> bool:
+    """Whether LXD's error for a start is one of our proxies failing to listen."""
+    lowered = text.lower()
+    return DEVICE_PREFIX in text or ("proxy" in lowered and "address already in use" in lowered)

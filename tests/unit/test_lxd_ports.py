@@ -1,0 +1,75 @@
+"""The LXD provider's port bookkeeping: its proxy devices, and free ports on this host.
+
+The devices and what LXD does with them are tested against the real daemon in
+tests/integration/test_lxd_provider.py; here, what needs no LXD: reading the
+devices back, and choosing node ports with real sockets on the loopback.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from providers.lxd import ports
+
+
+@pytest.fixture
+def squatter() -> Iterator[int]:
+    """A port some other process listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def test_devices_are_read_back_as_status_ports() -> None:
+    devices = {
+        "vd-port-8080": ports.proxy_device(8080, 40001),
+        "vd-port-5432": ports.proxy_device(5432, 40002),
+        "root": {"type": "disk", "path": "/", "pool": "default"},
+        "theirs": {"type": "proxy", "listen": "tcp:127.0.0.1:1", "connect": "tcp:127.0.0.1:2"},
+        "vd-port-9": {"type": "proxy", "listen": "unix:/x", "connect": "tcp:127.0.0.1:9"},
+    }
+    assert ports.published(devices) == {5432: "127.0.0.1:40002", 8080: "127.0.0.1:40001"}
+    assert ports.proxy_device(8080, 40001) == {
+        "type": "proxy",
+        "listen": "tcp:127.0.0.1:40001",
+        "connect": "tcp:127.0.0.1:8080",
+        "bind": "host",
+    }
+
+
+def test_free_ports_are_distinct_free_and_avoid_what_is_asked(squatter: int) -> None:
+    chosen = ports.free_ports(5)
+    assert len(set(chosen)) == 5 and all(ports.is_free(p) for p in chosen)
+    assert squatter not in chosen and not ports.is_free(squatter)
+    avoided = ports.free_ports(3, avoid=chosen)
+    assert not set(avoided) & set(chosen)
+
+
+def test_only_taken_node_ports_are_repicked(squatter: int) -> None:
+    free = ports.free_ports(1)[0]
+    devices = {
+        "vd-port-80": ports.proxy_device(80, squatter),
+        "vd-port-81": ports.proxy_device(81, free),
+    }
+    moved = ports.repicked(devices)
+    assert list(moved) == ["vd-port-80"]
+    new = ports.ours(moved)[80]
+    assert new not in (squatter, free) and ports.is_free(new)
+    everything = ports.repicked(devices, everything=True)
+    assert set(everything) == {"vd-port-80", "vd-port-81"}
+    assert not {squatter, free} & set(ports.ours(everything).values())
+    assert ports.repicked({"vd-port-81": ports.proxy_device(81, free)}) == {}
+
+
+def test_lxds_refusal_of_a_proxy_that_cannot_listen_is_recognised() -> None:
+    # What LXD 5.0 answers when a proxy device's listen address is taken at start.
+    refusal = (
+        "Error occurred when starting proxy device: Error: Failed to listen on "
+        "127.0.0.1:46755: listen tcp 127.0.0.1:46755: bind: address already in use"
+    )
+    assert ports.is_listen_failure(refusal)
+    assert not ports.is_listen_failure("Failed to run: forkstart: container failed to start")
