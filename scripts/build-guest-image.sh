@@ -20,6 +20,13 @@
 # and org.vendetta.stderr, which libvirt writes to files on the host. A
 # workspace command started by the provider writes to the same FIFOs, so
 # `echo x > /proc/1/fd/1` reaches the logs, as in a container.
+#
+# A guest whose workspace publishes ports has one virtio NIC on QEMU's
+# restricted user-mode network (providers/qemu/network.py): init gives eth0
+# the address QEMU forwards the node's ports to (10.0.2.15/24), with no
+# default route: nothing but those forwards reaches the guest or leaves it.
+# Services must listen on that address or on all addresses (0.0.0.0), as in
+# a container; a listener on 127.0.0.1 alone is not reachable from outside.
 set -euo pipefail
 
 IMAGE_DIR=${VENDETTA_IMAGE_DIR:-/var/cache/vendetta/images}
@@ -27,7 +34,7 @@ NAME=debian-12
 OUT=$IMAGE_DIR/$NAME
 STAMP=$OUT/.built
 # Bump when what the image holds changes: an older cached build is replaced.
-IMAGE_VERSION=2
+IMAGE_VERSION=3
 ROOTFS_SIZE=2G   # sparse: the qcow2 holds only what is used (~30 MB)
 BUSYBOX=/bin/busybox
 force=0
@@ -49,7 +56,9 @@ if ((force == 0)) && [[ -f $STAMP ]] && grep -q "^v$IMAGE_VERSION " "$STAMP" && 
     exit 0
 fi
 [[ -x $BUSYBOX ]] || BUSYBOX=$(command -v busybox) || die "busybox not found: apt-get install busybox-static"
-"$BUSYBOX" --list | grep -x switch_root >/dev/null || die "$BUSYBOX lacks switch_root"
+for applet in switch_root ip; do
+    "$BUSYBOX" --list | grep -x "$applet" >/dev/null || die "$BUSYBOX lacks $applet"
+done
 ldd "$BUSYBOX" >/dev/null 2>&1 && die "$BUSYBOX is dynamically linked: install busybox-static"
 for tool in qemu-img mkfs.ext4 dpkg-deb apt-get ldd gzip strings; do
     command -v "$tool" >/dev/null || die "$tool not found (bash scripts/engine-qemu.sh installs qemu-utils)"
@@ -77,7 +86,7 @@ kver=${kpkg#linux-image-}
 moddir=kernel/lib/modules/$kver/kernel
 # The modules the guest needs, with their dependencies first (busybox insmod
 # resolves nothing): read from each module's .modinfo "depends=" entry.
-WANTED_MODULES=(virtio_pci virtio_blk virtio_console button)
+WANTED_MODULES=(virtio_pci virtio_blk virtio_console virtio_net button)
 MODULES=()
 add_module() {
     local name=$1 file dep have
@@ -132,6 +141,12 @@ hostname -F /etc/hostname
 echo "vendetta-guest: growing / to the disk"
 resize2fs /dev/vda >/dev/null 2>&1 || true
 ip link set lo up  # services listen on loopback, as on any distribution
+# Published ports arrive on eth0 (only guests with ports have it): the address
+# QEMU's forwards connect to; no route out (see providers/qemu/network.py).
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 \
+        || echo "vendetta-guest: cannot configure eth0: published ports will not answer"
+fi
 # Device links /dev/virtio-ports/NAME (udev's job on a full system).
 mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
@@ -187,11 +202,22 @@ EOF
 chmod 755 "$initrd/init"
 
 mkdir -p "$OUT"
+if [[ -f $OUT/rootfs.qcow2 ]] && command -v virsh >/dev/null; then
+    # Workspaces' disks are overlays of rootfs.qcow2: after a rebuild, theirs no longer match.
+    users=$(for d in $(timeout 10 virsh -c qemu:///system list --all --name 2>/dev/null); do
+        timeout 10 virsh -c qemu:///system dumpxml "$d" 2>/dev/null | grep -q "$OUT/" && printf '%s ' "$d"
+    done || true)
+    [[ -z $users ]] || log "warning: guests defined on the old image: ${users}- destroy and recreate their workspaces"
+fi
 rm -f "$STAMP"
-cp "kernel/boot/vmlinuz-$kver" "$OUT/vmlinuz"
-(cd "$initrd" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) >"$OUT/initrd.img"
+(cd "$initrd" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) >"$work/initrd.img"
 mkfs.ext4 -q -F -L vendetta-root -d "$root" "$work/rootfs.ext4" "$ROOTFS_SIZE" >/dev/null
-qemu-img convert -O qcow2 "$work/rootfs.ext4" "$OUT/rootfs.qcow2"
-chmod 644 "$OUT"/*
+qemu-img convert -O qcow2 "$work/rootfs.ext4" "$work/rootfs.qcow2"
+# Renamed into place: a guest running on the old files keeps them until it stops.
+for f in vmlinuz initrd.img rootfs.qcow2; do
+    if [[ $f == vmlinuz ]]; then src=kernel/boot/vmlinuz-$kver; else src=$work/$f; fi
+    install -m 644 "$src" "$OUT/.$f.new"
+    mv -f "$OUT/.$f.new" "$OUT/$f"
+done
 printf 'v%s kernel %s, built %s in %ss\n' "$IMAGE_VERSION" "$kver" "$(date -u +%FT%TZ)" "$((SECONDS - start))" >"$STAMP"
 log "built $OUT: $(<"$STAMP")"

@@ -58,6 +58,8 @@ class Meta:
     state_dir: str
     command: tuple[str, ...] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # Guest ports to publish on the node's loopback (see network.py).
+    ports: tuple[int, ...] = ()
 
     def to_xml(self) -> str:
         def q(tag: str) -> str:
@@ -69,6 +71,8 @@ class Meta:
         if self.command is not None:
             ET.SubElement(root, q("command")).text = json.dumps(list(self.command))
         ET.SubElement(root, q("environment")).text = json.dumps(dict(self.env))
+        if self.ports:
+            ET.SubElement(root, q("ports")).text = json.dumps(list(self.ports))
         return ET.tostring(root, encoding="unicode")
 
     @classmethod
@@ -84,6 +88,7 @@ class Meta:
             state_dir=values.get("state_dir", ""),
             command=tuple(json.loads(command)) if command else None,
             env=json.loads(values.get("environment") or "{}"),
+            ports=tuple(int(p) for p in json.loads(values.get("ports") or "[]")),
         )
 
 
@@ -105,7 +110,10 @@ def domain_xml(
     meta: Meta,
     emulator: str = "",
 ) -> str:
-    """A persistent domain: direct kernel boot, root on the overlay, no network.
+    """A persistent domain: direct kernel boot, root on the overlay, no NIC.
+
+    The NIC of a guest with published ports is added at each start, with the
+    node ports of that start (network.with_forwards).
 
     Under ``kvm`` the host CPU is passed through; under ``qemu`` (TCG) QEMU's
     default model is emulated. ACPI is on so the guest can be shut down.

@@ -4,7 +4,9 @@ The guest boots the image's kernel directly (``vmlinuz`` + ``initrd.img``) with
 its root on a per-workspace qcow2 overlay of the image's ``rootfs.qcow2``.
 Commands run through the QEMU guest agent; output is read from host files
 (serial console, and virtio-serial ports for stdout/stderr). Domains are found
-by their vendetta metadata (agent + workspace), never by name alone.
+by their vendetta metadata (agent + workspace), never by name alone. Published
+ports are QEMU user-mode forwards from the node's loopback into an otherwise
+isolated guest, on node ports picked at each start (``network``).
 
 Every libvirt call runs in a thread (``asyncio.to_thread``) through the one
 error seam in ``errors``. KVM is used when it actually works on this node
@@ -52,7 +54,7 @@ from providers.base import (
     Provider,
     Readiness,
 )
-from providers.qemu import agent
+from providers.qemu import agent, network
 from providers.qemu.domain import NS_URI, Files, Meta, domain_xml, guest_argv
 from providers.qemu.errors import IMAGE_HINT, libvirt_errors
 from providers.qemu.logs import cursors, read_all
@@ -69,6 +71,8 @@ IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
 # Booting to the guest agent takes seconds under KVM, ~5-20 s under TCG.
 AGENT_WAIT_SECONDS = 90.0
 POLL_SECONDS = 0.2
+# Starts whose picked node ports were taken before QEMU bound them are retried.
+FORWARD_ATTEMPTS = 5
 # The workspace command runs with the guest's PID 1 output (see build-guest-image.sh).
 COMMAND_WRAPPER = 'exec "$@" >/run/vendetta/stdout 2>/run/vendetta/stderr'
 
@@ -156,9 +160,9 @@ def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
     return None
 
 
-def _accel_of(dom: libvirt.virDomain) -> str:
-    """'KVM' or 'TCG emulation', from the domain's XML type. Blocking."""
-    kind = ET.fromstring(dom.XMLDesc(0)).get("type", "")
+def _accel_of(root: ET.Element) -> str:
+    """'KVM' or 'TCG emulation', from the domain's XML type."""
+    kind = root.get("type", "")
     return "KVM" if kind == "kvm" else "TCG emulation" if kind == "qemu" else kind
 
 
@@ -166,6 +170,13 @@ def _check_env(env: Mapping[str, str]) -> None:
     for key in env:
         if not key or "=" in key or "\0" in key:
             raise InvalidArgumentError(f"invalid environment variable name {key!r}")
+
+
+def _check_ports(ports: Sequence[int]) -> tuple[int, ...]:
+    for port in ports:
+        if not 1 <= port <= 65535:
+            raise InvalidArgumentError(f"port {port} is not a TCP port (1-65535)")
+    return tuple(sorted(set(ports)))
 
 
 def _remove(path: Path) -> None:
@@ -297,17 +308,25 @@ class QemuProvider(Provider):
 
     def _status_sync(self, dom: libvirt.virDomain, meta: Meta) -> EnvironmentStatus:
         state, reason = dom.state(0)
+        env_state = _state_of(state, reason)
         detail = f"libvirt state {_STATE_NAMES.get(state, str(state))}"
+        ports: dict[int, str] = {}
         with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
-            detail += f", {_accel_of(dom)}"
+            root = ET.fromstring(dom.XMLDesc(0))  # the running definition when it runs
+            detail += f", {_accel_of(root)}"
+            if env_state is EnvState.RUNNING and meta.ports:
+                ports = network.published(network.forwards_of(root))
         return EnvironmentStatus(
             workspace=meta.workspace,
             provider=self.name,
-            state=_state_of(state, reason),
+            state=env_state,
             id=dom.UUIDString(),
             image=meta.image,
+            # The guest's own address is not reachable from the node: published
+            # ports are the only way in.
             addresses=(),
             detail=detail,
+            ports=ports,
         )
 
     @staticmethod
@@ -384,6 +403,7 @@ class QemuProvider(Provider):
         if spec.command is not None and not spec.command:
             raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
         _check_env(spec.env)
+        ports = _check_ports(spec.ports)
         kernel, initrd, rootfs = self._image_paths(image)
 
         existing = await self._run(
@@ -405,6 +425,7 @@ class QemuProvider(Provider):
             state_dir=str(self.state_dir),
             command=tuple(spec.command) if spec.command is not None else None,
             env=dict(spec.env),
+            ports=ports,
         )
         xml = domain_xml(
             name=name,
@@ -476,7 +497,18 @@ class QemuProvider(Provider):
             dom, meta = self._require_sync(conn, workspace)
             if dom.isActive():
                 return dom, meta, False
-            dom.create()
+            for attempt in range(1, FORWARD_ATTEMPTS + 1):
+                if meta.ports:
+                    dom = self._with_new_forwards(conn, dom, meta)
+                try:
+                    dom.create()
+                except libvirt.libvirtError as exc:
+                    if not meta.ports or attempt == FORWARD_ATTEMPTS:
+                        raise
+                    if not network.is_conflict(exc.get_error_message() or str(exc)):
+                        raise
+                    continue  # a picked node port was taken meanwhile: pick again
+                break
             return dom, meta, True
 
         dom, meta, booted = await self._run(action, boot)
@@ -488,6 +520,15 @@ class QemuProvider(Provider):
                 lambda _c: agent.exec_start(dom, argv, meta.env, capture=False),
             )
         return await self.inspect(workspace)
+
+    @staticmethod
+    def _with_new_forwards(
+        conn: libvirt.virConnect, dom: libvirt.virDomain, meta: Meta
+    ) -> libvirt.virDomain:
+        """Redefine the stopped ``dom`` with its NIC forwarding free node ports. Blocking."""
+        forwards = network.pick_forwards(meta.ports)
+        xml = network.with_forwards(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), forwards)
+        return conn.defineXML(xml)
 
     async def _wait_for_agent(self, workspace: str, dom: libvirt.virDomain, meta: Meta) -> None:
         deadline = time.monotonic() + AGENT_WAIT_SECONDS

@@ -2,13 +2,18 @@
 
 One guest is booted for the module and shared by the tests that only need a
 running guest (booting takes seconds under TCG); the lifecycle test boots its
-own to check that destroy leaves nothing behind.
+own to check that destroy leaves nothing behind. Both publish a port, so a
+real TCP connection on the node's loopback reaches a listener in a guest, on
+the first boot and after a restart whose first-picked node port was taken.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +32,7 @@ from common.errors import (
     PermissionDeniedError,
 )
 from providers.base import EnvironmentSpec, EnvState
-from providers.qemu import QemuProvider
+from providers.qemu import QemuProvider, network
 from providers.qemu.domain import Files
 from providers.qemu.errors import translate
 from providers.qemu.provider import DEFAULT_IMAGE
@@ -54,6 +59,33 @@ async def run(
     return out, err, code
 
 
+def node_port(address: str) -> int:
+    host, _, port = address.rpartition(":")
+    assert host == "127.0.0.1", address  # the node's loopback, never another address
+    return int(port)
+
+
+async def talk(address: str, request: bytes = b"", within: float = 30) -> bytes:
+    """What the listener behind ``address`` answers; retried until it has started."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", node_port(address))
+            try:
+                writer.write(request)
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+            if answer:
+                return answer
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing answered at {address} within {within:.0f}s")
+        await asyncio.sleep(0.3)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def provider(qemu_engine: None) -> AsyncIterator[QemuProvider]:
     state_dir = Path(tempfile.mkdtemp(prefix="vd-qemu-test-", dir="/tmp"))
@@ -77,6 +109,7 @@ async def guest(provider: QemuProvider) -> AsyncIterator[str]:
         env={"GREETING": "hello from the guest"},
         memory_bytes=384 * 2**20,
         disk_bytes=3 * 2**30,
+        ports=(7000,),
     )
     await provider.create(spec)
     status = await provider.start(ws)
@@ -122,6 +155,60 @@ async def test_disk_and_memory_follow_the_spec(provider: QemuProvider, guest: st
 
 
 @in_module_loop
+async def test_published_port_reaches_a_listener_in_the_guest(
+    provider: QemuProvider, guest: str
+) -> None:
+    status = await provider.inspect(guest)
+    assert set(status.ports) == {7000}
+    address = status.ports[7000]
+    port = node_port(address)
+    # Nothing listens inside yet: the node side accepts, then closes at once.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    _, _, code = await run(
+        provider,
+        guest,
+        "sh",
+        "-c",
+        "nc -ll -p 7000 -e sh -c 'echo pong-$(cat /proc/sys/kernel/hostname)' "
+        "</dev/null >/dev/null 2>&1 &",
+    )
+    assert code == 0
+    assert await talk(address) == b"pong-vendetta\n"  # the guest's hostname, not the node's
+    # Published on 127.0.0.1 alone, not on every address of the node.
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.2", port)
+
+
+@in_module_loop
+async def test_a_guest_with_ports_reaches_nothing_itself(
+    provider: QemuProvider, guest: str
+) -> None:
+    # A listener on the node's loopback: QEMU's 10.0.2.2 would lead to it without restrict=on.
+    accepted: list[bool] = []
+
+    def on_connect(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(True)
+        w.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, _, code = await run(provider, guest, "sh", "-c", f"echo x | nc -w 2 10.0.2.2 {port}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert code != 0 and accepted == []
+    _, _, code = await run(provider, guest, "sh", "-c", "ip route | grep -q default")
+    assert code != 0  # no route out
+
+
+@in_module_loop
 async def test_exec_of_a_missing_program_is_not_found(provider: QemuProvider, guest: str) -> None:
     with pytest.raises(NotFoundError):
         await run(provider, guest, "/no/such/program")
@@ -138,27 +225,55 @@ async def test_errors(provider: QemuProvider, guest: str) -> None:
     assert (await provider.inspect("other")).state is EnvState.ABSENT
 
 
+WEB = (
+    "echo started; mkdir -p /www; echo hello-$((6*7)) > /www/index.html; "
+    "exec httpd -f -p 80 -h /www"
+)
+
+
 @in_module_loop
-async def test_lifecycle_leaves_nothing_behind(provider: QemuProvider) -> None:
+async def test_lifecycle_leaves_nothing_behind(
+    provider: QemuProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ws = f"life-{uuid.uuid4().hex[:6]}"
     created = await provider.create(
-        EnvironmentSpec(workspace=ws, image=DEFAULT_IMAGE, command=["sh", "-c", "echo started"])
+        EnvironmentSpec(workspace=ws, image=DEFAULT_IMAGE, command=["sh", "-c", WEB], ports=(80,))
     )
-    assert created.state is EnvState.CREATED
+    assert created.state is EnvState.CREATED and created.ports == {}
     files = Files.for_domain(provider.state_dir, provider.domain_name(ws))
     assert files.overlay.is_file()
     with pytest.raises(FailedPreconditionError, match="vendetta workspace up"):
         await run(provider, ws, "true")
-    assert (await provider.start(ws)).state is EnvState.RUNNING
+    started = await provider.start(ws)
+    assert started.state is EnvState.RUNNING
+    get = b"GET / HTTP/1.0\r\n\r\n"
+    assert (await talk(started.ports[80], get)).endswith(b"\r\n\r\nhello-42\n")
     out, _, code = await run(provider, ws, "sh", "-c", "echo inside > /root/f; cat /root/f")
     assert (out, code) == (b"inside\n", 0)
     stopped = await provider.stop(ws, timeout=20)
-    assert stopped.state is EnvState.STOPPED
+    assert stopped.state is EnvState.STOPPED and stopped.ports == {}
     texts = [(r.stream, r.text) async for r in provider.logs(ws, follow=False, tail=None)]
     assert ("stdout", "started") in texts
     assert any(stream == "console" for stream, _ in texts)
-    # The disk persists across a stop/start.
-    await provider.start(ws)
+    # The disk persists across a stop/start. The node port first picked for the
+    # restart is taken before QEMU binds it: the start picks another.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks: list[list[int]] = []
+    real_pick = network.pick_node_ports
+
+    def pick(count: int) -> list[int]:
+        picks.append([taken.getsockname()[1]] if not picks else real_pick(count))
+        return picks[-1]
+
+    monkeypatch.setattr(network, "pick_node_ports", pick)
+    try:
+        restarted = await provider.start(ws)
+    finally:
+        taken.close()
+    assert len(picks) == 2 and node_port(restarted.ports[80]) == picks[1][0]
+    assert (await talk(restarted.ports[80], get)).endswith(b"hello-42\n")
     out, _, _ = await run(provider, ws, "cat", "/root/f")
     assert out == b"inside\n"
     await provider.destroy(ws)
