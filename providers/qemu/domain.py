@@ -22,6 +22,9 @@ ET.register_namespace(NS_PREFIX, NS_URI)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 STDOUT_CHANNEL = "org.vendetta.stdout"
 STDERR_CHANNEL = "org.vendetta.stderr"
+# The virtio console interactive terminals run on (the guest's /dev/hvc0, see
+# terminal.py), found again in a domain's XML by its alias.
+TERMINAL_ALIAS = "ua-vendetta-terminal"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Files:
     stdout: Path
     stderr: Path
     agent_socket: Path
+    terminal_socket: Path
 
     @classmethod
     def for_domain(cls, state_dir: Path, domain: str) -> Files:
@@ -42,10 +46,19 @@ class Files:
             stdout=state_dir / f"{domain}.stdout.log",
             stderr=state_dir / f"{domain}.stderr.log",
             agent_socket=state_dir / f"{domain}.agent.sock",
+            # Short: a unix socket path has at most 107 bytes (see socket_path_problem).
+            terminal_socket=state_dir / f"{domain}.term",
         )
 
     def all(self) -> tuple[Path, ...]:
-        return (self.overlay, self.console, self.stdout, self.stderr, self.agent_socket)
+        return (
+            self.overlay,
+            self.console,
+            self.stdout,
+            self.stderr,
+            self.agent_socket,
+            self.terminal_socket,
+        )
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,34 @@ class Meta:
         )
 
 
+# sun_path holds 108 bytes, the last one a NUL.
+MAX_SOCKET_PATH = 107
+
+
+def socket_path_problem(files: Files) -> str:
+    """Why QEMU could not bind a guest's sockets (a path is too long), or ''."""
+    for path in (files.agent_socket, files.terminal_socket):
+        length = len(str(path).encode())
+        if length > MAX_SOCKET_PATH:
+            return (
+                f"the socket path {path} is {length} bytes, more than a unix socket allows "
+                f"({MAX_SOCKET_PATH}): use a shorter workspace name or state directory"
+            )
+    return ""
+
+
+def terminal_socket(root: ET.Element) -> str:
+    """The node-side socket of a domain's terminal console ('' for a guest without one)."""
+    for console in root.iterfind("devices/console"):
+        alias = console.find("alias")
+        source = console.find("source")
+        if console.get("type") != "unix" or source is None:
+            continue
+        if alias is not None and alias.get("name") == TERMINAL_ALIAS:
+            return source.get("path", "")
+    return ""
+
+
 def _escape(text: str) -> str:
     return (
         text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&apos;")
@@ -111,6 +152,9 @@ def domain_xml(
     emulator: str = "",
 ) -> str:
     """A persistent domain: direct kernel boot, root on the overlay, no NIC.
+
+    Besides the serial console (a log file), a virtio console on a unix socket
+    that QEMU listens on carries interactive terminals (terminal.py).
 
     The NIC of a guest with published ports is added at each start, with the
     node ports of that start (network.with_forwards).
@@ -158,6 +202,11 @@ def domain_xml(
     <console type='file'>
       <source path='{_escape(str(files.console))}' append='on'/>
       <target type='serial' port='0'/>
+    </console>
+    <console type='unix'>
+      <source mode='bind' path='{_escape(str(files.terminal_socket))}'/>
+      <target type='virtio'/>
+      <alias name='{TERMINAL_ALIAS}'/>
     </console>
     <channel type='unix'>
       <source mode='bind' path='{_escape(str(files.agent_socket))}'/>

@@ -3,7 +3,8 @@
 The guest boots the image's kernel directly (``vmlinuz`` + ``initrd.img``) with
 its root on a per-workspace qcow2 overlay of the image's ``rootfs.qcow2``.
 Commands run through the QEMU guest agent; output is read from host files
-(serial console, and virtio-serial ports for stdout/stderr). Domains are found
+(serial console, and virtio-serial ports for stdout/stderr). Interactive
+terminals run on a virtio console of the guest (``terminal``). Domains are found
 by their vendetta metadata (agent + workspace), never by name alone. Published
 ports are QEMU user-mode forwards from the node's loopback into an otherwise
 isolated guest, on node ports picked at each start (``network``).
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -53,11 +55,28 @@ from providers.base import (
     LogRecord,
     Provider,
     Readiness,
+    Terminal,
 )
 from providers.qemu import agent, network
-from providers.qemu.domain import NS_URI, Files, Meta, domain_xml, guest_argv
+from providers.qemu.domain import (
+    NS_URI,
+    Files,
+    Meta,
+    domain_xml,
+    guest_argv,
+    socket_path_problem,
+    terminal_socket,
+)
 from providers.qemu.errors import IMAGE_HINT, libvirt_errors
 from providers.qemu.logs import cursors, read_all
+from providers.qemu.terminal import (
+    DEFAULT_TERM,
+    QemuTerminal,
+    busy,
+    hang_up,
+    missing_console,
+    open_session,
+)
 
 T = TypeVar("T")
 
@@ -195,6 +214,8 @@ class QemuProvider(Provider):
         virtual_machine=True,
         # The guest agent returns a command's output only when it has exited.
         long_exec_streams=False,
+        # On the guest's virtio console, one terminal at a time per guest.
+        terminal=True,
     )
 
     def __init__(
@@ -214,6 +235,8 @@ class QemuProvider(Provider):
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
+        # Domains whose terminal console is in use by a terminal of ours.
+        self._terminals: set[str] = set()
 
     # -- plumbing --------------------------------------------------------------
 
@@ -417,6 +440,8 @@ class QemuProvider(Provider):
             )
         name = self.domain_name(workspace)
         files = self._files(name)
+        if problem := socket_path_problem(files):
+            raise InvalidArgumentError(f"cannot create workspace {workspace!r}: {problem}")
         kvm, _ = await asyncio.to_thread(probe_kvm)
         meta = Meta(
             agent=self.agent_id,
@@ -706,6 +731,71 @@ class QemuProvider(Provider):
         if err:
             yield ExecChunk(stderr=err)
         yield ExecChunk(exit_code=code)
+
+    # -- terminals -------------------------------------------------------------
+
+    async def attach(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        *,
+        rows: int,
+        cols: int,
+        env: Mapping[str, str] | None = None,
+    ) -> Terminal:
+        """``argv`` on the guest's terminal console, ``rows`` x ``cols`` (see ``terminal``)."""
+        validate_name("workspace", workspace)
+        if not argv:
+            raise InvalidArgumentError("a terminal needs a command: argv is empty")
+        _check_env(env or {})
+        action = f"opening a terminal in {workspace!r}"
+
+        def look(conn: libvirt.virConnect) -> tuple[libvirt.virDomain, Meta, str]:
+            dom, meta = self._require_sync(conn, workspace)
+            if not dom.isActive():
+                raise FailedPreconditionError(self._not_running(workspace))
+            return dom, meta, terminal_socket(ET.fromstring(dom.XMLDesc(0)))
+
+        dom, meta, path = await self._run(action, look)
+        if not path:
+            raise missing_console(workspace)
+        name = dom.name()
+        if name in self._terminals:
+            raise busy(workspace)
+        self._terminals.add(name)
+        environment = {"TERM": DEFAULT_TERM, **meta.env, **(env or {})}
+
+        def opened() -> tuple[socket.socket, int, bytes]:
+            with libvirt_errors(self.uri, action):
+                return open_session(dom, path, workspace, argv, environment, rows, cols)
+
+        opening = asyncio.ensure_future(asyncio.to_thread(opened))
+        try:
+            sock, pid, first = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Cancelled while the guest was starting it: end the session once it is open,
+            # so no shell is left running with nobody attached.
+            def abandon(task: asyncio.Future[tuple[socket.socket, int, bytes]]) -> None:
+                if not task.cancelled() and task.exception() is None:
+                    sock, _, _ = task.result()
+                    sock.close()
+                    threading.Thread(target=hang_up, args=(dom,), daemon=True).start()
+                self._terminals.discard(name)
+
+            opening.add_done_callback(abandon)
+            raise
+        except BaseException:
+            self._terminals.discard(name)
+            raise
+        return QemuTerminal(
+            dom,
+            sock,
+            pid,
+            first,
+            uri=self.uri,
+            workspace=workspace,
+            release=lambda: self._terminals.discard(name),
+        )
 
     # -- logs ------------------------------------------------------------------
 

@@ -1,13 +1,15 @@
 """LXD and QEMU workspaces through the CLI on a remote node reached over a
-real sshd: create, up, exec, logs -f, down, destroy, and their failure cases.
+real sshd: create, up, exec, logs -f, connect (a command, and a terminal
+through the coordinator's Connect stream), down, destroy, and their failure cases.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +130,64 @@ def test_lifecycle_exec_logs(node: tuple[Env, Case]) -> None:
         assert not [p for p in QEMU_STATE.glob("*") if "vm1" in p.name]
 
 
-def test_connect_runs_a_command_and_refuses_a_terminal_honestly(node: tuple[Env, Case]) -> None:
+async def _terminal(e: Env, workspace: str) -> tuple[bytes, int]:
+    """A login shell (no argv) on a terminal through the coordinator's Connect stream:
+    type, resize, exit. What it printed and its exit code."""
+    import grpc.aio
+
+    from vendetta.v1 import common_pb2, coordinator_pb2_grpc
+
+    queue: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    size = common_pb2.TerminalSize(rows=30, cols=120)
+    start = common_pb2.AttachStart(workspace=workspace, tty=True, size=size)
+
+    async def requests() -> AsyncIterator[common_pb2.AttachInput]:
+        yield common_pb2.AttachInput(start=start)
+        while (msg := await queue.get()) is not None:
+            yield msg
+
+    out, code = bytearray(), -1
+
+    async def read() -> None:
+        nonlocal code
+        sock = f"unix:{e.env['VENDETTA_HOME']}/coordinator.sock"
+        async with grpc.aio.insecure_channel(sock) as channel:
+            async for o in coordinator_pb2_grpc.CoordinatorStub(channel).Connect(requests()):
+                if o.WhichOneof("output") == "stdout":
+                    out.extend(o.stdout)
+                elif o.WhichOneof("output") == "exit_code":
+                    code = o.exit_code
+
+    async def shows(text: bytes, within: float = 30) -> bool:
+        deadline = time.monotonic() + within
+        while text not in out and not reader.done():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return text in out
+
+    def type_(text: bytes) -> None:
+        queue.put_nowait(common_pb2.AttachInput(stdin=text))
+
+    reader = asyncio.create_task(read())
+    try:
+        type_(b"echo in-$((2+3)); stty size\n")
+        assert await shows(b"in-5") and await shows(b"30 120"), out.decode()
+        queue.put_nowait(common_pb2.AttachInput(resize=common_pb2.TerminalSize(rows=20, cols=100)))
+        for _ in range(5):  # the resize and the keys may travel apart
+            type_(b"stty size\n")
+            if await shows(b"20 100", within=2):
+                break
+        type_(b"exit 4\n")
+        await asyncio.wait_for(reader, 30)
+    finally:
+        queue.put_nowait(None)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    return bytes(out), code
+
+
+def test_connect_runs_a_command_and_opens_a_terminal(node: tuple[Env, Case]) -> None:
     e, case = node
     e.cli("workspace", "create", "con", "--remote", "n1", "--config", config(e, case, "con"))
     e.cli("workspace", "up", "con")
@@ -136,6 +195,8 @@ def test_connect_runs_a_command_and_refuses_a_terminal_honestly(node: tuple[Env,
         "workspace", "connect", "con", "--", "sh", "-c", "echo in-$((1+1)); exit 6", check=False
     )
     assert (run.stdout, run.returncode) == ("in-2\n", 6)
+    out, code = asyncio.run(_terminal(e, "con"))
+    assert b"20 100" in out and code == 4, (out.decode(), code)
     e.cli("workspace", "destroy", "con")
 
 

@@ -310,7 +310,8 @@ async def test_terminal_types_resizes_and_exits(agent: Agent) -> None:
         type_("[ -t 0 ] && [ -t 1 ] && echo tty-$((2+3))\n")
         assert await shows("tty-5"), out.decode()
         queue.put_nowait(common_pb2.AttachInput(resize=common_pb2.TerminalSize(rows=20, cols=100)))
-        # A resize and the next keys may travel apart (LXD: two websockets): ask again.
+        # A resize and the next keys may travel apart (LXD: two websockets; QEMU: a
+        # guest-exec of stty beside the console): ask again.
         for _ in range(5):
             type_("stty size\n")
             if await shows("20 100", within=2):

@@ -1,8 +1,8 @@
 """QemuProvider against the node's real libvirtd: real guests, real guest-agent exec.
 
 One guest is booted for the module and shared by the tests that only need a
-running guest (booting takes seconds under TCG); the lifecycle test boots its
-own to check that destroy leaves nothing behind. Both publish a port, so a
+running guest (booting takes seconds under TCG), terminals included; the
+lifecycle test boots its own to check that destroy leaves nothing behind. Both publish a port, so a
 real TCP connection on the node's loopback reaches a listener in a guest, on
 the first boot and after a restart whose first-picked node port was taken.
 """
@@ -31,8 +31,10 @@ from common.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from providers.base import EnvironmentSpec, EnvState
+from nodeagent.servicer import LOGIN_SHELL
+from providers.base import EnvironmentSpec, EnvState, Terminal
 from providers.qemu import QemuProvider, network
+from providers.qemu import provider as qemu_provider
 from providers.qemu.domain import Files
 from providers.qemu.errors import translate
 from providers.qemu.provider import DEFAULT_IMAGE
@@ -223,6 +225,89 @@ async def test_errors(provider: QemuProvider, guest: str) -> None:
     with pytest.raises(InvalidArgumentError):
         await provider.create(EnvironmentSpec(workspace="other", image="../etc"))
     assert (await provider.inspect("other")).state is EnvState.ABSENT
+
+
+class Screen:
+    """What a terminal printed, read by a task; ``shows`` waits for a text."""
+
+    def __init__(self, terminal: Terminal) -> None:
+        self.terminal = terminal
+        self.out = bytearray()
+        self.codes: list[int] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for chunk in self.terminal.output():
+            self.out += chunk.stdout + chunk.stderr
+            if chunk.exit_code is not None:
+                self.codes.append(chunk.exit_code)
+
+    async def type(self, text: str) -> None:
+        await self.terminal.write(text.encode())
+
+    async def shows(self, text: str, within: float = 30) -> None:
+        deadline = time.monotonic() + within
+        while text.encode() not in self.out:
+            if self.reader.done():
+                self.reader.result()
+                raise AssertionError(f"ended before {text!r} showed:\n{self.out.decode()}")
+            assert time.monotonic() < deadline, f"{text!r} never showed:\n{self.out.decode()}"
+            await asyncio.sleep(0.05)
+
+    async def exit_code(self) -> int:
+        await asyncio.wait_for(self.reader, 30)
+        assert len(self.codes) == 1, self.codes
+        return self.codes[0]
+
+
+@in_module_loop
+async def test_terminal_login_shell_one_at_a_time(provider: QemuProvider, guest: str) -> None:
+    # No argv: the agent's login shell, with the workspace's environment and TERM.
+    first = await provider.attach(guest, LOGIN_SHELL, rows=24, cols=80, env={"TERM": "vt100"})
+    screen = Screen(first)
+    try:
+        with pytest.raises(FailedPreconditionError, match="already open"):
+            await provider.attach(guest, ["/bin/sh"], rows=24, cols=80)
+        await screen.type('echo "$TERM-$((6*7)) $GREETING"; tty\n')
+        await screen.shows("vt100-42 hello from the guest")
+        await screen.shows("/dev/hvc0")
+        # ^C reaches the foreground job through the terminal's line discipline.
+        await screen.type("sleep 300\n")
+        await asyncio.sleep(1)
+        await screen.type("\x03")
+        await screen.type("echo interrupted-$((1+1))\n")
+        await screen.shows("interrupted-2")
+        await screen.type("sleep 600 &\n")
+        await asyncio.sleep(1)
+    finally:
+        screen.reader.cancel()
+        await asyncio.gather(screen.reader, return_exceptions=True)
+        await first.close()  # hangs the shell up, its background job too
+    out, _, _ = await run(provider, guest, "ps", "-o", "args")
+    assert b"sleep 600" not in out and b"sleep 300" not in out
+    # The console is free again; argv reaches the guest as given, never parsed by a shell.
+    second = await provider.attach(
+        guest,
+        ["sh", "-c", 'printf "[%s]" "$@"; exit 5', "sh", "a b", "$HOME", "it's"],
+        rows=10,
+        cols=40,
+    )
+    screen = Screen(second)
+    try:
+        assert await screen.exit_code() == 5
+        assert b"[a b][$HOME][it's]" in screen.out
+    finally:
+        await second.close()
+
+
+@in_module_loop
+async def test_terminal_of_a_guest_without_its_console_says_recreate(
+    provider: QemuProvider, guest: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a domain defined before terminals existed looks like: no terminal console.
+    monkeypatch.setattr(qemu_provider, "terminal_socket", lambda _root: "")
+    with pytest.raises(FailedPreconditionError, match=rf"Recreate.*destroy {guest}"):
+        await provider.attach(guest, ["/bin/sh"], rows=24, cols=80)
 
 
 WEB = (
