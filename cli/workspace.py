@@ -31,13 +31,25 @@ Name = Annotated[str, typer.Argument(help="Workspace name.")]
 
 
 def services_table(ws: pb.Workspace) -> Table:
-    table = Table("SERVICE", "STATE", "ON YOUR MACHINE", "PORT", "RESTARTS", "DETAIL")
+    rows = []
     for s in ws.services:
         state = enum_name(common_pb2.ServiceState.Name(s.state), "SERVICE_STATE_")
         here = f"http://{s.local_address}" if s.local_address else "-"
-        if s.local_note:
-            here += f" ({s.local_note})"
-        table.add_row(s.name, styled(state), here, str(s.port or "-"), str(s.restarts), s.detail)
+        rows.append(
+            (s.name, state, here, s.local_note, str(s.port or "-"), str(s.restarts), s.detail)
+        )
+    table = Table()
+    table.add_column("SERVICE", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    # Where to go is the point of the table: never shortened, whatever the width.
+    url_width = max((len(r[2]) for r in rows), default=1)
+    table.add_column("ON YOUR MACHINE", no_wrap=True, min_width=url_width)
+    table.add_column("PORT", no_wrap=True)
+    table.add_column("RESTARTS", no_wrap=True)
+    table.add_column("DETAIL", ratio=1)
+    for name, state, here, note, port, restarts, detail in rows:
+        detail = f"{note}; {detail}" if note and detail else note or detail
+        table.add_row(name, styled(state), here, port, restarts, detail)
     return table
 
 
@@ -196,6 +208,7 @@ def ports(name: Name, json_: Json = False) -> None:
             "service": s.name,
             "port": s.port,
             "local_address": s.local_address,
+            "url": f"http://{s.local_address}" if s.local_address else "",
             "node_endpoint": s.node_endpoint,
             "note": s.local_note,
         }
@@ -208,12 +221,18 @@ def ports(name: Name, json_: Json = False) -> None:
     if not rows:
         out.print(f"workspace {name} has no service ports (is it up?)")
         return
-    table = Table("SERVICE", "ON YOUR MACHINE", "PORT", "ON THE NODE", "NOTE")
+    table = Table()
+    table.add_column("SERVICE", no_wrap=True)
+    table.add_column(
+        "ON YOUR MACHINE", no_wrap=True, min_width=max(len(str(r["url"])) for r in rows)
+    )
+    table.add_column("PORT", no_wrap=True)
+    table.add_column("ON THE NODE", no_wrap=True)
+    table.add_column("NOTE", ratio=1)
     for r in rows:
-        local = f"http://{r['local_address']}" if r["local_address"] else "-"
         table.add_row(
             str(r["service"]),
-            local,
+            str(r["url"] or "-"),
             str(r["port"]),
             str(r["node_endpoint"] or "-"),
             str(r["note"]),

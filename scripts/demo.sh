@@ -25,9 +25,10 @@ show vendetta workspace up demo
 show vendetta workspace list
 show vendetta workspace exec demo -- sh -c 'echo "hello from $(hostname), inside the workspace"'
 
-step "Reach the web service through the port published on this node's loopback"
-port=$(vendetta workspace status demo --json | python3 -c 'import json,sys; print(next(s["node_endpoint"] for s in json.load(sys.stdin)["services"] if s["name"]=="web"))')
-show wget -qO- "http://$port/" 2>/dev/null || show python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://$port/').read().decode())"
+step "Reach the web service on this machine: the coordinator forwards localhost:PORT"
+show vendetta workspace ports demo
+url=$(vendetta workspace ports demo --json | python3 -c 'import json,sys; print(next(r["url"] for r in json.load(sys.stdin) if r["service"]=="web"))')
+show python3 -c "import urllib.request; print(urllib.request.urlopen('$url/').read().decode())"
 
 step "Logs of one service, then all of them interleaved, following for 3 seconds"
 show vendetta workspace logs demo --service web
