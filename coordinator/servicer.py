@@ -95,9 +95,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return node_to_pb(conn, len(await self.store.list_workspaces(name)))
 
     async def ListNodes(self, request: pb.ListNodesRequest, context: Ctx) -> pb.ListNodesResponse:
-        counts: dict[str, int] = {}
-        for ws in await self.store.list_workspaces():
-            counts[ws.node] = counts.get(ws.node, 0) + 1
+        counts = await self.store.count_workspaces()
         return pb.ListNodesResponse(
             nodes=[node_to_pb(c, counts.get(c.name, 0)) for c in self.nodes.all()]
         )

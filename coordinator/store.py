@@ -48,6 +48,10 @@ class Store(abc.ABC):
     async def delete_workspace(self, name: str) -> None: ...
 
     @abc.abstractmethod
+    async def count_workspaces(self) -> dict[str, int]:
+        """Workspaces per node (nodes without any are absent)."""
+
+    @abc.abstractmethod
     async def get_ports(self, workspace: str) -> dict[str, int]: ...
     @abc.abstractmethod
     async def set_port(self, workspace: str, service: str, port: int) -> None: ...
@@ -219,6 +223,12 @@ class SqliteStore(Store):
             return db.execute("SELECT * FROM workspaces ORDER BY name").fetchall()
 
         return [_ws(r) for r in await self._run(op)]
+
+    async def count_workspaces(self) -> dict[str, int]:
+        rows = await self._run(
+            lambda db: db.execute("SELECT node, COUNT(*) FROM workspaces GROUP BY node").fetchall()
+        )
+        return {str(node): int(n) for node, n in rows}
 
     async def delete_workspace(self, name: str) -> None:
         await self._run(lambda db: db.execute("DELETE FROM workspaces WHERE name=?", (name,)))
