@@ -20,7 +20,7 @@ from cli.output import err, out, print_json
 from cli.runner import fail, run
 from common.errors import FailedPreconditionError, InvalidArgumentError
 from common.paths import ssh_entries, vendetta_home
-from coordinator.ssh_entries import SUFFIX
+from coordinator.ssh_entries import SUFFIX, quoted
 from vendetta.v1 import coordinator_pb2 as pb
 
 DEFAULT_FILE = Path("~/.ssh/config")
@@ -28,17 +28,20 @@ MARK = "# Added by `vendetta ssh-config`: `ssh NAME.vendetta` reaches workspaces
 
 
 def include_line(entries: Path) -> str:
-    return 'Include "' + str(entries).replace('"', '\\"') + '"'
+    return f"Include {quoted(entries)}"
+
+
+def has_line(text: str, line: str) -> bool:
+    return any(ln.strip() == line for ln in text.splitlines())
 
 
 def included(file: Path = DEFAULT_FILE) -> bool:
     """Whether the user's SSH config includes our entries (so `ssh NAME.vendetta` works)."""
-    line = include_line(ssh_entries(vendetta_home()))
     try:
         text = file.expanduser().read_text()
     except OSError:
         return False
-    return any(ln.strip() == line for ln in text.splitlines())
+    return has_line(text, include_line(ssh_entries(vendetta_home())))
 
 
 def with_include(text: str, line: str) -> str:
@@ -97,7 +100,7 @@ def ssh_config(
         fail(InvalidArgumentError(f"{target} is a folder, not an SSH config file"))
     before = target.read_text() if target.exists() else ""
     line = include_line(entries)
-    present = any(ln.strip() == line for ln in before.splitlines())
+    present = has_line(before, line)
     if remove:
         after = without_include(before, line) if present else before
     else:
@@ -132,9 +135,7 @@ def ssh_config(
             {
                 "ssh_config": str(target),
                 "entries": str(entries),
-                "included": any(
-                    ln.strip() == line for ln in (before if dry_run else after).splitlines()
-                ),
+                "included": has_line(before if dry_run else after, line),
                 "changed": changed and not dry_run,
                 "diff": diff,
                 "hosts": hosts,

@@ -44,7 +44,8 @@ def cli_command() -> list[str]:
     return [sys.executable, "-m", "cli.main"]
 
 
-def _quoted(path: Path) -> str:
+def quoted(path: Path) -> str:
+    """A path as ssh_config(5) takes it, spaces and all."""
     return '"' + str(path).replace('"', '\\"') + '"'
 
 
@@ -54,14 +55,15 @@ def render(home: Path, workspaces: Iterable[str]) -> str:
         "# workspaces are created and destroyed. Do not edit; `vendetta ssh-config`",
         "# includes it from ~/.ssh/config.",
     ]
+    cli = [*cli_command(), "--home", str(home), "ssh-proxy"]
     for name in sorted(workspaces):
-        proxy = shlex.join([*cli_command(), "--home", str(home), "ssh-proxy", name])
+        proxy = shlex.join([*cli, name])
         lines += [
             "",
             f"Host {name}{SUFFIX}",
             f"  ProxyCommand {proxy}",
             f"  HostKeyAlias {HOST_KEY_ALIAS}",
-            f"  UserKnownHostsFile {_quoted(known_hosts_path(home))}",
+            f"  UserKnownHostsFile {quoted(known_hosts_path(home))}",
             "  StrictHostKeyChecking yes",
             "  UpdateHostKeys no",
             "  CheckHostIP no",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -52,14 +53,14 @@ async def key_for_node(identity_file: str, vendetta_key: Path) -> tuple[str, str
     ~/.ssh/id_*, else ssh-agent's first key, else vendetta's key (made if missing)."""
     if identity_file:
         try:
-            key = asyncssh.read_private_key(identity_file)
+            key = await asyncio.to_thread(asyncssh.read_private_key, identity_file)
         except (OSError, asyncssh.KeyImportError) as exc:
             raise InvalidArgumentError(
                 f"cannot read the key {identity_file}: {exc} (a key with a passphrase "
                 "must be loaded into ssh-agent instead)"
             ) from exc
         return _line(key), identity_file
-    defaults = load_default_keypairs()
+    defaults = await asyncio.to_thread(load_default_keypairs)
     if defaults:
         first = defaults[0]
         return _line(
@@ -69,5 +70,5 @@ async def key_for_node(identity_file: str, vendetta_key: Path) -> tuple[str, str
     if agent is not None:
         return agent, "ssh-agent"
     made = not vendetta_key.exists()
-    key = ensure_key(vendetta_key, "vendetta")
+    key = await asyncio.to_thread(ensure_key, vendetta_key, "vendetta")
     return _line(key), f"{vendetta_key}{' (generated now)' if made else ''}"

@@ -139,7 +139,8 @@ class SshTransport(Transport):
 
     async def _open_ssh(self) -> asyncssh.SSHClientConnection:
         try:
-            return await self._connect(self._options(**self._key_options()))
+            keys = await asyncio.to_thread(self._key_options)  # reads key files
+            return await self._connect(self._options(**keys))
         except asyncssh.PermissionDenied as exc:
             key = self.identity_file or "your SSH keys (ssh-agent, ~/.ssh/id_*, vendetta's own)"
             raise PermissionDeniedError(
