@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from common.paths import private_dir, ssh_dir, ssh_entries
-from coordinator.ssh_keys import ensure_key
 
 log = logging.getLogger("vendetta.coordinator")
 
@@ -81,6 +80,10 @@ class SshEntries:
         self._written: frozenset[str] | None = None
 
     def prepare(self) -> None:
+        # Here, not at the top: the CLI imports this module for SUFFIX and quoted(),
+        # and asyncssh (through ssh_keys) would add 0.2 s to every command.
+        from coordinator.ssh_keys import ensure_key
+
         key = ensure_key(host_key_path(self.home), "vendetta workspace proxy")
         line = key.export_public_key().decode().strip()
         known = f"{HOST_KEY_ALIAS} {line}\n"

@@ -31,6 +31,17 @@ def ensure_key(path: Path, comment: str) -> asyncssh.SSHKey:
     return key
 
 
+def read_identity(path: str) -> asyncssh.SSHKey:
+    """The private key of --identity, or an error saying what to do. Blocking."""
+    try:
+        return asyncssh.read_private_key(path)
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise InvalidArgumentError(
+            f"cannot use the key {path}: {exc} (vendetta cannot ask for a passphrase: "
+            "load the key into ssh-agent and leave out --identity)"
+        ) from exc
+
+
 def _line(key: asyncssh.SSHKey) -> str:
     return key.export_public_key("openssh").decode().strip()
 
@@ -52,13 +63,7 @@ async def key_for_node(identity_file: str, vendetta_key: Path) -> tuple[str, str
     """(public key line, where it comes from): --identity, else the first of
     ~/.ssh/id_*, else ssh-agent's first key, else vendetta's key (made if missing)."""
     if identity_file:
-        try:
-            key = await asyncio.to_thread(asyncssh.read_private_key, identity_file)
-        except (OSError, asyncssh.KeyImportError) as exc:
-            raise InvalidArgumentError(
-                f"cannot read the key {identity_file}: {exc} (a key with a passphrase "
-                "must be loaded into ssh-agent instead)"
-            ) from exc
+        key = await asyncio.to_thread(read_identity, identity_file)
         return _line(key), identity_file
     defaults = await asyncio.to_thread(load_default_keypairs)
     if defaults:

@@ -270,7 +270,7 @@ class WorkspaceService:
                 if teardown and ws.observed == WorkspaceState.RUNNING:
                     with contextlib.suppress(VendettaError):  # a failing teardown must not block
                         await self._hook(ws, client, "teardown", teardown)
-                self._stop_relay(name)
+                self._stop_relay(name)  # before the environment goes, not after
                 self.ports.close_workspace(name)
                 ws.observed = WorkspaceState.DESTROYING
                 await self._save(ws, "destroying environment")
@@ -280,6 +280,8 @@ class WorkspaceService:
                     ws.observed, ws.detail = WorkspaceState.ERROR, str(exc)
                     await self._save(ws, f"destroy failed: {exc}")
                     raise
+            # Also on the --force path, where the node was never reached.
+            self._stop_relay(name)
             self.ports.close_workspace(name)
             await self.store.delete_ports(name)
             await self.store.delete_workspace(name)

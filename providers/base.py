@@ -111,6 +111,15 @@ class Terminal(abc.ABC):
     async def close(self) -> None: ...
 
 
+def check_env(env: Mapping[str, str]) -> None:
+    """Variable names an exec or terminal may set (no '=', no NUL, not empty)."""
+    from common.errors import InvalidArgumentError
+
+    for key in env:
+        if not key or "=" in key or "\0" in key:
+            raise InvalidArgumentError(f"invalid environment variable name {key!r}")
+
+
 class Provider(abc.ABC):
     """Drives one engine on the local node. Every method keeps SDK calls off the loop."""
 

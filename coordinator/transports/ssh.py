@@ -24,6 +24,7 @@ from common.errors import (
     VendettaError,
 )
 from common.paths import check_socket_path, private_dir
+from coordinator.ssh_keys import read_identity
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 
 CONNECT_TIMEOUT = 15.0
@@ -120,7 +121,7 @@ class SshTransport(Transport):
         # With --identity: exactly that key, no agent keys on top. Without: ssh-agent
         # and the default ~/.ssh/id_* keys, as ssh(1) does, plus vendetta's own key.
         if self.identity_file:
-            return {"client_keys": [self.identity_file], "agent_path": None}
+            return {"client_keys": [read_identity(self.identity_file)], "agent_path": None}
         keys = list(load_default_keypairs())
         if self.vendetta_key is not None and self.vendetta_key.is_file():
             keys += asyncssh.load_keypairs([self.vendetta_key], ignore_encrypted=True)

@@ -42,6 +42,7 @@ from providers.base import (
     Provider,
     Readiness,
     Terminal,
+    check_env,
 )
 from providers.docker.errors import docker_errors, translate
 from providers.docker.images import DEFAULT_PULL_STALL_TIMEOUT, ensure_image
@@ -118,12 +119,6 @@ def _detail(state: Mapping[str, Any]) -> str:
     if state.get("Error"):
         parts.append(f"error: {state['Error']}")
     return ", ".join(parts)
-
-
-def _check_env(env: Mapping[str, str]) -> None:
-    for key in env:
-        if not key or "=" in key or "\0" in key:
-            raise InvalidArgumentError(f"invalid environment variable name {key!r}")
 
 
 class DockerProvider(Provider):
@@ -280,7 +275,7 @@ class DockerProvider(Provider):
             raise InvalidArgumentError(f"memory must be positive, got {spec.memory_bytes} bytes")
         if spec.command is not None and not spec.command:
             raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
-        _check_env(spec.env)
+        check_env(spec.env)
 
         existing = await self._find(workspace)
         if existing is not None:
@@ -420,7 +415,7 @@ class DockerProvider(Provider):
         validate_name("workspace", workspace)
         if not argv:
             raise InvalidArgumentError("exec needs a command: argv is empty")
-        _check_env(env or {})
+        check_env(env or {})
         info = await self._require(workspace)
         if (info.get("State") or {}).get("Status") != "running":
             raise FailedPreconditionError(self._not_running(workspace))
@@ -490,7 +485,7 @@ class DockerProvider(Provider):
         env: Mapping[str, str] | None = None,
     ) -> Terminal:
         """An exec with a TTY and stdin, on a raw socket (resizable)."""
-        _check_env(env or {})
+        check_env(env or {})
         info = await self._require(workspace)
         if (info.get("State") or {}).get("Status") != "running":
             raise FailedPreconditionError(self._not_running(workspace))

@@ -52,6 +52,7 @@ from providers.base import (
     Provider,
     Readiness,
     Terminal,
+    check_env,
 )
 from providers.lxd import ports
 from providers.lxd.command import launch_argv
@@ -109,12 +110,6 @@ def _addresses(state: Mapping[str, Any] | None) -> tuple[str, ...]:
             if address.get("scope") == "global" and address.get("address") not in found:
                 found.append(str(address["address"]))
     return tuple(found)
-
-
-def _check_env(env: Mapping[str, str]) -> None:
-    for key in env:
-        if not key or "=" in key or "\0" in key:
-            raise InvalidArgumentError(f"invalid environment variable name {key!r}")
 
 
 def _check_ports(published: Sequence[int]) -> None:
@@ -405,7 +400,7 @@ class LxdProvider(Provider):
             )
         if spec.command is not None and not spec.command:
             raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
-        _check_env(spec.env)
+        check_env(spec.env)
         _check_ports(spec.ports)
         config = {
             KEY_MANAGED: "true",
@@ -583,7 +578,7 @@ class LxdProvider(Provider):
         validate_name("workspace", workspace)
         if not argv:
             raise InvalidArgumentError("exec needs a command: argv is empty")
-        _check_env(env or {})
+        check_env(env or {})
         info = await self._require(workspace)
         if info.get("status") != "Running":
             raise FailedPreconditionError(self._not_running(workspace))
@@ -644,7 +639,7 @@ class LxdProvider(Provider):
         validate_name("workspace", workspace)
         if not argv:
             raise InvalidArgumentError("a terminal needs a command: argv is empty")
-        _check_env(env or {})
+        check_env(env or {})
         info = await self._require(workspace)
         if info.get("status") != "Running":
             raise FailedPreconditionError(self._not_running(workspace))

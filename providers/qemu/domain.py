@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.paths import MAX_SOCKET_PATH
+
 NS_URI = "https://vendetta.dev/xmlns/libvirt/qemu/1"
 NS_PREFIX = "vendetta"
 ET.register_namespace(NS_PREFIX, NS_URI)
@@ -105,10 +107,6 @@ class Meta:
         )
 
 
-# sun_path holds 108 bytes, the last one a NUL.
-MAX_SOCKET_PATH = 107
-
-
 def socket_path_problem(files: Files) -> str:
     """Why QEMU could not bind a guest's sockets (a path is too long), or ''."""
     for path in (files.agent_socket, files.terminal_socket):
@@ -149,7 +147,6 @@ def domain_xml(
     initrd: Path,
     files: Files,
     meta: Meta,
-    emulator: str = "",
 ) -> str:
     """A persistent domain: direct kernel boot, root on the overlay, no NIC.
 
@@ -163,7 +160,6 @@ def domain_xml(
     default model is emulated. ACPI is on so the guest can be shut down.
     """
     cpu = "<cpu mode='host-passthrough'/>" if virt_type == "kvm" else ""
-    emulator_xml = f"<emulator>{_escape(emulator)}</emulator>" if emulator else ""
     metadata = meta.to_xml()
 
     def file_channel(path: Path, target: str) -> str:
@@ -189,7 +185,6 @@ def domain_xml(
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    {emulator_xml}
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
       <source file='{_escape(str(files.overlay))}'/>

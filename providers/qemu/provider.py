@@ -46,6 +46,7 @@ from common.errors import (
     VendettaError,
 )
 from common.names import validate_name
+from common.process import log_tail
 from providers.base import (
     Capabilities,
     EnvironmentSpec,
@@ -56,6 +57,7 @@ from providers.base import (
     Provider,
     Readiness,
     Terminal,
+    check_env,
 )
 from providers.qemu import agent, network
 from providers.qemu.domain import (
@@ -183,12 +185,6 @@ def _accel_of(root: ET.Element) -> str:
     """'KVM' or 'TCG emulation', from the domain's XML type."""
     kind = root.get("type", "")
     return "KVM" if kind == "kvm" else "TCG emulation" if kind == "qemu" else kind
-
-
-def _check_env(env: Mapping[str, str]) -> None:
-    for key in env:
-        if not key or "=" in key or "\0" in key:
-            raise InvalidArgumentError(f"invalid environment variable name {key!r}")
 
 
 def _check_ports(ports: Sequence[int]) -> tuple[int, ...]:
@@ -425,7 +421,7 @@ class QemuProvider(Provider):
             raise InvalidArgumentError(f"disk must be positive, got {spec.disk_bytes} bytes")
         if spec.command is not None and not spec.command:
             raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
-        _check_env(spec.env)
+        check_env(spec.env)
         ports = _check_ports(spec.ports)
         kernel, initrd, rootfs = self._image_paths(image)
 
@@ -567,22 +563,18 @@ class QemuProvider(Provider):
             if not active:
                 raise FailedPreconditionError(
                     f"the guest of workspace {workspace!r} stopped while booting; "
-                    f"console:\n{self._console_tail(meta)}"
+                    f"console:\n{await self._console_tail(meta)}"
                 )
             if time.monotonic() > deadline:
                 raise DeadlineExceededError(
                     f"the guest agent of workspace {workspace!r} did not answer within "
-                    f"{AGENT_WAIT_SECONDS:.0f}s; console:\n{self._console_tail(meta)}"
+                    f"{AGENT_WAIT_SECONDS:.0f}s; console:\n{await self._console_tail(meta)}"
                 )
             await asyncio.sleep(POLL_SECONDS)
 
-    def _console_tail(self, meta: Meta, lines: int = 15) -> str:
+    async def _console_tail(self, meta: Meta) -> str:
         path = self._files(self.domain_name(meta.workspace), Path(meta.state_dir)).console
-        try:
-            text = path.read_text("utf-8", "replace")
-        except OSError:
-            return "(no console output)"
-        return "\n".join(text.splitlines()[-lines:])
+        return await asyncio.to_thread(log_tail, path)
 
     async def stop(self, workspace: str, timeout: float = 10.0) -> EnvironmentStatus:
         validate_name("workspace", workspace)
@@ -702,7 +694,7 @@ class QemuProvider(Provider):
         validate_name("workspace", workspace)
         if not argv:
             raise InvalidArgumentError("exec needs a command: argv is empty")
-        _check_env(env or {})
+        check_env(env or {})
         action = f"running {argv[0]!r} in {workspace!r}"
 
         def begin(conn: libvirt.virConnect) -> tuple[libvirt.virDomain, int]:
@@ -747,7 +739,7 @@ class QemuProvider(Provider):
         validate_name("workspace", workspace)
         if not argv:
             raise InvalidArgumentError("a terminal needs a command: argv is empty")
-        _check_env(env or {})
+        check_env(env or {})
         action = f"opening a terminal in {workspace!r}"
 
         def look(conn: libvirt.virConnect) -> tuple[libvirt.virDomain, Meta, str]:

@@ -269,5 +269,6 @@ def test_changed_host_key_is_refused(e2e: Env) -> None:
     # the node's workspace is still there and works again
     e2e.cli("workspace", "up", "ws2")
     assert e2e.workspace("ws2")["state"] == "WORKSPACE_STATE_RUNNING"
+    assert "not reached over SSH" in e2e.fails("node", "trust", "local")
     # trusting an unchanged key changes nothing
     assert "unchanged" in e2e.cli("node", "trust", "node2").stderr

@@ -110,6 +110,10 @@ def test_password_installs_a_generated_key_then_the_key_is_used(env: Env, user: 
     assert public.split()[1] in " ".join(refused.stderr.split())
     assert "pw" not in {n["name"] for n in env.json("node", "list")}
 
+    # No password on stdin: said, nothing recorded.
+    empty = _add(env, user, "--password", stdin="")
+    assert empty.returncode == 1 and "no password given" in empty.stderr, empty.stderr
+
     # A wrong password: refused, nothing recorded, nothing installed.
     wrong = _add(env, user, "--password", stdin="not-the-password\n")
     assert wrong.returncode == 1 and "refused the password" in wrong.stderr, wrong.stderr

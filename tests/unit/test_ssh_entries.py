@@ -50,3 +50,25 @@ def test_include_goes_first_and_comes_out_cleanly() -> None:
     assert after.splitlines()[1] == line and after.endswith(before)
     assert without_include(after, line) == before
     assert without_include(with_include("", line), line) == ""
+
+
+def test_a_key_with_a_passphrase_says_to_use_the_agent(tmp_path: Path) -> None:
+    import pytest
+
+    from common.errors import InvalidArgumentError
+    from coordinator.transports.ssh import SshTransport
+
+    path = tmp_path / "locked"
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.write_bytes(key.export_private_key("pkcs8-pem", passphrase="secret"))
+    transport = SshTransport(
+        node="n1",
+        address="127.0.0.1",
+        port=22,
+        user="",
+        host_key=key.export_public_key().decode(),
+        tunnel_dir=tmp_path / "t",
+        identity_file=str(path),
+    )
+    with pytest.raises(InvalidArgumentError, match="load the key into ssh-agent"):
+        transport._key_options()
