@@ -20,6 +20,7 @@ import grpc
 
 from cli.client import coordinator
 from cli.terminal import stream
+from common.errors import FailedPreconditionError
 from common.paths import vendetta_home
 from common.rpc_errors import from_rpc_error
 from coordinator.ssh_entries import host_key_path
@@ -67,7 +68,10 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
                 return
             inputs.put_nowait(common_pb2.AttachInput(stdin=data))
 
-    reader = asyncio.create_task(pump_stdin())
+    # Without a terminal the agent runs the command with no stdin (as `connect --
+    # CMD` does): sending it anyway raced with a quick error at the stream's
+    # start and turned that error into gRPC's "Internal error from Core".
+    reader = asyncio.create_task(pump_stdin()) if start.tty else None
     try:
         async with coordinator() as c:
             code = await stream(c, start, inputs, process.stdout.write, process.stderr.write)
@@ -78,7 +82,8 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
         process.stderr.write(f"vendetta: {exc}\r\n".encode())
         code = SSH_FAILURE
     finally:
-        reader.cancel()
+        if reader is not None:
+            reader.cancel()
     with contextlib.suppress(Exception):
         await process.stdout.drain()
     process.exit(code)
@@ -108,15 +113,29 @@ def _splice(sock: socket.socket) -> None:
 async def serve(workspace: str) -> None:
     ours, theirs = socket.socketpair()
     _splice(theirs)
-    key = asyncssh.read_private_key(host_key_path(vendetta_home()))
-    conn = await asyncssh.run_server(
-        ours,
-        server_factory=_NoAuth,
-        server_host_keys=[key],
-        process_factory=lambda p: _session(workspace, p),
-        encoding=None,
-        line_editor=False,
-        allow_scp=False,
-        keepalive_interval=0,
-    )
+    path = host_key_path(vendetta_home())
+    try:
+        key = asyncssh.read_private_key(path)
+    except OSError as exc:
+        raise FailedPreconditionError(
+            f"no host key for the SSH proxy at {path} ({exc.strerror}): start the "
+            "coordinator (`vendetta server start`), which makes it"
+        ) from exc
+    try:
+        conn = await asyncssh.run_server(
+            ours,
+            server_factory=_NoAuth,
+            server_host_keys=[key],
+            process_factory=lambda p: _session(workspace, p),
+            encoding=None,
+            line_editor=False,
+            allow_scp=False,
+            keepalive_interval=0,
+        )
+    except (asyncssh.Error, OSError) as exc:
+        # Not an SSH client on the other end (run by hand, or it went away).
+        raise FailedPreconditionError(
+            f"`vendetta ssh-proxy` speaks SSH on stdin/stdout for `ssh {workspace}.vendetta` "
+            f"(see `vendetta ssh-config`); the connection ended: {exc}"
+        ) from exc
     await conn.wait_closed()

@@ -86,6 +86,9 @@ def exit_code(client: Any, operation: str, within: float = EXIT_WAIT) -> int:
     return int(code) if isinstance(code, int) else -1
 
 
+OUTPUT_BACKLOG = 256
+
+
 class LxdTerminal(Terminal):
     def __init__(
         self, client: Any, operation: str, data: WebSocket, control: WebSocket, name: str
@@ -106,11 +109,18 @@ class LxdTerminal(Terminal):
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        # At most OUTPUT_BACKLOG messages wait for a slow reader: then this thread
+        # waits too, and LXD (then the command) with it, instead of memory growing.
+        room = threading.Semaphore(OUTPUT_BACKLOG)
+
         def read() -> None:
             try:
                 # LXD marks the end of the output with an empty message, then waits for
                 # us to close before it finishes the operation.
                 while data := self._data.recv():
+                    while not room.acquire(timeout=0.5):
+                        if self._closed:
+                            return
                     put(data)
             finally:
                 self._data.close()
@@ -118,6 +128,7 @@ class LxdTerminal(Terminal):
 
         threading.Thread(target=read, name=f"vendetta-lxd-tty-{self._name}", daemon=True).start()
         while (data := await queue.get()) is not None:
+            room.release()
             yield ExecChunk(stdout=data)
         self._ended = True
         if self._closed:

@@ -238,13 +238,18 @@ def test_ssh_entry_goes_with_the_workspace(remote: Env, ssh_config: Path) -> Non
         time.sleep(0.1)
     stopped = _ssh(remote, ssh_config, "brief.vendetta", "true")
     assert stopped.returncode == 255 and "vendetta workspace up brief" in stopped.stderr
+    stale = remote.home / "stale-entries"  # what a client may still hold after destroy
+    stale.write_text(entries.read_text())
     remote.cli("workspace", "destroy", "brief")
     while "Host brief.vendetta" in entries.read_text():
         assert time.monotonic() < deadline, entries.read_text()
         time.sleep(0.1)
     assert "Host term.vendetta" in entries.read_text()
     gone = _ssh(remote, ssh_config, "brief.vendetta", "true")
-    assert gone.returncode == 255
+    assert gone.returncode == 255 and "brief.vendetta" in gone.stderr  # no such host now
+    # The proxy itself, for a workspace that is gone: the coordinator's error.
+    old = _ssh(remote, stale, "brief.vendetta", "true")
+    assert old.returncode == 255 and "unknown workspace 'brief'" in old.stderr, old.stderr
 
 
 def test_interactive_ssh_session(remote: Env, ssh_config: Path) -> None:
