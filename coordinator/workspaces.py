@@ -368,6 +368,7 @@ class WorkspaceService:
                         continue
                     before = fresh.observed
                     self._observe(fresh, await client.inspect(fresh.name, fresh.provider))
+                    started = False  # services started here: relay and forwards are set
                     if (
                         fresh.desired == Desired.RUNNING
                         and fresh.observed == WorkspaceState.STOPPED
@@ -378,9 +379,10 @@ class WorkspaceService:
                         if specs:
                             with contextlib.suppress(VendettaError):
                                 await self._start_services(fresh, client, specs)
+                                started = True
                     elif fresh.observed != before:
                         await self._save(fresh, f"observed {fresh.observed.value}")
-                    if fresh.observed == WorkspaceState.RUNNING:
+                    if fresh.observed == WorkspaceState.RUNNING and not started:
                         # The agent kept supervising the services: pick their state up again.
                         for st in await client.get_services(fresh.name, fresh.provider):
                             self.services.setdefault(fresh.name, {})[st.name] = st
