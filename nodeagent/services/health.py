@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from common.errors import VendettaError
 from nodeagent.services.process import Env, run
 from nodeagent.services.spec import ServiceDef
 
@@ -63,3 +64,5 @@ async def check(env: Env, svc: ServiceDef) -> tuple[bool, str]:
         return False, f"health check timed out after {h.timeout:g}s"
     except OSError as exc:
         return False, f"port {h.tcp or svc.port}: {exc.strerror or exc}"
+    except VendettaError as exc:  # the engine failed the check's exec or lookup: try again
+        return False, f"could not run the check: {exc}"

@@ -191,7 +191,11 @@ class ServiceRunner:
         await asyncio.sleep(h.start_period)
         failures, healthy = 0, False
         while True:
-            ok, seen = await health.check(self.sup.env, self.svc)
+            try:
+                ok, seen = await health.check(self.sup.env, self.svc)
+            except Exception as exc:  # a bug: say so, and keep checking rather than hang
+                log.exception("health check of %s", self.svc.name)
+                ok, seen = False, f"health check error: {exc!r}"
             if ok:
                 failures = 0
                 if self.state != S.SERVICE_STATE_HEALTHY:

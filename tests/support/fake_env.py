@@ -18,6 +18,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from common.errors import EngineUnavailableError
 from nodeagent.services import process
 from providers.base import ExecChunk
 
@@ -49,6 +50,8 @@ class HealthRule:
 
     fail_first: int | None = 0
     port: int = 0
+    # Before answering, this many checks fail in the engine (the exec raises).
+    engine_errors: int = 0
 
 
 @dataclass
@@ -149,6 +152,15 @@ class FakeEnv:
     ) -> AsyncIterator[ExecChunk]:
         return self._exec(tuple(argv), dict(env or {}))
 
+    async def run(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes, bytes]:
+        out, err, code = b"", b"", -1
+        async for chunk in self.exec(argv, env):
+            out, err = out + chunk.stdout, err + chunk.stderr
+            code = chunk.exit_code if chunk.exit_code is not None else code
+        return code, out, err
+
     async def _exec(self, argv: tuple[str, ...], env: dict[str, str]) -> AsyncIterator[ExecChunk]:
         self.commands.append(argv)
         await asyncio.sleep(0)  # an exec is never synchronous
@@ -215,6 +227,10 @@ class FakeEnv:
             yield ExecChunk(exit_code=0 if ok else 1)
             return
         if argv[0] == "check-health" and len(argv) == 2:
+            rule = self.health.get(argv[1], HealthRule())
+            if rule.engine_errors > 0:
+                rule.engine_errors -= 1
+                raise EngineUnavailableError("the engine dropped the exec (simulated)")
             ok = self._check(argv[1])
             yield ExecChunk(stdout=b"ok\n" if ok else b"not yet\n", exit_code=0 if ok else 1)
             return

@@ -247,6 +247,28 @@ async def test_siblings_start_concurrently(env: FakeEnv, make_sup: SupFactory) -
     assert {st.state for st in final(events).values()} == {HEALTHY}
 
 
+async def test_a_check_the_engine_fails_counts_as_a_failed_check(
+    env: FakeEnv, make_sup: SupFactory
+) -> None:
+    """An engine error in a check (LXD dropping an exec) is one failed try: the
+    checker goes on, instead of dying and leaving the service starting forever."""
+    sup = make_sup(env)
+    env.health["a"] = HealthRule(fail_first=0, engine_errors=3)
+    events = await collect(sup, [svc("a", health=command_check("a", retries=5))])
+    assert final(events)["a"].state == HEALTHY
+    messages = [ev.message for ev in events]
+    assert "a: healthy (check command exited 0: ok)" in messages, messages
+
+    env.health["b"] = HealthRule(fail_first=0, engine_errors=10)
+    events = await collect(sup, [svc("b", health=command_check("b", retries=3))])
+    st = final(events)["b"]
+    assert st.state == FAILED
+    assert st.detail == (
+        "health check never passed after 3 tries: could not run the check: "
+        "the engine dropped the exec (simulated)"
+    )
+
+
 async def test_health_gate_failure_fails_service_and_dependents(
     env: FakeEnv, make_sup: SupFactory
 ) -> None:
