@@ -168,6 +168,25 @@ class Provider(abc.ABC):
     ) -> AsyncIterator[ExecChunk]:
         """Run argv (no shell) inside; yield output, then one chunk with exit_code."""
 
+    async def run(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+    ) -> tuple[int, bytes, bytes]:
+        """Run argv to completion: (exit code, stdout, stderr), for output wanted whole.
+
+        An engine may do this more reliably than a stream (LXD does).
+        """
+        out, err, code = bytearray(), bytearray(), -1
+        async for chunk in self.exec(workspace, argv, env, workdir):
+            out += chunk.stdout
+            err += chunk.stderr
+            if chunk.exit_code is not None:
+                code = chunk.exit_code
+        return code, bytes(out), bytes(err)
+
     @abc.abstractmethod
     def logs(
         self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0

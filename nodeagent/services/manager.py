@@ -31,6 +31,11 @@ class ProviderEnv:
     ) -> AsyncIterator[ExecChunk]:
         return self.provider.exec(self.workspace, argv, env)
 
+    async def run(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes, bytes]:
+        return await self.provider.run(self.workspace, argv, env)
+
     async def endpoint(self, port: int, published: bool = False) -> tuple[str, int] | None:
         status = await self.provider.inspect(self.workspace)
         if not published:

@@ -53,6 +53,11 @@ class Env(Protocol):
         self, argv: Sequence[str], env: Mapping[str, str] | None = None
     ) -> AsyncIterator[ExecChunk]: ...
 
+    async def run(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """To completion, output whole: what the supervisor's own commands use."""
+
     async def endpoint(self, port: int, published: bool = False) -> tuple[str, int] | None:
         """Where the node reaches ``port`` of the environment, if it can.
 
@@ -66,13 +71,7 @@ async def run(
     env: Env, argv: Sequence[str], environment: Mapping[str, str] | None = None
 ) -> tuple[int, bytes, bytes]:
     """Run argv to completion: (exit code, stdout, stderr)."""
-    out, err, code = b"", b"", -1
-    async for chunk in env.exec(argv, environment):
-        out += chunk.stdout
-        err += chunk.stderr
-        if chunk.exit_code is not None:
-            code = chunk.exit_code
-    return code, out, err
+    return await env.run(argv, environment)
 
 
 def service_dir(name: str) -> str:

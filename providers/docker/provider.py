@@ -48,13 +48,13 @@ from providers.docker.errors import docker_errors, translate
 from providers.docker.images import DEFAULT_PULL_STALL_TIMEOUT, ensure_image
 from providers.docker.streams import (
     STDERR,
-    Closer,
-    ThreadedStream,
+    THREAD_PREFIX,
     exec_frames,
     open_log_records,
     shutdown_socket,
 )
 from providers.docker.terminal import DockerTerminal
+from providers.threaded import Closer, ThreadedStream
 
 T = TypeVar("T")
 
@@ -453,7 +453,7 @@ class DockerProvider(Provider):
             return exec_frames(sock), lambda: shutdown_socket(sock)
 
         stream: ThreadedStream[tuple[int, bytes]] = ThreadedStream(
-            f"exec-{workspace}", open_exec, as_exec_error
+            f"{THREAD_PREFIX}exec-{workspace}", open_exec, as_exec_error
         )
         try:
             async for stream_id, data in stream:
@@ -537,7 +537,7 @@ class DockerProvider(Provider):
             )
 
         stream: ThreadedStream[builtins.list[LogRecord]] = ThreadedStream(
-            f"logs-{workspace}",
+            f"{THREAD_PREFIX}logs-{workspace}",
             open_logs,
             lambda exc: translate(exc, where=self.where, action=action),
         )

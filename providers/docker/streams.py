@@ -1,28 +1,19 @@
-"""Streaming helpers: blocking docker-py streams read in threads, fed to asyncio.
+"""Docker's streams: exec sockets, multiplexed log frames, timestamps.
 
-Docker's log and exec streams are blocking socket reads. Each one gets its own
-daemon thread (never an executor slot: a followed log can last for days and
-would starve every other ``asyncio.to_thread`` call) that hands what it reads
-to the event loop through a bounded buffer. Closing the async side shuts the
-socket down, so the thread blocked in ``recv`` returns at once; nothing is
-left behind when the consumer cancels.
+Blocking readers for ``providers.threaded.ThreadedStream``: closing shuts the
+socket down, so a thread blocked in ``recv`` returns at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import calendar
-import collections
 import contextlib
 import functools
-import logging
 import re
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import docker.errors
 import docker.types
@@ -30,10 +21,7 @@ import requests.exceptions
 from docker.utils.socket import frames_iter
 
 from providers.base import LogRecord
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
+from providers.threaded import Closer
 
 # Stream ids of Docker's multiplexed stream format (the first byte of each frame header).
 STDOUT = 1
@@ -44,170 +32,6 @@ _FRAME_HEADER = struct.Struct(">BxxxL")
 # Every reader thread of this module has a name starting with this, so tests
 # (and operators looking at a thread dump) can find them.
 THREAD_PREFIX = "vendetta-docker-"
-
-Closer = Callable[[], None]
-Opener = Callable[[], tuple[Iterable[T], Closer]]
-
-
-@dataclass(frozen=True)
-class _Item(Generic[T]):
-    value: T
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: Exception
-
-
-@dataclass(frozen=True)
-class _End:
-    pass
-
-
-class ThreadedStream(Generic[T]):
-    """An async iterator over a blocking stream that a daemon thread reads.
-
-    ``open_stream`` runs in the thread (opening blocks too) and returns the items
-    to iterate and a ``close`` callable that unblocks a read in progress (e.g. a
-    socket shutdown). Errors of the thread are re-raised by ``__anext__`` as
-    ``on_error(exc)``, chained. Always ``await aclose()`` (in a ``finally``).
-
-    At most ``maxsize`` items wait for the consumer: then the thread waits too,
-    so a slow consumer slows the read instead of filling memory.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        open_stream: Opener[T],
-        on_error: Callable[[Exception], Exception],
-        *,
-        maxsize: int = 256,
-    ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._open = open_stream
-        self._on_error = on_error
-        # Filled by the thread, drained by the loop (deque appends/pops are thread-safe);
-        # _ready wakes the consumer, _room holds the thread back when the consumer lags.
-        self._buffer: collections.deque[_Item[T] | _Failed | _End] = collections.deque()
-        self._ready = asyncio.Event()
-        self._wake_pending = False  # a _wake is scheduled on the loop: no need for another
-        self._room = threading.Semaphore(maxsize)
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._closer: Closer | None = None
-        self._done = False
-        self._finished = asyncio.Event()
-        self._thread = threading.Thread(target=self._run, name=THREAD_PREFIX + name, daemon=True)
-        self._thread.start()
-
-    # -- reader thread ---------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            self._read()
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                self._loop.call_soon_threadsafe(self._finished.set)
-
-    def _read(self) -> None:
-        try:
-            items, closer = self._open()
-        except Exception as exc:
-            self._put(_Failed(exc))
-            return
-        with self._lock:
-            stopping = self._stopping
-            self._closer = closer
-        try:
-            if stopping:
-                return
-            for item in items:
-                if not self._put(_Item(item)):
-                    return
-        except Exception as exc:
-            if not self._is_stopping():
-                self._put(_Failed(exc))
-            return
-        finally:
-            self._close_stream()
-        self._put(_End())
-
-    def _is_stopping(self) -> bool:
-        with self._lock:
-            return self._stopping
-
-    def _put(self, event: _Item[T] | _Failed | _End) -> bool:
-        """Hand ``event`` to the loop, waiting while the consumer lags; False once stopped."""
-        while not self._room.acquire(timeout=0.25):
-            if self._is_stopping() or self._loop.is_closed():
-                return False
-        if self._is_stopping():
-            return False
-        self._buffer.append(event)
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop is closed
-                return False
-        return True
-
-    def _close_stream(self) -> None:
-        with self._lock:
-            closer, self._closer = self._closer, None
-        if closer is not None:
-            try:
-                closer()
-            except Exception as exc:  # closing is best effort; the read ends anyway
-                log.debug("closing %s: %r", self._thread.name, exc)
-
-    # -- event loop side -------------------------------------------------------
-
-    def _wake(self) -> None:
-        # Reset before waking: whatever the thread appends from now on schedules a new wake.
-        self._wake_pending = False
-        self._ready.set()
-
-    def __aiter__(self) -> ThreadedStream[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        if self._done:
-            raise StopAsyncIteration
-        while not self._buffer:
-            self._ready.clear()
-            if self._buffer:  # appended between the check and the clear
-                break
-            await self._ready.wait()
-        event = self._buffer.popleft()
-        self._room.release()
-        if isinstance(event, _Item):
-            return event.value
-        self._done = True
-        if isinstance(event, _Failed):
-            raise self._on_error(event.error) from event.error
-        raise StopAsyncIteration
-
-    async def aclose(self, grace: float = 5.0) -> None:
-        """Stop the reader: close its stream, then wait (up to ``grace``) for the thread."""
-        with self._lock:
-            self._stopping = True
-        self._done = True
-        self._close_stream()
-        self._buffer.clear()
-        self._room.release()  # wake a reader waiting for room: it sees the stop
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await self._finished.wait()
-        # The thread has returned from its target; joining only lets it exit (microseconds).
-        self._thread.join(timeout=0.1)
-        if self._thread.is_alive():
-            log.warning("reader thread %s did not stop within %.1fs", self._thread.name, grace)
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
 
 # -- sockets --------------------------------------------------------------------

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from providers.base import ExecChunk, Terminal
-from providers.docker.streams import ThreadedStream, shutdown_socket
+from providers.docker.streams import THREAD_PREFIX, shutdown_socket
+from providers.threaded import ThreadedStream
 
 
 class DockerTerminal(Terminal):
@@ -28,7 +29,7 @@ class DockerTerminal(Terminal):
 
     async def output(self) -> AsyncIterator[ExecChunk]:
         stream: ThreadedStream[bytes] = ThreadedStream(
-            f"tty-{self._name}",
+            f"{THREAD_PREFIX}tty-{self._name}",
             lambda: (self._chunks(), lambda: shutdown_socket(self._sock)),
             lambda exc: exc,
         )

@@ -20,6 +20,7 @@ import builtins
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -54,14 +55,24 @@ from providers.base import (
     Terminal,
     check_env,
 )
-from providers.lxd import ports
+from providers.lxd import execs, ports
 from providers.lxd.command import launch_argv
 from providers.lxd.errors import lxd_errors, translate
 from providers.lxd.logs import LogReader
-from providers.lxd.terminal import LxdTerminal, open_terminal
-from providers.lxd.websocket import HandshakeError
+from providers.lxd.terminal import LxdTerminal, exit_code, open_terminal
+from providers.lxd.websocket import THREAD_PREFIX, HandshakeError, WebSocket
+from providers.threaded import ThreadedStream, merge
 
 T = TypeVar("T")
+
+
+def _not_pool_full(record: logging.LogRecord) -> bool:
+    # pylxd's unix-socket pool keeps one connection; concurrent calls open more, and
+    # urllib3 warns each time it drops one. That is expected here, not news for the log.
+    return not record.getMessage().startswith("Connection pool is full")
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_not_pool_full)
 
 DEFAULT_LXD_SOCKET = "/var/lib/lxd/unix.socket"
 
@@ -73,7 +84,6 @@ KEY_COMMAND = "user.vendetta.command"
 
 MAX_IMAGES = 20
 MAX_NAME = 63  # LXD instance names are hostnames
-THREAD_PREFIX = "vendetta-lxd-"
 # How long to retry an operation LXD refuses because another one runs on the instance.
 BUSY_WAIT = 30.0
 # Starts tried when a published port's node port is taken between our check and LXD's listen.
@@ -570,10 +580,68 @@ class LxdProvider(Provider):
     ) -> AsyncGenerator[ExecChunk, None]:
         """Run argv (no shell) in the running environment; output chunks, then the exit code.
 
-        pylxd's ``execute`` blocks until the command ends, so it runs in its own
-        daemon thread whose output handlers hand chunks to the loop. Cancelling
-        stops the stream at once, but pylxd has no way to abort an exec: the
-        command (and that thread) run on until the command ends.
+        On websockets of our own (see ``execs``), stdin at end-of-file. Each output
+        stream is read in a daemon thread; leaving early (cancelled, or the caller
+        stops reading) kills the command, as nobody reads its output any more.
+        """
+        validate_name("workspace", workspace)
+        if not argv:
+            raise InvalidArgumentError("exec needs a command: argv is empty")
+        check_env(env or {})
+        info = await self._require(workspace)
+        if info.get("status") != "Running":
+            raise FailedPreconditionError(self._not_running(workspace))
+        name = str(info["name"])
+        action = f"running {argv[0]!r} in {workspace!r}"
+
+        def as_exec_error(exc: BaseException) -> VendettaError:
+            if isinstance(exc, HandshakeError):
+                return FailedPreconditionError(f"{action}: LXD refused the exec: {exc}")
+            error = translate(exc, where=self.where, action=action)
+            if isinstance(error, FailedPreconditionError) and "not running" in str(error):
+                return FailedPreconditionError(self._not_running(workspace))
+            return error
+
+        try:
+            ex = await self._run(
+                action, lambda c: execs.open_exec(c, name, argv, env or {}, workdir or None)
+            )
+        except (HandshakeError, OSError, FailedPreconditionError) as exc:
+            raise as_exec_error(exc) from exc
+        finished = False
+
+        def reader(kind: str, ws: WebSocket) -> ThreadedStream[bytes]:
+            return ThreadedStream(
+                f"{THREAD_PREFIX}exec-{kind}-{workspace}",
+                lambda: (ws.messages(), ws.close),
+                as_exec_error,
+            )
+
+        streams = {"stdout": reader("stdout", ex.stdout), "stderr": reader("stderr", ex.stderr)}
+        try:
+            async for kind, data in merge(streams):
+                yield ExecChunk(stdout=data) if kind == "stdout" else ExecChunk(stderr=data)
+            code = await self._run(action, lambda c: exit_code(c, ex.operation))
+            finished = True
+            yield ExecChunk(exit_code=code)
+        finally:
+            if not finished:
+                ex.kill()  # a small message on a local socket: it does not block
+            ex.close()
+            for stream in streams.values():
+                await stream.aclose()
+
+    async def run(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+    ) -> tuple[int, bytes, bytes]:
+        """Run argv to completion, its output recorded by LXD (see ``execs.run_recorded``).
+
+        In a daemon thread of its own, not an executor slot: a command may run for
+        long. Cancelling stops the wait; the command runs on, as LXD cannot stop it.
         """
         validate_name("workspace", workspace)
         if not argv:
@@ -586,45 +654,35 @@ class LxdProvider(Provider):
         action = f"running {argv[0]!r} in {workspace!r}"
         client = await self._lxd()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ExecChunk | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
+        result: asyncio.Future[tuple[int, bytes, bytes]] = loop.create_future()
 
-        def put(item: ExecChunk | BaseException) -> None:
-            if not cancelled.is_set():
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+        def deliver(outcome: tuple[int, bytes, bytes] | BaseException) -> None:
+            if result.done():
+                return  # cancelled: nobody waits
+            if isinstance(outcome, BaseException):
+                result.set_exception(outcome)
+            else:
+                result.set_result(outcome)
 
-        def run() -> None:
+        def work() -> None:
+            outcome: tuple[int, bytes, bytes] | BaseException
             try:
-                instance = client.instances.get(name)
-                result = instance.execute(
-                    list(argv),
-                    environment=dict(env or {}),
-                    cwd=workdir or None,
-                    decode=False,
-                    stdout_handler=lambda data: put(ExecChunk(stdout=bytes(data))),
-                    stderr_handler=lambda data: put(ExecChunk(stderr=bytes(data))),
-                )
-                code = result.exit_code
-                put(ExecChunk(exit_code=int(code) if code is not None else -1))
+                with lxd_errors(self.where, action):
+                    outcome = execs.run_recorded(
+                        client, name, argv, env or {}, workdir or None, result.done
+                    )
             except Exception as exc:
-                put(exc)
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(deliver, outcome)
 
-        thread = threading.Thread(target=run, name=f"{THREAD_PREFIX}exec-{workspace}", daemon=True)
-        thread.start()
+        threading.Thread(target=work, name=f"{THREAD_PREFIX}run-{workspace}", daemon=True).start()
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    error = translate(item, where=self.where, action=action)
-                    if isinstance(error, FailedPreconditionError) and "not running" in str(error):
-                        raise FailedPreconditionError(self._not_running(workspace)) from item
-                    raise error from item
-                yield item
-                if item.exit_code is not None:
-                    return
-        finally:
-            cancelled.set()
+            return await result
+        except FailedPreconditionError as exc:
+            if "not running" in str(exc):  # stopped since we looked
+                raise FailedPreconditionError(self._not_running(workspace)) from exc
+            raise
 
     async def attach(
         self,

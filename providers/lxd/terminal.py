@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -28,13 +27,14 @@ from typing import Any
 import pylxd.exceptions
 
 from providers.base import ExecChunk, Terminal
-from providers.lxd.websocket import WebSocket
+from providers.lxd.websocket import THREAD_PREFIX, WebSocket
+from providers.threaded import ThreadedStream
 
 # How long to wait for LXD to record the exit code once the output has ended.
 EXIT_WAIT = 30.0
 
 
-def _operation_id(operation: str) -> str:
+def operation_id(operation: str) -> str:
     return operation.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
@@ -60,7 +60,7 @@ def open_terminal(
     body = response.json()
     operation = str(body["operation"])
     fds = body["metadata"]["metadata"]["fds"]
-    resource = f"/1.0/operations/{_operation_id(operation)}/websocket?secret="
+    resource = f"/1.0/operations/{operation_id(operation)}/websocket?secret="
     data = WebSocket.connect(client.websocket_url, resource + str(fds["0"]))
     try:
         control = WebSocket.connect(client.websocket_url, resource + str(fds["control"]))
@@ -72,7 +72,7 @@ def open_terminal(
 
 def exit_code(client: Any, operation: str, within: float = EXIT_WAIT) -> int:
     """The exit code LXD recorded for the exec ``operation`` (-1 if it never says)."""
-    node = client.api.operations[_operation_id(operation)]
+    node = client.api.operations[operation_id(operation)]
     deadline = time.monotonic() + within
     while True:
         remaining = deadline - time.monotonic()
@@ -84,9 +84,6 @@ def exit_code(client: Any, operation: str, within: float = EXIT_WAIT) -> int:
             break
     code = (meta.get("metadata") or {}).get("return")
     return int(code) if isinstance(code, int) else -1
-
-
-OUTPUT_BACKLOG = 256
 
 
 class LxdTerminal(Terminal):
@@ -102,34 +99,18 @@ class LxdTerminal(Terminal):
         self._closed = False
 
     async def output(self) -> AsyncIterator[ExecChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        def put(item: bytes | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        # At most OUTPUT_BACKLOG messages wait for a slow reader: then this thread
-        # waits too, and LXD (then the command) with it, instead of memory growing.
-        room = threading.Semaphore(OUTPUT_BACKLOG)
-
-        def read() -> None:
-            try:
-                # LXD marks the end of the output with an empty message, then waits for
-                # us to close before it finishes the operation.
-                while data := self._data.recv():
-                    while not room.acquire(timeout=0.5):
-                        if self._closed:
-                            return
-                    put(data)
-            finally:
-                self._data.close()
-                put(None)
-
-        threading.Thread(target=read, name=f"vendetta-lxd-tty-{self._name}", daemon=True).start()
-        while (data := await queue.get()) is not None:
-            room.release()
-            yield ExecChunk(stdout=data)
+        # LXD marks the end of the output with an empty message, then waits for us to
+        # close the data socket before it finishes the operation.
+        stream: ThreadedStream[bytes] = ThreadedStream(
+            f"{THREAD_PREFIX}tty-{self._name}",
+            lambda: (self._data.messages(), self._data.close),
+            lambda exc: exc,
+        )
+        try:
+            async for data in stream:
+                yield ExecChunk(stdout=data)
+        finally:
+            await stream.aclose()
         self._ended = True
         if self._closed:
             return  # we hung up: nobody waits for an exit code

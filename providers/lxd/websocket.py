@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Iterator
 from urllib.parse import unquote, urlparse
 
 import websocket
+
+# Every thread reading one of our websockets has a name starting with this.
+THREAD_PREFIX = "vendetta-lxd-"
 
 # websocket-client answers a server's close with its own and pings with pongs, in recv.
 _DATA = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
@@ -87,6 +91,11 @@ class WebSocket:
             return None  # the server's close (already answered)
         payload: bytes | str = data
         return payload.encode() if isinstance(payload, str) else payload
+
+    def messages(self) -> Iterator[bytes]:
+        """Data messages until the connection closes, or an empty one (LXD's end of output)."""
+        while data := self.recv():
+            yield data
 
     def _send(self, payload: bytes | str, opcode: int) -> None:
         try:
