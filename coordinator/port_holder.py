@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import socket
 from pathlib import Path
 
 _LISTEN = "0A"  # TCP state code in /proc/net/tcp
-
-
-def port_is_free(port: int) -> bool:
-    """Whether ``127.0.0.1:port`` can be listened on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
 
 
 def _listening_inodes(port: int, proc: Path) -> set[str]:

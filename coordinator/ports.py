@@ -13,8 +13,9 @@ import errno
 import logging
 
 from common.errors import FailedPreconditionError, VendettaError
+from common.loopback import is_free
 from coordinator.nodes import NodeRegistry
-from coordinator.port_holder import port_is_free, who_holds
+from coordinator.port_holder import who_holds
 from coordinator.store import Store
 from coordinator.transports.base import Forward
 from vendetta.v1 import common_pb2
@@ -42,7 +43,7 @@ class PortManager:
             current = self._forwards.get((workspace, service))
             if current is not None and current[0].port == port:
                 continue
-            if not port_is_free(port):
+            if not is_free(port):
                 raise FailedPreconditionError(
                     f"services.{service}.local_port: port {port} on this machine is held by "
                     f"{self.holder(port)}; stop it or choose another local_port (nothing was "

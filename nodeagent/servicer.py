@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc.aio
@@ -119,12 +119,8 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         async for chunk in provider.exec(
             request.workspace, list(request.argv), dict(request.env), request.workdir
         ):
-            if chunk.stdout:
-                yield common_pb2.ExecOutput(stdout=chunk.stdout)
-            if chunk.stderr:
-                yield common_pb2.ExecOutput(stderr=chunk.stderr)
-            if chunk.exit_code is not None:
-                yield common_pb2.ExecOutput(exit_code=chunk.exit_code)
+            for out in _exec_outputs(chunk):
+                yield out
 
     async def StreamLogs(
         self, request: nodeagent_pb2.AgentLogsRequest, context: Ctx
@@ -214,7 +210,8 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         if not start.tty:
             # Plain pipes: a command whose output and exit code come back.
             async for chunk in provider.exec(start.workspace, argv, dict(start.env)):
-                yield _exec_output(chunk)
+                for out in _exec_outputs(chunk):
+                    yield out
             return
         size = start.size
         terminal = await provider.attach(
@@ -232,7 +229,8 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         inputs = asyncio.create_task(pump_input())
         try:
             async for chunk in terminal.output():
-                yield _exec_output(chunk)
+                for out in _exec_outputs(chunk):
+                    yield out
         finally:
             inputs.cancel()
             await asyncio.gather(inputs, return_exceptions=True)
@@ -246,24 +244,22 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         async for chunk in self.services.hook(
             request.workspace, request.provider, request.name, request.command
         ):
-            if chunk.stdout:
-                yield common_pb2.ExecOutput(stdout=chunk.stdout)
-            if chunk.stderr:
-                yield common_pb2.ExecOutput(stderr=chunk.stderr)
-            if chunk.exit_code is not None:
-                yield common_pb2.ExecOutput(exit_code=chunk.exit_code)
+            for out in _exec_outputs(chunk):
+                yield out
 
 
 # A login shell: bash where the image has it, else sh.
 LOGIN_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"]
 
 
-def _exec_output(chunk: ExecChunk) -> common_pb2.ExecOutput:
-    if chunk.exit_code is not None:
-        return common_pb2.ExecOutput(exit_code=chunk.exit_code)
+def _exec_outputs(chunk: ExecChunk) -> Iterator[common_pb2.ExecOutput]:
+    """The messages for one chunk: its output (each stream), then its exit code."""
+    if chunk.stdout:
+        yield common_pb2.ExecOutput(stdout=chunk.stdout)
     if chunk.stderr:
-        return common_pb2.ExecOutput(stderr=chunk.stderr)
-    return common_pb2.ExecOutput(stdout=chunk.stdout)
+        yield common_pb2.ExecOutput(stderr=chunk.stderr)
+    if chunk.exit_code is not None:
+        yield common_pb2.ExecOutput(exit_code=chunk.exit_code)
 
 
 async def merge(

@@ -16,13 +16,12 @@ LXD share the host, so "free" is checked by binding here.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from common.loopback import LOOPBACK, free_ports, is_free
+
 DEVICE_PREFIX = "vd-port-"
-LOOPBACK = "127.0.0.1"
 
 
 def device_name(port: int) -> str:
@@ -62,39 +61,6 @@ def ours(devices: Mapping[str, Any]) -> dict[int, int]:
 def published(devices: Mapping[str, Any]) -> dict[int, str]:
     """Inside port -> ``127.0.0.1:PORT`` on the node, as ``EnvironmentStatus.ports`` has it."""
     return {inside: f"{LOOPBACK}:{node}" for inside, node in sorted(ours(devices).items())}
-
-
-def is_free(port: int) -> bool:
-    """Whether a listener could bind ``127.0.0.1:port`` on this host now (as forkproxy does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # As Go listeners do: a connection in TIME_WAIT does not make the port taken.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
-    """``count`` distinct ports free on the node's loopback, none in ``avoid``.
-
-    The sockets are held together while choosing, so the kernel never hands
-    out one port twice.
-    """
-    with contextlib.ExitStack() as stack:
-        chosen: list[int] = []
-        for _ in range(count + len(avoid)):
-            if len(chosen) == count:
-                break
-            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind((LOOPBACK, 0))
-            port = int(s.getsockname()[1])
-            if port not in avoid:
-                chosen.append(port)
-        if len(chosen) < count:
-            raise OSError(f"could not find {count} free ports on {LOOPBACK}")
-        return chosen
 
 
 def devices_for(ports: Iterable[int], avoid: Collection[int] = ()) -> dict[str, dict[str, str]]:

@@ -24,11 +24,11 @@ stall for far longer (its own retries into a slow guest back off).
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
+
+from common.loopback import LOOPBACK, free_ports
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -36,7 +36,7 @@ ET.register_namespace("qemu", QEMU_NS)
 # slirp's default network is 10.0.2.0/24 with the node at 10.0.2.2; .15 is the
 # address its DHCP would hand out. The guest sets it statically (no DHCP wait).
 GUEST_ADDRESS = "10.0.2.15"
-NODE_ADDRESS = "127.0.0.1"
+NODE_ADDRESS = LOOPBACK
 NETDEV_ID = "vdnet0"
 # QEMU's error when it cannot listen on a node port (taken since it was picked).
 _CONFLICT = "host forwarding rule"
@@ -144,21 +144,10 @@ def forwards_of(root: ET.Element) -> dict[int, int]:
 def pick_node_ports(count: int) -> list[int]:
     """``count`` distinct ports free on the node's loopback right now. Blocking.
 
-    Each is held until all are picked so they differ; QEMU binds them a moment
-    later, and a port taken in between fails the start (see :func:`is_conflict`),
-    which the caller retries with new ports.
+    QEMU binds them a moment later, and a port taken in between fails the start
+    (see :func:`is_conflict`), which the caller retries with new ports.
     """
-    held: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(s)
-            s.bind((NODE_ADDRESS, 0))
-        return [int(s.getsockname()[1]) for s in held]
-    finally:
-        for s in held:
-            with contextlib.suppress(OSError):
-                s.close()
+    return free_ports(count, host=NODE_ADDRESS)
 
 
 def pick_forwards(ports: Iterable[int]) -> dict[int, int]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from common.loopback import free_ports, is_free
 from providers.lxd import ports
 
 
@@ -42,15 +43,15 @@ def test_devices_are_read_back_as_status_ports() -> None:
 
 
 def test_free_ports_are_distinct_free_and_avoid_what_is_asked(squatter: int) -> None:
-    chosen = ports.free_ports(5)
-    assert len(set(chosen)) == 5 and all(ports.is_free(p) for p in chosen)
-    assert squatter not in chosen and not ports.is_free(squatter)
-    avoided = ports.free_ports(3, avoid=chosen)
+    chosen = free_ports(5)
+    assert len(set(chosen)) == 5 and all(is_free(p) for p in chosen)
+    assert squatter not in chosen and not is_free(squatter)
+    avoided = free_ports(3, avoid=chosen)
     assert not set(avoided) & set(chosen)
 
 
 def test_only_taken_node_ports_are_repicked(squatter: int) -> None:
-    free = ports.free_ports(1)[0]
+    free = free_ports(1)[0]
     devices = {
         "vd-port-80": ports.proxy_device(80, squatter),
         "vd-port-81": ports.proxy_device(81, free),
@@ -58,7 +59,7 @@ def test_only_taken_node_ports_are_repicked(squatter: int) -> None:
     moved = ports.repicked(devices)
     assert list(moved) == ["vd-port-80"]
     new = ports.ours(moved)[80]
-    assert new not in (squatter, free) and ports.is_free(new)
+    assert new not in (squatter, free) and is_free(new)
     everything = ports.repicked(devices, everything=True)
     assert set(everything) == {"vd-port-80", "vd-port-81"}
     assert not {squatter, free} & set(ports.ours(everything).values())
