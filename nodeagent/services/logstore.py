@@ -1,12 +1,12 @@
-"""Per-service log lines: a bounded ring in memory, every line also on disk.
+"""Per-service log lines: a bounded ring in memory, the newest lines also on disk.
 
-On disk, each service has ``NAME.jsonl`` (records with time and stream, for
-history across agent restarts) and ``NAME.stdout.raw`` / ``NAME.stderr.raw``,
-byte copies of what was read from the environment, whose sizes are the
-offsets to resume tailing from after a restart. A line not yet ended when the
-agent stopped is taken up again from the end of its raw file; ``NAME.STREAM.flushed``
-holds the raw offset up to which such a line was already made a record (see
-:meth:`ServiceLog.flush`).
+On disk, each service has ``NAME.jsonl`` (records with time and stream, to
+fill the ring again after an agent restart), rotated to ``NAME.jsonl.1`` past
+``JSONL_MAX`` bytes, so a chatty service costs at most twice that. Per output
+stream, ``NAME.STREAM.pos`` says how many bytes of the environment's output
+file were taken in, and the line not yet ended among them: where a restarted
+agent's tail starts again. Records are written before the position, so a crash
+between the two repeats lines rather than losing them.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from providers.base import LogRecord
 
 RING_LINES = 5000  # per service: bounded memory whatever a service prints
+JSONL_MAX = 8 * 1024 * 1024  # then rotate: several times RING_LINES of ordinary lines
 STREAMS = ("stdout", "stderr")
-_BLOCK = 65536
 
 
 class ServiceLog:
@@ -32,91 +33,85 @@ class ServiceLog:
         self.dir = directory
         self.ring: collections.deque[LogRecord] = collections.deque(maxlen=RING_LINES)
         self._partial = {"stdout": b"", "stderr": b""}
-        self._fed = {"stdout": 0, "stderr": 0}  # raw bytes taken into _partial or records
+        self._fed = {"stdout": 0, "stderr": 0}  # output bytes taken into _partial or records
         self._changed = asyncio.Condition()
         self._seq = 0
+        # One feed or flush at a time: records keep the order of the output.
+        self._writing = asyncio.Lock()
         self._load()
 
-    def _jsonl(self) -> Path:
-        return self.dir / f"{self.service}.jsonl"
+    def _jsonl(self, generation: str = "") -> Path:
+        return self.dir / f"{self.service}.jsonl{generation}"
 
-    def _raw(self, stream: str) -> Path:
-        return self.dir / f"{self.service}.{stream}.raw"
+    def _pos(self, stream: str) -> Path:
+        return self.dir / f"{self.service}.{stream}.pos"
 
-    def _flushed(self, stream: str) -> Path:
-        return self.dir / f"{self.service}.{stream}.flushed"
+    def _history(self) -> Iterator[str]:
+        for path in (self._jsonl(".1"), self._jsonl()):
+            with contextlib.suppress(FileNotFoundError), path.open() as f:
+                yield from f
 
     def _load(self) -> None:
-        with contextlib.suppress(FileNotFoundError), self._jsonl().open() as f:
-            for line in collections.deque(f, maxlen=RING_LINES):
-                with contextlib.suppress(ValueError, KeyError):
-                    d = json.loads(line)
-                    self.ring.append(LogRecord(d["t"], d["s"], d["x"], self.service))
+        for line in collections.deque(self._history(), maxlen=RING_LINES):
+            with contextlib.suppress(ValueError, KeyError):
+                d = json.loads(line)
+                self.ring.append(LogRecord(d["t"], d["s"], d["x"], self.service))
         for stream in STREAMS:
-            self._partial[stream] = self._unfinished_line(stream)
-            self._fed[stream] = self.offset(stream)
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+                pos = json.loads(self._pos(stream).read_text())
+                self._fed[stream] = int(pos["fed"])
+                self._partial[stream] = bytes.fromhex(pos["partial"])
+                continue
+            self._migrate(stream)
 
-    def _unfinished_line(self, stream: str) -> bytes:
-        """The raw file's bytes after its last newline: counted in the offset, not a record yet."""
-        try:
-            with self._raw(stream).open("rb") as f:
-                end = pos = f.seek(0, 2)
-                tail = b""
-                while pos > 0 and b"\n" not in tail:
-                    step = min(_BLOCK, pos)
-                    pos -= step
-                    f.seek(pos)
-                    tail = f.read(step) + tail
-        except FileNotFoundError:
-            return b""
-        partial = tail.rsplit(b"\n", 1)[-1]
-        start = end - len(partial)
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            flushed = int(self._flushed(stream).read_text())
-            if flushed > start:
-                partial = partial[flushed - start :]
-        return partial
+    def _migrate(self, stream: str) -> None:
+        """Earlier agents kept a byte copy of the output (``.raw``): its size is the position."""
+        raw = self.dir / f"{self.service}.{stream}.raw"
+        with contextlib.suppress(FileNotFoundError):
+            self._fed[stream] = raw.stat().st_size
+            self._save_pos(stream, self._fed[stream], b"")
+            raw.unlink()
+            (self.dir / f"{self.service}.{stream}.flushed").unlink(missing_ok=True)
+
+    def _save_pos(self, stream: str, fed: int, partial: bytes) -> None:
+        path = self._pos(stream)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fed": fed, "partial": partial.hex()}))
+        os.replace(tmp, path)
 
     def offset(self, stream: str) -> int:
-        try:
-            return self._raw(stream).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def fed(self, stream: str) -> int:
-        """Bytes of ``stream`` taken in so far: the offset, once a feed() under way is done."""
+        """Bytes of ``stream`` taken in so far: where following its output goes on."""
         return self._fed[stream]
 
     async def feed(self, stream: str, data: bytes) -> None:
         """Bytes read from the environment; complete lines become records."""
-        await asyncio.to_thread(self._append_raw, stream, data)
-        buf = self._partial[stream] + data
-        *lines, self._partial[stream] = buf.split(b"\n")
-        self._fed[stream] += len(data)
-        await self.add([(stream, ln.decode(errors="replace")) for ln in lines])
+        async with self._writing:
+            buf = self._partial[stream] + data
+            *lines, self._partial[stream] = buf.split(b"\n")
+            self._fed[stream] += len(data)
+            await self.add([(stream, ln.decode(errors="replace")) for ln in lines])
+            partial = self._partial[stream]
+            await asyncio.to_thread(self._save_pos, stream, self._fed[stream], partial)
 
     async def flush(self) -> None:
         """Make lines not ended by a newline records (the process that printed them is gone)."""
-        lines = [
-            (s, self._partial[s].decode(errors="replace")) for s in STREAMS if self._partial[s]
-        ]
-        if not lines:
-            return
-        marks = {s: self._fed[s] for s in STREAMS if self._partial[s]}
-        for stream in marks:
-            self._partial[stream] = b""
-        for stream, fed in marks.items():
-            await asyncio.to_thread(self._flushed(stream).write_text, str(fed))
-        await self.add(lines)
-
-    def _append_raw(self, stream: str, data: bytes) -> None:
-        with self._raw(stream).open("ab") as f:
-            f.write(data)
+        async with self._writing:
+            ended = [s for s in STREAMS if self._partial[s]]
+            lines = [(s, self._partial[s].decode(errors="replace")) for s in ended]
+            for stream in ended:
+                self._partial[stream] = b""
+            await self.add(lines)
+            for stream in ended:
+                await asyncio.to_thread(self._save_pos, stream, self._fed[stream], b"")
 
     def _append_jsonl(self, records: list[LogRecord]) -> None:
-        with self._jsonl().open("a") as f:
+        path = self._jsonl()
+        with path.open("a") as f:
             for r in records:
                 f.write(json.dumps({"t": r.time_unix_nano, "s": r.stream, "x": r.text}) + "\n")
+            full = f.tell() > JSONL_MAX
+        if full:
+            os.replace(path, self._jsonl(".1"))
 
     async def add(self, lines: list[tuple[str, str]]) -> None:
         if not lines:
@@ -160,7 +155,7 @@ class LogStore:
         return self._logs[service]
 
     def known(self) -> list[str]:
-        names = {p.name.split(".")[0] for p in self.dir.glob("*.jsonl")}
+        names = {p.name.split(".jsonl")[0] for p in self.dir.glob("*.jsonl*")}
         return sorted(names | set(self._logs))
 
     async def stream(

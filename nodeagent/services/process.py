@@ -37,6 +37,10 @@ echo "$code" >"$d/exit"
 exit "$code"
 """
 
+# Bytes from offset $2 (1-based) of file $1, at most $3 of them.
+READ_FROM = 'tail -c "+$2" "$1" | head -c "$3"'
+POLL_MAX = 4 * 1024 * 1024
+
 _TAIL = """
 echo $$ >"$1/tail-$2.pid"
 exec tail -c "+$3" -F "$1/$2" 2>/dev/null
@@ -209,15 +213,23 @@ async def poll_tail(
     feed: Callable[[str, bytes], Awaitable[None]],
     interval: float = 0.5,
 ) -> None:
-    """Read what the service wrote since ``offset``, every ``interval``, until cancelled."""
+    """Read what the service wrote since ``offset``, every ``interval``, until cancelled.
+
+    At most ``POLL_MAX`` bytes per read, so a backlog (a chatty service, an agent
+    that was down for a while) is taken in pieces, one right after the other.
+    """
     path = f"{service_dir(name)}/{stream}"
     while True:
+        out = b""
         with contextlib.suppress(VendettaError):
-            code, out, _ = await run(env, ["tail", "-c", f"+{offset + 1}", path])
+            code, out, _ = await run(
+                env, ["sh", "-c", READ_FROM, "vendetta-read", path, str(offset + 1), str(POLL_MAX)]
+            )
             if code == 0 and out:
                 offset += len(out)
                 await feed(stream, out)
-        await asyncio.sleep(interval)
+        if len(out) < POLL_MAX:
+            await asyncio.sleep(interval)
 
 
 async def stop_tails(env: Env, name: str) -> None:

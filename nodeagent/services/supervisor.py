@@ -108,7 +108,8 @@ class ServiceRunner:
             for stream in ("stdout", "stderr"):
                 path = f"{process.service_dir(self.svc.name)}/{stream}"
                 with contextlib.suppress(VendettaError):
-                    argv = ["tail", "-c", f"+{slog.fed(stream) + 1}", path]
+                    start = str(slog.offset(stream) + 1)  # is there one byte more?
+                    argv = ["sh", "-c", process.READ_FROM, "vendetta-read", path, start, "1"]
                     code, out, _ = await process.run(self.sup.env, argv)
                     behind = behind or (code == 0 and bool(out))
             if not behind:

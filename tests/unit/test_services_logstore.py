@@ -49,8 +49,11 @@ async def test_feed_joins_lines_split_across_chunks_per_stream(tmp_path: Path) -
     ]
     assert all(r.service == "web" for r in records)
     assert log.last_lines(2) == ["", "world"]
-    # Raw copies hold exactly the bytes read, partial line included.
-    assert (tmp_path / "web.stdout.raw").read_bytes() == b"hello\nworld\nnot yet"
+    # The position counts every byte read, the line not ended yet included.
+    assert json.loads((tmp_path / "web.stdout.pos").read_text()) == {
+        "fed": len(b"hello\nworld\nnot yet"),
+        "partial": b"not yet".hex(),
+    }
     assert log.offset("stdout") == len(b"hello\nworld\nnot yet")
     assert log.offset("stderr") == len(b"warning: x\n\n")
 
@@ -125,7 +128,37 @@ async def test_flush_ends_unterminated_lines_once(tmp_path: Path) -> None:
     await again.feed("stdout", b"t\n")
     await again.feed("stderr", b"more\n")
     assert again.last_lines() == ["done", "bye", "warn", "next", "more"]
-    assert (tmp_path / "job.stdout.raw").read_bytes() == b"done\nbyenext\n"
+    assert again.offset("stdout") == len(b"done\nbyenext\n")
+
+
+async def test_history_is_rotated_and_still_fills_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logstore, "JSONL_MAX", 200)
+    monkeypatch.setattr(logstore, "RING_LINES", 50)
+    log = ServiceLog(tmp_path, "chatty")
+    for i in range(42):
+        await log.feed("stdout", b"line %02d\n" % i)
+    # Two generations at most, each about JSONL_MAX: the disk stays bounded.
+    current, previous = tmp_path / "chatty.jsonl", tmp_path / "chatty.jsonl.1"
+    assert {p.name for p in tmp_path.glob("chatty.jsonl*")} == {current.name, previous.name}
+    assert all(p.stat().st_size <= 200 + 60 for p in (current, previous))
+    # A new agent fills its ring from both, oldest first.
+    kept = len(previous.read_text().splitlines()) + len(current.read_text().splitlines())
+    assert kept > len(current.read_text().splitlines())
+    again = ServiceLog(tmp_path, "chatty")
+    assert again.last_lines(50) == [f"line {i:02d}" for i in range(42 - kept, 42)]
+    assert LogStore(tmp_path).known() == ["chatty"]
+
+
+async def test_the_position_of_an_earlier_agent_is_taken_over(tmp_path: Path) -> None:
+    """Earlier agents kept a byte copy of the output; its size was the position."""
+    (tmp_path / "db.stdout.raw").write_bytes(b"ready\nhalf")
+    (tmp_path / "db.stdout.flushed").write_text("10")
+    log = ServiceLog(tmp_path, "db")
+    assert (log.offset("stdout"), log.offset("stderr")) == (10, 0)
+    assert not list(tmp_path.glob("db.stdout.raw")) and not list(tmp_path.glob("*.flushed"))
+    assert ServiceLog(tmp_path, "db").offset("stdout") == 10
 
 
 async def test_known_lists_services_on_disk_and_in_memory(tmp_path: Path) -> None:

@@ -625,3 +625,25 @@ async def test_stop_while_a_restart_is_starting_ends_the_new_process(
     assert env.signals == [("tick", second.pid, "TERM")]
     assert env.running() == []
     assert [s.state for s in statuses] == [STOPPED]
+
+
+async def test_a_polled_backlog_is_read_in_pieces_one_after_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(process, "POLL_MAX", 1000)
+    env = FakeEnv(long_exec_streams=False)
+    path = f"{process.service_dir('chatty')}/stdout"
+    env.files[path] = bytes(range(256)) * 40  # 10,240 bytes waiting
+    pieces: list[bytes] = []
+
+    async def feed(stream: str, data: bytes) -> None:
+        pieces.append(data)
+
+    # An interval far longer than the test: only reading on at once can finish it.
+    task = asyncio.create_task(process.poll_tail(env, "chatty", "stdout", 240, feed, interval=60))
+    try:
+        await wait_until(lambda: sum(map(len, pieces)) >= 10_000)
+    finally:
+        task.cancel()
+    assert b"".join(pieces) == env.files[path][240:]
+    assert [len(p) for p in pieces] == [1000] * 10
