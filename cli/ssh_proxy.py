@@ -51,7 +51,8 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
         size=common_pb2.TerminalSize(rows=rows or 24, cols=cols or 80),
         env={"TERM": term} if term else {},
     )
-    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    # Bounded: a large upload waits for the stream instead of filling memory.
+    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue(maxsize=64)
 
     async def pump_stdin() -> None:
         while True:
@@ -59,19 +60,16 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
                 data = await process.stdin.read(65536)
             except asyncssh.TerminalSizeChanged as change:
                 size = common_pb2.TerminalSize(rows=change.height, cols=change.width)
-                inputs.put_nowait(common_pb2.AttachInput(resize=size))
+                await inputs.put(common_pb2.AttachInput(resize=size))
                 continue
             except (asyncssh.BreakReceived, asyncssh.SignalReceived):
                 continue
             if not data:
-                inputs.put_nowait(common_pb2.AttachInput(stdin_eof=True))
+                await inputs.put(common_pb2.AttachInput(stdin_eof=True))
                 return
-            inputs.put_nowait(common_pb2.AttachInput(stdin=data))
+            await inputs.put(common_pb2.AttachInput(stdin=data))
 
-    # Without a terminal the agent runs the command with no stdin (as `connect --
-    # CMD` does): sending it anyway raced with a quick error at the stream's
-    # start and turned that error into gRPC's "Internal error from Core".
-    reader = asyncio.create_task(pump_stdin()) if start.tty else None
+    reader = asyncio.create_task(pump_stdin())
     try:
         async with coordinator() as c:
             code = await stream(c, start, inputs, process.stdout.write, process.stderr.write)
@@ -82,8 +80,7 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
         process.stderr.write(f"vendetta: {exc}\r\n".encode())
         code = SSH_FAILURE
     finally:
-        if reader is not None:
-            reader.cancel()
+        reader.cancel()
     with contextlib.suppress(Exception):
         await process.stdout.drain()
     process.exit(code)

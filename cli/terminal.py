@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
 import signal
 import sys
 import termios
+import threading
 import tty
 from collections.abc import AsyncIterator, Callable
 from typing import TextIO
@@ -51,6 +53,9 @@ async def session(
         loop.add_signal_handler(
             signal.SIGWINCH, lambda: queue.put_nowait(common_pb2.AttachInput(resize=_size()))
         )
+    else:
+        queue = asyncio.Queue(maxsize=STDIN_BACKLOG)
+        threading.Thread(target=_read_stdin, args=(fd, queue, loop), daemon=True).start()
     try:
         return await stream(c, start, queue, _write(sys.stdout), _write(sys.stderr))
     finally:
@@ -59,6 +64,31 @@ async def session(
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signal.SIGWINCH)
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+# Chunks of piped stdin read ahead of the stream (64 KiB each).
+STDIN_BACKLOG = 64
+
+
+def _read_stdin(
+    fd: int,
+    queue: asyncio.Queue[common_pb2.AttachInput | None],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Piped stdin to the session, then end-of-file; waits while the stream lags.
+
+    A thread: stdin may be a file, which the event loop cannot watch.
+    """
+
+    def put(msg: common_pb2.AttachInput) -> None:
+        asyncio.run_coroutine_threadsafe(queue.put(msg), loop).result()
+
+    try:
+        while data := os.read(fd, 65536):
+            put(common_pb2.AttachInput(stdin=data))
+        put(common_pb2.AttachInput(stdin_eof=True))
+    except (OSError, RuntimeError, concurrent.futures.CancelledError):
+        pass  # no stdin, or the session is over
 
 
 def _write(f: TextIO) -> Callable[[bytes], None]:
@@ -76,16 +106,24 @@ async def stream(
     stdout: Callable[[bytes], object],
     stderr: Callable[[bytes], object],
 ) -> int:
-    """One Connect stream: ``start``, then ``inputs`` until None; the remote exit code."""
+    """One Connect stream: ``start``, then ``inputs`` until None; the remote exit code.
+
+    Input waits until the session is open (the agent's first, empty, message):
+    sent into a stream that was failing at its start, it got gRPC to report
+    "Internal error from Core" instead of the error.
+    """
+    opened = asyncio.Event()
 
     async def requests() -> AsyncIterator[common_pb2.AttachInput]:
         yield common_pb2.AttachInput(start=start)
+        await opened.wait()
         while (msg := await inputs.get()) is not None:
             yield msg
 
     code = 0
     try:
         async for out in c.Connect(requests()):
+            opened.set()
             kind = out.WhichOneof("output")
             if kind == "stdout":
                 stdout(out.stdout)
@@ -94,5 +132,6 @@ async def stream(
             elif kind == "exit_code":
                 code = out.exit_code
     finally:
-        inputs.put_nowait(None)
+        with contextlib.suppress(asyncio.QueueFull):
+            inputs.put_nowait(None)
     return code

@@ -207,27 +207,35 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         start = first.start
         provider = self.providers.get(start.provider)
         argv = list(start.argv) or LOGIN_SHELL
-        if not start.tty:
-            # Plain pipes: a command whose output and exit code come back.
-            async for chunk in provider.exec(start.workspace, argv, dict(start.env)):
-                for out in _exec_outputs(chunk):
-                    yield out
-            return
-        size = start.size
-        terminal = await provider.attach(
-            start.workspace, argv, rows=size.rows or 24, cols=size.cols or 80, env=dict(start.env)
-        )
+        if start.tty:
+            size = start.size
+            terminal = await provider.attach(
+                start.workspace,
+                argv,
+                rows=size.rows or 24,
+                cols=size.cols or 80,
+                env=dict(start.env),
+            )
+        else:  # plain pipes: stdin in, stdout and stderr apart, the exit code
+            terminal = await provider.pipe(start.workspace, argv, dict(start.env))
 
         async def pump_input() -> None:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("input")
                 if kind == "stdin":
                     await terminal.write(msg.stdin)
+                elif kind == "stdin_eof":
+                    await terminal.close_stdin()
                 elif kind == "resize":
                     await terminal.resize(msg.resize.rows, msg.resize.cols)
+            await terminal.close_stdin()  # the client sends no more: end-of-file
 
         inputs = asyncio.create_task(pump_input())
         try:
+            # An empty message first: the session is open, the client may send input.
+            # (Input sent while a stream is failing at its start got gRPC to report
+            # "Internal error from Core" instead of the error.)
+            yield common_pb2.ExecOutput()
             async for chunk in terminal.output():
                 for out in _exec_outputs(chunk):
                     yield out

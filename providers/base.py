@@ -36,6 +36,8 @@ class Capabilities:
     long_exec_streams: bool = True
     # attach() gives an interactive terminal (PTY, stdin, resize)
     terminal: bool = False
+    # pipe() passes stdin to the command (else it runs with none, as with exec)
+    stdin: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class ExecChunk:
 
 
 class Terminal(abc.ABC):
-    """An interactive session inside an environment, on a pseudo-terminal."""
+    """A session inside an environment: on a pseudo-terminal, or on plain pipes
+    (see ``Provider.pipe``), whose output keeps stdout and stderr apart."""
 
     @abc.abstractmethod
     def output(self) -> AsyncIterator[ExecChunk]:
@@ -109,6 +112,30 @@ class Terminal(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    async def close_stdin(self) -> None:
+        """No more input: the command reads end-of-file (pipes; a terminal ignores it)."""
+
+
+class _NoStdin(Terminal):
+    """A command run with ``exec``: its stdin is at end-of-file, what is written is dropped."""
+
+    def __init__(self, output: AsyncIterator[ExecChunk]) -> None:
+        self._output = output
+
+    def output(self) -> AsyncIterator[ExecChunk]:
+        return self._output
+
+    async def write(self, data: bytes) -> None:
+        pass
+
+    async def resize(self, rows: int, cols: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        aclose = getattr(self._output, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def check_env(env: Mapping[str, str]) -> None:
@@ -218,6 +245,14 @@ class Provider(abc.ABC):
             f"interactive terminals are not available for {self.name} environments yet; "
             "run a command instead: `vendetta workspace connect NAME -- CMD ...`"
         )
+
+    async def pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Terminal:
+        """argv with stdin, stdout and stderr on pipes (no terminal): what is written
+        reaches its stdin, until ``close_stdin``. Where ``capabilities.stdin`` is
+        False the command gets no input (as with ``exec``)."""
+        return _NoStdin(self.exec(workspace, argv, env))
 
     async def close(self) -> None:
         """Release SDK clients."""

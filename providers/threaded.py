@@ -15,7 +15,7 @@ import collections
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -188,7 +188,7 @@ class ThreadedStream(Generic[T]):
         return self._thread
 
 
-async def merge(named: Mapping[str, AsyncIterator[T]]) -> AsyncIterator[tuple[str, T]]:
+async def merge(named: Mapping[str, AsyncIterator[T]]) -> AsyncGenerator[tuple[str, T], None]:
     """(name, item) from several async iterators, as each has one; ends when all have.
 
     An iterator's error ends the merge with that error.

@@ -126,7 +126,12 @@ class DockerProvider(Provider):
 
     name: ClassVar[str] = "docker"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        exec=True, follow_logs=True, resource_limits=True, virtual_machine=False, terminal=True
+        exec=True,
+        follow_logs=True,
+        resource_limits=True,
+        virtual_machine=False,
+        terminal=True,
+        stdin=True,
     )
 
     def __init__(
@@ -485,12 +490,27 @@ class DockerProvider(Provider):
         env: Mapping[str, str] | None = None,
     ) -> Terminal:
         """An exec with a TTY and stdin, on a raw socket (resizable)."""
+        terminal = await self._open_exec(workspace, argv, env, tty=True)
+        await terminal.resize(rows, cols)
+        terminal.settle_size()
+        return terminal
+
+    async def pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Terminal:
+        """An exec with stdin and no TTY: output frames keep stdout and stderr apart;
+        closing stdin half-closes the socket, which Docker passes on as end-of-file."""
+        return await self._open_exec(workspace, argv, env, tty=False)
+
+    async def _open_exec(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, *, tty: bool
+    ) -> DockerTerminal:
         check_env(env or {})
         info = await self._require(workspace)
         if (info.get("State") or {}).get("Status") != "running":
             raise FailedPreconditionError(self._not_running(workspace))
         container_id = str(info["Id"])
-        action = f"opening a terminal in {workspace!r}"
+        action = f"opening a terminal in {workspace!r}" if tty else f"running {argv[0]!r}"
         exec_id: str = await self._run(
             action,
             lambda api: api.exec_create(
@@ -499,16 +519,12 @@ class DockerProvider(Provider):
                 stdin=True,
                 stdout=True,
                 stderr=True,
-                tty=True,
+                tty=tty,
                 environment=dict(env) if env else None,
             )["Id"],
         )
-        sock = await self._run(action, lambda api: api.exec_start(exec_id, socket=True, tty=True))
-        api = await self._api()
-        terminal = DockerTerminal(api, exec_id, sock, workspace)
-        await terminal.resize(rows, cols)
-        terminal.settle_size()
-        return terminal
+        sock = await self._run(action, lambda api: api.exec_start(exec_id, socket=True, tty=tty))
+        return DockerTerminal(await self._api(), exec_id, sock, workspace, tty=tty)
 
     # -- logs ------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Interactive terminals in containers: an exec with a TTY on a raw socket."""
+"""Sessions in containers: an exec with stdin on a raw socket, with a TTY (a
+terminal) or without (pipes: Docker's multiplexed frames keep stdout and
+stderr apart)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from providers.base import ExecChunk, Terminal
-from providers.docker.streams import THREAD_PREFIX, shutdown_socket
+from providers.docker.streams import STDERR, STDOUT, THREAD_PREFIX, exec_frames, shutdown_socket
 from providers.threaded import ThreadedStream
 
 
 class DockerTerminal(Terminal):
-    def __init__(self, api: Any, exec_id: str, sock: Any, name: str) -> None:
+    def __init__(self, api: Any, exec_id: str, sock: Any, name: str, *, tty: bool) -> None:
         self._api = api
+        self._tty = tty
         self._exec_id = exec_id
         self._sock = sock
         self._raw = getattr(sock, "_sock", sock)
@@ -23,19 +26,22 @@ class DockerTerminal(Terminal):
         self._settle: asyncio.Task[None] | None = None
         self._size = (24, 80)
 
-    def _chunks(self) -> Iterator[bytes]:
+    def _chunks(self) -> Iterator[tuple[int, bytes]]:
+        if not self._tty:
+            yield from exec_frames(self._sock)
+            return
         while data := self._raw.recv(65536):
-            yield bytes(data)
+            yield STDOUT, bytes(data)
 
     async def output(self) -> AsyncIterator[ExecChunk]:
-        stream: ThreadedStream[bytes] = ThreadedStream(
-            f"{THREAD_PREFIX}tty-{self._name}",
+        stream: ThreadedStream[tuple[int, bytes]] = ThreadedStream(
+            f"{THREAD_PREFIX}{'tty' if self._tty else 'pipe'}-{self._name}",
             lambda: (self._chunks(), lambda: shutdown_socket(self._sock)),
             lambda exc: exc,
         )
         try:
-            async for data in stream:
-                yield ExecChunk(stdout=data)
+            async for stream_id, data in stream:
+                yield ExecChunk(stderr=data) if stream_id == STDERR else ExecChunk(stdout=data)
         finally:
             await stream.aclose()
         delay = 0.005
@@ -51,7 +57,15 @@ class DockerTerminal(Terminal):
     async def write(self, data: bytes) -> None:
         await asyncio.to_thread(self._raw.sendall, data)
 
+    async def close_stdin(self) -> None:
+        if self._tty:
+            return  # a terminal has no end-of-file of its own (^D is the shell's)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._raw.shutdown, socket.SHUT_WR)
+
     async def resize(self, rows: int, cols: int) -> None:
+        if not self._tty:
+            return
         self._size = (rows, cols)
         await self._apply(rows, cols)
 

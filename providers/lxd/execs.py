@@ -8,34 +8,38 @@ on closed epoll object". Here each exec has sockets of its own (see
 ``websocket``): ``POST /1.0/instances/NAME/exec`` with ``wait-for-websocket``
 and ``interactive: false`` answers with four secrets, ``0`` (stdin), ``1``
 (stdout), ``2`` (stderr) and ``control``. LXD starts the command once the
-three data websockets are connected. We close stdin at once, so the command
-reads end-of-file there, as with ``docker exec`` without ``-i``; LXD closes
-stdout and stderr when the command's end of them closes, and the operation's
-result carries the exit code.
+three data websockets are connected. Closing the stdin websocket gives the
+command end-of-file there; LXD closes stdout and stderr when the command's
+end of them closes, and the operation's result carries the exit code.
 
-Every call here blocks: the provider runs them in threads.
+``open_exec`` blocks (the provider runs it in a thread); :class:`LxdPipe`
+reads the output in daemon threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pylxd.exceptions
 
 from common.errors import FailedPreconditionError
-from providers.lxd.terminal import operation_id
-from providers.lxd.websocket import WebSocket
+from providers.base import ExecChunk, Terminal
+from providers.lxd.terminal import exit_code, operation_id
+from providers.lxd.websocket import THREAD_PREFIX, WebSocket
+from providers.threaded import ThreadedStream, merge
 
 
 @dataclass
 class Exec:
     operation: str
+    stdin: WebSocket
     stdout: WebSocket
     stderr: WebSocket
     control: WebSocket
@@ -44,11 +48,10 @@ class Exec:
         """SIGKILL the command if it still runs, then close every socket; idempotent."""
         with contextlib.suppress(OSError):
             self.control.send_text(json.dumps({"command": "signal", "signal": int(signal.SIGKILL)}))
-        for ws in (self.control, self.stdout, self.stderr):
-            ws.close()
+        self.close()
 
     def close(self) -> None:
-        for ws in (self.control, self.stdout, self.stderr):
+        for ws in (self.control, self.stdin, self.stdout, self.stderr):
             ws.close()
 
 
@@ -59,7 +62,7 @@ def open_exec(
     env: Mapping[str, str],
     cwd: str | None,
 ) -> Exec:
-    """Start ``argv`` in ``instance`` with stdin at end-of-file; its output sockets."""
+    """Start ``argv`` in ``instance``, its stdin, stdout and stderr on websockets."""
     body: dict[str, Any] = {
         "command": list(argv),
         "environment": dict(env),
@@ -81,8 +84,75 @@ def open_exec(
             ws.close()
         raise
     control, stdin, stdout, stderr = opened
-    stdin.close()
-    return Exec(operation, stdout, stderr, control)
+    return Exec(operation, stdin, stdout, stderr, control)
+
+
+class LxdPipe(Terminal):
+    """A command on pipes: stdin written here, stdout and stderr read apart.
+
+    Leaving early (``close`` before the output ended) kills the command, as
+    nobody reads its output any more.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        ex: Exec,
+        name: str,
+        on_error: Callable[[BaseException], Exception],
+    ) -> None:
+        self._client = client
+        self._ex = ex
+        self._name = name
+        self._on_error = on_error
+        self._ended = False
+        self._streams: list[ThreadedStream[bytes]] = []
+
+    async def output(self) -> AsyncIterator[ExecChunk]:
+        def reader(kind: str, ws: WebSocket) -> ThreadedStream[bytes]:
+            stream: ThreadedStream[bytes] = ThreadedStream(
+                f"{THREAD_PREFIX}exec-{kind}-{self._name}",
+                lambda: (ws.messages(), ws.close),
+                self._on_error,
+            )
+            self._streams.append(stream)
+            return stream
+
+        merged = merge(
+            {
+                "stdout": reader("stdout", self._ex.stdout),
+                "stderr": reader("stderr", self._ex.stderr),
+            }
+        )
+        try:
+            async for kind, data in merged:
+                yield ExecChunk(stdout=data) if kind == "stdout" else ExecChunk(stderr=data)
+        finally:
+            await merged.aclose()
+        try:
+            code = await asyncio.to_thread(exit_code, self._client, self._ex.operation)
+        except Exception as exc:
+            raise self._on_error(exc) from exc
+        self._ended = True
+        yield ExecChunk(exit_code=code)
+
+    async def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # the command has ended: the output says so
+            await asyncio.to_thread(self._ex.stdin.send_binary, data)
+
+    async def close_stdin(self) -> None:
+        await asyncio.to_thread(self._ex.stdin.close)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        pass  # no terminal
+
+    async def close(self) -> None:
+        if self._ended:
+            self._ex.close()
+        else:
+            self._ex.kill()  # small messages on local sockets: they do not block
+        for stream in self._streams:
+            await stream.aclose()
 
 
 # How long a recorded run may go on once nobody waits for it, for its output files to be removed.

@@ -59,9 +59,8 @@ from providers.lxd import execs, ports
 from providers.lxd.command import launch_argv
 from providers.lxd.errors import lxd_errors, translate
 from providers.lxd.logs import LogReader
-from providers.lxd.terminal import LxdTerminal, exit_code, open_terminal
-from providers.lxd.websocket import THREAD_PREFIX, HandshakeError, WebSocket
-from providers.threaded import ThreadedStream, merge
+from providers.lxd.terminal import LxdTerminal, open_terminal
+from providers.lxd.websocket import THREAD_PREFIX, HandshakeError
 
 T = TypeVar("T")
 
@@ -155,8 +154,9 @@ class LxdProvider(Provider):
         virtual_machine=False,
         # pylxd's exec websockets (ws4py) break each other when many stay open.
         long_exec_streams=False,
-        # attach() opens its own two websockets (providers.lxd.websocket), not pylxd's.
+        # attach() and pipe() open their own websockets (providers.lxd.websocket).
         terminal=True,
+        stdin=True,
     )
 
     def __init__(self, agent_id: str, endpoint: str | None = None) -> None:
@@ -580,10 +580,26 @@ class LxdProvider(Provider):
     ) -> AsyncGenerator[ExecChunk, None]:
         """Run argv (no shell) in the running environment; output chunks, then the exit code.
 
-        On websockets of our own (see ``execs``), stdin at end-of-file. Each output
-        stream is read in a daemon thread; leaving early (cancelled, or the caller
-        stops reading) kills the command, as nobody reads its output any more.
+        A pipe (see ``pipe``) whose stdin is closed at once: the command reads
+        end-of-file there. Leaving early kills it.
         """
+        pipe = await self._pipe(workspace, argv, env, workdir)
+        try:
+            await pipe.close_stdin()
+            async for chunk in pipe.output():
+                yield chunk
+        finally:
+            await pipe.close()
+
+    async def pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Terminal:
+        """argv on pipes, over websocket-client sockets of our own (see ``execs``)."""
+        return await self._pipe(workspace, argv, env, "")
+
+    async def _pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
+    ) -> execs.LxdPipe:
         validate_name("workspace", workspace)
         if not argv:
             raise InvalidArgumentError("exec needs a command: argv is empty")
@@ -608,28 +624,7 @@ class LxdProvider(Provider):
             )
         except (HandshakeError, OSError, FailedPreconditionError) as exc:
             raise as_exec_error(exc) from exc
-        finished = False
-
-        def reader(kind: str, ws: WebSocket) -> ThreadedStream[bytes]:
-            return ThreadedStream(
-                f"{THREAD_PREFIX}exec-{kind}-{workspace}",
-                lambda: (ws.messages(), ws.close),
-                as_exec_error,
-            )
-
-        streams = {"stdout": reader("stdout", ex.stdout), "stderr": reader("stderr", ex.stderr)}
-        try:
-            async for kind, data in merge(streams):
-                yield ExecChunk(stdout=data) if kind == "stdout" else ExecChunk(stderr=data)
-            code = await self._run(action, lambda c: exit_code(c, ex.operation))
-            finished = True
-            yield ExecChunk(exit_code=code)
-        finally:
-            if not finished:
-                ex.kill()  # a small message on a local socket: it does not block
-            ex.close()
-            for stream in streams.values():
-                await stream.aclose()
+        return execs.LxdPipe(await self._lxd(), ex, workspace, as_exec_error)
 
     async def run(
         self,

@@ -5,6 +5,7 @@ driven through tmux (a real PTY on our side): typing, output, resize, exit.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -50,6 +51,31 @@ def test_command_output_and_exit_code(remote: Env) -> None:
         check=False,
     )
     assert (run.stdout, run.stderr, run.returncode) == ("out-12\n", "err\n", 7)
+
+
+def test_a_command_reads_piped_stdin(remote: Env, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024)  # binary, and more than a few messages
+    source = tmp_path / "upload.bin"
+    source.write_bytes(data)
+    with source.open("rb") as stdin:
+        run = subprocess.run(
+            [str(BIN / "vendetta"), "workspace", "connect", "term", "--", "sh", "-c",
+             "cat > /tmp/upload.bin; md5sum < /tmp/upload.bin; exit 5"],
+            env=remote.env, stdin=stdin, capture_output=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode == 5, run.stderr
+    assert run.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
+    # A command that stops reading early ends the session cleanly, with its own code.
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        head = subprocess.run(
+            [str(BIN / "vendetta"), "workspace", "connect", "term", "--", "head", "-n", "2"],
+            env=remote.env, stdin=yes.stdout, capture_output=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        yes.kill()
+        yes.wait()
+    assert (head.stdout, head.returncode) == (b"y\ny\n", 0), head.stderr
 
 
 def test_no_terminal_and_no_command_says_what_to_do(remote: Env) -> None:
@@ -225,6 +251,12 @@ def test_ssh_to_a_workspace_runs_commands(remote: Env, ssh_config: Path) -> None
         remote, ssh_config, "term.vendetta", "echo out-$((3*4)); hostname; echo err >&2; exit 7"
     )
     assert (run.stdout, run.stderr, run.returncode) == ("out-12\nterm\n", "err\n", 7)
+    # stdin reaches the command, as with any sshd
+    piped = subprocess.run(
+        ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "term.vendetta", "tr a-z A-Z"],
+        env=remote.env, input="piped through ssh\n", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (piped.stdout, piped.returncode) == ("PIPED THROUGH SSH\n", 0), piped.stderr
 
 
 def test_ssh_entry_goes_with_the_workspace(remote: Env, ssh_config: Path) -> None:

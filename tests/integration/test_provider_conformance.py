@@ -324,3 +324,37 @@ async def test_terminal_types_resizes_and_exits(agent: Agent) -> None:
         queue.put_nowait(None)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+
+
+async def test_a_command_on_pipes_reads_stdin_to_its_end(agent: Agent) -> None:
+    """Attach without a terminal: stdin in (where ``capabilities.stdin``), stdout and
+    stderr apart, the exit code; without that capability the command reads nothing."""
+    info = await agent.stub.Info(nodeagent_pb2.InfoRequest())
+    (p,) = [p for p in info.providers if p.name == agent.provider]
+    ws = agent.ws()
+    await agent.stub.CreateEnvironment(agent.spec(ws))
+    await agent.stub.StartEnvironment(agent.ref(ws))
+    start = common_pb2.AttachStart(
+        workspace=ws,
+        provider=agent.provider,
+        argv=["sh", "-c", "wc -c; echo done >&2; exit 4"],
+    )
+    data = bytes(range(256)) * 4096  # 1 MiB in 16 messages, binary
+
+    async def inputs() -> AsyncIterator[common_pb2.AttachInput]:
+        yield common_pb2.AttachInput(start=start)
+        for i in range(0, len(data), 65536):
+            yield common_pb2.AttachInput(stdin=data[i : i + 65536])
+        yield common_pb2.AttachInput(stdin_eof=True)
+
+    out, err, codes = b"", b"", []
+    async for o in agent.stub.Attach(inputs(), timeout=120):
+        kind = o.WhichOneof("output")
+        if kind == "stdout":
+            out += o.stdout
+        elif kind == "stderr":
+            err += o.stderr
+        elif kind == "exit_code":
+            codes.append(o.exit_code)
+    expected = len(data) if "stdin" in p.capabilities else 0
+    assert (out.strip(), err, codes) == (str(expected).encode(), b"done\n", [4])
