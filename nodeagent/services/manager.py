@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from common.errors import NotFoundError, VendettaError
 from nodeagent.providers import ProviderSet
 from nodeagent.services.logstore import LogStore
 from nodeagent.services.supervisor import WorkspaceSupervisor
-from providers.base import EnvState, ExecChunk, LogRecord, Provider
+from providers.base import EnvironmentStatus, EnvState, ExecChunk, LogRecord, Provider
 
 log = logging.getLogger("vendetta.services")
+
+STATUS_TTL = 2.0
 
 
 class ProviderEnv:
@@ -25,6 +28,16 @@ class ProviderEnv:
         self.provider = provider
         self.workspace = workspace
         self.long_exec_streams = provider.capabilities.long_exec_streams
+        self._status: tuple[float, EnvironmentStatus] | None = None
+
+    async def _recent_status(self) -> EnvironmentStatus:
+        """The environment's status, asked at most every STATUS_TTL seconds: health
+        checks of every service tick several times a second, and an inspect is an
+        engine call (for LXD, a listing of its instances)."""
+        now = time.monotonic()
+        if self._status is None or now - self._status[0] > STATUS_TTL:
+            self._status = (now, await self.provider.inspect(self.workspace))
+        return self._status[1]
 
     def exec(
         self, argv: Sequence[str], env: Mapping[str, str] | None = None
@@ -37,7 +50,10 @@ class ProviderEnv:
         return await self.provider.run(self.workspace, argv, env)
 
     async def endpoint(self, port: int, published: bool = False) -> tuple[str, int] | None:
-        status = await self.provider.inspect(self.workspace)
+        if published:  # new at each start: always asked afresh
+            status = await self.provider.inspect(self.workspace)
+        else:
+            status = await self._recent_status()
         if not published:
             # Health checks: straight to the environment, else from inside; never through
             # a published port: Docker's proxy and LXD's proxy devices accept connections

@@ -159,3 +159,34 @@ async def test_agent_environment_lifecycle_over_grpc(agent_dir: Path) -> None:
             assert env.state == common_pb2.ENVIRONMENT_STATE_ABSENT
     finally:
         await server.stop(grace=0.2)
+
+
+async def test_health_checks_share_one_recent_inspect(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from nodeagent.services import manager
+    from providers.base import Capabilities, EnvironmentStatus, EnvState
+
+    calls: list[str] = []
+
+    async def inspect(workspace: str) -> EnvironmentStatus:
+        calls.append(workspace)
+        return EnvironmentStatus(
+            workspace=workspace,
+            provider="fake",
+            state=EnvState.RUNNING,
+            addresses=("10.0.0.5",),
+            ports={8080: f"127.0.0.1:{40000 + len(calls)}"},
+        )
+
+    provider = SimpleNamespace(capabilities=Capabilities(), inspect=inspect)
+    env = manager.ProviderEnv(provider, "ws")  # type: ignore[arg-type]
+    for _ in range(10):
+        assert await env.endpoint(8080) == ("10.0.0.5", 8080)
+    assert calls == ["ws"]
+    # Published ports change at each start: always asked afresh.
+    assert await env.endpoint(8080, published=True) == ("127.0.0.1", 40002)
+    assert await env.endpoint(8080, published=True) == ("127.0.0.1", 40003)
+    monkeypatch.setattr(manager, "STATUS_TTL", 0.0)
+    await env.endpoint(8080)
+    assert len(calls) == 4
