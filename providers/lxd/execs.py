@@ -45,14 +45,34 @@ class Exec:
     control: WebSocket
 
     def kill(self) -> None:
-        """SIGKILL the command if it still runs, then close every socket; idempotent."""
+        """End the command if it still runs (TERM to the wrapper, which KILLs the
+        command), then close every socket; idempotent."""
         with contextlib.suppress(OSError):
-            self.control.send_text(json.dumps({"command": "signal", "signal": int(signal.SIGKILL)}))
+            self.control.send_text(json.dumps({"command": "signal", "signal": int(signal.SIGTERM)}))
         self.close()
 
     def close(self) -> None:
         for ws in (self.control, self.stdin, self.stdout, self.stderr):
             ws.close()
+
+
+# LXD 5.0 closes an exec's output websockets as soon as the command it started
+# exits, dropping what is still on its way: about 1 in 20 commands that print and
+# exit at once lost their output while other execs ran. This wrapper (the command
+# LXD starts) lets the output drain before it exits with the command's status.
+# The command runs in the background with the wrapper's stdin (a background job of
+# a non-interactive shell gets /dev/null otherwise), so a TERM can end it.
+DRAIN_WRAPPER = """
+exec 3<&0
+"$@" <&3 3<&- &
+c=$!
+exec 3<&-
+trap 'kill -9 "$c" 2>/dev/null; exit 143' TERM
+wait "$c"
+s=$?
+sleep 0.2 2>/dev/null
+exit "$s"
+"""
 
 
 def open_exec(
@@ -62,9 +82,10 @@ def open_exec(
     env: Mapping[str, str],
     cwd: str | None,
 ) -> Exec:
-    """Start ``argv`` in ``instance``, its stdin, stdout and stderr on websockets."""
+    """Start ``argv`` in ``instance`` (under ``DRAIN_WRAPPER``), its stdin, stdout
+    and stderr on websockets."""
     body: dict[str, Any] = {
-        "command": list(argv),
+        "command": ["sh", "-c", DRAIN_WRAPPER, "vendetta-exec", *argv],
         "environment": dict(env),
         "wait-for-websocket": True,
         "interactive": False,
