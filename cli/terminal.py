@@ -28,9 +28,14 @@ def _size() -> common_pb2.TerminalSize:
 
 
 async def session(
-    c: coordinator_pb2_grpc.CoordinatorAsyncStub, workspace: str, argv: list[str], interactive: bool
+    c: coordinator_pb2_grpc.CoordinatorAsyncStub,
+    workspace: str,
+    argv: list[str],
+    interactive: bool,
+    stdin: bool = True,
 ) -> int:
-    """Run the session; return the remote exit code."""
+    """Run the session; return the remote exit code. ``stdin`` False: the command
+    reads end-of-file at once, and ours is left alone (as ``ssh -n``)."""
     queue: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
     start = common_pb2.AttachStart(workspace=workspace, argv=argv, tty=interactive, size=_size())
 
@@ -53,9 +58,11 @@ async def session(
         loop.add_signal_handler(
             signal.SIGWINCH, lambda: queue.put_nowait(common_pb2.AttachInput(resize=_size()))
         )
-    else:
+    elif stdin:
         queue = asyncio.Queue(maxsize=STDIN_BACKLOG)
         threading.Thread(target=_read_stdin, args=(fd, queue, loop), daemon=True).start()
+    else:
+        queue.put_nowait(common_pb2.AttachInput(stdin_eof=True))
     try:
         return await stream(c, start, queue, _write(sys.stdout), _write(sys.stderr))
     finally:
@@ -81,14 +88,22 @@ def _read_stdin(
     """
 
     def put(msg: common_pb2.AttachInput) -> None:
-        asyncio.run_coroutine_threadsafe(queue.put(msg), loop).result()
+        coro = queue.put(msg)
+        try:
+            asyncio.run_coroutine_threadsafe(coro, loop).result()
+        except RuntimeError:  # the loop is closed: the session is over
+            coro.close()
+            raise
 
     try:
-        while data := os.read(fd, 65536):
-            put(common_pb2.AttachInput(stdin=data))
+        try:
+            while data := os.read(fd, 65536):
+                put(common_pb2.AttachInput(stdin=data))
+        except OSError:
+            pass  # no readable stdin (closed, or not ours): end-of-file all the same
         put(common_pb2.AttachInput(stdin_eof=True))
-    except (OSError, RuntimeError, concurrent.futures.CancelledError):
-        pass  # no stdin, or the session is over
+    except (RuntimeError, concurrent.futures.CancelledError):
+        pass  # the session is over
 
 
 def _write(f: TextIO) -> Callable[[bytes], None]:
@@ -108,9 +123,10 @@ async def stream(
 ) -> int:
     """One Connect stream: ``start``, then ``inputs`` until None; the remote exit code.
 
-    Input waits until the session is open (the agent's first, empty, message):
-    sent into a stream that was failing at its start, it got gRPC to report
-    "Internal error from Core" instead of the error.
+    Input waits until the session is open (the agent's first, empty, message),
+    and ends with the exit code: input sent into a stream that was failing at
+    its start, or ending, got gRPC to report "Internal error from Core" instead
+    of the call's own status.
     """
     opened = asyncio.Event()
 
@@ -119,6 +135,13 @@ async def stream(
         await opened.wait()
         while (msg := await inputs.get()) is not None:
             yield msg
+
+    def end_input() -> None:
+        # What is still queued will never be read: drop it, so the end fits.
+        while not inputs.empty():
+            inputs.get_nowait()
+        inputs.put_nowait(None)
+        opened.set()
 
     code = 0
     try:
@@ -131,7 +154,7 @@ async def stream(
                 stderr(out.stderr)
             elif kind == "exit_code":
                 code = out.exit_code
+                end_input()  # the session ends once our input has (see the agent's Attach)
     finally:
-        with contextlib.suppress(asyncio.QueueFull):
-            inputs.put_nowait(None)
+        end_input()
     return code

@@ -396,8 +396,19 @@ def connect(
     command: Annotated[
         list[str] | None, typer.Argument(help="A command to run instead of a shell (after --).")
     ] = None,
+    no_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--no-stdin",
+            "-n",
+            help="Without a terminal: give the command no input, and leave ours unread.",
+        ),
+    ] = False,
 ) -> None:
-    """Open a shell inside the workspace (or run `-- CMD ...`); its exit code becomes ours."""
+    """Open a shell inside the workspace (or run `-- CMD ...`); its exit code becomes ours.
+
+    Without a terminal, what is piped in reaches the command's stdin (not on QEMU).
+    """
     from cli.terminal import session
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
@@ -411,7 +422,7 @@ def connect(
 
     async def go() -> int:
         async with coordinator() as c:
-            return await session(c, name, list(command or []), interactive)
+            return await session(c, name, list(command or []), interactive, not no_stdin)
 
     raise typer.Exit(run(go()))
 

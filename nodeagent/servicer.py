@@ -220,6 +220,8 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             terminal = await provider.pipe(start.workspace, argv, dict(start.env))
 
         async def pump_input() -> None:
+            # To the client's end: the session waits for it (see below), whatever became
+            # of the command (writes to one that has gone are dropped by the provider).
             async for msg in request_iterator:
                 kind = msg.WhichOneof("input")
                 if kind == "stdin":
@@ -239,6 +241,10 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             async for chunk in terminal.output():
                 for out in _exec_outputs(chunk):
                     yield out
+            # The client ends its input once it has the exit code. Ending the call
+            # first, with input still on its way, got gRPC to report "Internal error
+            # from Core" instead of OK.
+            await asyncio.wait({inputs}, timeout=HALF_CLOSE_WAIT)
         finally:
             inputs.cancel()
             await asyncio.gather(inputs, return_exceptions=True)
@@ -255,6 +261,9 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             for out in _exec_outputs(chunk):
                 yield out
 
+
+# How long a session that has ended waits for its client to end its input.
+HALF_CLOSE_WAIT = 5.0
 
 # A login shell: bash where the image has it, else sh.
 LOGIN_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"]

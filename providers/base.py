@@ -120,11 +120,18 @@ class Terminal(abc.ABC):
 class _NoStdin(Terminal):
     """A command run with ``exec``: its stdin is at end-of-file, what is written is dropped."""
 
-    def __init__(self, output: AsyncIterator[ExecChunk]) -> None:
+    def __init__(self, first: ExecChunk, output: AsyncIterator[ExecChunk]) -> None:
+        self._first: ExecChunk | None = first
         self._output = output
 
-    def output(self) -> AsyncIterator[ExecChunk]:
-        return self._output
+    async def output(self) -> AsyncIterator[ExecChunk]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+            if first.exit_code is not None:
+                return
+        async for chunk in self._output:
+            yield chunk
 
     async def write(self, data: bytes) -> None:
         pass
@@ -252,7 +259,9 @@ class Provider(abc.ABC):
         """argv with stdin, stdout and stderr on pipes (no terminal): what is written
         reaches its stdin, until ``close_stdin``. Where ``capabilities.stdin`` is
         False the command gets no input (as with ``exec``)."""
-        return _NoStdin(self.exec(workspace, argv, env))
+        output = self.exec(workspace, argv, env)
+        # Its first chunk now: an error in starting it is the caller's, not the output's.
+        return _NoStdin(await anext(aiter(output)), output)
 
     async def close(self) -> None:
         """Release SDK clients."""

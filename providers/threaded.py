@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -211,3 +212,73 @@ async def merge(named: Mapping[str, AsyncIterator[T]]) -> AsyncGenerator[tuple[s
         for future in pending:
             future.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+class ThreadedWriter:
+    """Writes to a blocking sink (a session's stdin) in a daemon thread of its own.
+
+    A command that stops reading its input blocks that thread only: never the event
+    loop, nor an executor slot every other ``asyncio.to_thread`` call needs. At most
+    ``maxsize`` writes wait; then ``write`` waits too. Once a send fails (the command
+    has gone) the rest is dropped: the output's end says what happened.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[bytes], object],
+        finish: Callable[[], object] | None = None,
+        *,
+        maxsize: int = 64,
+    ) -> None:
+        self._name = name
+        self._send = send
+        self._finish = finish
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(maxsize)
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first write
+        self._closed = False
+
+    def _run(self) -> None:
+        failed = False
+        while (data := self._queue.get()) is not None:
+            if not failed:
+                try:
+                    self._send(data)
+                except Exception as exc:
+                    failed = True
+                    log.debug(
+                        "%s: %r; dropping further input", threading.current_thread().name, exc
+                    )
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._room.release)
+        if not failed:
+            self._run_finish()
+
+    def _run_finish(self) -> None:
+        if self._finish is not None:
+            try:
+                self._finish()
+            except Exception as exc:
+                log.debug("finishing %s: %r", self._name, exc)
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._loop is None:  # the thread starts with the first write
+            self._loop = asyncio.get_running_loop()
+            threading.Thread(target=self._run, name=self._name, daemon=True).start()
+        await self._room.acquire()
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """No more writes: ``finish`` runs once what is queued has been sent (at once
+        if nothing was written); idempotent, from any thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is None:
+            self._run_finish()
+        else:
+            self._queue.put(None)

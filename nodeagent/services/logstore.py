@@ -24,6 +24,7 @@ from providers.base import LogRecord
 
 RING_LINES = 5000  # per service: bounded memory whatever a service prints
 JSONL_MAX = 8 * 1024 * 1024  # then rotate: several times RING_LINES of ordinary lines
+LINE_MAX = 64 * 1024  # a longer line (progress bars, binary output) is cut into records
 STREAMS = ("stdout", "stderr")
 
 
@@ -88,6 +89,9 @@ class ServiceLog:
         async with self._writing:
             buf = self._partial[stream] + data
             *lines, self._partial[stream] = buf.split(b"\n")
+            if len(self._partial[stream]) > LINE_MAX:  # no newline coming: a record anyway
+                lines.append(self._partial[stream])
+                self._partial[stream] = b""
             self._fed[stream] += len(data)
             await self.add([(stream, ln.decode(errors="replace")) for ln in lines])
             partial = self._partial[stream]

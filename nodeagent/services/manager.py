@@ -28,16 +28,23 @@ class ProviderEnv:
         self.provider = provider
         self.workspace = workspace
         self.long_exec_streams = provider.capabilities.long_exec_streams
-        self._status: tuple[float, EnvironmentStatus] | None = None
+        self._status: tuple[float, asyncio.Future[EnvironmentStatus]] | None = None
 
     async def _recent_status(self) -> EnvironmentStatus:
-        """The environment's status, asked at most every STATUS_TTL seconds: health
-        checks of every service tick several times a second, and an inspect is an
-        engine call (for LXD, a listing of its instances)."""
+        """The environment's status, asked at most every STATUS_TTL seconds, and once
+        for all checks that want it meanwhile: health checks of every service tick
+        several times a second, and an inspect is an engine call (for LXD, a listing
+        of its instances)."""
         now = time.monotonic()
-        if self._status is None or now - self._status[0] > STATUS_TTL:
-            self._status = (now, await self.provider.inspect(self.workspace))
-        return self._status[1]
+        if self._status is None or (self._status[1].done() and now - self._status[0] > STATUS_TTL):
+            self._status = (now, asyncio.ensure_future(self.provider.inspect(self.workspace)))
+        asked = self._status[1]
+        try:
+            return await asyncio.shield(asked)
+        except Exception:
+            if self._status is not None and self._status[1] is asked:
+                self._status = None  # a failed answer is not kept
+            raise
 
     def exec(
         self, argv: Sequence[str], env: Mapping[str, str] | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from providers.base import ExecChunk, Terminal
 from providers.docker.streams import STDERR, STDOUT, THREAD_PREFIX, exec_frames, shutdown_socket
-from providers.threaded import ThreadedStream
+from providers.threaded import ThreadedStream, ThreadedWriter
 
 
 class DockerTerminal(Terminal):
@@ -25,6 +25,12 @@ class DockerTerminal(Terminal):
         self._name = name
         self._settle: asyncio.Task[None] | None = None
         self._size = (24, 80)
+        self._stdin = ThreadedWriter(
+            f"{THREAD_PREFIX}stdin-{name}",
+            self._raw.sendall,
+            # End-of-file: Docker passes a half-close on to the command's stdin.
+            None if tty else lambda: self._raw.shutdown(socket.SHUT_WR),
+        )
 
     def _chunks(self) -> Iterator[tuple[int, bytes]]:
         if not self._tty:
@@ -55,13 +61,11 @@ class DockerTerminal(Terminal):
         yield ExecChunk(exit_code=int(code) if code is not None else -1)
 
     async def write(self, data: bytes) -> None:
-        await asyncio.to_thread(self._raw.sendall, data)
+        await self._stdin.write(data)
 
     async def close_stdin(self) -> None:
-        if self._tty:
-            return  # a terminal has no end-of-file of its own (^D is the shell's)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(self._raw.shutdown, socket.SHUT_WR)
+        if not self._tty:  # a terminal has no end-of-file of its own (^D is the shell's)
+            self._stdin.close()
 
     async def resize(self, rows: int, cols: int) -> None:
         if not self._tty:
@@ -86,6 +90,7 @@ class DockerTerminal(Terminal):
         self._settle = asyncio.create_task(again())
 
     async def close(self) -> None:
+        self._stdin.close()
         if self._settle is not None:
             self._settle.cancel()
         with contextlib.suppress(OSError):

@@ -33,7 +33,7 @@ from common.errors import FailedPreconditionError
 from providers.base import ExecChunk, Terminal
 from providers.lxd.terminal import exit_code, operation_id
 from providers.lxd.websocket import THREAD_PREFIX, WebSocket
-from providers.threaded import ThreadedStream, merge
+from providers.threaded import ThreadedStream, ThreadedWriter, merge
 
 
 @dataclass
@@ -45,10 +45,13 @@ class Exec:
     control: WebSocket
 
     def kill(self) -> None:
-        """End the command if it still runs (TERM to the wrapper, which KILLs the
-        command), then close every socket; idempotent."""
+        """KILL the wrapper if it still runs, then close every socket; idempotent.
+
+        The command itself then reads end-of-file on stdin and dies of SIGPIPE on
+        its next write (LXD lets one signal reach only the process it started).
+        """
         with contextlib.suppress(OSError):
-            self.control.send_text(json.dumps({"command": "signal", "signal": int(signal.SIGTERM)}))
+            self.control.send_text(json.dumps({"command": "signal", "signal": int(signal.SIGKILL)}))
         self.close()
 
     def close(self) -> None:
@@ -60,15 +63,10 @@ class Exec:
 # exits, dropping what is still on its way: about 1 in 20 commands that print and
 # exit at once lost their output while other execs ran. This wrapper (the command
 # LXD starts) lets the output drain before it exits with the command's status.
-# The command runs in the background with the wrapper's stdin (a background job of
-# a non-interactive shell gets /dev/null otherwise), so a TERM can end it.
+# `env` runs the program itself, never a shell builtin of the same name; in the
+# foreground, so it keeps its stdin and the default signal dispositions.
 DRAIN_WRAPPER = """
-exec 3<&0
-"$@" <&3 3<&- &
-c=$!
-exec 3<&-
-trap 'kill -9 "$c" 2>/dev/null; exit 143' TERM
-wait "$c"
+env "$@"
 s=$?
 sleep 0.2 2>/dev/null
 exit "$s"
@@ -128,6 +126,9 @@ class LxdPipe(Terminal):
         self._on_error = on_error
         self._ended = False
         self._streams: list[ThreadedStream[bytes]] = []
+        self._stdin = ThreadedWriter(
+            f"{THREAD_PREFIX}stdin-{name}", ex.stdin.send_binary, ex.stdin.close
+        )
 
     async def output(self) -> AsyncIterator[ExecChunk]:
         def reader(kind: str, ws: WebSocket) -> ThreadedStream[bytes]:
@@ -158,16 +159,16 @@ class LxdPipe(Terminal):
         yield ExecChunk(exit_code=code)
 
     async def write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):  # the command has ended: the output says so
-            await asyncio.to_thread(self._ex.stdin.send_binary, data)
+        await self._stdin.write(data)
 
     async def close_stdin(self) -> None:
-        await asyncio.to_thread(self._ex.stdin.close)
+        self._stdin.close()  # the websocket closes once what is queued went out
 
     async def resize(self, rows: int, cols: int) -> None:
         pass  # no terminal
 
     async def close(self) -> None:
+        self._stdin.close()
         if self._ended:
             self._ex.close()
         else:

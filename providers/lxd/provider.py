@@ -152,7 +152,8 @@ class LxdProvider(Provider):
         follow_logs=True,
         resource_limits=True,
         virtual_machine=False,
-        # pylxd's exec websockets (ws4py) break each other when many stay open.
+        # Services are detached and polled: streamed execs of LXD 5.0 lose output at
+        # their end (see execs.DRAIN_WRAPPER), and each holds four sockets and a thread.
         long_exec_streams=False,
         # attach() and pipe() open their own websockets (providers.lxd.websocket).
         terminal=True,

@@ -28,7 +28,7 @@ import pylxd.exceptions
 
 from providers.base import ExecChunk, Terminal
 from providers.lxd.websocket import THREAD_PREFIX, WebSocket
-from providers.threaded import ThreadedStream
+from providers.threaded import ThreadedStream, ThreadedWriter
 
 # How long to wait for LXD to record the exit code once the output has ended.
 EXIT_WAIT = 30.0
@@ -97,6 +97,7 @@ class LxdTerminal(Terminal):
         self._name = name
         self._ended = False  # the output ended: the command has exited (or LXD went away)
         self._closed = False
+        self._stdin = ThreadedWriter(f"{THREAD_PREFIX}stdin-{name}", data.send_binary)
 
     async def output(self) -> AsyncIterator[ExecChunk]:
         # LXD marks the end of the output with an empty message, then waits for us to
@@ -118,8 +119,7 @@ class LxdTerminal(Terminal):
         yield ExecChunk(exit_code=code)
 
     async def write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):  # the command has ended: the output says so
-            await asyncio.to_thread(self._data.send_binary, data)
+        await self._stdin.write(data)
 
     async def resize(self, rows: int, cols: int) -> None:
         message = {"command": "window-resize", "args": {"width": str(cols), "height": str(rows)}}
@@ -130,6 +130,7 @@ class LxdTerminal(Terminal):
         """Blocking: SIGHUP to the command if it still runs, as a terminal hang-up would,
         then close both sockets (LXD 5.0 was seen ending it then too, but does not promise to)."""
         self._closed = True
+        self._stdin.close()
         if not self._ended:
             with contextlib.suppress(OSError):
                 self._control.send_text(

@@ -76,6 +76,14 @@ def test_a_command_reads_piped_stdin(remote: Env, tmp_path: Path) -> None:
         yes.kill()
         yes.wait()
     assert (head.stdout, head.returncode) == (b"y\ny\n", 0), head.stderr
+    # -n: the command reads end-of-file, and our stdin is left unread.
+    with source.open("rb") as stdin:
+        none = subprocess.run(
+            [str(BIN / "vendetta"), "workspace", "connect", "term", "-n", "--", "wc", "-c"],
+            env=remote.env, stdin=stdin, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert stdin.tell() == 0
+    assert (none.stdout.strip(), none.returncode) == (b"0", 0), none.stderr
 
 
 def test_no_terminal_and_no_command_says_what_to_do(remote: Env) -> None:

@@ -184,9 +184,15 @@ async def test_health_checks_share_one_recent_inspect(monkeypatch: pytest.Monkey
     for _ in range(10):
         assert await env.endpoint(8080) == ("10.0.0.5", 8080)
     assert calls == ["ws"]
+    # Checks asking at the same moment share the one call under way.
+    monkeypatch.setattr(manager, "STATUS_TTL", -1.0)
+    env._status = None
+    together = await asyncio.gather(*(env.endpoint(8080) for _ in range(5)))
+    assert together == [("10.0.0.5", 8080)] * 5 and len(calls) == 2
+    monkeypatch.setattr(manager, "STATUS_TTL", 2.0)
     # Published ports change at each start: always asked afresh.
-    assert await env.endpoint(8080, published=True) == ("127.0.0.1", 40002)
     assert await env.endpoint(8080, published=True) == ("127.0.0.1", 40003)
-    monkeypatch.setattr(manager, "STATUS_TTL", 0.0)
+    assert await env.endpoint(8080, published=True) == ("127.0.0.1", 40004)
+    monkeypatch.setattr(manager, "STATUS_TTL", -1.0)
     await env.endpoint(8080)
-    assert len(calls) == 4
+    assert len(calls) == 5

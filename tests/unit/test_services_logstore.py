@@ -58,6 +58,17 @@ async def test_feed_joins_lines_split_across_chunks_per_stream(tmp_path: Path) -
     assert log.offset("stderr") == len(b"warning: x\n\n")
 
 
+async def test_a_line_without_end_is_cut_into_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logstore, "LINE_MAX", 10)
+    log = ServiceLog(tmp_path, "bar")
+    for _ in range(5):
+        await log.feed("stdout", b"\r#####")  # a progress bar: never a newline
+    assert log.last_lines() == ["\r#####\r#####", "\r#####\r#####"]
+    assert len(json.loads((tmp_path / "bar.stdout.pos").read_text())["partial"]) == 12
+
+
 async def test_feed_decodes_invalid_utf8(tmp_path: Path) -> None:
     log = ServiceLog(tmp_path, "bin")
     await log.feed("stdout", "é".encode()[:1] + b"\n")
