@@ -47,8 +47,8 @@ class Exec:
     def kill(self) -> None:
         """KILL the wrapper if it still runs, then close every socket; idempotent.
 
-        The command itself then reads end-of-file on stdin and dies of SIGPIPE on
-        its next write (LXD lets one signal reach only the process it started).
+        The command itself reads end-of-file on stdin; it may run on (LXD lets a
+        signal reach only the process it started), as with pylxd before.
         """
         with contextlib.suppress(OSError):
             self.control.send_text(json.dumps({"command": "signal", "signal": int(signal.SIGKILL)}))
@@ -109,7 +109,7 @@ def open_exec(
 class LxdPipe(Terminal):
     """A command on pipes: stdin written here, stdout and stderr read apart.
 
-    Leaving early (``close`` before the output ended) kills the command, as
+    Leaving early (``close`` before the output ended) kills the wrapper (see ``kill``), as
     nobody reads its output any more.
     """
 

@@ -582,7 +582,7 @@ class LxdProvider(Provider):
         """Run argv (no shell) in the running environment; output chunks, then the exit code.
 
         A pipe (see ``pipe``) whose stdin is closed at once: the command reads
-        end-of-file there. Leaving early kills it.
+        end-of-file there. Leaving early kills its wrapper.
         """
         pipe = await self._pipe(workspace, argv, env, workdir)
         try:
