@@ -475,11 +475,11 @@ class LxdProvider(Provider):
                 self._start_publishing(client, name)
             if command is not None and action == "start":
                 argv = launch_argv([str(a) for a in json.loads(command)])
-                result = client.instances.get(name).execute(argv)
-                if result.exit_code != 0:
+                code, _, err = execs.run_recorded(client, name, argv, {}, None, lambda: False)
+                if code != 0:
                     raise FailedPreconditionError(
                         f"workspace {workspace} started, but its command could not be "
-                        f"launched (exit code {result.exit_code}: {result.stderr.strip()}); "
+                        f"launched (exit code {code}: {err.decode(errors='replace').strip()}); "
                         "the image needs /bin/sh and setsid"
                     )
 
