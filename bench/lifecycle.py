@@ -149,6 +149,9 @@ async def _lxd(cl: Cluster, rounds: int) -> list[dict[str, Any]]:
 def _libvirt_conn() -> Any:
     import libvirt
 
+    # As the provider does: errors are raised, not printed (the baseline's guest-agent
+    # pings fail while the guest boots, each one a line on stderr otherwise).
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open("qemu:///system")
     conn.listAllDomains(0)
     return conn
