@@ -251,6 +251,21 @@ def test_ssh_config_includes_once_with_consent(remote: Env, ssh_config: Path) ->
     assert ssh_config.read_text() == before
 
 
+def test_ssh_config_refuses_what_it_cannot_do(remote: Env, ssh_config: Path) -> None:
+    out = remote.fails("ssh-config", "--file", str(ssh_config.parent), "--yes")
+    assert f"{ssh_config.parent} is a folder, not an SSH config file" in out
+    entries = Path(remote.env["VENDETTA_HOME"]) / "ssh" / "config"
+    kept = entries.read_text()
+    entries.unlink()
+    try:
+        out = remote.fails("ssh-config", "--file", str(ssh_config), "--yes")
+        assert f"the coordinator has not written {entries}" in out
+        assert "vendetta server stop && vendetta server start" in out
+    finally:
+        entries.write_text(kept)
+    assert ssh_config.read_text() == "Host elsewhere\n  User someone\n"  # untouched
+
+
 def test_ssh_to_a_workspace_runs_commands(remote: Env, ssh_config: Path) -> None:
     remote.cli("ssh-config", "--file", str(ssh_config), "--yes")
     ok = _ssh(remote, ssh_config, "term.vendetta", "true")

@@ -218,12 +218,15 @@ async def test_exec_of_a_missing_program_is_not_found(provider: QemuProvider, gu
 
 @in_module_loop
 async def test_errors(provider: QemuProvider, guest: str) -> None:
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExistsError) as twice:
         await provider.create(EnvironmentSpec(workspace=guest, image=DEFAULT_IMAGE))
+    assert f"workspace {guest!r} already has a QEMU environment on this node" in str(twice.value)
+    assert f"`vendetta workspace destroy {guest}`" in str(twice.value)
     with pytest.raises(ImageNotFoundError, match=r"build-guest-image\.sh"):
         await provider.create(EnvironmentSpec(workspace="other", image="no-such-image"))
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError) as bad:
         await provider.create(EnvironmentSpec(workspace="other", image="../etc"))
+    assert "invalid guest image name '../etc': a directory name under" in str(bad.value)
     assert (await provider.inspect("other")).state is EnvState.ABSENT
 
 
