@@ -205,6 +205,14 @@ async def tail(
         await asyncio.sleep(0.5)  # tail exited (file rotated?): follow again
 
 
+async def read_from(env: Env, path: str, offset: int, most: int) -> bytes:
+    """At most ``most`` bytes of ``path`` after its first ``offset`` (none if it is missing)."""
+    code, out, _ = await run(
+        env, ["sh", "-c", READ_FROM, "vendetta-read", path, str(offset + 1), str(most)]
+    )
+    return out if code == 0 else b""
+
+
 async def poll_tail(
     env: Env,
     name: str,
@@ -222,10 +230,8 @@ async def poll_tail(
     while True:
         out = b""
         with contextlib.suppress(VendettaError):
-            code, out, _ = await run(
-                env, ["sh", "-c", READ_FROM, "vendetta-read", path, str(offset + 1), str(POLL_MAX)]
-            )
-            if code == 0 and out:
+            out = await read_from(env, path, offset, POLL_MAX)
+            if out:
                 offset += len(out)
                 await feed(stream, out)
         if len(out) < POLL_MAX:

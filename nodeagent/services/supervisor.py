@@ -107,11 +107,9 @@ class ServiceRunner:
             behind = False
             for stream in ("stdout", "stderr"):
                 path = f"{process.service_dir(self.svc.name)}/{stream}"
-                with contextlib.suppress(VendettaError):
-                    start = str(slog.offset(stream) + 1)  # is there one byte more?
-                    argv = ["sh", "-c", process.READ_FROM, "vendetta-read", path, start, "1"]
-                    code, out, _ = await process.run(self.sup.env, argv)
-                    behind = behind or (code == 0 and bool(out))
+                with contextlib.suppress(VendettaError):  # is there one byte more?
+                    more = await process.read_from(self.sup.env, path, slog.offset(stream), 1)
+                    behind = behind or bool(more)
             if not behind:
                 break
             await asyncio.sleep(0.05)

@@ -592,6 +592,20 @@ class LxdProvider(Provider):
         finally:
             await pipe.close()
 
+    async def _running(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, what: str
+    ) -> str:
+        """The instance of a running ``workspace`` to run ``argv`` in, after the checks
+        every command (``what``: exec, a terminal) needs."""
+        validate_name("workspace", workspace)
+        if not argv:
+            raise InvalidArgumentError(f"{what} needs a command: argv is empty")
+        check_env(env or {})
+        info = await self._require(workspace)
+        if info.get("status") != "Running":
+            raise FailedPreconditionError(self._not_running(workspace))
+        return str(info["name"])
+
     async def pipe(
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
     ) -> Terminal:
@@ -601,14 +615,7 @@ class LxdProvider(Provider):
     async def _pipe(
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
     ) -> execs.LxdPipe:
-        validate_name("workspace", workspace)
-        if not argv:
-            raise InvalidArgumentError("exec needs a command: argv is empty")
-        check_env(env or {})
-        info = await self._require(workspace)
-        if info.get("status") != "Running":
-            raise FailedPreconditionError(self._not_running(workspace))
-        name = str(info["name"])
+        name = await self._running(workspace, argv, env, "exec")
         action = f"running {argv[0]!r} in {workspace!r}"
 
         def as_exec_error(exc: BaseException) -> VendettaError:
@@ -639,14 +646,7 @@ class LxdProvider(Provider):
         In a daemon thread of its own, not an executor slot: a command may run for
         long. Cancelling stops the wait; the command runs on, as LXD cannot stop it.
         """
-        validate_name("workspace", workspace)
-        if not argv:
-            raise InvalidArgumentError("exec needs a command: argv is empty")
-        check_env(env or {})
-        info = await self._require(workspace)
-        if info.get("status") != "Running":
-            raise FailedPreconditionError(self._not_running(workspace))
-        name = str(info["name"])
+        name = await self._running(workspace, argv, env, "exec")
         action = f"running {argv[0]!r} in {workspace!r}"
         client = await self._lxd()
         loop = asyncio.get_running_loop()
@@ -690,14 +690,7 @@ class LxdProvider(Provider):
         env: Mapping[str, str] | None = None,
     ) -> Terminal:
         """An interactive exec on a PTY of ``rows`` x ``cols`` (see ``terminal``)."""
-        validate_name("workspace", workspace)
-        if not argv:
-            raise InvalidArgumentError("a terminal needs a command: argv is empty")
-        check_env(env or {})
-        info = await self._require(workspace)
-        if info.get("status") != "Running":
-            raise FailedPreconditionError(self._not_running(workspace))
-        name = str(info["name"])
+        name = await self._running(workspace, argv, env, "a terminal")
         action = f"opening a terminal in {workspace!r}"
         environment = {"TERM": DEFAULT_TERM, **(env or {})}
 
