@@ -12,7 +12,8 @@ line and an exit code. Messages say what went wrong *and what to do*.
     │   └── ImageNotFoundError      NOT_FOUND          the image is not on the node
     ├── AlreadyExistsError          ALREADY_EXISTS     name taken
     ├── FailedPreconditionError     FAILED_PRECONDITION  wrong state for the operation
-    │   └── HostKeyMismatchError    FAILED_PRECONDITION  pinned SSH host key changed
+    │   ├── HostKeyMismatchError    FAILED_PRECONDITION  pinned SSH host key changed
+    │   └── NotRunningError         FAILED_PRECONDITION  the environment is not running
     ├── PermissionDeniedError       PERMISSION_DENIED  SSH auth refused
     ├── UnavailableError            UNAVAILABLE        something we need is not answering
     │   ├── NodeUnreachableError    UNAVAILABLE        SSH or agent cannot be reached
@@ -61,6 +62,10 @@ class FailedPreconditionError(VendettaError):
 
 class HostKeyMismatchError(FailedPreconditionError):
     pass
+
+
+class NotRunningError(FailedPreconditionError):
+    """The workspace's environment exists but is not running (or stopped meanwhile)."""
 
 
 class PermissionDeniedError(VendettaError):

@@ -50,6 +50,7 @@ _KINDS: dict[str, type[e.VendettaError]] = {
         e.ConfigError,
         e.ImageNotFoundError,
         e.HostKeyMismatchError,
+        e.NotRunningError,
         e.NodeUnreachableError,
         e.EngineUnavailableError,
     )

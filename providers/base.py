@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import abc
+import builtins
+import contextlib
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotRunningError,
+)
+from common.names import validate_name
 
 # Labels (or their equivalent) every provider puts on what it creates, so an
 # agent finds its own environments again after a restart.
@@ -27,10 +38,6 @@ class EnvState(enum.Enum):
 class Capabilities:
     """What differs between providers; callers branch on these, never on names."""
 
-    exec: bool = True
-    follow_logs: bool = True
-    resource_limits: bool = False
-    virtual_machine: bool = False
     # exec streams output as it comes and may stay open for hours: the service
     # supervisor then follows processes and logs through it; otherwise it polls.
     long_exec_streams: bool = True
@@ -147,60 +154,144 @@ class _NoStdin(Terminal):
 
 def check_env(env: Mapping[str, str]) -> None:
     """Variable names an exec or terminal may set (no '=', no NUL, not empty)."""
-    from common.errors import InvalidArgumentError
-
     for key in env:
         if not key or "=" in key or "\0" in key:
             raise InvalidArgumentError(f"invalid environment variable name {key!r}")
 
 
+def _check_command(what: str, argv: Sequence[str], env: Mapping[str, str] | None) -> None:
+    if not argv:
+        raise InvalidArgumentError(f"{what} needs a command: argv is empty")
+    check_env(env or {})
+
+
+def _check_spec(provider: str, spec: EnvironmentSpec) -> None:
+    validate_name("workspace", spec.workspace)
+    if not spec.image:
+        raise InvalidArgumentError(
+            f"workspace {spec.workspace!r} has no image: set {provider}.image in "
+            ".vendetta/config.yaml"
+        )
+    if spec.cpus is not None and spec.cpus <= 0:
+        raise InvalidArgumentError(f"cpus must be positive, got {spec.cpus}")
+    if spec.memory_bytes is not None and spec.memory_bytes <= 0:
+        raise InvalidArgumentError(f"memory must be positive, got {spec.memory_bytes} bytes")
+    if spec.disk_bytes is not None and spec.disk_bytes <= 0:
+        raise InvalidArgumentError(f"disk must be positive, got {spec.disk_bytes} bytes")
+    if spec.command is not None and not spec.command:
+        raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
+    check_env(spec.env)
+    for port in spec.ports:
+        if not 1 <= port <= 65535:
+            raise InvalidArgumentError(f"port {port} is not a TCP port (1-65535)")
+
+
 class Provider(abc.ABC):
-    """Drives one engine on the local node. Every method keeps SDK calls off the loop."""
+    """Drives one engine on the local node: the contract every engine keeps.
+
+    The public methods are the contract and are not overridden: they check their
+    arguments once, turn an engine's ``NotRunningError`` into the one message
+    users see, then call the engine's hooks (``_create``, ``_start``, ``_stop``,
+    ``_destroy``, ``_inspect``, ``_list``, ``_exec``, ``_run``, ``_logs``,
+    ``_attach``, ``_pipe``). Hooks get valid arguments and raise ``common.errors``
+    only; every SDK call in them runs off the event loop (``providers.threaded``).
+    """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
 
     def __init__(self, agent_id: str) -> None:
+        if not agent_id:
+            raise InvalidArgumentError("agent id must not be empty")
         # Environments are labelled with the agent's id: two agents sharing one
         # engine (two nodes on one host) never touch each other's.
         self.agent_id = agent_id
 
+    # -- the errors every engine raises, worded once ----------------------------
+
+    def missing(self, workspace: str) -> NotFoundError:
+        """The error for a workspace that has no environment of this provider here."""
+        return NotFoundError(
+            f"workspace {workspace!r} has no {self.name} environment on this node: create "
+            f"it with `vendetta workspace create {workspace}`, then `vendetta workspace up`"
+        )
+
+    def not_running(self, workspace: str) -> NotRunningError:
+        return NotRunningError(
+            f"workspace {workspace} is not running: run `vendetta workspace up {workspace}`"
+        )
+
+    def already_exists(self, workspace: str, detail: str) -> AlreadyExistsError:
+        return AlreadyExistsError(
+            f"workspace {workspace!r} already has a {self.name} environment on this node "
+            f"({detail}): start it with `vendetta workspace up {workspace}` or remove it "
+            f"with `vendetta workspace destroy {workspace}`"
+        )
+
+    @contextlib.contextmanager
+    def _running(self, workspace: str) -> Iterator[None]:
+        """An engine's NotRunningError (stopped before or during the call) as users see it."""
+        try:
+            yield
+        except NotRunningError as exc:
+            raise self.not_running(workspace) from exc
+
+    # -- the contract ------------------------------------------------------------
+
     @abc.abstractmethod
     async def readiness(self) -> Readiness: ...
 
-    @abc.abstractmethod
     async def create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
         """Create the environment, stopped. AlreadyExistsError if it exists."""
+        _check_spec(self.name, spec)
+        existing = await self._inspect(spec.workspace)
+        if existing.state is not EnvState.ABSENT:
+            raise self.already_exists(spec.workspace, existing.detail or existing.state.value)
+        return await self._create(spec)
 
-    @abc.abstractmethod
     async def start(self, workspace: str) -> EnvironmentStatus:
         """Start it; a running environment is left as it is."""
+        validate_name("workspace", workspace)
+        return await self._start(workspace)
 
-    @abc.abstractmethod
     async def stop(self, workspace: str, timeout: float = 10.0) -> EnvironmentStatus:
         """Stop gracefully, forcing after ``timeout``; a stopped one is left as it is."""
+        validate_name("workspace", workspace)
+        if timeout < 0:
+            raise InvalidArgumentError(f"the stop timeout must be 0 or more, got {timeout}")
+        return await self._stop(workspace, timeout)
 
-    @abc.abstractmethod
     async def destroy(self, workspace: str) -> None:
         """Remove it and everything it owns; absent is not an error."""
+        validate_name("workspace", workspace)
+        await self._destroy(workspace)
 
-    @abc.abstractmethod
     async def inspect(self, workspace: str) -> EnvironmentStatus:
         """State of one environment; state ABSENT when it does not exist."""
+        validate_name("workspace", workspace)
+        return await self._inspect(workspace)
 
-    @abc.abstractmethod
-    async def list(self) -> list[EnvironmentStatus]:
-        """Every environment this agent owns on the engine."""
+    async def list(self) -> builtins.list[EnvironmentStatus]:
+        """Every environment this agent owns on the engine, sorted by workspace."""
+        return sorted(await self._list(), key=lambda status: status.workspace)
 
-    @abc.abstractmethod
-    def exec(
+    async def exec(
         self,
         workspace: str,
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         workdir: str = "",
-    ) -> AsyncIterator[ExecChunk]:
-        """Run argv (no shell) inside; yield output, then one chunk with exit_code."""
+    ) -> AsyncGenerator[ExecChunk, None]:
+        """Run argv (no shell) inside; yield output, then one chunk with exit_code.
+
+        Closing the generator early ends the stream (the command may run on where
+        the engine cannot kill it)."""
+        validate_name("workspace", workspace)
+        _check_command("exec", argv, env)
+        with self._running(workspace):
+            async with contextlib.aclosing(self._exec(workspace, argv, env, workdir)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def run(
         self,
@@ -209,32 +300,26 @@ class Provider(abc.ABC):
         env: Mapping[str, str] | None = None,
         workdir: str = "",
     ) -> tuple[int, bytes, bytes]:
-        """Run argv to completion: (exit code, stdout, stderr), for output wanted whole.
+        """Run argv to completion: (exit code, stdout, stderr), for output wanted whole."""
+        validate_name("workspace", workspace)
+        _check_command("run", argv, env)
+        with self._running(workspace):
+            return await self._run(workspace, argv, env, workdir)
 
-        An engine may do this more reliably than a stream (LXD does).
-        """
-        out, err, code = bytearray(), bytearray(), -1
-        async for chunk in self.exec(workspace, argv, env, workdir):
-            out += chunk.stdout
-            err += chunk.stderr
-            if chunk.exit_code is not None:
-                code = chunk.exit_code
-        return code, bytes(out), bytes(err)
-
-    @abc.abstractmethod
-    def logs(
+    async def logs(
         self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0
-    ) -> AsyncIterator[LogRecord]:
+    ) -> AsyncGenerator[LogRecord, None]:
         """The environment's own output; with follow, until it stops or the caller cancels."""
-
-    def missing(self, workspace: str) -> Exception:
-        """The error for a workspace that has no environment of this provider here."""
-        from common.errors import NotFoundError
-
-        return NotFoundError(
-            f"workspace {workspace!r} has no {self.name} environment on this node: create "
-            f"it with `vendetta workspace create {workspace}`, then `vendetta workspace up`"
-        )
+        validate_name("workspace", workspace)
+        if tail is not None and tail < 0:
+            raise InvalidArgumentError(f"tail must be 0 or more, got {tail}")
+        if since_unix_nano < 0:
+            raise InvalidArgumentError(f"since must be 0 or more, got {since_unix_nano}")
+        async with contextlib.aclosing(
+            self._logs(workspace, follow=follow, tail=tail, since_unix_nano=since_unix_nano)
+        ) as records:
+            async for record in records:
+                yield record
 
     async def attach(
         self,
@@ -246,12 +331,17 @@ class Provider(abc.ABC):
         env: Mapping[str, str] | None = None,
     ) -> Terminal:
         """An interactive terminal running argv; only where capabilities.terminal."""
-        from common.errors import FailedPreconditionError
-
-        raise FailedPreconditionError(
-            f"interactive terminals are not available for {self.name} environments yet; "
-            "run a command instead: `vendetta workspace connect NAME -- CMD ...`"
-        )
+        validate_name("workspace", workspace)
+        _check_command("a terminal", argv, env)
+        if rows < 0 or cols < 0:
+            raise InvalidArgumentError(f"a terminal cannot be {rows}x{cols}")
+        if not self.capabilities.terminal:
+            raise FailedPreconditionError(
+                f"interactive terminals are not available for {self.name} environments; "
+                "run a command instead: `vendetta workspace connect NAME -- CMD ...`"
+            )
+        with self._running(workspace):
+            return await self._attach(workspace, argv, rows=rows, cols=cols, env=env)
 
     async def pipe(
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
@@ -259,9 +349,78 @@ class Provider(abc.ABC):
         """argv with stdin, stdout and stderr on pipes (no terminal): what is written
         reaches its stdin, until ``close_stdin``. Where ``capabilities.stdin`` is
         False the command gets no input (as with ``exec``)."""
-        output = self.exec(workspace, argv, env)
-        # Its first chunk now: an error in starting it is the caller's, not the output's.
-        return _NoStdin(await anext(aiter(output)), output)
+        validate_name("workspace", workspace)
+        _check_command("a command", argv, env)
+        with self._running(workspace):
+            if self.capabilities.stdin:
+                return await self._pipe(workspace, argv, env)
+            output = self.exec(workspace, argv, env)
+            # Its first chunk now: an error in starting it is the caller's, not the output's.
+            return _NoStdin(await anext(aiter(output)), output)
 
     async def close(self) -> None:
         """Release SDK clients."""
+
+    # -- the engine's hooks: arguments already checked ---------------------------
+
+    @abc.abstractmethod
+    async def _create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+        """Create it (nothing of this workspace exists yet); race losers raise
+        AlreadyExistsError."""
+
+    @abc.abstractmethod
+    async def _start(self, workspace: str) -> EnvironmentStatus: ...
+
+    @abc.abstractmethod
+    async def _stop(self, workspace: str, timeout: float) -> EnvironmentStatus: ...
+
+    @abc.abstractmethod
+    async def _destroy(self, workspace: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _inspect(self, workspace: str) -> EnvironmentStatus: ...
+
+    @abc.abstractmethod
+    async def _list(self) -> builtins.list[EnvironmentStatus]: ...
+
+    @abc.abstractmethod
+    def _exec(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
+    ) -> AsyncGenerator[ExecChunk, None]:
+        """Output chunks, then one with the exit code; NotRunningError when stopped."""
+
+    async def _run(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
+    ) -> tuple[int, bytes, bytes]:
+        """By default the exec stream, collected; an engine may do better (LXD does)."""
+        out, err, code = bytearray(), bytearray(), -1
+        async with contextlib.aclosing(self._exec(workspace, argv, env, workdir)) as chunks:
+            async for chunk in chunks:
+                out += chunk.stdout
+                err += chunk.stderr
+                if chunk.exit_code is not None:
+                    code = chunk.exit_code
+        return code, bytes(out), bytes(err)
+
+    @abc.abstractmethod
+    def _logs(
+        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int
+    ) -> AsyncGenerator[LogRecord, None]: ...
+
+    async def _attach(
+        self,
+        workspace: str,
+        argv: Sequence[str],
+        *,
+        rows: int,
+        cols: int,
+        env: Mapping[str, str] | None,
+    ) -> Terminal:
+        """Only called where ``capabilities.terminal``."""
+        raise NotImplementedError
+
+    async def _pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
+    ) -> Terminal:
+        """Only called where ``capabilities.stdin``."""
+        raise NotImplementedError

@@ -16,13 +16,22 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 Closer = Callable[[], None]
 Opener = Callable[[], tuple[Iterable[T], Closer]]
@@ -282,3 +291,92 @@ class ThreadedWriter:
             self._run_finish()
         else:
             self._queue.put(None)
+
+
+class EngineClient(Generic[C]):
+    """The one thread seam of a provider: its SDK client, made on first use (and made
+    again when ``alive`` says it died), and every blocking SDK call run in a thread
+    with the engine's error translation around it.
+
+    ``errors(action)`` is the engine's seam from SDK errors to ``common.errors``;
+    connection failures are not cached, so an engine started later is found.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], C],
+        errors: Callable[[str], AbstractContextManager[object]],
+        *,
+        alive: Callable[[C], bool] | None = None,
+        close: Callable[[C], object] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._errors = errors
+        self._alive = alive
+        self._close = close
+        self._client: C | None = None
+        self._lock = threading.Lock()
+
+    def client_sync(self) -> C:
+        """The client, connecting if needed. Blocking: call it in a thread."""
+        with self._lock:
+            client = self._client
+            if client is not None and (self._alive is None or self._alive(client)):
+                return client
+            self._client = None
+            if client is not None and self._close is not None:
+                with contextlib.suppress(Exception):
+                    self._close(client)
+            with self._errors("connecting"):
+                client = self._connect()
+            self._client = client
+            return client
+
+    def call_sync(self, action: str, fn: Callable[[C], T]) -> T:
+        """``fn(client)`` with SDK errors translated. Blocking: call it in a thread."""
+        client = self.client_sync()
+        with self._errors(action):
+            return fn(client)
+
+    async def call(self, action: str, fn: Callable[[C], T]) -> T:
+        """``fn(client)`` in a thread; SDK errors come out as ``common.errors``."""
+        return await asyncio.to_thread(self.call_sync, action, fn)
+
+    async def client(self) -> C:
+        return await asyncio.to_thread(self.client_sync)
+
+    async def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and self._close is not None:
+            await asyncio.to_thread(self._close, client)
+
+
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+async def open_or_abandon(
+    opening: Callable[[], Awaitable[T]], abandon: Callable[[T], Awaitable[object] | None]
+) -> T:
+    """Await ``opening()`` so that a caller cancelled meanwhile leaves nothing open.
+
+    Opening a session (a terminal, a shell) cannot be interrupted half way: it runs
+    shielded, and if the caller is cancelled first, ``abandon`` gets what it opened
+    (to hang it up) as soon as it is open. Failures after a cancel are dropped.
+    """
+    task: asyncio.Future[T] = asyncio.ensure_future(opening())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def hang_up(done: asyncio.Future[T]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            closing = abandon(done.result())
+            if closing is not None:
+                follow_up = asyncio.ensure_future(closing)
+                _abandoned.add(follow_up)
+                follow_up.add_done_callback(_abandoned.discard)
+
+        task.add_done_callback(hang_up)
+        raise
