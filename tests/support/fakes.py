@@ -19,7 +19,7 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -29,9 +29,9 @@ import grpc.aio
 
 from common.errors import (
     AlreadyExistsError,
-    FailedPreconditionError,
     NodeUnreachableError,
     NotFoundError,
+    NotRunningError,
 )
 from coordinator.models import LOCAL_NODE, NodeRecord, NodeState
 from coordinator.server import Coordinator
@@ -165,7 +165,7 @@ class FakeProvider(Provider):
     async def readiness(self) -> Readiness:
         return self.readiness_value
 
-    async def create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
+    async def _create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
         self.calls.append(("create", spec.workspace))
         if self.fail_create is not None:
             raise self.fail_create
@@ -177,14 +177,14 @@ class FakeProvider(Provider):
         )
         return self._status(spec.workspace)
 
-    async def start(self, workspace: str) -> EnvironmentStatus:
+    async def _start(self, workspace: str) -> EnvironmentStatus:
         self.calls.append(("start", workspace))
         if self.fail_start is not None:
             raise self.fail_start
         self._env(workspace).state = EnvState.RUNNING
         return self._status(workspace)
 
-    async def stop(self, workspace: str, timeout: float = 10.0) -> EnvironmentStatus:
+    async def _stop(self, workspace: str, timeout: float) -> EnvironmentStatus:
         self.calls.append(("stop", workspace))
         if self.fail_stop is not None:
             raise self.fail_stop
@@ -194,38 +194,34 @@ class FakeProvider(Provider):
             self._log_changed.set()
         return self._status(workspace)
 
-    async def destroy(self, workspace: str) -> None:
+    async def _destroy(self, workspace: str) -> None:
         self.calls.append(("destroy", workspace))
         if self.fail_destroy is not None:
             raise self.fail_destroy
         self.environments.pop(workspace, None)
         self._log_changed.set()
 
-    async def inspect(self, workspace: str) -> EnvironmentStatus:
+    async def _inspect(self, workspace: str) -> EnvironmentStatus:
         self.calls.append(("inspect", workspace))
         return self._status(workspace)
 
-    async def list(self) -> list[EnvironmentStatus]:
+    async def _list(self) -> list[EnvironmentStatus]:
         return [self._status(ws) for ws in sorted(self.environments)]
 
-    async def exec(
-        self,
-        workspace: str,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        workdir: str = "",
-    ) -> AsyncIterator[ExecChunk]:
+    async def _exec(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
+    ) -> AsyncGenerator[ExecChunk, None]:
         if self._env(workspace).state != EnvState.RUNNING:
-            raise FailedPreconditionError(f"workspace {workspace!r} is not running")
+            raise NotRunningError(f"fake environment {workspace!r} is not running")
         self.exec_calls.append((workspace, list(argv), dict(env or {}), workdir))
         yield ExecChunk(stdout=" ".join(argv).encode() + b"\n")
         if self.exec_stderr:
             yield ExecChunk(stderr=self.exec_stderr)
         yield ExecChunk(exit_code=self.exec_exit_code)
 
-    async def logs(
-        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0
-    ) -> AsyncIterator[LogRecord]:
+    async def _logs(
+        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int
+    ) -> AsyncGenerator[LogRecord, None]:
         records = self._env(workspace).logs
         start = max(len(records) - tail, 0) if tail else 0
         self.active_log_streams += 1

@@ -95,7 +95,7 @@ async def test_agent_socket_is_private_and_info_lists_providers(agent_dir: Path)
             assert [p.name for p in info.providers] == ["docker"]
             assert not info.providers[0].ready
             assert info.providers[0].detail == "engine down: start it"
-            assert "exec" in info.providers[0].capabilities
+            assert "long_exec_streams" in info.providers[0].capabilities
             # A provider that is not ready contributes no environments (and no error).
             envs = await stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
             assert list(envs.environments) == []
