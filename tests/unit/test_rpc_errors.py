@@ -28,6 +28,7 @@ CASES: list[tuple[type[e.VendettaError], grpc.StatusCode]] = [
     (e.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (e.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.HostKeyMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.NotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.NodeUnreachableError, grpc.StatusCode.UNAVAILABLE),
@@ -147,6 +148,7 @@ async def test_unexpected_exception_is_internal_and_says_it_is_a_bug(agent: Agen
         (e.ImageNotFoundError, grpc.StatusCode.NOT_FOUND),
         (e.EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
         (e.HostKeyMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.NotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
     ],
 )
 async def test_stream_error_after_items(
