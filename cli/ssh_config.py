@@ -20,7 +20,7 @@ from cli.output import err, out, print_json
 from cli.runner import fail, run
 from common.errors import FailedPreconditionError, InvalidArgumentError
 from common.paths import ssh_entries, vendetta_home
-from coordinator.ssh_entries import SUFFIX, quoted
+from common.ssh_hosts import SUFFIX, quoted
 from vendetta.v1 import coordinator_pb2 as pb
 
 DEFAULT_FILE = Path("~/.ssh/config")

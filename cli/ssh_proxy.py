@@ -23,7 +23,7 @@ from cli.terminal import stream
 from common.errors import FailedPreconditionError
 from common.paths import vendetta_home
 from common.rpc_errors import from_rpc_error
-from coordinator.ssh_entries import host_key_path
+from common.ssh_hosts import host_key_path
 from vendetta.v1 import common_pb2
 
 # OpenSSH's code for "the connection or the remote side failed".

@@ -20,7 +20,7 @@ from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from cli.ssh_config import included as ssh_included
 from common.errors import VendettaError
-from coordinator.ssh_entries import SUFFIX
+from common.ssh_hosts import SUFFIX
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 from vendetta.v1 import coordinator_pb2 as pb
 

@@ -55,6 +55,18 @@ def coordinator_log(home: Path) -> Path:
     return home / "coordinator.log"
 
 
+def agent_socket(agent_dir: Path) -> Path:
+    return agent_dir / "agent.sock"
+
+
+def agent_pid(agent_dir: Path) -> Path:
+    return agent_dir / "agent.pid"
+
+
+def agent_log(agent_dir: Path) -> Path:
+    return agent_dir / "agent.log"
+
+
 def ssh_dir(home: Path) -> Path:
     """Keys and the `Host *.vendetta` entries the coordinator maintains."""
     return home / "ssh"

@@ -18,21 +18,11 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from common.paths import private_dir, ssh_dir, ssh_entries
+from common.paths import private_dir, ssh_entries
+from common.ssh_hosts import HOST_KEY_ALIAS, SUFFIX, host_key_path, known_hosts_path, quoted
+from coordinator.ssh_keys import ensure_key
 
 log = logging.getLogger("vendetta.coordinator")
-
-SUFFIX = ".vendetta"
-# One alias for every workspace: the proxy presents the same host key for all.
-HOST_KEY_ALIAS = "vendetta-workspaces"
-
-
-def host_key_path(home: Path) -> Path:
-    return ssh_dir(home) / "proxy_host_key"
-
-
-def known_hosts_path(home: Path) -> Path:
-    return ssh_dir(home) / "known_hosts"
 
 
 def cli_command() -> list[str]:
@@ -41,11 +31,6 @@ def cli_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     return [sys.executable, "-m", "cli.main"]
-
-
-def quoted(path: Path) -> str:
-    """A path as ssh_config(5) takes it, spaces and all."""
-    return '"' + str(path).replace('"', '\\"') + '"'
 
 
 def render(home: Path, workspaces: Iterable[str]) -> str:
@@ -80,10 +65,6 @@ class SshEntries:
         self._written: frozenset[str] | None = None
 
     def prepare(self) -> None:
-        # Here, not at the top: the CLI imports this module for SUFFIX and quoted(),
-        # and asyncssh (through ssh_keys) would add 0.2 s to every command.
-        from coordinator.ssh_keys import ensure_key
-
         key = ensure_key(host_key_path(self.home), "vendetta workspace proxy")
         line = key.export_public_key().decode().strip()
         known = f"{HOST_KEY_ALIAS} {line}\n"

@@ -15,10 +15,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from common import agent_process
 from common.errors import VendettaError
-from common.paths import default_agent_dir
-from nodeagent import daemon
-from nodeagent.server import serve, socket_path
+from common.paths import agent_socket, default_agent_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,17 +37,19 @@ def main(argv: list[str] | None = None) -> None:
             logging.basicConfig(
                 level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
+            from nodeagent.server import serve  # the agent and its providers: only when serving
+
             asyncio.run(serve(agent_dir, docker_host=args.docker_host))
         elif args.command == "ensure":
-            status = asyncio.run(daemon.ensure(agent_dir, run_args))
+            status = asyncio.run(agent_process.ensure(agent_dir, run_args))
             print(json.dumps(asdict(status)))
         elif args.command == "stop":
-            stopped = asyncio.run(daemon.stop(agent_dir))
+            stopped = asyncio.run(agent_process.stop(agent_dir))
             print("stopped" if stopped else "not running")
         else:
-            info = asyncio.run(daemon.probe(socket_path(agent_dir)))
+            info = asyncio.run(agent_process.probe(agent_socket(agent_dir)))
             if info is None:
-                print(f"not running ({socket_path(agent_dir)})")
+                print(f"not running ({agent_socket(agent_dir)})")
                 sys.exit(1)
             print(f"running: agent {info.agent_id} version {info.version} at {info.socket_path}")
     except VendettaError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc.aio
 
 from common.errors import FailedPreconditionError
-from common.paths import check_socket_path, private_dir
+from common.paths import agent_pid, agent_socket, check_socket_path, private_dir
 from common.rpc_errors import ErrorMappingInterceptor
 from nodeagent.providers import ProviderSet, build_providers
 from nodeagent.servicer import NodeAgentServicer
@@ -22,12 +22,6 @@ from nodeagent.services.manager import ServiceManager
 from vendetta.v1 import nodeagent_pb2_grpc
 
 log = logging.getLogger("vendetta.agent")
-
-SOCKET_NAME = "agent.sock"
-
-
-def socket_path(agent_dir: Path) -> Path:
-    return agent_dir / SOCKET_NAME
 
 
 def agent_id(agent_dir: Path) -> str:
@@ -65,7 +59,7 @@ class AgentServer:
         self, agent_dir: Path, docker_host: str | None = None, providers: ProviderSet | None = None
     ) -> None:
         self.agent_dir = private_dir(agent_dir)
-        self.socket = check_socket_path(socket_path(agent_dir))
+        self.socket = check_socket_path(agent_socket(agent_dir))
         self.agent_id = agent_id(agent_dir)
         self.providers = providers or build_providers(self.agent_id, docker_host)
         self._lock: _Lock | None = None
@@ -89,7 +83,7 @@ class AgentServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
-        (self.agent_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+        agent_pid(self.agent_dir).write_text(f"{os.getpid()}\n")
         log.info("agent %s listening on %s", self.agent_id, self.socket)
         # Services an earlier run of this agent supervised keep running: find them again.
         self._resume = asyncio.create_task(self.services.resume_all())
@@ -100,7 +94,7 @@ class AgentServer:
         await self._server.stop(grace)
         await self.services.close()
         await self.providers.close()
-        for path in (self.agent_dir / "agent.pid", self.socket):
+        for path in (agent_pid(self.agent_dir), self.socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if self._lock is not None:

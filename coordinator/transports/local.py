@@ -7,9 +7,9 @@ from pathlib import Path
 
 import grpc.aio
 
+from common import agent_process
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 from coordinator.transports.tcp_proxy import TcpForward
-from nodeagent import daemon
 
 
 class LocalTransport(Transport):
@@ -22,7 +22,7 @@ class LocalTransport(Transport):
         self._closed = asyncio.Event()
 
     async def connect(self) -> grpc.aio.Channel:
-        status = await daemon.ensure(self.agent_dir, self.agent_args)
+        status = await agent_process.ensure(self.agent_dir, self.agent_args)
         self._closed.clear()
         self._channel = grpc.aio.insecure_channel(f"unix:{status.socket}", options=CHANNEL_OPTIONS)
         return self._channel

@@ -9,7 +9,8 @@ from pathlib import Path
 import asyncssh
 
 from cli.ssh_config import include_line, with_include, without_include
-from coordinator.ssh_entries import HOST_KEY_ALIAS, SshEntries, known_hosts_path
+from common.ssh_hosts import HOST_KEY_ALIAS, known_hosts_path
+from coordinator.ssh_entries import SshEntries
 from coordinator.ssh_keys import ensure_key
 
 

@@ -1,7 +1,10 @@
-"""Start the agent in the background if it is not answering, and stop it.
+"""Start the node agent in the background if it is not answering, and stop it.
 
-``ensure`` is what the coordinator runs on a node (locally, or once per SSH
-connection): it is idempotent and prints where the agent listens.
+``ensure`` is what runs on a node: the coordinator calls it in-process for the
+local node, and the SSH transport runs it as ``vendetta-agent ensure`` once per
+connection. It is idempotent and says where the agent listens. It lives here,
+not in ``nodeagent``, because it only talks to the agent over its socket:
+importing it must not load the agent's server or the providers.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ from pathlib import Path
 
 import grpc.aio
 
-from common.paths import private_dir
+from common.paths import agent_log, agent_pid, agent_socket, private_dir
 from common.process import read_pid, start_detached, terminate
 from common.version import build_id
-from nodeagent.server import socket_path
 from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
 
 
@@ -44,10 +46,10 @@ async def probe(sock: Path, timeout: float = 2.0) -> nodeagent_pb2.InfoResponse 
 
 async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) -> AgentStatus:
     await asyncio.to_thread(private_dir, agent_dir)
-    sock = socket_path(agent_dir)
+    sock = agent_socket(agent_dir)
     info = await probe(sock)
     if info is not None and info.version == build_id():
-        pid = await asyncio.to_thread(read_pid, agent_dir / "agent.pid")
+        pid = await asyncio.to_thread(read_pid, agent_pid(agent_dir))
         return AgentStatus(str(sock), info.version, info.agent_id, pid, False)
     if info is not None:
         # An agent from another build (vendetta was upgraded): replace it. Its
@@ -55,12 +57,12 @@ async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) ->
         await stop(agent_dir)
     argv = [sys.executable, "-m", "nodeagent.main", "--dir", str(agent_dir), *run_args, "run"]
     started, pid = await start_detached(
-        "node agent", argv, agent_dir / "agent.log", lambda: probe(sock, 1.0), timeout
+        "node agent", argv, agent_log(agent_dir), lambda: probe(sock, 1.0), timeout
     )
     return AgentStatus(str(sock), started.version, started.agent_id, pid, True)
 
 
 async def stop(agent_dir: Path, timeout: float = 15.0) -> bool:
     """SIGTERM the agent of ``agent_dir`` and wait; False if none was running."""
-    pid = await asyncio.to_thread(read_pid, agent_dir / "agent.pid")
+    pid = await asyncio.to_thread(read_pid, agent_pid(agent_dir))
     return await terminate(pid, timeout)
