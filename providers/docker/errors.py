@@ -2,12 +2,14 @@
 
 Every docker-py call in this package runs inside :func:`docker_errors` (or its
 exceptions go through :func:`translate`), so no ``docker.errors`` or
-``requests`` exception leaves the provider. Most specific first:
+``requests`` exception leaves the provider, and only this module reads what
+Docker's answers say. Most specific first:
 
     docker.errors.ImageNotFound            -> ImageNotFoundError
     docker.errors.NotFound                 -> NotFoundError
-    docker.errors.APIError 409             -> AlreadyExistsError ("already in use") or
-                                              FailedPreconditionError (wrong state)
+    docker.errors.APIError 409             -> AlreadyExistsError ("already in use"),
+                                              NotRunningError ("is not running") or
+                                              FailedPreconditionError (another wrong state)
     docker.errors.APIError 400             -> InvalidArgumentError
     docker.errors.APIError 401/403         -> PermissionDeniedError
     docker.errors.APIError 503             -> EngineUnavailableError
@@ -38,6 +40,7 @@ from common.errors import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    NotRunningError,
     PermissionDeniedError,
     VendettaError,
 )
@@ -109,6 +112,16 @@ def _looks_like_connection_failure(exc: BaseException) -> bool:
     return any(marker in text for marker in _CONNECTION_MARKERS)
 
 
+def removal_in_progress(exc: BaseException) -> bool:
+    """Whether ``exc`` is Docker refusing to remove a container that is being removed
+    already (by someone else): for whoever wants it gone, that is done."""
+    return (
+        isinstance(exc, docker.errors.APIError)
+        and _status_code(exc) == 409
+        and "in progress" in _explanation(exc)
+    )
+
+
 def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
     """The ``common.errors`` exception for ``exc``, raised while ``action`` (e.g. "starting x")."""
     if isinstance(exc, VendettaError):
@@ -124,6 +137,8 @@ def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
             lowered = explanation.lower()
             if "already in use" in lowered or "already exists" in lowered:
                 return AlreadyExistsError(f"{action}: {explanation}")
+            if "is not running" in lowered:  # an exec in a stopped container
+                return NotRunningError(f"{action}: {explanation}")
             return FailedPreconditionError(f"{action}: {explanation}")
         if status == 400:
             return InvalidArgumentError(f"{action}: {explanation}")

@@ -7,22 +7,69 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from common.errors import VendettaError
 from providers.base import ExecChunk, Terminal
-from providers.docker.streams import STDERR, STDOUT, THREAD_PREFIX, exec_frames, shutdown_socket
-from providers.threaded import ThreadedStream, ThreadedWriter
+from providers.docker import execs
+from providers.docker.streams import STDOUT, THREAD_PREFIX, exec_frames, shutdown_socket
+from providers.threaded import EngineClient, ThreadedWriter, open_or_abandon
+
+
+async def open_session(
+    engine: EngineClient[Any],
+    container_id: str,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    *,
+    name: str,
+    size: tuple[int, int] | None,
+    action: str,
+    on_error: Callable[[Exception], Exception],
+) -> DockerTerminal:
+    """argv in the container with stdin on a socket: on a TTY of ``size`` (rows,
+    cols), or on pipes when ``size`` is None. A caller cancelled meanwhile leaves
+    nothing open."""
+    tty = size is not None
+
+    async def opening() -> DockerTerminal:
+        exec_id = await engine.call(
+            action,
+            lambda api: execs.create_exec(api, container_id, argv, env, stdin=True, tty=tty),
+        )
+        sock = await engine.call(action, lambda api: api.exec_start(exec_id, socket=True, tty=tty))
+        session = DockerTerminal(
+            engine, exec_id, sock, name, tty=tty, action=action, on_error=on_error
+        )
+        if size is not None:
+            await session.resize(*size)
+            session.settle_size()
+        return session
+
+    return await open_or_abandon(opening, lambda session: session.close())
 
 
 class DockerTerminal(Terminal):
-    def __init__(self, api: Any, exec_id: str, sock: Any, name: str, *, tty: bool) -> None:
-        self._api = api
+    def __init__(
+        self,
+        engine: EngineClient[Any],
+        exec_id: str,
+        sock: Any,
+        name: str,
+        *,
+        tty: bool,
+        action: str,
+        on_error: Callable[[Exception], Exception],
+    ) -> None:
+        self._engine = engine
         self._tty = tty
         self._exec_id = exec_id
         self._sock = sock
         self._raw = getattr(sock, "_sock", sock)
         self._name = name
+        self._action = action
+        self._on_error = on_error
         self._settle: asyncio.Task[None] | None = None
         self._size = (24, 80)
         self._stdin = ThreadedWriter(
@@ -40,25 +87,17 @@ class DockerTerminal(Terminal):
             yield STDOUT, bytes(data)
 
     async def output(self) -> AsyncIterator[ExecChunk]:
-        stream: ThreadedStream[tuple[int, bytes]] = ThreadedStream(
-            f"{THREAD_PREFIX}{'tty' if self._tty else 'pipe'}-{self._name}",
+        output = execs.chunks(
+            self._engine,
+            self._exec_id,
             lambda: (self._chunks(), lambda: shutdown_socket(self._sock)),
-            lambda exc: exc,
+            thread_name=f"{THREAD_PREFIX}{'tty' if self._tty else 'pipe'}-{self._name}",
+            action=self._action,
+            on_error=self._on_error,
         )
-        try:
-            async for stream_id, data in stream:
-                yield ExecChunk(stderr=data) if stream_id == STDERR else ExecChunk(stdout=data)
-        finally:
-            await stream.aclose()
-        delay = 0.005
-        while True:  # the output ends just before Docker records the exit code
-            result = await asyncio.to_thread(self._api.exec_inspect, self._exec_id)
-            if not result.get("Running"):
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-        code = result.get("ExitCode")
-        yield ExecChunk(exit_code=int(code) if code is not None else -1)
+        async with contextlib.aclosing(output):
+            async for chunk in output:
+                yield chunk
 
     async def write(self, data: bytes) -> None:
         await self._stdin.write(data)
@@ -74,8 +113,11 @@ class DockerTerminal(Terminal):
         await self._apply(rows, cols)
 
     async def _apply(self, rows: int, cols: int) -> None:
-        with contextlib.suppress(Exception):  # the process may have just ended
-            await asyncio.to_thread(self._api.exec_resize, self._exec_id, height=rows, width=cols)
+        with contextlib.suppress(VendettaError):  # the process may have just ended
+            await self._engine.call(
+                "resizing a terminal",
+                lambda api: api.exec_resize(self._exec_id, height=rows, width=cols),
+            )
 
     def settle_size(self) -> None:
         """Apply the size again shortly: a resize sent right after the exec starts
