@@ -18,10 +18,11 @@ demo: setup ## Run the demo: coordinator, local agent, a Docker workspace, logs,
 test: setup ## Run all tests against the real engines (unit, integration, e2e)
 	bash scripts/test.sh
 
-lint: ## ruff + mypy strict on hand-written code; generated code must match protos/
+lint: ## ruff + mypy strict on hand-written code; import-linter keeps the layers; generated code must match protos/
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	bash scripts/gen_protos.sh --check
 
 fmt: ## Format the code with ruff
