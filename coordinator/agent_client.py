@@ -1,4 +1,9 @@
-"""A typed client for one node's agent: stubs plus error mapping, nothing more."""
+"""A typed client for one node's agent: stubs, error mapping, and conversion to domain types.
+
+What the agent reports of environments and services comes back as
+``coordinator.models`` types; log, exec and attach streams are relayed as
+they are (the coordinator only passes them on).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from collections.abc import AsyncIterator
 import grpc.aio
 
 from common.rpc_errors import mapped_rpc_errors
+from coordinator.convert import environment_from_pb, service_event_from_pb, service_status_from_pb
+from coordinator.models import Environment, ServiceEvent, ServiceStatus
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 DEFAULT_TIMEOUT = 120.0
@@ -24,29 +31,32 @@ class AgentClient:
         with mapped_rpc_errors():
             return await self._stub.Heartbeat(nodeagent_pb2.HeartbeatRequest(), timeout=timeout)
 
-    async def create(self, spec: nodeagent_pb2.EnvironmentSpec) -> nodeagent_pb2.Environment:
+    async def create(self, spec: nodeagent_pb2.EnvironmentSpec) -> Environment:
         with mapped_rpc_errors():
-            return await self._stub.CreateEnvironment(
+            env = await self._stub.CreateEnvironment(
                 nodeagent_pb2.CreateEnvironmentRequest(spec=spec), timeout=DEFAULT_TIMEOUT
             )
+        return environment_from_pb(env)
 
-    async def start(self, workspace: str, provider: str) -> nodeagent_pb2.Environment:
+    async def start(self, workspace: str, provider: str) -> Environment:
         with mapped_rpc_errors():
-            return await self._stub.StartEnvironment(
+            env = await self._stub.StartEnvironment(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=DEFAULT_TIMEOUT,
             )
+        return environment_from_pb(env)
 
     async def stop(
         self, workspace: str, provider: str, timeout_seconds: float = 10.0
-    ) -> nodeagent_pb2.Environment:
+    ) -> Environment:
         with mapped_rpc_errors():
-            return await self._stub.StopEnvironment(
+            env = await self._stub.StopEnvironment(
                 nodeagent_pb2.StopEnvironmentRequest(
                     workspace=workspace, provider=provider, timeout_seconds=timeout_seconds
                 ),
                 timeout=DEFAULT_TIMEOUT,
             )
+        return environment_from_pb(env)
 
     async def destroy(self, workspace: str, provider: str) -> None:
         with mapped_rpc_errors():
@@ -55,62 +65,81 @@ class AgentClient:
                 timeout=DEFAULT_TIMEOUT,
             )
 
-    async def inspect(self, workspace: str, provider: str) -> nodeagent_pb2.Environment:
+    async def inspect(self, workspace: str, provider: str) -> Environment:
         with mapped_rpc_errors():
-            return await self._stub.InspectEnvironment(
+            env = await self._stub.InspectEnvironment(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=30.0,
             )
+        return environment_from_pb(env)
 
     async def exec(
-        self, request: nodeagent_pb2.ExecRequest
+        self, workspace: str, provider: str, argv: list[str], env: dict[str, str], workdir: str
     ) -> AsyncIterator[common_pb2.ExecOutput]:
+        request = nodeagent_pb2.ExecRequest(
+            workspace=workspace, provider=provider, argv=argv, env=env, workdir=workdir
+        )
         with mapped_rpc_errors():
             async for out in self._stub.Exec(request):
                 yield out
 
     async def logs(
-        self, request: nodeagent_pb2.AgentLogsRequest
+        self,
+        workspace: str,
+        provider: str,
+        *,
+        follow: bool,
+        tail: int,
+        since_unix_nano: int,
+        service: str,
     ) -> AsyncIterator[common_pb2.LogBatch]:
+        request = nodeagent_pb2.AgentLogsRequest(
+            workspace=workspace,
+            provider=provider,
+            follow=follow,
+            tail=tail,
+            since_unix_nano=since_unix_nano,
+            service=service,
+        )
         with mapped_rpc_errors():
             async for batch in self._stub.StreamLogs(request):
                 yield batch
 
     async def start_services(
         self, workspace: str, provider: str, services: list[common_pb2.ServiceSpec]
-    ) -> AsyncIterator[common_pb2.ServiceEvent]:
+    ) -> AsyncIterator[ServiceEvent]:
         request = nodeagent_pb2.StartServicesRequest(
             workspace=workspace, provider=provider, services=services
         )
         with mapped_rpc_errors():
             async for ev in self._stub.StartServices(request):
-                yield ev
+                yield service_event_from_pb(ev)
 
-    async def get_services(self, workspace: str, provider: str) -> list[common_pb2.ServiceStatus]:
+    async def get_services(self, workspace: str, provider: str) -> list[ServiceStatus]:
         with mapped_rpc_errors():
             resp = await self._stub.GetServices(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=30.0,
             )
-        return list(resp.services)
+        return [service_status_from_pb(s) for s in resp.services]
 
-    async def watch_services(
-        self, workspace: str, provider: str
-    ) -> AsyncIterator[common_pb2.ServiceEvent]:
+    async def watch_services(self, workspace: str, provider: str) -> AsyncIterator[ServiceEvent]:
         request = nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider)
         with mapped_rpc_errors():
             async for ev in self._stub.WatchServices(request):
-                yield ev
+                yield service_event_from_pb(ev)
 
-    async def run_hook(
-        self, workspace: str, provider: str, name: str, command: str
-    ) -> AsyncIterator[common_pb2.ExecOutput]:
+    async def run_hook(self, workspace: str, provider: str, name: str, command: str) -> int:
+        """Run a config hook to its end; its exit code (-1 when the agent reported none)."""
         request = nodeagent_pb2.RunHookRequest(
             workspace=workspace, provider=provider, name=name, command=command
         )
+        code = -1
         with mapped_rpc_errors():
             async for out in self._stub.RunHook(request):
-                yield out
+                if out.WhichOneof("output") == "exit_code":
+                    code = out.exit_code
+        return code
 
     async def attach(
         self, requests: AsyncIterator[common_pb2.AttachInput]

@@ -33,6 +33,68 @@ class Desired(enum.Enum):
 LOCAL_NODE = "local"
 
 
+class EnvironmentState(enum.Enum):
+    """What a node's agent reports of a workspace's environment."""
+
+    UNSPECIFIED = "unspecified"
+    ABSENT = "absent"
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"
+
+
+@dataclass
+class Environment:
+    """One observation of a workspace's environment on its node."""
+
+    workspace: str
+    provider: str = ""
+    state: EnvironmentState = EnvironmentState.UNSPECIFIED
+    id: str = ""
+    image: str = ""
+    addresses: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+class ServiceState(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    PENDING = "pending"  # waiting for its dependencies
+    STARTING = "starting"  # running, health not yet passed
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # was healthy, checks now fail
+    EXITED = "exited"  # ended (stopped, or no restart wanted)
+    FAILED = "failed"  # never became healthy, or gave up restarting
+    STOPPED = "stopped"  # stopped by `down`
+
+
+@dataclass
+class ServiceStatus:
+    """A service of a workspace as last reported by its agent, plus where it is here."""
+
+    name: str
+    state: ServiceState = ServiceState.UNSPECIFIED
+    pid: int = 0
+    restarts: int = 0
+    exit_code: int = 0
+    detail: str = ""
+    port: int = 0  # the port inside the environment
+    node_endpoint: str = ""  # host:port that reaches it on the node
+    last_lines: list[str] = field(default_factory=list)  # end of its log when it failed
+    local_address: str = ""  # where it is on the user's machine (set by the coordinator)
+    local_note: str = ""  # e.g. why the local port differs from the service's
+
+
+@dataclass
+class ServiceEvent:
+    """A change of one service, as the agent announces it."""
+
+    workspace: str
+    service: ServiceStatus
+    message: str = ""
+    time_unix_nano: int = 0
+
+
 @dataclass
 class NodeRecord:
     name: str

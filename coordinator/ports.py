@@ -14,11 +14,11 @@ import logging
 
 from common.errors import FailedPreconditionError, VendettaError
 from common.loopback import is_free
+from coordinator.models import ServiceStatus
 from coordinator.nodes import NodeRegistry
 from coordinator.port_holder import who_holds
 from coordinator.store import Store
 from coordinator.transports.base import Forward
-from vendetta.v1 import common_pb2
 
 log = logging.getLogger("vendetta.ports")
 
@@ -54,7 +54,7 @@ class PortManager:
         self,
         workspace: str,
         node: str,
-        statuses: list[common_pb2.ServiceStatus],
+        statuses: list[ServiceStatus],
         pinned: dict[str, int] | None = None,
     ) -> list[str]:
         """Forward every published service port; fill local_address; return announcements.
@@ -102,7 +102,7 @@ class PortManager:
                 await self.store.set_port(workspace, st.name, fwd.port)
         return notes
 
-    def annotate(self, workspace: str, statuses: list[common_pb2.ServiceStatus]) -> None:
+    def annotate(self, workspace: str, statuses: list[ServiceStatus]) -> None:
         for st in statuses:
             current = self._forwards.get((workspace, st.name))
             if current is not None:

@@ -16,6 +16,7 @@ from common.paths import check_socket_path, coordinator_pid, coordinator_socket,
 from common.rpc_errors import ErrorMappingInterceptor
 from coordinator.models import NodeRecord, WorkspaceState
 from coordinator.nodes import NodeRegistry
+from coordinator.reconciler import Reconciler
 from coordinator.service_nodes import NodeService, make_transport_factory
 from coordinator.servicer import CoordinatorServicer
 from coordinator.ssh_entries import SshEntries
@@ -35,6 +36,7 @@ class Coordinator:
         home: Path,
         local_agent_args: list[str] | None = None,
         transport_factory: Callable[[NodeRecord], Transport] | None = None,
+        reconcile_interval: float | None = None,
     ) -> None:
         self.home = private_dir(home)
         self.socket = check_socket_path(coordinator_socket(home))
@@ -45,7 +47,7 @@ class Coordinator:
         )
         self.node_service = NodeService(self.store, self.nodes, self.home)
         self.workspaces = WorkspaceService(self.store, self.nodes)
-        self.nodes.on_ready(self.workspaces.reconcile_node)
+        self.reconciler = Reconciler(self.workspaces, reconcile_interval)
         self.ssh_entries = SshEntries(self.home)
         self.node_service.after_remove = self._write_ssh_entries
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,6 +74,7 @@ class Coordinator:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
+        self.reconciler.start()  # before the nodes connect: their first connect reconciles
         await self.node_service.start()
         await asyncio.to_thread(self.ssh_entries.prepare)
         await self._write_ssh_entries()
@@ -94,7 +97,8 @@ class Coordinator:
     async def stop(self, grace: float = 5.0) -> None:
         for task in self._tasks:
             task.cancel()
-        self.workspaces.ports.close_all()
+        await self.reconciler.stop()
+        self.workspaces.relays.close()
         await self.server.stop(grace)
         await self.nodes.close()
         await self.store.close()

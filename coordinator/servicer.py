@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from common.errors import InvalidArgumentError, NotFoundError
 from common.names import validate_name
 from common.version import build_id
-from coordinator.convert import node_to_pb, workspace_to_pb
+from coordinator.convert import node_to_pb, service_status_to_pb, workspace_to_pb
 from coordinator.nodes import NodeRegistry
 from coordinator.service_nodes import NodeService
 from coordinator.store import Store
@@ -213,7 +213,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                         ),
                         message=ev.message,
                         time_unix_nano=ev.time_unix_nano,
-                        service=ev.service,
+                        service=service_status_to_pb(ev.service) if ev.service else None,
                     )
 
     async def StreamLogs(

@@ -1,10 +1,33 @@
-"""Project config services -> the agent's ServiceSpecs, and summaries of their state."""
+"""A project's config -> what the agent is asked for (environment and service specs, sent
+as built), and summaries of the services' state."""
 
 from __future__ import annotations
 
-from common.config import ProjectConfig
+from common.config import ProjectConfig, parse_size
 from common.config import Service as ServiceConfig
-from vendetta.v1 import common_pb2
+from coordinator.models import ServiceState, ServiceStatus
+from vendetta.v1 import common_pb2, nodeagent_pb2
+
+
+def environment_spec(
+    name: str, provider: str, cfg: ProjectConfig | None
+) -> nodeagent_pb2.EnvironmentSpec:
+    cfg = cfg or ProjectConfig(name=name)
+    spec = nodeagent_pb2.EnvironmentSpec(workspace=name, provider=provider)
+    if provider == "docker":
+        spec.image = cfg.docker.image
+        spec.command.extend(cfg.docker.command or [])
+    elif provider == "lxd":
+        spec.image = cfg.lxd.image
+        spec.cpus = cfg.lxd.cpu or 0
+        spec.memory_bytes = parse_size(cfg.lxd.memory) if cfg.lxd.memory else 0
+    else:
+        spec.image = cfg.qemu.image
+        spec.cpus = cfg.qemu.cpu
+        spec.memory_bytes = parse_size(cfg.qemu.memory)
+        spec.disk_bytes = parse_size(cfg.qemu.disk)
+    spec.ports.extend(ports(cfg))
+    return spec
 
 
 def _argv(command: str | list[str]) -> list[str]:
@@ -55,15 +78,10 @@ def ports(cfg: ProjectConfig | None) -> list[int]:
     return sorted(found)
 
 
-def state_name(state: int) -> str:
-    return common_pb2.ServiceState.Name(state).removeprefix("SERVICE_STATE_").lower()  # type: ignore[arg-type]
-
-
-def failure_summary(statuses: list[common_pb2.ServiceStatus]) -> str:
+def failure_summary(statuses: list[ServiceStatus]) -> str:
     lines = []
     for s in statuses:
-        mark = state_name(s.state)
-        lines.append(f"  {s.name}: {mark}" + (f" - {s.detail}" if s.detail else ""))
-        if s.state == common_pb2.SERVICE_STATE_FAILED and s.last_lines:
+        lines.append(f"  {s.name}: {s.state.value}" + (f" - {s.detail}" if s.detail else ""))
+        if s.state == ServiceState.FAILED and s.last_lines:
             lines.extend(f"      | {ln}" for ln in s.last_lines[-5:])
     return "\n".join(lines)
