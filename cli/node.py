@@ -212,8 +212,9 @@ def status(name: str, json_: Json = False) -> None:
     for p in n.providers:
         mark = "[green]ready[/green]" if p.ready else "[red]not ready[/red]"
         version = f" {p.version}" if p.version else ""
+        can = f"; capabilities: {', '.join(p.capabilities)}" if p.capabilities else ""
         out.print(
-            f"  provider   {p.name}{version}: {mark}" + (f" - {p.detail}" if p.detail else "")
+            f"  provider   {p.name}{version}: {mark}" + (f" - {p.detail}" if p.detail else "") + can
         )
     if n.last_error:
         out.print(f"  last error {n.last_error}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,7 @@ from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from cli.ssh_config import included as ssh_included
-from common.errors import VendettaError
+from common.errors import FailedPreconditionError, VendettaError
 from common.ssh_hosts import SUFFIX
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 from vendetta.v1 import coordinator_pb2 as pb
@@ -390,6 +392,63 @@ def logs(
     run(go())
 
 
+# Names of the capability flags an agent reports per provider (ProviderInfo.capabilities).
+TERMINAL = "terminal"  # interactive terminals
+STDIN = "stdin"  # input reaches a command run without a terminal
+
+
+def input_piped() -> bool:
+    """Whether our stdin is a pipe, a file or a socket: input meant for the command
+    (a terminal or /dev/null is not)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):  # closed, or not a file descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+async def provider_capabilities(
+    c: coordinator_pb2_grpc.CoordinatorAsyncStub, workspace: str
+) -> tuple[str, frozenset[str]] | None:
+    """The workspace's provider and the capabilities its node reports for it; None
+    while the node has reported none (the session then says what fails)."""
+    ws = await c.GetWorkspace(pb.GetWorkspaceRequest(name=workspace))
+    node = await c.GetNode(pb.GetNodeRequest(name=ws.node))
+    for info in node.providers:
+        if info.name == ws.provider:
+            return ws.provider, frozenset(info.capabilities)
+    return None
+
+
+async def check_session(
+    c: coordinator_pb2_grpc.CoordinatorAsyncStub,
+    workspace: str,
+    *,
+    terminal: bool,
+    piped_input: bool,
+) -> str | None:
+    """Ask the workspace's provider what it can do before a session that needs it:
+    raise if a terminal is asked of one without; the warning to print if piped input
+    would not reach the command."""
+    if not (terminal or piped_input):
+        return None
+    found = await provider_capabilities(c, workspace)
+    if found is None:
+        return None
+    provider, capabilities = found
+    if terminal and TERMINAL not in capabilities:
+        raise FailedPreconditionError(
+            f"workspace {workspace!r} runs on {provider}, which has no interactive terminals: "
+            f"run a command instead, `vendetta workspace connect {workspace} -- CMD ...`"
+        )
+    if piped_input and STDIN not in capabilities:
+        return (
+            f"input is not passed to commands on {provider}: this one in {workspace!r} "
+            "runs with none (-n says so and leaves ours unread)"
+        )
+    return None
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def connect(
     name: Name,
@@ -407,7 +466,9 @@ def connect(
 ) -> None:
     """Open a shell inside the workspace (or run `-- CMD ...`); its exit code becomes ours.
 
-    Without a terminal, what is piped in reaches the command's stdin (not on QEMU).
+    Without a terminal, what is piped in reaches the command's stdin where the
+    workspace's provider passes input (its `stdin` capability in `vendetta node
+    status`); where it does not, a warning says so.
     """
     from cli.terminal import session
 
@@ -420,8 +481,13 @@ def connect(
         )
         raise typer.Exit(1)
 
+    piped = not interactive and not no_stdin and input_piped()
+
     async def go() -> int:
         async with coordinator() as c:
+            warning = await check_session(c, name, terminal=interactive, piped_input=piped)
+            if warning:
+                err.print(f"[yellow]warning:[/yellow] {warning}", markup=True)
             return await session(c, name, list(command or []), interactive, not no_stdin)
 
     raise typer.Exit(run(go()))
