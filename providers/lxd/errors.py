@@ -1,18 +1,28 @@
 """The LXD provider's one error seam: pylxd and transport errors into ``common.errors``.
 
 Every pylxd call of this package runs inside :func:`lxd_errors` (or its
-exceptions go through :func:`translate`), so no ``pylxd.exceptions`` or
-``requests`` exception leaves the provider. Most specific first:
+exceptions go through :func:`translate`), so no ``pylxd.exceptions``,
+``requests`` or websocket exception leaves the provider. It is the only place
+that reads LXD's status codes and messages: everything else tells errors apart
+by their type. Most specific first:
 
     pylxd NotFound                          -> NotFoundError
     pylxd Conflict / "already exists"       -> AlreadyExistsError
+    LXDAPIException "is busy running"       -> BusyError (another state operation runs)
+    LXDAPIException "not running",
+      "already stopped"                     -> NotRunningError
+    LXDAPIException, a proxy device (a
+      published port) could not listen     -> ListenError
+    LXDAPIException 404, "not found",
+      "no such file or directory"           -> NotFoundError
     LXDAPIException 400                     -> InvalidArgumentError
     LXDAPIException 403                     -> PermissionDeniedError
-    LXDAPIException "not running"/"is running",
-      other 4xx, and failed operations      -> FailedPreconditionError
+    LXDAPIException "is running", other
+      4xx, and failed operations            -> FailedPreconditionError
     LXDAPIException 503                     -> EngineUnavailableError
     LXDAPIException other 5xx               -> FailedPreconditionError (LXD could not do it)
     LXDAPIExtensionNotAvailable             -> FailedPreconditionError (LXD too old)
+    websocket HandshakeError                -> FailedPreconditionError (LXD refused it)
     ClientConnectionFailed, requests
       ConnectionError, OSError              -> EngineUnavailableError (says how to start LXD)
     requests Timeout                        -> DeadlineExceededError
@@ -35,13 +45,27 @@ from common.errors import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    NotRunningError,
     PermissionDeniedError,
     VendettaError,
 )
+from providers.lxd.ports import is_listen_failure
+from providers.lxd.websocket import HandshakeError
 
 START_HINT = "start it with `lxd --group lxd &` then `lxd waitready` (or run scripts/engine-lxd.sh)"
 
+
+class BusyError(FailedPreconditionError):
+    """LXD is running another state operation on the instance (one at a time): the
+    same request may well succeed once that one is over."""
+
+
+class ListenError(FailedPreconditionError):
+    """The instance did not start: a proxy device (a published port) could not listen."""
+
+
 MAPPED_EXCEPTIONS: tuple[type[Exception], ...] = (
+    HandshakeError,
     pylxd.exceptions.LXDAPIException,
     pylxd.exceptions.LXDAPIExtensionNotAvailable,
     pylxd.exceptions.ClientConnectionFailed,
@@ -84,15 +108,24 @@ def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
         return NotFoundError(f"{action}: {_text(exc)}")
     if isinstance(exc, pylxd.exceptions.Conflict):
         return AlreadyExistsError(f"{action}: {_text(exc)}")
+    if isinstance(exc, HandshakeError):
+        return FailedPreconditionError(f"{action}: LXD refused the websocket: {exc}")
     if isinstance(exc, pylxd.exceptions.LXDAPIException):
         status = _status_code(exc)
         text = _text(exc)
         lowered = text.lower()
         if "already exists" in lowered:
             return AlreadyExistsError(f"{action}: {text}")
-        if status == 404 or "not found" in lowered:
+        if "is busy running" in lowered:
+            return BusyError(f"{action}: LXD at {where} refused: {text}")
+        if "not running" in lowered or "already stopped" in lowered:
+            return NotRunningError(f"{action}: {text}")
+        if is_listen_failure(text):
+            return ListenError(f"{action}: LXD at {where} refused: {text}")
+        # "no such file or directory": e.g. the console log of a container not started yet.
+        if status == 404 or "not found" in lowered or "no such file or directory" in lowered:
             return NotFoundError(f"{action}: {text}")
-        if status == 400 and not ("not running" in lowered or "is running" in lowered):
+        if status == 400 and "is running" not in lowered:
             return InvalidArgumentError(f"{action}: {text}")
         if status == 403:
             return PermissionDeniedError(f"{action}: {text}")

@@ -22,8 +22,10 @@ from typing import Any
 
 import pylxd.exceptions
 
+from common.errors import NotFoundError
 from providers.base import LogRecord
 from providers.lxd.command import COMMAND_LOG, CommandLogParser
+from providers.lxd.errors import lxd_errors
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class LogReader:
     """Reads one instance's logs; each ``read`` returns only what is new. Blocking."""
 
     name: str
+    where: str  # the LXD daemon, for error messages
     poll_interval: float = 0.25
     _parser: CommandLogParser = field(default_factory=CommandLogParser)
     _command_offset: int = 0
@@ -51,13 +54,12 @@ class LogReader:
 
     def _console(self, client: Any) -> str:
         try:
-            response = client.api.instances[self.name].console.get()
-        except pylxd.exceptions.LXDAPIException as exc:
+            with lxd_errors(self.where, f"reading the console of {self.name!r}"):
+                response = client.api.instances[self.name].console.get()
+        except NotFoundError:
             # LXD 5.0 answers "open : no such file or directory" while the console
             # buffer of a running container is still empty.
-            if "no such file or directory" in str(exc).lower():
-                return ""
-            raise
+            return ""
         return str(response.text)
 
     def read(self, client: Any) -> Batch:

@@ -529,7 +529,7 @@ async def test_a_port_taken_between_check_and_start_is_retried(
 
 async def test_invalid_ports_are_rejected(provider: LxdProvider, workspace: str) -> None:
     for bad in (0, 65536):
-        with pytest.raises(InvalidArgumentError, match="out of range"):
+        with pytest.raises(InvalidArgumentError, match="not a TCP port"):
             await provider.create(EnvironmentSpec(workspace=workspace, image=IMAGE, ports=(bad,)))
     assert (await provider.inspect(workspace)).state is EnvState.ABSENT
 
