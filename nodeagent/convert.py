@@ -1,7 +1,13 @@
-"""Proto <-> provider dataclasses, at the agent's edge (providers never see protos)."""
+"""Proto <-> domain dataclasses, at the agent's edge: the providers and the service
+supervisor never see protos."""
 
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
+
+from common.errors import InvalidArgumentError
+from nodeagent.services.model import ServiceEvent, ServiceState, ServiceStatus
+from nodeagent.services.spec import Health, ServiceDef
 from providers.base import (
     Capabilities,
     EnvironmentSpec,
@@ -18,6 +24,16 @@ _STATE_TO_PB = {
     EnvState.RUNNING: common_pb2.ENVIRONMENT_STATE_RUNNING,
     EnvState.STOPPED: common_pb2.ENVIRONMENT_STATE_STOPPED,
     EnvState.UNKNOWN: common_pb2.ENVIRONMENT_STATE_UNKNOWN,
+}
+
+_SERVICE_STATE_TO_PB = {
+    ServiceState.PENDING: common_pb2.SERVICE_STATE_PENDING,
+    ServiceState.STARTING: common_pb2.SERVICE_STATE_STARTING,
+    ServiceState.HEALTHY: common_pb2.SERVICE_STATE_HEALTHY,
+    ServiceState.UNHEALTHY: common_pb2.SERVICE_STATE_UNHEALTHY,
+    ServiceState.EXITED: common_pb2.SERVICE_STATE_EXITED,
+    ServiceState.FAILED: common_pb2.SERVICE_STATE_FAILED,
+    ServiceState.STOPPED: common_pb2.SERVICE_STATE_STOPPED,
 }
 
 
@@ -61,4 +77,62 @@ def provider_info_to_pb(name: str, caps: Capabilities, r: Readiness) -> common_p
 def log_to_pb(rec: LogRecord) -> common_pb2.LogLine:
     return common_pb2.LogLine(
         time_unix_nano=rec.time_unix_nano, stream=rec.stream, service=rec.service, text=rec.text
+    )
+
+
+def service_from_pb(pb: common_pb2.ServiceSpec) -> ServiceDef:
+    health = None
+    if pb.HasField("health"):
+        h = pb.health
+        health = Health(
+            http=h.http,
+            tcp=h.tcp,
+            command=tuple(h.command),
+            interval=h.interval_seconds or 1.0,
+            timeout=h.timeout_seconds or 2.0,
+            retries=h.retries or 30,
+            start_period=h.start_period_seconds,
+        )
+    if not pb.command:
+        raise InvalidArgumentError(f"service {pb.name!r} has no command")
+    return ServiceDef(
+        name=pb.name,
+        argv=tuple(pb.command),
+        port=pb.port,
+        depends_on=tuple(pb.depends_on),
+        health=health,
+        env=dict(pb.env),
+        restart=pb.restart or "on-failure",
+    )
+
+
+def service_from_saved_pb(data: bytes) -> ServiceDef:
+    """A service as agents before the supervisor's own state format saved it: a
+    serialized ``ServiceSpec`` (see ``nodeagent.services.state``)."""
+    try:
+        return service_from_pb(common_pb2.ServiceSpec.FromString(data))
+    except DecodeError as exc:
+        raise ValueError(f"not a saved service: {exc}") from exc
+
+
+def service_status_to_pb(st: ServiceStatus) -> common_pb2.ServiceStatus:
+    return common_pb2.ServiceStatus(
+        name=st.name,
+        state=_SERVICE_STATE_TO_PB[st.state],
+        pid=st.pid,
+        restarts=st.restarts,
+        exit_code=st.exit_code,
+        detail=st.detail,
+        port=st.port,
+        node_endpoint=st.node_endpoint,
+        last_lines=list(st.last_lines),
+    )
+
+
+def service_event_to_pb(ev: ServiceEvent) -> common_pb2.ServiceEvent:
+    return common_pb2.ServiceEvent(
+        workspace=ev.workspace,
+        service=service_status_to_pb(ev.service),
+        message=ev.message,
+        time_unix_nano=ev.time_unix_nano,
     )

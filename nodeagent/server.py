@@ -16,6 +16,7 @@ import grpc.aio
 from common.errors import FailedPreconditionError
 from common.paths import agent_pid, agent_socket, check_socket_path, private_dir
 from common.rpc_errors import ErrorMappingInterceptor
+from nodeagent import convert
 from nodeagent.providers import ProviderSet, build_providers
 from nodeagent.servicer import NodeAgentServicer
 from nodeagent.services.manager import ServiceManager
@@ -63,7 +64,9 @@ class AgentServer:
         self.agent_id = agent_id(agent_dir)
         self.providers = providers or build_providers(self.agent_id, docker_host)
         self._lock: _Lock | None = None
-        self.services = ServiceManager(agent_dir / "services", self.providers)
+        self.services = ServiceManager(
+            agent_dir / "services", self.providers, legacy=convert.service_from_saved_pb
+        )
         self._server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
         nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(
             NodeAgentServicer(self.agent_id, self.providers, str(self.socket), self.services),

@@ -17,7 +17,6 @@ from common.names import validate_name
 from common.version import build_id
 from nodeagent import convert
 from nodeagent.providers import ProviderSet
-from nodeagent.services import spec
 from nodeagent.services.manager import ServiceManager
 from providers.base import EnvState, ExecChunk, LogRecord
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
@@ -163,7 +162,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     async def StartServices(
         self, request: nodeagent_pb2.StartServicesRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.ServiceEvent]:
-        specs = [spec.from_pb(s) for s in request.services]
+        specs = [convert.service_from_pb(s) for s in request.services]
         for s in specs:
             validate_name("service", s.name)
         env = await self.providers.get(request.provider).inspect(request.workspace)
@@ -173,21 +172,26 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             )
         sup = self.services.supervisor(request.workspace, request.provider)
         async for ev in sup.start(specs):
-            yield ev
+            yield convert.service_event_to_pb(ev)
 
     async def StopServices(
         self, request: nodeagent_pb2.StopServicesRequest, context: Ctx
     ) -> nodeagent_pb2.ServicesStatus:
         sup = self.services.existing(request.workspace)
         statuses = await sup.stop(request.timeout_seconds or 10.0) if sup else []
-        return nodeagent_pb2.ServicesStatus(workspace=request.workspace, services=statuses)
+        return nodeagent_pb2.ServicesStatus(
+            workspace=request.workspace,
+            services=[convert.service_status_to_pb(s) for s in statuses],
+        )
 
     async def GetServices(
         self, request: nodeagent_pb2.EnvironmentRequest, context: Ctx
     ) -> nodeagent_pb2.ServicesStatus:
         sup = self.services.existing(request.workspace)
+        statuses = sup.statuses() if sup else []
         return nodeagent_pb2.ServicesStatus(
-            workspace=request.workspace, services=sup.statuses() if sup else []
+            workspace=request.workspace,
+            services=[convert.service_status_to_pb(s) for s in statuses],
         )
 
     async def WatchServices(
@@ -196,7 +200,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         sup = self.services.supervisor(request.workspace, request.provider)
         with sup.events.subscribe() as events:
             async for ev in events:
-                yield ev
+                yield convert.service_event_to_pb(ev)
 
     async def Attach(
         self, request_iterator: AsyncIterator[common_pb2.AttachInput], context: Ctx

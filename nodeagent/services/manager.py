@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
@@ -12,7 +11,9 @@ from pathlib import Path
 
 from common.errors import NotFoundError, VendettaError
 from nodeagent.providers import ProviderSet
+from nodeagent.services import state
 from nodeagent.services.logstore import LogStore
+from nodeagent.services.model import ServiceStatus
 from nodeagent.services.supervisor import WorkspaceSupervisor
 from providers.base import EnvironmentStatus, EnvState, ExecChunk, LogRecord, Provider
 
@@ -75,10 +76,20 @@ class ProviderEnv:
 
 
 class ServiceManager:
-    def __init__(self, root: Path, providers: ProviderSet) -> None:
+    """``legacy``: reads the services in state files of agents before the current
+    format (see ``nodeagent.services.state``); without it, those are not resumed."""
+
+    def __init__(
+        self, root: Path, providers: ProviderSet, legacy: state.LegacyDecoder | None = None
+    ) -> None:
         self.root = root
         self.providers = providers
+        self.legacy = legacy
         self._sups: dict[str, WorkspaceSupervisor] = {}
+        self._created = time.time()
+
+    def _state_file(self, workspace: str) -> Path:
+        return self.root / "state" / f"{workspace}.json"
 
     def logs(self, workspace: str) -> LogStore:
         return (
@@ -94,7 +105,7 @@ class ServiceManager:
                 workspace,
                 provider,
                 ProviderEnv(self.providers.get(provider), workspace),
-                self.root / "state" / f"{workspace}.json",
+                self._state_file(workspace),
                 LogStore(self.root / "logs" / workspace),
             )
         return sup
@@ -104,34 +115,35 @@ class ServiceManager:
 
     async def resume_all(self) -> None:
         """Find the services an earlier agent run supervised, and supervise them again."""
-        for state in sorted((self.root / "state").glob("*.json")):
-            workspace = state.stem
+        folder = self.root / "state"
+        await asyncio.to_thread(state.remove_temporaries, folder, self._created)
+        for path in sorted(await asyncio.to_thread(lambda: list(folder.glob("*.json")))):
+            workspace = path.stem
             try:
-                provider, specs = WorkspaceSupervisor.load_spec(state)
-                env = await self.providers.get(provider).inspect(workspace)
+                saved = await state.StateFile(path).read(self.legacy)
+                env = await self.providers.get(saved.provider).inspect(workspace)
                 if env.state != EnvState.RUNNING:
-                    state.unlink()
+                    await state.StateFile(path).remove()
                     continue
-                sup = self.supervisor(workspace, provider)
-                sup.services = {s.name: s for s in specs}
-                await sup.resume()
-                log.info("resumed supervising %d services of %s", len(specs), workspace)
-            except (VendettaError, ValueError, KeyError, OSError) as exc:
+                sup = self.supervisor(workspace, saved.provider)
+                sup.services = {s.name: s for s in saved.services}
+                await sup.resume()  # saves the state again: in the current format
+                log.info("resumed supervising %d services of %s", len(saved.services), workspace)
+            except (VendettaError, ValueError, KeyError, TypeError, OSError) as exc:
                 log.warning("could not resume the services of %s: %s", workspace, exc)
 
-    async def stop(self, workspace: str, timeout: float) -> list[object]:
+    async def stop(self, workspace: str, timeout: float) -> list[ServiceStatus]:
         sup = self._sups.get(workspace)
         if sup is None:
             return []
-        return list(await sup.stop(timeout))
+        return await sup.stop(timeout)
 
     async def forget(self, workspace: str) -> None:
         """The environment is gone: drop supervision, state and logs."""
         sup = self._sups.pop(workspace, None)
         if sup is not None:
             await sup.close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.root / "state" / f"{workspace}.json").unlink()
+        await (sup.state_store if sup else state.StateFile(self._state_file(workspace))).remove()
         await asyncio.to_thread(shutil.rmtree, self.root / "logs" / workspace, True)
 
     async def hook(

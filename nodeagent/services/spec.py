@@ -1,4 +1,5 @@
-"""Plain service definitions (from protos, at the agent's edge) and their ordering."""
+"""Plain service definitions (made from protos at the agent's edge, in
+``nodeagent.convert``) and their ordering."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.errors import InvalidArgumentError
-from vendetta.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -36,57 +36,6 @@ class ServiceDef:
         if self.health and self.health.tcp:
             found.add(self.health.tcp)
         return found
-
-
-def from_pb(pb: common_pb2.ServiceSpec) -> ServiceDef:
-    health = None
-    if pb.HasField("health"):
-        h = pb.health
-        health = Health(
-            http=h.http,
-            tcp=h.tcp,
-            command=tuple(h.command),
-            interval=h.interval_seconds or 1.0,
-            timeout=h.timeout_seconds or 2.0,
-            retries=h.retries or 30,
-            start_period=h.start_period_seconds,
-        )
-    if not pb.command:
-        raise InvalidArgumentError(f"service {pb.name!r} has no command")
-    return ServiceDef(
-        name=pb.name,
-        argv=tuple(pb.command),
-        port=pb.port,
-        depends_on=tuple(pb.depends_on),
-        health=health,
-        env=dict(pb.env),
-        restart=pb.restart or "on-failure",
-    )
-
-
-def to_pb(s: ServiceDef) -> common_pb2.ServiceSpec:
-    pb = common_pb2.ServiceSpec(
-        name=s.name,
-        command=s.argv,
-        port=s.port,
-        depends_on=s.depends_on,
-        env=dict(s.env),
-        restart=s.restart,
-    )
-    if s.health is not None:
-        h = s.health
-        pb.health.CopyFrom(
-            common_pb2.HealthCheck(
-                http=h.http,
-                tcp=h.tcp,
-                command=h.command,
-                interval_seconds=h.interval,
-                timeout_seconds=h.timeout,
-                retries=h.retries,
-                start_period_seconds=h.start_period,
-            )
-        )
-    return pb
 
 
 def levels(services: Sequence[ServiceDef]) -> list[list[ServiceDef]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,9 +13,10 @@ from common.errors import VendettaError
 from common.events import EventBus
 from nodeagent.services import health, process
 from nodeagent.services.logstore import LogStore
+from nodeagent.services.model import ServiceEvent, ServiceState, ServiceStatus
 from nodeagent.services.process import Env
-from nodeagent.services.spec import ServiceDef, from_pb, injected_env, levels, to_pb
-from vendetta.v1 import common_pb2
+from nodeagent.services.spec import ServiceDef, injected_env, levels
+from nodeagent.services.state import SavedState, StateFile
 
 log = logging.getLogger("vendetta.services")
 
@@ -25,7 +25,6 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
 REPLACE_TIMEOUT = 10.0  # TERM to KILL, for a service stopped because its spec changed
 CATCH_UP_TRIES = 20  # after an exit: checks that the tails read all output, 0.05 s apart
-S = common_pb2
 
 
 class ServiceRunner:
@@ -34,7 +33,7 @@ class ServiceRunner:
     def __init__(self, sup: WorkspaceSupervisor, svc: ServiceDef) -> None:
         self.sup = sup
         self.svc = svc
-        self.state = S.SERVICE_STATE_PENDING
+        self.state = ServiceState.PENDING
         self.pid = 0
         self.restarts = 0
         self.exit_code = 0
@@ -47,8 +46,9 @@ class ServiceRunner:
         self._exit: asyncio.Task[int] | None = None
         self._tails: list[asyncio.Task[None]] = []
 
-    def status(self) -> common_pb2.ServiceStatus:
-        st = common_pb2.ServiceStatus(
+    def status(self) -> ServiceStatus:
+        failed = self.state == ServiceState.FAILED
+        return ServiceStatus(
             name=self.svc.name,
             state=self.state,
             pid=self.pid,
@@ -57,19 +57,15 @@ class ServiceRunner:
             detail=self.detail,
             port=self.svc.port,
             node_endpoint=self.sup.published.get(self.svc.port, ""),
+            last_lines=tuple(self.sup.logs.get(self.svc.name).last_lines(10)) if failed else (),
         )
-        if self.state == S.SERVICE_STATE_FAILED:
-            st.last_lines.extend(self.sup.logs.get(self.svc.name).last_lines(10))
-        return st
 
-    def set(
-        self, state: common_pb2.ServiceState.ValueType, detail: str, restarting: bool = False
-    ) -> None:
+    def set(self, state: ServiceState, detail: str, restarting: bool = False) -> None:
         self.state, self.detail = state, detail
-        final = state in (S.SERVICE_STATE_FAILED, S.SERVICE_STATE_EXITED) and not restarting
-        if state == S.SERVICE_STATE_HEALTHY or final:
+        final = state in (ServiceState.FAILED, ServiceState.EXITED) and not restarting
+        if state == ServiceState.HEALTHY or final:
             self.settled.set()
-        name = S.ServiceState.Name(state).removeprefix("SERVICE_STATE_").lower()
+        name = state.value
         self.sup.publish(self, f"{self.svc.name}: {name}" + (f" ({detail})" if detail else ""))
 
     def launch(self, resume_pid: int = 0) -> None:
@@ -120,7 +116,7 @@ class ServiceRunner:
         env = injected_env(self.svc, self.sup.services)
         while True:
             if self.stopping:
-                self.set(S.SERVICE_STATE_STOPPED, "stopped")
+                self.set(ServiceState.STOPPED, "stopped")
                 return
             gave_up = asyncio.Event()
             try:
@@ -129,9 +125,9 @@ class ServiceRunner:
                     self._exit = asyncio.create_task(
                         process.watch_exit(self.sup.env, self.svc.name, self.pid)
                     )
-                    self.set(S.SERVICE_STATE_STARTING, f"found running again (pid {self.pid})")
+                    self.set(ServiceState.STARTING, f"found running again (pid {self.pid})")
                 else:
-                    self.set(S.SERVICE_STATE_STARTING, "")
+                    self.set(ServiceState.STARTING, "")
                     self.pid, self._exit = await process.start(
                         self.sup.env,
                         self.svc.name,
@@ -139,7 +135,6 @@ class ServiceRunner:
                         env,
                         detached=not self.sup.env.long_exec_streams,
                     )
-                    self.sup.save()
                 self._start_tails()
                 if self.stopping:  # stop() came while it was starting, and saw no pid
                     await self._terminate(self._stop_timeout)
@@ -151,30 +146,30 @@ class ServiceRunner:
                     with contextlib.suppress(asyncio.CancelledError):
                         await checker
             except VendettaError as exc:
-                self.set(S.SERVICE_STATE_FAILED, f"could not start: {exc}")
+                self.set(ServiceState.FAILED, f"could not start: {exc}")
                 return
             self.exit_code, self.pid = code, 0
             await self._flush_logs()
             if self.stopping:
-                self.set(S.SERVICE_STATE_STOPPED, f"stopped (exit {code})")
+                self.set(ServiceState.STOPPED, f"stopped (exit {code})")
                 return
             if gave_up.is_set():
                 return  # health never passed: failed, not restarted
             policy = self.svc.restart
             wants = policy == "always" or (policy == "on-failure" and code != 0)
             if not wants:
-                state = S.SERVICE_STATE_EXITED if code == 0 else S.SERVICE_STATE_FAILED
+                state = ServiceState.EXITED if code == 0 else ServiceState.FAILED
                 self.set(state, f"exited with code {code}")
                 return
             if self.restarts >= RESTART_LIMIT:
                 self.set(
-                    S.SERVICE_STATE_FAILED,
+                    ServiceState.FAILED,
                     f"exited with code {code}; gave up after {self.restarts} restarts",
                 )
                 return
             self.restarts += 1
             self.set(
-                S.SERVICE_STATE_EXITED,
+                ServiceState.EXITED,
                 f"exited with code {code}; restart {self.restarts}/{RESTART_LIMIT} in {backoff:g}s",
                 restarting=True,
             )
@@ -185,7 +180,7 @@ class ServiceRunner:
     async def _health(self, gave_up: asyncio.Event) -> None:
         h = self.svc.health
         if h is None:
-            self.set(S.SERVICE_STATE_HEALTHY, "started (no health check)")
+            self.set(ServiceState.HEALTHY, "started (no health check)")
             return
         await asyncio.sleep(h.start_period)
         failures, healthy = 0, False
@@ -197,21 +192,21 @@ class ServiceRunner:
                 ok, seen = False, f"health check error: {exc!r}"
             if ok:
                 failures = 0
-                if self.state != S.SERVICE_STATE_HEALTHY:
+                if self.state != ServiceState.HEALTHY:
                     healthy = True
-                    self.set(S.SERVICE_STATE_HEALTHY, seen)
+                    self.set(ServiceState.HEALTHY, seen)
             else:
                 failures += 1
                 if not healthy and failures >= h.retries:
                     gave_up.set()
                     self.set(
-                        S.SERVICE_STATE_FAILED,
+                        ServiceState.FAILED,
                         f"health check never passed after {failures} tries: {seen}",
                     )
                     await self._signal("KILL")
                     return
-                if healthy and failures >= h.retries and self.state == S.SERVICE_STATE_HEALTHY:
-                    self.set(S.SERVICE_STATE_UNHEALTHY, seen)
+                if healthy and failures >= h.retries and self.state == ServiceState.HEALTHY:
+                    self.set(ServiceState.UNHEALTHY, seen)
             await asyncio.sleep(h.interval)
 
     async def stop(self, timeout: float) -> None:
@@ -225,8 +220,8 @@ class ServiceRunner:
                 await asyncio.wait_for(self.task, timeout=timeout + 5)
             if not self.task.done():
                 self.task.cancel()
-        if self.state not in (S.SERVICE_STATE_STOPPED,):
-            self.set(S.SERVICE_STATE_STOPPED, "stopped")
+        if self.state not in (ServiceState.STOPPED,):
+            self.set(ServiceState.STOPPED, "stopped")
         await self.cancel_tails()
         with contextlib.suppress(VendettaError):
             await process.stop_tails(self.sup.env, self.svc.name)
@@ -248,17 +243,18 @@ class WorkspaceSupervisor:
         self.provider = provider
         self.env = env
         self.state_file = state_file
+        self.state_store = StateFile(state_file)
         self.logs = logs
         self.services: dict[str, ServiceDef] = {}
         self.runners: dict[str, ServiceRunner] = {}
         self.published: dict[int, str] = {}
-        self.events: EventBus[common_pb2.ServiceEvent] = EventBus()
+        self.events: EventBus[ServiceEvent] = EventBus()
         self._lock = asyncio.Lock()
         self._resuming: asyncio.Task[None] | None = None
 
     def publish(self, runner: ServiceRunner, message: str) -> None:
         self.events.publish(
-            common_pb2.ServiceEvent(
+            ServiceEvent(
                 workspace=self.workspace,
                 service=runner.status(),
                 message=message,
@@ -270,26 +266,14 @@ class WorkspaceSupervisor:
         r = self.runners.get(name)
         return r is not None and r.task is not None and not r.task.done()
 
-    def statuses(self) -> list[common_pb2.ServiceStatus]:
+    def statuses(self) -> list[ServiceStatus]:
         return [self.runners[n].status() for n in self.services if n in self.runners]
 
-    def save(self) -> None:
-        data = {
-            "provider": self.provider,
-            "services": [to_pb(s).SerializeToString().hex() for s in self.services.values()],
-        }
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(data))
+    async def save(self) -> None:
+        """Keep the spec on disk (atomically, off the loop) for a restarted agent."""
+        await self.state_store.write(SavedState(self.provider, tuple(self.services.values())))
 
-    @staticmethod
-    def load_spec(state_file: Path) -> tuple[str, list[ServiceDef]]:
-        data = json.loads(state_file.read_text())
-        specs = [
-            from_pb(common_pb2.ServiceSpec.FromString(bytes.fromhex(h))) for h in data["services"]
-        ]
-        return str(data["provider"]), specs
-
-    async def start(self, services: list[ServiceDef]) -> AsyncIterator[common_pb2.ServiceEvent]:
+    async def start(self, services: list[ServiceDef]) -> AsyncIterator[ServiceEvent]:
         """Start in dependency order, each layer in parallel once the previous is healthy."""
         layers = levels(services)
         async with self._lock:
@@ -309,8 +293,11 @@ class WorkspaceSupervisor:
                     yield ev
                 # Always end with where every service stands (nothing may have changed).
                 for st in self.statuses():
-                    yield common_pb2.ServiceEvent(
-                        workspace=self.workspace, service=st, time_unix_nano=time.time_ns()
+                    yield ServiceEvent(
+                        workspace=self.workspace,
+                        service=st,
+                        message="",
+                        time_unix_nano=time.time_ns(),
                     )
 
     async def _start_layers(
@@ -326,7 +313,7 @@ class WorkspaceSupervisor:
             del self.runners[r.svc.name]
         self.services = new
         self.published = await self._published_ports()
-        self.save()
+        await self.save()
         for s in services:
             if s.name not in keep:
                 self.runners[s.name] = ServiceRunner(self, s)
@@ -344,14 +331,14 @@ class WorkspaceSupervisor:
                 blocked = [d for d in s.depends_on if d in failed]
                 if blocked:
                     failed.append(s.name)
-                    r.set(S.SERVICE_STATE_FAILED, f"not started: {', '.join(blocked)} failed")
+                    r.set(ServiceState.FAILED, f"not started: {', '.join(blocked)} failed")
                     continue
                 r.launch()
             await asyncio.gather(*(self.runners[s.name].settled.wait() for s in layer))
             failed += [
                 s.name
                 for s in layer
-                if self.runners[s.name].state != S.SERVICE_STATE_HEALTHY and s.name not in failed
+                if self.runners[s.name].state != ServiceState.HEALTHY and s.name not in failed
             ]
 
     async def _stop_runners(
@@ -398,7 +385,7 @@ class WorkspaceSupervisor:
         """
         await self._stop_resuming()
         self.published = await self._published_ports()
-        self.save()
+        await self.save()
         found: set[str] = set()
         self.runners = {}
         for s in self.services.values():
@@ -420,14 +407,13 @@ class WorkspaceSupervisor:
             task.cancel()
             await asyncio.wait({task})
 
-    async def stop(self, timeout: float) -> list[common_pb2.ServiceStatus]:
+    async def stop(self, timeout: float) -> list[ServiceStatus]:
         """Reverse dependency order, gracefully (TERM, wait, KILL)."""
         async with self._lock:
             await self._stop_resuming()
             await self._stop_runners(list(self.runners.values()), timeout)
             statuses = self.statuses()
-            with contextlib.suppress(FileNotFoundError):
-                self.state_file.unlink()
+            await self.state_store.remove()
             return statuses
 
     async def close(self) -> None:

@@ -20,16 +20,16 @@ import pytest
 from common.errors import InvalidArgumentError
 from nodeagent.services import process, supervisor
 from nodeagent.services.logstore import LogStore
+from nodeagent.services.model import ServiceEvent, ServiceState, ServiceStatus
 from nodeagent.services.spec import Health, ServiceDef, injected_env, levels
+from nodeagent.services.state import StateFile
 from nodeagent.services.supervisor import WorkspaceSupervisor
 from tests.support.fake_env import KILL_CODE, TERM_CODE, Behaviour, FakeEnv, HealthRule
-from vendetta.v1 import common_pb2
 
-S = common_pb2
-HEALTHY = S.SERVICE_STATE_HEALTHY
-FAILED = S.SERVICE_STATE_FAILED
-EXITED = S.SERVICE_STATE_EXITED
-STOPPED = S.SERVICE_STATE_STOPPED
+HEALTHY = ServiceState.HEALTHY
+FAILED = ServiceState.FAILED
+EXITED = ServiceState.EXITED
+STOPPED = ServiceState.STOPPED
 WAIT = 5.0
 
 
@@ -79,22 +79,20 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> No
             await asyncio.sleep(0.005)
 
 
-async def collect(
-    sup: WorkspaceSupervisor, services: list[ServiceDef]
-) -> list[common_pb2.ServiceEvent]:
+async def collect(sup: WorkspaceSupervisor, services: list[ServiceDef]) -> list[ServiceEvent]:
     async with asyncio.timeout(WAIT):
         return [ev async for ev in sup.start(services)]
 
 
-def final(events: list[common_pb2.ServiceEvent]) -> dict[str, common_pb2.ServiceStatus]:
+def final(events: list[ServiceEvent]) -> dict[str, ServiceStatus]:
     """Where every service stands at the end of a start() stream."""
-    out: dict[str, common_pb2.ServiceStatus] = {}
+    out: dict[str, ServiceStatus] = {}
     for ev in events:
         out[ev.service.name] = ev.service
     return out
 
 
-def state_of(sup: WorkspaceSupervisor, name: str) -> int:
+def state_of(sup: WorkspaceSupervisor, name: str) -> ServiceState:
     return sup.runners[name].state
 
 
@@ -385,7 +383,7 @@ async def test_failed_service_last_lines_include_an_unterminated_line(
     env.behave("cfg", Behaviour(exit_after=0, exit_code=2, stderr=b"loading\nfatal: no config"))
     await collect(sup, [svc("cfg", restart="no")])
     await wait_until(lambda: state_of(sup, "cfg") == FAILED)
-    assert sup.runners["cfg"].status().last_lines[-2:] == ["loading", "fatal: no config"]
+    assert sup.runners["cfg"].status().last_lines[-2:] == ("loading", "fatal: no config")
 
 
 # -- stop ------------------------------------------------------------------------------
@@ -470,9 +468,9 @@ async def test_resume_finds_running_services_and_restarts_dead_ones(
     env.crash("worker", 1)  # and one dies meanwhile
 
     sup2 = make_sup(env)
-    provider, specs = WorkspaceSupervisor.load_spec(sup2.state_file)
-    assert provider == "fake" and specs == graph()
-    sup2.services = {s.name: s for s in specs}
+    saved = await StateFile(sup2.state_file).read()
+    assert saved.provider == "fake" and list(saved.services) == graph()
+    sup2.services = {s.name: s for s in saved.services}
     await sup2.resume()
     await wait_until(lambda: all(r.state == HEALTHY for r in sup2.runners.values()))
 
@@ -552,7 +550,7 @@ async def test_resume_restarts_dead_services_in_dependency_order(
     env.health["db"].fail_first = 2
 
     sup2 = make_sup(env)
-    sup2.services = {s.name: s for s in WorkspaceSupervisor.load_spec(sup2.state_file)[1]}
+    sup2.services = {s.name: s for s in (await StateFile(sup2.state_file).read()).services}
     env.observe = lambda: {n: r.state for n, r in sup2.runners.items()}
     await sup2.resume()
     await wait_until(lambda: all(r.state == HEALTHY for r in sup2.runners.values()))
