@@ -223,8 +223,8 @@ class Provider(abc.ABC):
 
     def already_exists(self, workspace: str, detail: str) -> AlreadyExistsError:
         return AlreadyExistsError(
-            f"workspace {workspace!r} already has a {self.name} environment on this node "
-            f"({detail}): start it with `vendetta workspace up {workspace}` or remove it "
+            f"workspace {workspace!r} already has an environment on this node "
+            f"({self.name}: {detail}): start it with `vendetta workspace up {workspace}` or remove it "
             f"with `vendetta workspace destroy {workspace}`"
         )
 
