@@ -123,7 +123,7 @@ async def test_info_reports_the_provider_ready(agent: Agent) -> None:
     info = await agent.stub.Info(nodeagent_pb2.InfoRequest())
     (p,) = [p for p in info.providers if p.name == agent.provider]
     assert p.ready, p.detail
-    assert "exec" in p.capabilities
+    assert set(p.capabilities) <= {"long_exec_streams", "terminal", "stdin"}
     assert info.capacity.cpus >= 1 and info.agent_id
 
 
