@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,7 +39,10 @@ CASES: list[tuple[type[e.VendettaError], grpc.StatusCode]] = [
 
 
 def _leaves(cls: type[e.VendettaError]) -> set[type[e.VendettaError]]:
-    return {cls} | {c for sub in cls.__subclasses__() for c in _leaves(sub)}
+    # The tree of common.errors; an engine's private refinements (LXD's BusyError)
+    # never leave the engine and travel as their parent's code.
+    subs = {c for sub in cls.__subclasses__() for c in _leaves(sub)}
+    return ({cls} if cls.__module__ == "common.errors" else set()) | subs
 
 
 def test_cases_cover_the_whole_tree() -> None:
@@ -58,22 +61,18 @@ class RaisingProvider(FakeProvider):
         super().__init__("rpc-errors")
         self.errors: dict[str, BaseException] = {}
 
-    async def inspect(self, workspace: str) -> EnvironmentStatus:
+    async def _inspect(self, workspace: str) -> EnvironmentStatus:
         raise self.errors[workspace]
 
-    async def exec(
-        self,
-        workspace: str,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        workdir: str = "",
-    ) -> AsyncIterator[ExecChunk]:
+    async def _exec(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
+    ) -> AsyncGenerator[ExecChunk, None]:
         yield ExecChunk(stdout=b"partial output\n")
         raise self.errors[workspace]
 
-    async def logs(
-        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int = 0
-    ) -> AsyncIterator[LogRecord]:
+    async def _logs(
+        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int
+    ) -> AsyncGenerator[LogRecord, None]:
         for i in range(3):
             yield LogRecord(time.time_ns(), "stdout", f"line {i}")
         raise self.errors[workspace]
@@ -148,7 +147,7 @@ async def test_unexpected_exception_is_internal_and_says_it_is_a_bug(agent: Agen
         (e.ImageNotFoundError, grpc.StatusCode.NOT_FOUND),
         (e.EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
         (e.HostKeyMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.NotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
+        (e.NotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
     ],
 )
 async def test_stream_error_after_items(
