@@ -102,7 +102,9 @@ class FakeProvider(Provider):
     """An in-memory provider with the semantics documented in ``providers.base``.
 
     Failure hooks: set ``fail_create``/``fail_start``/``fail_stop``/``fail_destroy``
-    to an exception to have the next calls raise it (until reset to None).
+    to an exception to have the next calls raise it (until reset to None); put a
+    workspace in ``broken`` to have every start, stop, inspect and destroy of that one
+    environment raise the exception given (the others keep working).
     """
 
     name: ClassVar[str] = "docker"
@@ -118,6 +120,7 @@ class FakeProvider(Provider):
         self.fail_start: Exception | None = None
         self.fail_stop: Exception | None = None
         self.fail_destroy: Exception | None = None
+        self.broken: dict[str, Exception] = {}
         # exec: what the last chunk reports, and an optional stderr chunk.
         self.exec_exit_code = 0
         self.exec_stderr = b""
@@ -141,6 +144,10 @@ class FakeProvider(Provider):
     def add_log(self, workspace: str, text: str, stream: str = "stdout", service: str = "") -> None:
         self._env(workspace).logs.append(LogRecord(time.time_ns(), stream, text, service))
         self._log_changed.set()
+
+    def _check_broken(self, workspace: str) -> None:
+        if workspace in self.broken:
+            raise self.broken[workspace]
 
     def _env(self, workspace: str) -> FakeEnvironment:
         env = self.environments.get(workspace)
@@ -179,6 +186,7 @@ class FakeProvider(Provider):
 
     async def _start(self, workspace: str) -> EnvironmentStatus:
         self.calls.append(("start", workspace))
+        self._check_broken(workspace)
         if self.fail_start is not None:
             raise self.fail_start
         self._env(workspace).state = EnvState.RUNNING
@@ -186,6 +194,7 @@ class FakeProvider(Provider):
 
     async def _stop(self, workspace: str, timeout: float) -> EnvironmentStatus:
         self.calls.append(("stop", workspace))
+        self._check_broken(workspace)
         if self.fail_stop is not None:
             raise self.fail_stop
         env = self._env(workspace)
@@ -196,6 +205,7 @@ class FakeProvider(Provider):
 
     async def _destroy(self, workspace: str) -> None:
         self.calls.append(("destroy", workspace))
+        self._check_broken(workspace)
         if self.fail_destroy is not None:
             raise self.fail_destroy
         self.environments.pop(workspace, None)
@@ -203,6 +213,7 @@ class FakeProvider(Provider):
 
     async def _inspect(self, workspace: str) -> EnvironmentStatus:
         self.calls.append(("inspect", workspace))
+        self._check_broken(workspace)
         return self._status(workspace)
 
     async def _list(self) -> list[EnvironmentStatus]:
