@@ -27,6 +27,8 @@ log = logging.getLogger("vendetta.reconciler")
 
 # Seconds between two passes over every ready node (besides the pass on each reconnect).
 RECONCILE_INTERVAL = 30.0
+# How a workspace's detail says that its last reconcile failed.
+_FAILED = "the reconciler failed: "
 
 
 class Reconciler:
@@ -59,13 +61,25 @@ class Reconciler:
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # one bad pass must not end the ticks
+                log.exception("reconciler tick failed")
 
     async def tick(self) -> None:
-        """One pass over every ready node whose pass is not already under way."""
-        for conn in self.nodes.all():
-            if conn.state == NodeState.READY and not self._pass(conn.name).locked():
-                await self.reconcile_node(conn)
+        """One pass over every ready node whose pass is not already under way (in parallel:
+        a slow node does not hold the others back)."""
+        due = [
+            conn
+            for conn in self.nodes.all()
+            if conn.state == NodeState.READY and not self._pass(conn.name).locked()
+        ]
+        results = await asyncio.gather(
+            *(self.reconcile_node(conn) for conn in due), return_exceptions=True
+        )
+        for conn, result in zip(due, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("reconcile of node %s failed: %r", conn.name, result)
 
     def _pass(self, node: str) -> asyncio.Lock:
         return self._passes.setdefault(node, asyncio.Lock())
@@ -80,6 +94,8 @@ class Reconciler:
                 log.warning("reconcile of node %s skipped: %s", conn.name, exc)
                 return
             for name in names:
+                if not reconnected and self.workspaces.lock(name).locked():
+                    continue  # a command is at work on it: the next tick looks again
                 try:
                     await self.reconcile_workspace(client, name, reconnected=reconnected)
                 except asyncio.CancelledError:
@@ -93,13 +109,15 @@ class Reconciler:
                     await self._record_failure(name, exc)
 
     async def _record_failure(self, name: str, exc: Exception) -> None:
-        detail = f"the reconciler failed: {exc}"
-        with contextlib.suppress(VendettaError):
+        detail = f"{_FAILED}{exc}"
+        try:
             async with self.workspaces.lock(name):
                 ws = await self.store.get_workspace(name)
                 if ws is not None and ws.detail != detail:  # said once, not on every tick
                     ws.detail = detail
                     await self.workspaces.save(ws, detail)
+        except Exception:  # the failure is logged already; the pass goes on
+            log.exception("could not record the reconcile failure of workspace %s", name)
 
     async def reconcile_workspace(
         self, client: AgentClient, name: str, *, reconnected: bool = False
@@ -125,6 +143,7 @@ class Reconciler:
                 await self.workspaces.save(ws, "created (finished by the reconciler)")
                 return
             before = ws.observed
+            recovered = ws.detail.startswith(_FAILED)  # an earlier pass failed, this one not
             observe(ws, env)
             started = False  # services started here: their relay and forwards are set
             if ws.desired == Desired.RUNNING and ws.observed == WorkspaceState.STOPPED:
@@ -135,7 +154,7 @@ class Reconciler:
                     with contextlib.suppress(VendettaError):
                         await self.workspaces.start_services(ws, client, specs)
                         started = True
-            elif ws.observed != before:
+            elif ws.observed != before or recovered:
                 await self.workspaces.save(ws, f"observed {ws.observed.value}")
             relays = self.workspaces.relays
             # On a tick, a running workspace whose relay still flows needs nothing more.

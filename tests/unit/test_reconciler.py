@@ -95,6 +95,29 @@ async def test_one_failing_workspace_does_not_stop_the_others(
     for name in ("b-fine", "c-fine"):
         assert (await get(cluster, name)).state == pb.WORKSPACE_STATE_RUNNING
 
+    # Mended: the next pass restarts it and the error goes from its record.
+    del fake.broken["a-broken"]
+    await cluster.coordinator.reconciler.tick()
+    assert fake.state_of("a-broken") == EnvState.RUNNING
+    mended = await get(cluster, "a-broken")
+    assert (mended.state, mended.detail) == (pb.WORKSPACE_STATE_RUNNING, "")
+
+
+async def test_a_recorded_failure_goes_once_a_pass_succeeds(cluster: Cluster) -> None:
+    fake = cluster.provider("node1")
+    await create(cluster, "ws1")  # stays stopped: nothing for the reconciler to start
+    fake.broken["ws1"] = EngineUnavailableError("the engine hiccuped")
+    await cluster.coordinator.reconciler.tick()
+    ws = await get(cluster, "ws1")
+    assert "the engine hiccuped" in ws.detail
+    assert ws.state == pb.WORKSPACE_STATE_STOPPED
+
+    del fake.broken["ws1"]
+    await cluster.coordinator.reconciler.tick()
+    ws = await get(cluster, "ws1")
+    assert (ws.state, ws.detail) == (pb.WORKSPACE_STATE_STOPPED, "")
+    assert ("start", "ws1") not in fake.calls
+
 
 async def test_tick_restarts_a_stopped_workspace_without_a_reconnect(ticking: Cluster) -> None:
     fake = ticking.provider("node1")
