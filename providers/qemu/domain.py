@@ -62,6 +62,15 @@ class Files:
             self.terminal_socket,
         )
 
+    def remove(self) -> None:
+        """Remove every file of the guest that exists, rotated logs too. Blocking."""
+        for path in self.all():
+            path.unlink(missing_ok=True)
+            # virtlogd rotates file outputs to NAME.0, NAME.1, ...
+            for rotated in path.parent.glob(path.name + ".*"):
+                if rotated.name[len(path.name) + 1 :].isdigit():
+                    rotated.unlink(missing_ok=True)
+
 
 @dataclass(frozen=True)
 class Meta:

@@ -2,12 +2,18 @@
 
 Every libvirt call in this package runs inside :func:`libvirt_errors` (or its
 exception goes through :func:`translate`), so no ``libvirtError`` leaves the
-provider. By ``get_error_code()``, most specific first:
+provider and nothing outside this module looks at an error's text. By
+``get_error_code()`` and ``get_error_domain()``, most specific first; libvirt
+gives some causes no code of their own, and only for those the message is read:
 
     VIR_ERR_NO_DOMAIN                          -> NotFoundError
-    VIR_ERR_DOM_EXIST, "already exists"        -> AlreadyExistsError
+    the agent's guest-exec of a missing
+      program (INTERNAL_ERROR from QEMU)       -> NotFoundError
+    VIR_ERR_DOM_EXIST, OPERATION_FAILED
+      "already exists"                         -> AlreadyExistsError
     VIR_ERR_NO_CONNECT, VIR_ERR_RPC,
-      "failed to connect", "cannot connect"    -> EngineUnavailableError (how to start libvirtd)
+      SYSTEM_ERROR from RPC/REMOTE             -> EngineUnavailableError (how to start libvirtd),
+                                                  PermissionDeniedError if the socket refused us
     VIR_ERR_AUTH_*, VIR_ERR_ACCESS_DENIED      -> PermissionDeniedError (the libvirt group)
     "cannot allocate memory", "out of memory"  -> FailedPreconditionError (lower the memory)
     VIR_ERR_AGENT_UNRESPONSIVE/UNSYNCED        -> UnavailableError (the guest agent)
@@ -17,6 +23,10 @@ provider. By ``get_error_code()``, most specific first:
     VIR_ERR_INVALID_ARG, XML_ERROR,
       CONFIG_UNSUPPORTED                       -> InvalidArgumentError
     anything else                              -> InternalError
+
+A call that needs a running guest fails with many codes once the guest has
+stopped; :func:`guest_running` asks the guest instead and raises
+``NotRunningError``.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from common.errors import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    NotRunningError,
     PermissionDeniedError,
     UnavailableError,
     VendettaError,
@@ -45,7 +56,6 @@ START_HINT = (
 )
 IMAGE_HINT = "build it with `bash scripts/build-guest-image.sh`"
 
-_CONNECTION_MARKERS = ("failed to connect", "cannot connect", "connection reset", "broken pipe")
 _MEMORY_MARKERS = ("cannot allocate memory", "out of memory", "not enough memory")
 
 
@@ -59,6 +69,29 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(code) if code is not None else -1
 
 
+def _domain(exc: libvirt.libvirtError) -> int:
+    domain = exc.get_error_domain()
+    return int(domain) if domain is not None else -1
+
+
+def _program_missing(code: int, domain: int, lowered: str) -> bool:
+    """The guest agent could not start a command: libvirt reports the agent's error
+    as an internal error of its QEMU driver, in the agent's words."""
+    return (
+        code == libvirt.VIR_ERR_INTERNAL_ERROR
+        and domain == libvirt.VIR_FROM_QEMU
+        and "'guest-exec'" in lowered
+        and ("failed to execute" in lowered or "no such file" in lowered)
+    )
+
+
+def _connection_failed(code: int, domain: int) -> bool:
+    return code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC) or (
+        code == libvirt.VIR_ERR_SYSTEM_ERROR
+        and domain in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+    )
+
+
 def translate(exc: BaseException, *, uri: str, action: str) -> VendettaError:
     """The ``common.errors`` exception for ``exc``, raised while ``action``."""
     if isinstance(exc, VendettaError):
@@ -67,16 +100,16 @@ def translate(exc: BaseException, *, uri: str, action: str) -> VendettaError:
         if isinstance(exc, OSError):
             return EngineUnavailableError(f"{action}: {exc}")
         return InternalError(f"{action}: unexpected error: {exc!r}")
-    code = _code(exc)
+    code, domain = _code(exc), _domain(exc)
     text = (exc.get_error_message() or str(exc)).strip()
     lowered = text.lower()
-    if code == libvirt.VIR_ERR_NO_DOMAIN:
+    if code == libvirt.VIR_ERR_NO_DOMAIN or _program_missing(code, domain, lowered):
         return NotFoundError(f"{action}: {text}")
-    if code == libvirt.VIR_ERR_DOM_EXIST or "already exists" in lowered:
-        return AlreadyExistsError(f"{action}: {text}")
-    if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC) or any(
-        m in lowered for m in _CONNECTION_MARKERS
+    if code == libvirt.VIR_ERR_DOM_EXIST or (
+        code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in lowered
     ):
+        return AlreadyExistsError(f"{action}: {text}")
+    if _connection_failed(code, domain):
         if "permission denied" in lowered:
             return PermissionDeniedError(
                 f"{action}: permission denied on the libvirt socket: run the agent as root or "
@@ -130,3 +163,24 @@ def libvirt_errors(uri: str, action: str) -> Iterator[None]:
         raise
     except libvirt.libvirtError as exc:
         raise translate(exc, uri=uri, action=action) from exc
+
+
+@contextlib.contextmanager
+def guest_running(dom: libvirt.virDomain) -> Iterator[None]:
+    """A libvirt error from the block, of a guest that has stopped, as ``NotRunningError``.
+
+    Blocking. A guest that is gone altogether keeps the error it raised (not found).
+    """
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        if _stopped(dom):
+            raise NotRunningError(f"the guest {dom.name()} is not running") from exc
+        raise
+
+
+def _stopped(dom: libvirt.virDomain) -> bool:
+    try:
+        return not dom.isActive()
+    except libvirt.libvirtError:  # gone altogether, or libvirt is not answering
+        return False

@@ -382,21 +382,4 @@ class QemuTerminal(Terminal):
             await self._disconnect()
 
 
-def missing_console(workspace: str) -> FailedPreconditionError:
-    return FailedPreconditionError(
-        f"workspace {workspace!r} was created before QEMU workspaces had terminals: its guest "
-        f"has no terminal console. Recreate the workspace for one (`vendetta workspace destroy "
-        f"{workspace}`, then `vendetta workspace create {workspace}`), or run commands without "
-        f"a terminal: `vendetta workspace connect {workspace} -- CMD ...`"
-    )
-
-
-def busy(workspace: str) -> FailedPreconditionError:
-    return FailedPreconditionError(
-        f"a terminal is already open in workspace {workspace!r} (a QEMU guest has one terminal "
-        "console): close it first, or run commands without a terminal: "
-        f"`vendetta workspace connect {workspace} -- CMD ...`"
-    )
-
-
-__all__ = ["QemuTerminal", "busy", "missing_console", "open_session"]
+__all__ = ["QemuTerminal", "hang_up", "open_session"]

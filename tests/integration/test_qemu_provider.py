@@ -27,6 +27,7 @@ from common.errors import (
     EngineUnavailableError,
     FailedPreconditionError,
     ImageNotFoundError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -37,7 +38,7 @@ from providers.qemu import QemuProvider, network
 from providers.qemu import provider as qemu_provider
 from providers.qemu.domain import Files
 from providers.qemu.errors import translate
-from providers.qemu.provider import DEFAULT_IMAGE
+from providers.qemu.images import DEFAULT_IMAGE
 
 pytestmark = pytest.mark.qemu
 # The async tests share the module's event loop, and so its booted guest.
@@ -220,7 +221,7 @@ async def test_exec_of_a_missing_program_is_not_found(provider: QemuProvider, gu
 async def test_errors(provider: QemuProvider, guest: str) -> None:
     with pytest.raises(AlreadyExistsError) as twice:
         await provider.create(EnvironmentSpec(workspace=guest, image=DEFAULT_IMAGE))
-    assert f"workspace {guest!r} already has a QEMU environment on this node" in str(twice.value)
+    assert f"workspace {guest!r} already has a qemu environment on this node" in str(twice.value)
     assert f"`vendetta workspace destroy {guest}`" in str(twice.value)
     with pytest.raises(ImageNotFoundError, match=r"build-guest-image\.sh"):
         await provider.create(EnvironmentSpec(workspace="other", image="no-such-image"))
@@ -376,25 +377,41 @@ async def test_lifecycle_leaves_nothing_behind(
     assert leftovers == []
 
 
-def _error(code: int, message: str) -> libvirt.libvirtError:
+def _error(code: int, message: str, domain: int = 0) -> libvirt.libvirtError:
     exc = libvirt.libvirtError(message)
-    exc.err = (code, 0, message, 2, None, None, None, 0, 0)
+    exc.err = (code, domain, message, 2, None, None, None, 0, 0)
     return exc
 
 
 def test_libvirt_errors_map_to_common_errors() -> None:
-    def mapped(code: int, message: str) -> type:
-        return type(translate(_error(code, message), uri="qemu:///system", action="doing"))
+    def mapped(code: int, message: str, domain: int = 0) -> type:
+        error = _error(code, message, domain)
+        return type(translate(error, uri="qemu:///system", action="doing"))
 
     assert mapped(libvirt.VIR_ERR_NO_DOMAIN, "no domain") is NotFoundError
     assert mapped(libvirt.VIR_ERR_OPERATION_INVALID, "not running") is FailedPreconditionError
     assert mapped(libvirt.VIR_ERR_ACCESS_DENIED, "denied") is PermissionDeniedError
+    # What libvirt says when the socket is not there: a system error of its RPC layer.
     down = translate(
-        _error(libvirt.VIR_ERR_SYSTEM_ERROR, "Failed to connect socket: No such file"),
+        _error(
+            libvirt.VIR_ERR_SYSTEM_ERROR,
+            "Failed to connect socket to '/run/libvirt/libvirt-sock': No such file or directory",
+            libvirt.VIR_FROM_RPC,
+        ),
         uri="qemu:///system",
         action="doing",
     )
     assert isinstance(down, EngineUnavailableError) and "engine-qemu.sh" in down.message
+    refused = translate(
+        _error(
+            libvirt.VIR_ERR_SYSTEM_ERROR,
+            "Failed to connect socket to '/run/libvirt/libvirt-sock': Permission denied",
+            libvirt.VIR_FROM_RPC,
+        ),
+        uri="qemu:///system",
+        action="doing",
+    )
+    assert isinstance(refused, PermissionDeniedError) and "libvirt` group" in refused.message
     memory = translate(
         _error(
             libvirt.VIR_ERR_INTERNAL_ERROR, "cannot set up guest memory: Cannot allocate memory"
@@ -403,3 +420,14 @@ def test_libvirt_errors_map_to_common_errors() -> None:
         action="starting",
     )
     assert isinstance(memory, FailedPreconditionError) and "memory" in memory.message
+    # Another domain's name taken: libvirt has no code of its own for it.
+    taken = "domain 'vd-x' already exists with uuid 8f7d3c52-4a5e-4a65-9a39-4d2b3f0b9f0e"
+    assert mapped(libvirt.VIR_ERR_OPERATION_FAILED, taken) is AlreadyExistsError
+    # The guest agent could not start a program: not found, and only that.
+    missing = (
+        "internal error: unable to execute QEMU agent command 'guest-exec': Failed to "
+        "execute child process \u201c/no/such\u201d (No such file or directory)"
+    )
+    assert mapped(libvirt.VIR_ERR_INTERNAL_ERROR, missing, libvirt.VIR_FROM_QEMU) is NotFoundError
+    other = "Cannot access storage file '/x/vmlinuz': No such file or directory"
+    assert mapped(libvirt.VIR_ERR_INTERNAL_ERROR, other, libvirt.VIR_FROM_QEMU) is InternalError

@@ -1,0 +1,97 @@
+"""The guest images on this node, and the per-guest disk made from one. Blocking helpers.
+
+An image is a directory under the image directory holding the kernel, the
+initrd and the root filesystem (``IMAGE_FILES``, built by
+``scripts/build-guest-image.sh``). Each guest boots on a qcow2 overlay of the
+image's root filesystem, so the image itself is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from common.errors import (
+    EngineUnavailableError,
+    ImageNotFoundError,
+    InternalError,
+    InvalidArgumentError,
+)
+from providers.qemu.errors import IMAGE_HINT
+
+DEFAULT_IMAGE_DIR = Path("/var/cache/vendetta/images")
+DEFAULT_IMAGE = "debian-12"
+IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
+
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def images(image_dir: Path) -> list[str]:
+    """The complete images under ``image_dir``, sorted."""
+    try:
+        entries = sorted(image_dir.iterdir())
+    except OSError:
+        return []
+    return [e.name for e in entries if all((e / f).is_file() for f in IMAGE_FILES)]
+
+
+def image_paths(image_dir: Path, image: str) -> tuple[Path, Path, Path]:
+    """(kernel, initrd, root filesystem) of ``image``; the error says which images there are."""
+    if not _IMAGE_NAME.fullmatch(image) or ".." in image:
+        raise InvalidArgumentError(
+            f"invalid guest image name {image!r}: a directory name under {image_dir} "
+            f"(e.g. {DEFAULT_IMAGE!r})"
+        )
+    base = image_dir / image
+    kernel, initrd, rootfs = (base / f for f in IMAGE_FILES)
+    missing = [p.name for p in (kernel, initrd, rootfs) if not p.is_file()]
+    if missing:
+        have = ", ".join(images(image_dir)) or "none"
+        raise ImageNotFoundError(
+            f"guest image {image!r} not found on this node ({base} lacks "
+            f"{', '.join(missing)}); images on this node: {have}. {IMAGE_HINT}"
+        )
+    return kernel, initrd, rootfs
+
+
+def make_overlay(rootfs: Path, overlay: Path, disk_bytes: int | None) -> None:
+    """A qcow2 overlay of ``rootfs`` at ``overlay``, grown to ``disk_bytes`` if larger."""
+    state_dir = overlay.parent
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o755)  # QEMU runs as its own user and must reach the files
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(rootfs), "-F", "qcow2"]
+    argv.append(str(overlay))
+    try:
+        if disk_bytes:
+            argv.append(str(max(disk_bytes, _virtual_size(rootfs))))
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise EngineUnavailableError(
+            "qemu-img not found: install qemu-utils (bash scripts/engine-qemu.sh)"
+        ) from exc
+    if result.returncode != 0:
+        raise InternalError(f"creating the disk overlay failed: {result.stderr.strip()}")
+
+
+def _virtual_size(image: Path) -> int:
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if info.returncode != 0:
+        return 0
+    return int(json.loads(info.stdout).get("virtual-size", 0))
+
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "DEFAULT_IMAGE_DIR",
+    "IMAGE_FILES",
+    "image_paths",
+    "images",
+    "make_overlay",
+]

@@ -1,0 +1,120 @@
+"""Whether KVM actually runs guests on this node: probed once per process. Blocking.
+
+/dev/kvm can exist and still fail: at the first vCPU run (nested virtualisation
+without the MSRs QEMU needs), or only once a guest kernel runs an instruction
+the hypervisor must emulate and cannot (kvm-pvm, on some nested hosts: the
+kernel crawls for a minute, then QEMU reports "KVM internal error" and pauses
+the guest for ever). So the probe
+boots a guest's own kernel under KVM with no root disk: a working KVM runs it
+to its panic in a second or two and QEMU exits (``-no-reboot``). Without a
+kernel at hand, a bare QEMU that stays up for a second is taken to work.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+# A working KVM boots a kernel to its panic in a second or two (TCG in about as long).
+BOOT_SECONDS = 10.0
+_FAILED = b"internal error"
+
+_lock = threading.Lock()
+# Keyed by whether a kernel was booted: that answer, once known, is the one given.
+_probed: dict[bool, tuple[bool, str]] = {}
+
+
+def probe_kvm(kernel: Path | None = None) -> tuple[bool, str]:
+    """(usable, why): does KVM run guests here? ``kernel``: a guest kernel to boot."""
+    with _lock:
+        if True in _probed:
+            return _probed[True]
+        if kernel is None and False in _probed:
+            return _probed[False]
+        if not os.path.exists("/dev/kvm"):
+            result = (False, "/dev/kvm does not exist")
+        elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            result = (False, "/dev/kvm is not accessible (chgrp kvm /dev/kvm; chmod 660)")
+        else:
+            result = _run_kvm_probe(kernel)
+        _probed[kernel is not None] = result
+        return result
+
+
+def _run_kvm_probe(kernel: Path | None) -> tuple[bool, str]:
+    qemu = _find_qemu()
+    if not qemu:
+        return False, "qemu-system-x86_64 not found"
+    argv = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-nodefaults"]
+    argv += ["-no-user-config", "-display", "none", "-monitor", "none", "-serial", "none"]
+    if kernel is None:
+        return _stays_up([*argv, "-m", "32"])
+    argv += ["-m", "128", "-no-reboot", "-kernel", str(kernel)]
+    argv += ["-append", "panic=-1 root=/dev/nonexistent"]
+    return _boots(argv)
+
+
+def _stays_up(argv: list[str]) -> tuple[bool, str]:
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _, err = proc.communicate(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return True, "KVM works"
+    return False, _failure(err, proc.returncode)
+
+
+def _boots(argv: list[str]) -> tuple[bool, str]:
+    """Boot the kernel until QEMU exits, reports an internal error, or BOOT_SECONDS pass."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    err = b""
+    deadline = time.monotonic() + BOOT_SECONDS
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([proc.stderr], [], [], left)
+            if not readable:
+                break
+            data = os.read(proc.stderr.fileno(), 4096)
+            if not data:  # QEMU exited
+                break
+            err += data
+            if _FAILED in err.lower():
+                return False, _failure(err, None)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    if time.monotonic() >= deadline:
+        return False, (
+            f"KVM did not boot a guest kernel within {BOOT_SECONDS:.0f}s (a working KVM takes "
+            "a second or two)"
+        )
+    if proc.returncode != 0:
+        return False, _failure(err, proc.returncode)
+    return True, "KVM works"
+
+
+def _failure(err: bytes, code: int | None) -> str:
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    return f"KVM does not run guests here ({lines[0] if lines else code})"
+
+
+def _find_qemu() -> str:
+    for path in ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"):
+        if os.access(path, os.X_OK):
+            return path
+    return ""
+
+
+__all__ = ["probe_kvm"]
