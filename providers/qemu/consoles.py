@@ -24,9 +24,8 @@ Session = tuple[socket.socket, int, bytes]
 class Consoles:
     """The terminal consoles in use by terminals of one provider."""
 
-    def __init__(self, client: EngineClient[libvirt.virConnect], uri: str) -> None:
+    def __init__(self, client: EngineClient[libvirt.virConnect]) -> None:
         self._client = client
-        self._uri = uri
         self._in_use: set[str] = set()  # names of the domains
 
     async def open(
@@ -71,7 +70,7 @@ class Consoles:
             sock,
             pid,
             first,
-            uri=self._uri,
+            client=self._client,
             workspace=workspace,
             release=lambda: self._in_use.discard(name),
         )

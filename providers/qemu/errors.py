@@ -24,6 +24,7 @@ gives some causes no code of their own, and only for those the message is read:
       CONFIG_UNSUPPORTED                       -> InvalidArgumentError
     anything else                              -> InternalError
 
+:func:`port_taken` tells a start that lost a node port to another program.
 A call that needs a running guest fails with many codes once the guest has
 stopped; :func:`guest_running` asks the guest instead and raises
 ``NotRunningError``.
@@ -56,6 +57,8 @@ START_HINT = (
 )
 IMAGE_HINT = "build it with `bash scripts/build-guest-image.sh`"
 
+# QEMU's words when it cannot listen on a forward's node port (taken since it was picked).
+_PORT_TAKEN = "could not set up host forwarding rule"
 _MEMORY_MARKERS = ("cannot allocate memory", "out of memory", "not enough memory")
 
 
@@ -83,6 +86,13 @@ def _program_missing(code: int, domain: int, lowered: str) -> bool:
         and "'guest-exec'" in lowered
         and ("failed to execute" in lowered or "no such file" in lowered)
     )
+
+
+def port_taken(exc: libvirt.libvirtError) -> bool:
+    """Did QEMU fail to start because a published port's node port was taken meanwhile?
+    (The caller picks other node ports and starts again.)"""
+    text = (exc.get_error_message() or str(exc)).lower()
+    return _code(exc) == libvirt.VIR_ERR_INTERNAL_ERROR and _PORT_TAKEN in text
 
 
 def _connection_failed(code: int, domain: int) -> bool:

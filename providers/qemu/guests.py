@@ -16,7 +16,7 @@ from common.errors import EngineUnavailableError
 from providers.base import EnvironmentStatus, EnvState
 from providers.qemu import network
 from providers.qemu.domain import NS_URI, Meta
-from providers.qemu.errors import libvirt_errors
+from providers.qemu.errors import libvirt_errors, port_taken
 
 # Starts whose picked node ports were taken before QEMU bound them are retried.
 FORWARD_ATTEMPTS = 5
@@ -182,7 +182,7 @@ def boot(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: Meta) -> libvir
         except libvirt.libvirtError as exc:
             if not meta.ports or attempt == FORWARD_ATTEMPTS:
                 raise
-            if not network.is_conflict(exc.get_error_message() or str(exc)):
+            if not port_taken(exc):
                 raise
             continue  # a picked node port was taken meanwhile: pick again
         break

@@ -38,8 +38,6 @@ ET.register_namespace("qemu", QEMU_NS)
 GUEST_ADDRESS = "10.0.2.15"
 NODE_ADDRESS = LOOPBACK
 NETDEV_ID = "vdnet0"
-# QEMU's error when it cannot listen on a node port (taken since it was picked).
-_CONFLICT = "host forwarding rule"
 _HOSTFWD = re.compile(
     r"^tcp:" + re.escape(NODE_ADDRESS) + r":(\d+)-" + re.escape(GUEST_ADDRESS) + r":(\d+)$"
 )
@@ -145,7 +143,7 @@ def pick_node_ports(count: int) -> list[int]:
     """``count`` distinct ports free on the node's loopback right now. Blocking.
 
     QEMU binds them a moment later, and a port taken in between fails the start
-    (see :func:`is_conflict`), which the caller retries with new ports.
+    (see ``errors.port_taken``), which the caller retries with new ports.
     """
     return free_ports(count, host=NODE_ADDRESS)
 
@@ -154,11 +152,6 @@ def pick_forwards(ports: Iterable[int]) -> dict[int, int]:
     """guest port -> a free node port, for each of ``ports``."""
     wanted = sorted(set(ports))
     return dict(zip(wanted, pick_node_ports(len(wanted)), strict=True))
-
-
-def is_conflict(message: str) -> bool:
-    """Did QEMU fail to start because a forward's node port was taken?"""
-    return _CONFLICT in message.lower()
 
 
 def published(forwards: Mapping[int, int]) -> dict[int, str]:

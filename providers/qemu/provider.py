@@ -118,7 +118,7 @@ class QemuProvider(Provider):
             alive=guests.alive,
             close=guests.close,
         )
-        self._consoles = Consoles(self._libvirt, self.uri)
+        self._consoles = Consoles(self._libvirt)
 
     # -- plumbing --------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from common.errors import (
 )
 from providers.base import ExecChunk, Terminal
 from providers.qemu import agent
-from providers.qemu.errors import libvirt_errors
+from providers.threaded import EngineClient
 
 T = TypeVar("T")
 
@@ -218,14 +218,14 @@ class QemuTerminal(Terminal):
         pid: int,
         first: bytes,
         *,
-        uri: str,
+        client: EngineClient[libvirt.virConnect],
         workspace: str,
         release: Callable[[], None],
     ) -> None:
         self._dom = dom
         self._sock = sock
         self._pid = pid
-        self._uri = uri
+        self._client = client
         self._workspace = workspace
         self._release = release
         self._loop = asyncio.get_running_loop()
@@ -271,11 +271,9 @@ class QemuTerminal(Terminal):
     # -- event loop side -------------------------------------------------------
 
     async def _call(self, action: str, fn: Callable[[], T]) -> T:
-        def call() -> T:
-            with libvirt_errors(self._uri, f"{action} in workspace {self._workspace!r}"):
-                return fn()
-
-        return await asyncio.to_thread(call)
+        return await self._client.call(
+            f"{action} in workspace {self._workspace!r}", lambda _conn: fn()
+        )
 
     async def _next(self, timeout: float) -> bytes | bool | None:
         """The next chunk, None at the end of the socket, False after ``timeout``."""

@@ -37,7 +37,7 @@ from providers.base import EnvironmentSpec, EnvState, Terminal
 from providers.qemu import QemuProvider, network
 from providers.qemu import provider as qemu_provider
 from providers.qemu.domain import Files
-from providers.qemu.errors import translate
+from providers.qemu.errors import port_taken, translate
 from providers.qemu.images import DEFAULT_IMAGE
 
 pytestmark = pytest.mark.qemu
@@ -432,3 +432,16 @@ def test_libvirt_errors_map_to_common_errors() -> None:
     assert mapped(libvirt.VIR_ERR_INTERNAL_ERROR, missing, libvirt.VIR_FROM_QEMU) is NotFoundError
     other = "Cannot access storage file '/x/vmlinuz': No such file or directory"
     assert mapped(libvirt.VIR_ERR_INTERNAL_ERROR, other, libvirt.VIR_FROM_QEMU) is InternalError
+
+
+def test_a_taken_node_port_is_recognised() -> None:
+    taken = _error(
+        libvirt.VIR_ERR_INTERNAL_ERROR,
+        "internal error: qemu unexpectedly closed the monitor: qemu-system-x86_64: -netdev "
+        "user,id=vdnet0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:41000-10.0.2.15:3000: "
+        "Could not set up host forwarding rule 'tcp:127.0.0.1:41000-10.0.2.15:3000'",
+        libvirt.VIR_FROM_QEMU,
+    )
+    assert port_taken(taken)
+    memory = "internal error: cannot set up guest memory"
+    assert not port_taken(_error(libvirt.VIR_ERR_INTERNAL_ERROR, memory, libvirt.VIR_FROM_QEMU))
