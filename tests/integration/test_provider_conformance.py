@@ -8,8 +8,10 @@ provider joins by adding a ``ProviderCase`` to ``CASES``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -69,6 +71,7 @@ class Agent:
     stub: NodeAgentAsyncStub
     provider: str
     case: ProviderCase
+    agent_dir: Path
 
     def ws(self) -> str:
         return f"conf-{uuid.uuid4().hex[:8]}"
@@ -85,9 +88,13 @@ class Agent:
     def ref(self, ws: str) -> nodeagent_pb2.EnvironmentRequest:
         return nodeagent_pb2.EnvironmentRequest(workspace=ws, provider=self.provider)
 
-    async def exec(self, ws: str, *argv: str) -> tuple[bytes, bytes, int]:
+    async def exec(
+        self, ws: str, *argv: str, env: dict[str, str] | None = None, workdir: str = ""
+    ) -> tuple[bytes, bytes, int]:
         out, err, code = b"", b"", -1
-        request = nodeagent_pb2.ExecRequest(workspace=ws, provider=self.provider, argv=argv)
+        request = nodeagent_pb2.ExecRequest(
+            workspace=ws, provider=self.provider, argv=argv, env=env or {}, workdir=workdir
+        )
         async for o in self.stub.Exec(request):
             kind = o.WhichOneof("output")
             if kind == "stdout":
@@ -99,24 +106,35 @@ class Agent:
         return out, err, code
 
 
-@pytest.fixture(params=[pytest.param(c, marks=c.marks, id=c.name) for c in CASES])
-async def agent(request: pytest.FixtureRequest) -> AsyncIterator[Agent]:
-    case: ProviderCase = request.param
-    agent_dir = Path(tempfile.mkdtemp(prefix="vd-conf-", dir="/tmp"))
+@contextlib.asynccontextmanager
+async def running_agent(case: ProviderCase, agent_dir: Path | None = None) -> AsyncIterator[Agent]:
+    """A real AgentServer for ``case`` on a unix socket; ``agent_dir`` again is the same
+    agent restarted. Destroys what it created only when the folder is its own."""
+    own = agent_dir is None
+    if agent_dir is None:
+        agent_dir = Path(tempfile.mkdtemp(prefix="vd-conf-", dir="/tmp"))
     providers = ProviderSet({case.name: case.make(agent_id(agent_dir))})
     server = AgentServer(agent_dir, providers=providers)
     await server.start()
     channel = grpc.aio.insecure_channel(f"unix:{server.socket}")
-    a = Agent(nodeagent_pb2_grpc.NodeAgentStub(channel), case.name, case)
+    a = Agent(nodeagent_pb2_grpc.NodeAgentStub(channel), case.name, case, agent_dir)
     try:
         yield a
     finally:
-        listed = await a.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
-        for env in listed.environments:
-            await a.stub.DestroyEnvironment(a.ref(env.workspace))
+        if own:
+            listed = await a.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
+            for env in listed.environments:
+                await a.stub.DestroyEnvironment(a.ref(env.workspace))
         await channel.close(None)
         await server.stop()
-        shutil.rmtree(agent_dir, ignore_errors=True)
+        if own:
+            shutil.rmtree(agent_dir, ignore_errors=True)
+
+
+@pytest.fixture(params=[pytest.param(c, marks=c.marks, id=c.name) for c in CASES])
+async def agent(request: pytest.FixtureRequest) -> AsyncIterator[Agent]:
+    async with running_agent(request.param) as a:
+        yield a
 
 
 async def test_info_reports_the_provider_ready(agent: Agent) -> None:
@@ -358,3 +376,118 @@ async def test_a_command_on_pipes_reads_stdin_to_its_end(agent: Agent) -> None:
             codes.append(o.exit_code)
     expected = len(data) if "stdin" in p.capabilities else 0
     assert (out.strip(), err, codes) == (str(expected).encode(), b"done\n", [4])
+
+
+async def test_exec_env_workdir_and_missing_environments(agent: Agent) -> None:
+    ws = agent.ws()
+    with pytest.raises(grpc.aio.AioRpcError) as absent:
+        await agent.exec(ws, "true")
+    assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+    assert f"vendetta workspace create {ws}" in (absent.value.details() or "")
+    await agent.stub.CreateEnvironment(agent.spec(ws, env={"FROM_SPEC": "s", "BOTH": "spec"}))
+    await agent.stub.StartEnvironment(agent.ref(ws))
+    script = 'echo "$FROM_SPEC $BOTH $FROM_EXEC"; pwd'
+    out, _, code = await agent.exec(
+        ws, "sh", "-c", script, env={"BOTH": "exec", "FROM_EXEC": "e"}, workdir="/tmp"
+    )
+    assert (out, code) == (b"s exec e\n/tmp\n", 0)
+
+
+async def test_logs_tail_and_since(agent: Agent) -> None:
+    ws = agent.ws()
+    script = "for i in 1 2 3 4 5; do echo tail $i; done; while :; do sleep 0.2; done"
+    await agent.stub.CreateEnvironment(agent.spec(ws, command=["sh", "-c", script]))
+    await agent.stub.StartEnvironment(agent.ref(ws))
+
+    async def read(**kw: object) -> list[str]:
+        req = nodeagent_pb2.AgentLogsRequest(workspace=ws, provider=agent.provider, **kw)  # type: ignore[arg-type]
+        return [ln.text async for b in agent.stub.StreamLogs(req) for ln in b.lines]
+
+    for _ in range(100):
+        if "tail 5" in await read(tail=0):
+            break
+        await asyncio.sleep(0.1)
+    everything = await read(tail=0)
+    assert [t for t in everything if t.startswith("tail ")] == [f"tail {i}" for i in range(1, 6)]
+    assert await read(tail=2) == everything[-2:]
+    future = (time.time() + 3600) * 1e9
+    assert await read(tail=0, since_unix_nano=int(future)) == []
+
+
+async def test_published_port_reaches_a_listener_inside_on_loopback_only(agent: Agent) -> None:
+    ws = agent.ws()
+    created = await agent.stub.CreateEnvironment(agent.spec(ws, ports=[7000]))
+    assert dict(created.ports) == {}  # nothing is published while it is not running
+    env = await agent.stub.StartEnvironment(agent.ref(ws))
+    assert set(env.ports) == {7000}
+    host, _, port = env.ports[7000].rpartition(":")
+    assert host == "127.0.0.1"
+    serve = "nc -ll -p 7000 -e echo pong </dev/null >/dev/null 2>&1 &"
+    _, _, code = await agent.exec(ws, "sh", "-c", serve)
+    assert code == 0
+    answer = b""
+    for _ in range(100):  # until the listener inside is up
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                answer = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+        if answer:
+            break
+        await asyncio.sleep(0.2)
+    assert answer == b"pong\n"
+    with pytest.raises(OSError):  # not on the node's other addresses
+        await asyncio.open_connection("127.0.0.2", int(port))
+    stopped = await agent.stub.StopEnvironment(
+        nodeagent_pb2.StopEnvironmentRequest(
+            workspace=ws, provider=agent.provider, timeout_seconds=2
+        )
+    )
+    assert dict(stopped.ports) == {}
+
+
+async def test_agents_sharing_an_engine_do_not_see_each_other(agent: Agent) -> None:
+    ws = agent.ws()
+    other_dir = Path(tempfile.mkdtemp(prefix="vd-conf-", dir="/tmp"))
+    try:
+        async with running_agent(agent.case, other_dir) as other:
+            mine = await agent.stub.CreateEnvironment(agent.spec(ws))
+            theirs = await other.stub.CreateEnvironment(other.spec(ws))
+            assert mine.id != theirs.id
+            for a, env in ((agent, mine), (other, theirs)):
+                listed = await a.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
+                assert [(e.workspace, e.id) for e in listed.environments] == [(ws, env.id)]
+            await agent.stub.DestroyEnvironment(agent.ref(ws))
+            still = await other.stub.InspectEnvironment(other.ref(ws))
+            assert still.state != common_pb2.ENVIRONMENT_STATE_ABSENT and still.id == theirs.id
+            await other.stub.StartEnvironment(other.ref(ws))
+        # The same agent, restarted, finds its environment again by its labels.
+        async with running_agent(agent.case, other_dir) as restarted:
+            found = await restarted.stub.InspectEnvironment(restarted.ref(ws))
+            assert (found.id, found.state) == (theirs.id, common_pb2.ENVIRONMENT_STATE_RUNNING)
+    finally:
+        async with running_agent(agent.case, other_dir) as cleaner:
+            await cleaner.stub.DestroyEnvironment(cleaner.ref(ws))
+        shutil.rmtree(other_dir, ignore_errors=True)
+
+
+async def test_a_terminal_needs_a_running_environment(agent: Agent) -> None:
+    ws = agent.ws()
+    await agent.stub.CreateEnvironment(agent.spec(ws))
+    start = common_pb2.AttachStart(
+        workspace=ws,
+        provider=agent.provider,
+        argv=["/bin/sh"],
+        tty=True,
+        size=common_pb2.TerminalSize(rows=24, cols=80),
+    )
+
+    async def inputs() -> AsyncIterator[common_pb2.AttachInput]:
+        yield common_pb2.AttachInput(start=start)
+
+    with pytest.raises(grpc.aio.AioRpcError) as stopped:
+        async for _ in agent.stub.Attach(inputs(), timeout=60):
+            pass
+    assert stopped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"vendetta workspace up {ws}" in (stopped.value.details() or "")
