@@ -164,6 +164,10 @@ async def test_lifecycle_is_idempotent(agent: Agent) -> None:
             )
         )
         assert env.state == common_pb2.ENVIRONMENT_STATE_STOPPED
+    with pytest.raises(grpc.aio.AioRpcError) as stopped:
+        await agent.exec(ws, "true")
+    assert stopped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"vendetta workspace up {ws}" in (stopped.value.details() or "")
     for _ in range(2):
         await agent.stub.DestroyEnvironment(agent.ref(ws))
     env = await agent.stub.InspectEnvironment(agent.ref(ws))
@@ -384,6 +388,14 @@ async def test_exec_env_workdir_and_missing_environments(agent: Agent) -> None:
         await agent.exec(ws, "true")
     assert absent.value.code() == grpc.StatusCode.NOT_FOUND
     assert f"vendetta workspace create {ws}" in (absent.value.details() or "")
+    logs = agent.stub.StreamLogs(
+        nodeagent_pb2.AgentLogsRequest(workspace=ws, provider=agent.provider)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as no_logs:
+        async for _ in logs:
+            pass
+    assert no_logs.value.code() == grpc.StatusCode.NOT_FOUND
+    await agent.stub.DestroyEnvironment(agent.ref(ws))  # absent is fine
     await agent.stub.CreateEnvironment(agent.spec(ws, env={"FROM_SPEC": "s", "BOTH": "spec"}))
     await agent.stub.StartEnvironment(agent.ref(ws))
     script = 'echo "$FROM_SPEC $BOTH $FROM_EXEC"; pwd'
