@@ -18,6 +18,7 @@ from common.errors import (
     NotRunningError,
 )
 from common.names import validate_name
+from providers.checks import check_command, check_spec
 
 # Labels (or their equivalent) every provider puts on what it creates, so an
 # agent finds its own environments again after a restart.
@@ -152,40 +153,6 @@ class _NoStdin(Terminal):
             await aclose()
 
 
-def check_env(env: Mapping[str, str]) -> None:
-    """Variable names an exec or terminal may set (no '=', no NUL, not empty)."""
-    for key in env:
-        if not key or "=" in key or "\0" in key:
-            raise InvalidArgumentError(f"invalid environment variable name {key!r}")
-
-
-def _check_command(what: str, argv: Sequence[str], env: Mapping[str, str] | None) -> None:
-    if not argv:
-        raise InvalidArgumentError(f"{what} needs a command: argv is empty")
-    check_env(env or {})
-
-
-def _check_spec(provider: str, spec: EnvironmentSpec) -> None:
-    validate_name("workspace", spec.workspace)
-    if not spec.image:
-        raise InvalidArgumentError(
-            f"workspace {spec.workspace!r} has no image: set {provider}.image in "
-            ".vendetta/config.yaml"
-        )
-    if spec.cpus is not None and spec.cpus <= 0:
-        raise InvalidArgumentError(f"cpus must be positive, got {spec.cpus}")
-    if spec.memory_bytes is not None and spec.memory_bytes <= 0:
-        raise InvalidArgumentError(f"memory must be positive, got {spec.memory_bytes} bytes")
-    if spec.disk_bytes is not None and spec.disk_bytes <= 0:
-        raise InvalidArgumentError(f"disk must be positive, got {spec.disk_bytes} bytes")
-    if spec.command is not None and not spec.command:
-        raise InvalidArgumentError("command must not be empty (leave it unset to idle)")
-    check_env(spec.env)
-    for port in spec.ports:
-        if not 1 <= port <= 65535:
-            raise InvalidArgumentError(f"port {port} is not a TCP port (1-65535)")
-
-
 class Provider(abc.ABC):
     """Drives one engine on the local node: the contract every engine keeps.
 
@@ -224,8 +191,19 @@ class Provider(abc.ABC):
     def already_exists(self, workspace: str, detail: str) -> AlreadyExistsError:
         return AlreadyExistsError(
             f"workspace {workspace!r} already has an environment on this node "
-            f"({self.name}: {detail}): start it with `vendetta workspace up {workspace}` or remove it "
-            f"with `vendetta workspace destroy {workspace}`"
+            f"({self.name}: {detail}): start it with `vendetta workspace up {workspace}` "
+            f"or remove it with `vendetta workspace destroy {workspace}`"
+        )
+
+    def name_taken(
+        self, workspace: str, name: str, cause: Exception, remove: str
+    ) -> AlreadyExistsError:
+        """An engine name of ours held by something that is not ours (or a create we
+        lost a race to): which name, and how to clear a leftover."""
+        return AlreadyExistsError(
+            f"cannot create workspace {workspace!r}: the name {name!r} is already taken on "
+            f"this node's {self.name} engine ({cause}); if it is a leftover, remove it with "
+            f"`{remove}`"
         )
 
     @contextlib.contextmanager
@@ -243,7 +221,7 @@ class Provider(abc.ABC):
 
     async def create(self, spec: EnvironmentSpec) -> EnvironmentStatus:
         """Create the environment, stopped. AlreadyExistsError if it exists."""
-        _check_spec(self.name, spec)
+        check_spec(self.name, spec)
         existing = await self._inspect(spec.workspace)
         if existing.state is not EnvState.ABSENT:
             raise self.already_exists(spec.workspace, existing.detail or existing.state.value)
@@ -287,7 +265,7 @@ class Provider(abc.ABC):
         Closing the generator early ends the stream (the command may run on where
         the engine cannot kill it)."""
         validate_name("workspace", workspace)
-        _check_command("exec", argv, env)
+        check_command("exec", argv, env)
         with self._running(workspace):
             async with contextlib.aclosing(self._exec(workspace, argv, env, workdir)) as chunks:
                 async for chunk in chunks:
@@ -302,7 +280,7 @@ class Provider(abc.ABC):
     ) -> tuple[int, bytes, bytes]:
         """Run argv to completion: (exit code, stdout, stderr), for output wanted whole."""
         validate_name("workspace", workspace)
-        _check_command("run", argv, env)
+        check_command("run", argv, env)
         with self._running(workspace):
             return await self._run(workspace, argv, env, workdir)
 
@@ -332,7 +310,7 @@ class Provider(abc.ABC):
     ) -> Terminal:
         """An interactive terminal running argv; only where capabilities.terminal."""
         validate_name("workspace", workspace)
-        _check_command("a terminal", argv, env)
+        check_command("a terminal", argv, env)
         if rows < 0 or cols < 0:
             raise InvalidArgumentError(f"a terminal cannot be {rows}x{cols}")
         if not self.capabilities.terminal:
@@ -350,7 +328,7 @@ class Provider(abc.ABC):
         reaches its stdin, until ``close_stdin``. Where ``capabilities.stdin`` is
         False the command gets no input (as with ``exec``)."""
         validate_name("workspace", workspace)
-        _check_command("a command", argv, env)
+        check_command("a command", argv, env)
         with self._running(workspace):
             if self.capabilities.stdin:
                 return await self._pipe(workspace, argv, env)

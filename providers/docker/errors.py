@@ -25,7 +25,6 @@ Docker's answers say. Most specific first:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import docker.errors
 import requests.exceptions
@@ -44,6 +43,7 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
+from providers.errors import translated
 
 START_HINT = "start it (e.g. `dockerd &` or `systemctl start docker`) or set DOCKER_HOST"
 IMAGE_HINT = (
@@ -183,12 +183,6 @@ def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
     return InternalError(f"{action}: unexpected error from docker-py: {exc!r}")
 
 
-@contextlib.contextmanager
-def docker_errors(where: str, action: str) -> Iterator[None]:
+def docker_errors(where: str, action: str) -> contextlib.AbstractContextManager[None]:
     """Re-raise docker-py/requests errors from the block as ``common.errors``, chained."""
-    try:
-        yield
-    except VendettaError:
-        raise
-    except MAPPED_EXCEPTIONS as exc:
-        raise translate(exc, where=where, action=action) from exc
+    return translated(MAPPED_EXCEPTIONS, lambda exc: translate(exc, where=where, action=action))

@@ -183,13 +183,8 @@ class DockerProvider(Provider):
         try:
             await self._engine.call(f"creating container {name!r}", create_container)
         except AlreadyExistsError as exc:
-            # The name is taken, but not by a container with our labels (or we raced
-            # with another create): say which, and what to do.
-            raise AlreadyExistsError(
-                f"cannot create workspace {workspace!r}: the container name {name!r} is "
-                f"already taken on this Docker engine ({exc}); if it is a leftover, "
-                f"remove it with `docker rm -f {name}`"
-            ) from exc
+            # Taken, but not by a container with our labels (or we lost a race).
+            raise self.name_taken(workspace, name, exc, f"docker rm -f {name}") from exc
         return await self._inspect(workspace)
 
     async def _start(self, workspace: str) -> EnvironmentStatus:

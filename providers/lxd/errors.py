@@ -32,7 +32,6 @@ by their type. Most specific first:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import pylxd.exceptions
 import requests.exceptions
@@ -49,6 +48,7 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
+from providers.errors import translated
 from providers.lxd.ports import is_listen_failure
 from providers.lxd.websocket import HandshakeError
 
@@ -154,12 +154,6 @@ def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
     return InternalError(f"{action}: unexpected error from pylxd: {exc!r}")
 
 
-@contextlib.contextmanager
-def lxd_errors(where: str, action: str) -> Iterator[None]:
+def lxd_errors(where: str, action: str) -> contextlib.AbstractContextManager[None]:
     """Re-raise pylxd/requests errors from the block as ``common.errors``, chained."""
-    try:
-        yield
-    except VendettaError:
-        raise
-    except MAPPED_EXCEPTIONS as exc:
-        raise translate(exc, where=where, action=action) from exc
+    return translated(MAPPED_EXCEPTIONS, lambda exc: translate(exc, where=where, action=action))

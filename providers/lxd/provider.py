@@ -180,11 +180,8 @@ class LxdProvider(Provider):
         try:
             await self._engine.call(f"creating instance {name!r}", create_instance)
         except AlreadyExistsError as exc:
-            raise AlreadyExistsError(
-                f"cannot create workspace {workspace!r}: the instance name {name!r} is "
-                f"already taken on this LXD ({exc}); if it is a leftover, remove it with "
-                f"`lxc delete --force {name}`"
-            ) from exc
+            # Taken, but not by an instance of ours (or we lost a race).
+            raise self.name_taken(workspace, name, exc, f"lxc delete --force {name}") from exc
         return await self._inspect(workspace)
 
     async def _start(self, workspace: str) -> EnvironmentStatus:

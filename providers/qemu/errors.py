@@ -50,6 +50,7 @@ from common.errors import (
     UnavailableError,
     VendettaError,
 )
+from providers.errors import translated
 
 START_HINT = (
     "start it with `bash scripts/engine-qemu.sh` (starts virtlogd and libvirtd), "
@@ -164,15 +165,9 @@ def translate(exc: BaseException, *, uri: str, action: str) -> VendettaError:
     return InternalError(f"{action}: unexpected libvirt error (code {code}): {text}")
 
 
-@contextlib.contextmanager
-def libvirt_errors(uri: str, action: str) -> Iterator[None]:
+def libvirt_errors(uri: str, action: str) -> contextlib.AbstractContextManager[None]:
     """Re-raise libvirt errors from the block as ``common.errors``, chained."""
-    try:
-        yield
-    except VendettaError:
-        raise
-    except libvirt.libvirtError as exc:
-        raise translate(exc, uri=uri, action=action) from exc
+    return translated((libvirt.libvirtError,), lambda exc: translate(exc, uri=uri, action=action))
 
 
 @contextlib.contextmanager
