@@ -28,6 +28,13 @@ _lock = threading.Lock()
 _probed: dict[bool, tuple[bool, str]] = {}
 
 
+def known(kernel: Path | None = None) -> tuple[bool, str] | None:
+    """What ``probe_kvm(kernel)`` would answer, if it has been probed; never blocks on one."""
+    if True in _probed:
+        return _probed[True]
+    return _probed.get(False) if kernel is None else None
+
+
 def probe_kvm(kernel: Path | None = None) -> tuple[bool, str]:
     """(usable, why): does KVM run guests here? ``kernel``: a guest kernel to boot."""
     with _lock:
@@ -117,4 +124,4 @@ def _find_qemu() -> str:
     return ""
 
 
-__all__ = ["probe_kvm"]
+__all__ = ["known", "probe_kvm"]

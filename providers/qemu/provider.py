@@ -61,17 +61,17 @@ from providers.qemu.domain import (
     socket_path_problem,
     terminal_socket,
 )
-from providers.qemu.errors import IMAGE_HINT, guest_running, libvirt_errors
+from providers.qemu.errors import guest_running, libvirt_errors
 from providers.qemu.images import (
     DEFAULT_IMAGE,
     DEFAULT_IMAGE_DIR,
     IMAGE_FILES,
     image_paths,
-    images,
     make_overlay,
 )
 from providers.qemu.kvm import probe_kvm
 from providers.qemu.logs import cursors, read_all
+from providers.qemu.readiness import ReadinessCheck
 from providers.qemu.terminal import DEFAULT_TERM
 from providers.threaded import EngineClient
 
@@ -119,6 +119,7 @@ class QemuProvider(Provider):
             close=guests.close,
         )
         self._consoles = Consoles(self._libvirt)
+        self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dir)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -150,32 +151,7 @@ class QemuProvider(Provider):
     # -- readiness -------------------------------------------------------------
 
     async def readiness(self) -> Readiness:
-        try:
-            version = await self._libvirt.call("checking libvirt", lambda c: c.getLibVersion())
-            hv = await self._libvirt.call("checking libvirt", lambda c: c.getVersion())
-        except VendettaError as exc:
-            return Readiness(ready=False, detail=exc.message)
-        found = await asyncio.to_thread(images, self.image_dir)
-        kernel = self.image_dir / found[0] / IMAGE_FILES[0] if found else None
-        kvm, why = await asyncio.to_thread(probe_kvm, kernel)
-
-        def dotted(v: int) -> str:
-            return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
-
-        accel = "KVM" if kvm else f"running under emulation (TCG), slower: {why}"
-        detail = f"libvirt {dotted(version)}, QEMU {dotted(hv)} at {self.uri}; {accel}"
-        if not found:
-            return Readiness(
-                ready=False,
-                detail=f"{detail}; no guest image in {self.image_dir}: {IMAGE_HINT}",
-                version=dotted(version),
-            )
-        return Readiness(
-            ready=True,
-            detail=f"{detail}; images: {', '.join(found)}",
-            version=dotted(version),
-            images=tuple(found),
-        )
+        return await self._readiness.check()
 
     # -- lifecycle -------------------------------------------------------------
 
