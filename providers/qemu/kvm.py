@@ -1,17 +1,20 @@
-"""Whether KVM actually runs guests on this node: probed once per process. Blocking.
+"""Whether KVM actually runs guests on this node: probed once per boot. Blocking.
 
 /dev/kvm can exist and still fail: at the first vCPU run (nested virtualisation
 without the MSRs QEMU needs), or only once a guest kernel runs an instruction
 the hypervisor must emulate and cannot (kvm-pvm, on some nested hosts: the
 kernel crawls for a minute, then QEMU reports "KVM internal error" and pauses
-the guest for ever). So the probe
-boots a guest's own kernel under KVM with no root disk: a working KVM runs it
-to its panic in a second or two and QEMU exits (``-no-reboot``). Without a
-kernel at hand, a bare QEMU that stays up for a second is taken to work.
+the guest for ever). So the probe boots a guest's own kernel under KVM with no
+root disk: a working KVM runs it to its panic in a second or two and QEMU exits
+(``-no-reboot``). Without a kernel at hand, a bare QEMU that stays up for a
+second is taken to work. The answer is kept for the host's boot in
+``~/.cache/vendetta/kvm-probe.json``, so agents after the first skip the test boot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
 import subprocess
@@ -46,10 +49,53 @@ def probe_kvm(kernel: Path | None = None) -> tuple[bool, str]:
             result = (False, "/dev/kvm does not exist")
         elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
             result = (False, "/dev/kvm is not accessible (chgrp kvm /dev/kvm; chmod 660)")
+        elif (remembered := _remembered(kernel)) is not None:
+            result = remembered
         else:
             result = _run_kvm_probe(kernel)
+            _remember(kernel, result)
         _probed[kernel is not None] = result
         return result
+
+
+def _cache_key(kernel: Path | None) -> str:
+    """What the answer depends on: this boot of the host, the kernel booted, QEMU."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    for path in (kernel, Path(_find_qemu() or "/nonexistent")):
+        if path is not None:
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vendetta" / "kvm-probe.json"
+
+
+def _remembered(kernel: Path | None) -> tuple[bool, str] | None:
+    """The answer of an earlier probe on this boot (every agent on a host shares it:
+    the test boot costs a CPU for up to 10 s)."""
+    try:
+        saved = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != _cache_key(kernel):
+        return None
+    return bool(saved.get("usable")), str(saved.get("why", ""))
+
+
+def _remember(kernel: Path | None, result: tuple[bool, str]) -> None:
+    path = _cache_file()
+    record = {"key": _cache_key(kernel), "usable": result[0], "why": result[1]}
+    with contextlib.suppress(OSError):  # a cache: without it, the next agent probes again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        temp.write_text(json.dumps(record))
+        os.replace(temp, path)
 
 
 def _run_kvm_probe(kernel: Path | None) -> tuple[bool, str]:
