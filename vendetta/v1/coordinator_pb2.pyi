@@ -199,6 +199,7 @@ class AddNodeRequest(_message.Message):
     AGENT_COMMAND_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     user: _builtins.str
@@ -214,6 +215,8 @@ class AddNodeRequest(_message.Message):
     """Used once, only if the node refuses our key: log in with it and add the key
     to the user's authorized_keys. Never stored.
     """
+    grace_seconds: _builtins.float
+    """Seconds of silence before the node is disconnected; 0: the coordinator's default."""
     @_builtins.property
     def agent_command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: ["vendetta-agent"]"""
@@ -230,10 +233,11 @@ class AddNodeRequest(_message.Message):
         agent_command: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         password: _builtins.str = ...,
+        grace_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_command", b"agent_command", "host_key", b"host_key", "identity_file", b"identity_file", "name", b"name", "password", b"password", "port", b"port", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_command", b"agent_command", "grace_seconds", b"grace_seconds", "host_key", b"host_key", "identity_file", b"identity_file", "name", b"name", "password", b"password", "port", b"port", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,6 +283,8 @@ class Node(_message.Message):
     LAST_SEEN_UNIX_NANO_FIELD_NUMBER: _builtins.int
     IDENTITY_FILE_FIELD_NUMBER: _builtins.int
     WORKSPACES_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     user: _builtins.str
@@ -292,6 +298,10 @@ class Node(_message.Message):
     last_seen_unix_nano: _builtins.int
     identity_file: _builtins.str
     workspaces: _builtins.int
+    grace_seconds: _builtins.float
+    """silence before `disconnected` (the node's, else the default)"""
+    latency_seconds: _builtins.float
+    """the last heartbeat's round trip; 0: none yet"""
     @_builtins.property
     def providers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ProviderInfo]: ...
     def __init__(
@@ -310,10 +320,12 @@ class Node(_message.Message):
         last_seen_unix_nano: _builtins.int = ...,
         identity_file: _builtins.str = ...,
         workspaces: _builtins.int = ...,
+        grace_seconds: _builtins.float = ...,
+        latency_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "host_key_fingerprint", b"host_key_fingerprint", "identity_file", b"identity_file", "last_error", b"last_error", "last_seen_unix_nano", b"last_seen_unix_nano", "name", b"name", "port", b"port", "providers", b"providers", "state", b"state", "transport", b"transport", "user", b"user", "workspaces", b"workspaces"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "grace_seconds", b"grace_seconds", "host_key_fingerprint", b"host_key_fingerprint", "identity_file", b"identity_file", "last_error", b"last_error", "last_seen_unix_nano", b"last_seen_unix_nano", "latency_seconds", b"latency_seconds", "name", b"name", "port", b"port", "providers", b"providers", "state", b"state", "transport", b"transport", "user", b"user", "workspaces", b"workspaces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
