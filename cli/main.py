@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import node, project, server, ssh_config, workspace
+from cli import cluster, node, project, server, ssh_config, workspace
 from common.version import VERSION
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.add_typer(server.app, name="server")
 app.add_typer(node.app, name="node")
 app.add_typer(workspace.app, name="workspace")
+app.add_typer(cluster.app, name="cluster")
 app.add_typer(project.config_app, name="config")
 app.command()(project.init)
 app.command("ssh-config")(ssh_config.ssh_config)

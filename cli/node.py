@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -57,6 +59,13 @@ def add(
         str,
         typer.Option(help="How to run the agent on the node.", envvar="VENDETTA_AGENT_COMMAND"),
     ] = "vendetta-agent",
+    grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without an answer before the node is disconnected "
+            "(0: the coordinator's default, 15 unless `server start --node-grace`)."
+        ),
+    ] = 0.0,
     json_: Json = False,
 ) -> None:
     """Connect to a node over SSH, pin its host key, start its agent, record it."""
@@ -82,6 +91,7 @@ def add(
                 host_key=scan.host_key,
                 agent_command=shlex.split(agent_command),
                 request_id=request_id(),
+                grace_seconds=grace,
             )
             try:
                 with err.status(f"Connecting to {name} and starting its agent..."):
@@ -158,9 +168,44 @@ def trust(
     out.print(f"node [bold]{name}[/bold]: host key {node.host_key_fingerprint} pinned.")
 
 
+def latency(node: pb.Node) -> str:
+    return f"{node.latency_seconds * 1000:.1f} ms" if node.latency_seconds else "-"
+
+
+def _watch(json_: bool) -> None:
+    """Each node's state now, then every change as it happens, one line each."""
+
+    async def go() -> None:
+        async with coordinator() as c:
+            async for ev in c.WatchNodes(pb.WatchNodesRequest()):
+                if json_:
+                    sys.stdout.write(json.dumps(as_dict(ev), sort_keys=True) + "\n")
+                else:
+                    when = dt.datetime.fromtimestamp(ev.time_unix_nano / 1e9).strftime("%H:%M:%S")
+                    note = f"  {ev.message}" if ev.message else ""
+                    out.print(f"{when}  {ev.node.name}  {styled(_state(ev.node))}{note}")
+                sys.stdout.flush()
+
+    run(go())
+
+
 @app.command("list")
-def list_(json_: Json = False) -> None:
+def list_(
+    json_: Json = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Print each node's state, then every change as it happens (Ctrl-C stops); "
+            "with --json, one JSON object a line.",
+        ),
+    ] = False,
+) -> None:
     """All nodes with their state."""
+    if watch:
+        _watch(json_)
+        return
 
     async def go() -> pb.ListNodesResponse:
         async with coordinator() as c:
@@ -170,7 +215,9 @@ def list_(json_: Json = False) -> None:
     if json_:
         print_json([as_dict(n) for n in resp.nodes])
         return
-    table = Table("NAME", "ADDRESS", "STATE", "AGENT", "PROVIDERS", "WORKSPACES", "LAST SEEN")
+    table = Table(
+        "NAME", "ADDRESS", "STATE", "AGENT", "PROVIDERS", "WORKSPACES", "LATENCY", "LAST SEEN"
+    )
     for n in resp.nodes:
         where = (
             n.address
@@ -184,6 +231,7 @@ def list_(json_: Json = False) -> None:
             n.agent_version or "-",
             _providers(n),
             str(n.workspaces),
+            latency(n),
             ago(n.last_seen_unix_nano),
         )
     out.print(table)
@@ -207,7 +255,10 @@ def status(name: str, json_: Json = False) -> None:
     )
     if n.host_key_fingerprint:
         out.print(f"  host key   {n.host_key_fingerprint} (pinned)")
-    out.print(f"  agent      {n.agent_version or '-'}, last seen {ago(n.last_seen_unix_nano)}")
+    out.print(
+        f"  agent      {n.agent_version or '-'}, last seen {ago(n.last_seen_unix_nano)}, "
+        f"latency {latency(n)}, disconnected after {n.grace_seconds:g} s without an answer"
+    )
     out.print(f"  workspaces {n.workspaces}")
     for p in n.providers:
         mark = "[green]ready[/green]" if p.ready else "[red]not ready[/red]"
@@ -240,9 +291,13 @@ def test(name: str) -> None:
 @app.command()
 def remove(
     name: str,
-    force: Annotated[bool, typer.Option(help="Also forget the node's workspaces.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Also forget the node's workspaces (their environments stay)."),
+    ] = False,
 ) -> None:
-    """Forget a node (its agent and environments are left as they are)."""
+    """Stop a node's agent and forget the node; refused while it has workspaces
+    (they are named) unless --force. Environments are left as they are."""
 
     async def go() -> None:
         async with coordinator() as c:

@@ -23,6 +23,14 @@ DockerHost = Annotated[
 def start(
     foreground: Annotated[bool, typer.Option("--foreground", help="Run in this terminal.")] = False,
     docker_host: DockerHost = None,
+    node_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds without an answer before a node is disconnected (default 15; "
+            "`node add --grace` sets one node's).",
+            envvar="VENDETTA_NODE_GRACE",
+        ),
+    ] = None,
 ) -> None:
     """Start the coordinator (in the background unless --foreground)."""
     home = vendetta_home().absolute()
@@ -31,8 +39,10 @@ def start(
         out.print(f"coordinator: serving on {home / 'coordinator.sock'} (Ctrl-C stops)")
         from coordinator.server import serve  # the whole coordinator: only when serving
 
-        asyncio.run(serve(home, args))
+        asyncio.run(serve(home, args, node_grace))
         return
+    if node_grace is not None:
+        args += ["--node-grace", str(node_grace)]
     info, started = run(daemon.start(home, args))
     verb = "started" if started else "already running"
     out.print(f"coordinator {verb}: pid {info.pid}, socket {info.socket_path}")

@@ -51,6 +51,8 @@ def node_to_pb(conn: NodeConnection, workspaces: int = 0) -> pb.Node:
         last_seen_unix_nano=conn.last_seen_unix_nano,
         identity_file=r.identity_file,
         workspaces=workspaces,
+        grace_seconds=conn.grace,
+        latency_seconds=conn.latency_seconds,
     )
     if conn.info is not None:
         node.agent_version = conn.info.version

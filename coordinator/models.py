@@ -107,6 +107,7 @@ class NodeRecord:
     identity_file: str = ""
     agent_command: list[str] = field(default_factory=list)
     created_unix_nano: int = field(default_factory=time.time_ns)
+    grace_seconds: float = 0.0  # silence before `disconnected`; 0: the coordinator's default
 
 
 @dataclass

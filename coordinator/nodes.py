@@ -1,7 +1,12 @@
 """Node registry: one supervised connection per node, its state and events.
 
-A node whose connection drops is `disconnected` (never forgotten, never its
-workspaces touched) and is reconnected with exponential backoff.
+Liveness is decided by silence, not by one failure: a node stays `ready` while
+its agent answered within the node's grace period (`DEFAULT_GRACE`, the
+coordinator's `--node-grace`, or the node's own), even if a heartbeat is
+missed or the connection drops and is reopened meanwhile. Past the grace it
+is `disconnected` (never forgotten, its workspaces never touched; users see
+them `unknown`), the connection is torn down and reopened with exponential
+backoff, and the next connect makes it `ready` again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from vendetta.v1 import nodeagent_pb2
 log = logging.getLogger("vendetta.nodes")
 
 HEARTBEAT_INTERVAL = 5.0
+# A heartbeat not answered by then counts as missed (the next one is not held back long).
+HEARTBEAT_TIMEOUT = 5.0
+# Seconds of silence after which a node is `disconnected`, unless set for the
+# coordinator (`vendetta server start --node-grace`) or for the node (`node add --grace`).
+DEFAULT_GRACE = 15.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 
@@ -42,7 +52,8 @@ class NodeConnection:
         self,
         record: NodeRecord,
         transport: Transport,
-        on_change: Callable[[NodeConnection, str], None],
+        on_change: Callable[[NodeConnection, str, bool], None],
+        default_grace: float | None = None,
     ) -> None:
         self.record = record
         self.transport = transport
@@ -50,20 +61,40 @@ class NodeConnection:
         self.info: nodeagent_pb2.InfoResponse | None = None
         self.last_error = ""
         self.last_seen_unix_nano = 0
+        self.latency_seconds = 0.0  # the last heartbeat's round trip
+        self._default_grace = default_grace
         self._client: AgentClient | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._on_change = on_change
+        self._last_contact = 0.0  # time.monotonic() of the agent's last answer
+        self._contact = asyncio.Event()
+
+    @property
+    def grace(self) -> float:
+        """Seconds of silence before the node is `disconnected`: its own, else the default."""
+        if self.record.grace_seconds > 0:
+            return self.record.grace_seconds
+        return DEFAULT_GRACE if self._default_grace is None else self._default_grace
 
     @property
     def name(self) -> str:
         return self.record.name
 
-    def _set(self, state: NodeState, message: str) -> None:
+    def _set(self, state: NodeState, message: str, *, connected: bool = False) -> None:
         changed = state != self.state
         self.state = state
         if changed or message:
-            self._on_change(self, message)
+            self._on_change(self, message, connected)
+
+    def _answered(self) -> None:
+        self._last_contact = time.monotonic()
+        self.last_seen_unix_nano = time.time_ns()
+        self._contact.set()
+
+    def _silent_for(self) -> float:
+        return time.monotonic() - self._last_contact
 
     async def open(self) -> None:
         """Connect once, raising what went wrong (used by `node add`)."""
@@ -79,20 +110,35 @@ class NodeConnection:
     def _connected(self, client: AgentClient) -> None:
         self._client = client
         self.last_error = ""
-        self.last_seen_unix_nano = time.time_ns()
+        self._answered()
         self._ready.set()
-        self._set(NodeState.READY, "connected")
+        self._set(NodeState.READY, "connected", connected=True)
 
     def supervise(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name=f"node-{self.name}")
+            self._watchdog = asyncio.create_task(self._guard(), name=f"node-{self.name}-grace")
+
+    async def _guard(self) -> None:
+        """Turn a `ready` node `disconnected` once it has been silent for its grace period."""
+        while True:
+            left = self._last_contact + self.grace - time.monotonic()
+            if left > 0:
+                await asyncio.sleep(left)  # an answer meanwhile moves the deadline: look again
+                continue
+            if self.state == NodeState.READY:
+                why = f"no answer for {self.grace:g} s"
+                self._set(
+                    NodeState.DISCONNECTED, f"{why}: {self.last_error}" if self.last_error else why
+                )
+            self._contact.clear()
+            await self._contact.wait()
 
     async def _loop(self) -> None:
         backoff = BACKOFF_INITIAL
         while True:
             if self._client is None:
                 try:
-                    self._set(NodeState.CONNECTING, "")
                     await self.open()
                 except VendettaError as exc:
                     self.last_error = str(exc)
@@ -107,23 +153,37 @@ class NodeConnection:
                 self._client = None
                 self._ready.clear()
                 await self.transport.close()
-            self._set(NodeState.DISCONNECTED, self.last_error)
+            if self.state == NodeState.READY:
+                # Within the grace: reconnect quietly, keep the node and its workspaces as
+                # they are; the watchdog says `disconnected` if the silence lasts.
+                log.info("node %s: %s; reconnecting", self.name, self.last_error)
+                self._set(NodeState.READY, f"{self.last_error}; reconnecting")
+            else:
+                self._set(NodeState.DISCONNECTED, self.last_error)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _watch(self, client: AgentClient) -> str:
-        """Heartbeat until the agent or the connection fails; return why."""
+        """Heartbeat until the connection drops or the node fell silent past its grace;
+        return why. A missed heartbeat alone keeps the connection (streams, forwards)."""
         closed = asyncio.create_task(self.transport.wait_closed())
         try:
             while True:
                 done, _ = await asyncio.wait({closed}, timeout=HEARTBEAT_INTERVAL)
                 if done:
                     return "connection lost"
+                t0 = time.perf_counter()
                 try:
-                    await client.heartbeat()
-                    self.last_seen_unix_nano = time.time_ns()
+                    await client.heartbeat(timeout=HEARTBEAT_TIMEOUT)
                 except VendettaError as exc:
-                    return f"agent not answering: {exc}"
+                    self.last_error = f"heartbeat missed: {exc}"
+                    log.info("node %s: %s", self.name, self.last_error)
+                else:
+                    self.latency_seconds = time.perf_counter() - t0
+                    self.last_error = ""
+                    self._answered()
+                if self.state != NodeState.READY:  # silent past the grace: start afresh
+                    return self.last_error or f"no answer for {self.grace:g} s"
         finally:
             closed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,20 +203,26 @@ class NodeConnection:
         return self._client
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._watchdog = None
         self._client = None
         self._ready.clear()
         await self.transport.close()
 
 
 class NodeRegistry:
-    def __init__(self, transport_factory: Callable[[NodeRecord], Transport]) -> None:
+    def __init__(
+        self,
+        transport_factory: Callable[[NodeRecord], Transport],
+        grace: float | None = None,
+    ) -> None:
         self._nodes: dict[str, NodeConnection] = {}
         self._transport_factory = transport_factory
+        self.grace = DEFAULT_GRACE if grace is None else grace  # for nodes without their own
         self.events: EventBus[NodeEvent] = EventBus()
         self._on_ready: list[Callable[[NodeConnection], Coroutine[Any, Any, None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -164,16 +230,16 @@ class NodeRegistry:
     def on_ready(self, callback: Callable[[NodeConnection], Coroutine[Any, Any, None]]) -> None:
         self._on_ready.append(callback)
 
-    def _changed(self, node: NodeConnection, message: str) -> None:
+    def _changed(self, node: NodeConnection, message: str, connected: bool) -> None:
         self.events.publish(NodeEvent(node, message, time.time_ns()))
-        if node.state == NodeState.READY:
+        if connected:
             for cb in self._on_ready:
                 task = asyncio.create_task(cb(node))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
     def connection(self, record: NodeRecord) -> NodeConnection:
-        return NodeConnection(record, self._transport_factory(record), self._changed)
+        return NodeConnection(record, self._transport_factory(record), self._changed, self.grace)
 
     def add(self, conn: NodeConnection) -> None:
         self._nodes[conn.name] = conn

@@ -37,13 +37,15 @@ class Coordinator:
         local_agent_args: list[str] | None = None,
         transport_factory: Callable[[NodeRecord], Transport] | None = None,
         reconcile_interval: float | None = None,
+        node_grace: float | None = None,
     ) -> None:
         self.home = private_dir(home)
         self.socket = check_socket_path(coordinator_socket(home))
         self.store = SqliteStore(home / "state.db")
         self.nodes = NodeRegistry(
             transport_factory
-            or make_transport_factory(home, home / "agent", local_agent_args or [])
+            or make_transport_factory(home, home / "agent", local_agent_args or []),
+            grace=node_grace,
         )
         self.node_service = NodeService(self.store, self.nodes, self.home)
         self.workspaces = WorkspaceService(self.store, self.nodes)
@@ -106,8 +108,10 @@ class Coordinator:
             self.socket.unlink()
 
 
-async def serve(home: Path, local_agent_args: list[str] | None = None) -> None:
-    coordinator = Coordinator(home, local_agent_args)
+async def serve(
+    home: Path, local_agent_args: list[str] | None = None, node_grace: float | None = None
+) -> None:
+    coordinator = Coordinator(home, local_agent_args, node_grace=node_grace)
     await coordinator.start()
     coordinator_pid(home).write_text(f"{os.getpid()}\n")
     stop = asyncio.Event()

@@ -14,6 +14,7 @@ from common.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    VendettaError,
 )
 from common.names import validate_name
 from common.paths import vendetta_client_key
@@ -25,6 +26,9 @@ from coordinator.transports import LocalTransport, SshTransport, Transport, scan
 from coordinator.transports.ssh import fingerprint
 
 log = logging.getLogger("vendetta.coordinator")
+
+# The longest grace period a node may have (a day: beyond, `disconnected` says little).
+MAX_GRACE = 86400.0
 
 
 def make_transport_factory(
@@ -83,8 +87,14 @@ class NodeService:
         host_key: str,
         agent_command: list[str],
         password: str = "",
+        grace_seconds: float = 0.0,
     ) -> NodeConnection:
         validate_name("node", name)
+        if grace_seconds < 0 or grace_seconds > MAX_GRACE:
+            raise InvalidArgumentError(
+                f"--grace must be between 0 (the coordinator's default) and {MAX_GRACE:g} "
+                f"seconds, not {grace_seconds:g}"
+            )
         if name == LOCAL_NODE:
             raise InvalidArgumentError(
                 f"{LOCAL_NODE!r} is the coordinator's own node; pick another name"
@@ -120,6 +130,7 @@ class NodeService:
             identity_file=identity_file,
             agent_command=agent_command,
             created_unix_nano=time.time_ns(),
+            grace_seconds=grace_seconds,
         )
         conn = self.nodes.connection(record)
         # Errors reach the user; nothing is recorded.
@@ -172,6 +183,18 @@ class NodeService:
         conn.info = await client.info()
         return rtt
 
+    async def _stop_agent(self, name: str) -> None:
+        """Stop the node's agent, if the node can be reached (its workspaces keep running).
+
+        An unreachable node is still forgotten: its agent stays until it is stopped there.
+        Removing the installed agent (`--purge`) is a step to add after this one.
+        """
+        conn = self.nodes.get(name)
+        try:
+            await conn.transport.stop_agent()
+        except VendettaError as exc:
+            log.warning("node %s: its agent was not stopped: %s", name, exc)
+
     async def remove(self, name: str, force: bool) -> None:
         if name == LOCAL_NODE:
             raise InvalidArgumentError(
@@ -189,6 +212,7 @@ class NodeService:
             )
         for ws in workspaces:
             await self.store.delete_workspace(ws.name)
+        await self._stop_agent(name)
         await self.nodes.remove(name)
         await self.store.delete_node(name)
         if self.after_remove is not None:

@@ -85,6 +85,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 host_key=request.host_key,
                 agent_command=list(request.agent_command),
                 password=request.password,
+                grace_seconds=request.grace_seconds,
             )
             return node_to_pb(conn)
 
@@ -124,8 +125,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: pb.WatchNodesRequest, context: Ctx
     ) -> AsyncIterator[pb.NodeEvent]:
         with self.nodes.events.subscribe() as events:
+            counts = await self.store.count_workspaces()
             for conn in self.nodes.all():  # the current picture first, then changes
-                yield pb.NodeEvent(node=node_to_pb(conn), time_unix_nano=time.time_ns())
+                yield pb.NodeEvent(
+                    node=node_to_pb(conn, counts.get(conn.name, 0)), time_unix_nano=time.time_ns()
+                )
             async for ev in events:
                 yield pb.NodeEvent(
                     node=node_to_pb(ev.node), message=ev.message, time_unix_nano=ev.time_unix_nano

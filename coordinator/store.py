@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     host_key_fingerprint TEXT NOT NULL,
     identity_file TEXT NOT NULL,
     agent_command TEXT NOT NULL,
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    grace REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS workspaces (
     name TEXT PRIMARY KEY,
@@ -130,6 +131,9 @@ class SqliteStore(Store):
                 self._db.execute(
                     "ALTER TABLE workspaces ADD COLUMN setup_done INTEGER NOT NULL DEFAULT 0"
                 )
+            node_columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
+            if "grace" not in node_columns:  # state from before per-node grace periods
+                self._db.execute("ALTER TABLE nodes ADD COLUMN grace REAL NOT NULL DEFAULT 0")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -143,7 +147,9 @@ class SqliteStore(Store):
         def op(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    "INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO nodes (name, address, transport, user, port, host_key, "
+                    "host_key_fingerprint, identity_file, agent_command, created, grace) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         node.name,
                         node.address,
@@ -155,6 +161,7 @@ class SqliteStore(Store):
                         node.identity_file,
                         json.dumps(node.agent_command),
                         node.created_unix_nano,
+                        node.grace_seconds,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -289,6 +296,7 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         identity_file=r["identity_file"],
         agent_command=json.loads(r["agent_command"]),
         created_unix_nano=r["created"],
+        grace_seconds=r["grace"],
     )
 
 

@@ -42,6 +42,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    async def stop_agent(self) -> None:
+        """Stop the node's agent (`node remove`); the error tree if the node cannot be
+        reached. Transports whose agent belongs to the coordinator do nothing."""
+        return None
+
     @abc.abstractmethod
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         """Listen on 127.0.0.1:listen_port (0: any free port) here, reach dest on the node.

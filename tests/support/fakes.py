@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import asyncssh
 import grpc.aio
@@ -261,8 +261,34 @@ class FakeProvider(Provider):
 # --------------------------------------------------------------------------- transport
 
 
+class _Silence(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """While its transport is ``silent``, unary calls get no answer until their deadline."""
+
+    def __init__(self, transport: FakeTransport) -> None:
+        self.transport = transport
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        # As over a dropped link: answered late, or not at all.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.transport.talking.wait(), details.timeout)
+        if self.transport.silent:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="Deadline Exceeded",
+                debug_error_string="",
+            )
+        return await continuation(details, request)
+
+
 class FakeTransport(Transport):
-    """A channel to an in-process agent's unix socket, with a connection that can drop."""
+    """A channel to an in-process agent's unix socket, with a connection that can drop.
+
+    Knobs: ``drop()`` closes the "connection"; ``unreachable`` makes connects fail;
+    ``silent`` makes the node fall silent as behind dropped traffic: the connection
+    stays open, unary calls (heartbeats) hang until their deadline, connects time out.
+    """
 
     kind = "fake"
 
@@ -270,18 +296,37 @@ class FakeTransport(Transport):
         self.socket_path = str(socket_path)
         self.node = node
         self.unreachable = False
+        self.talking = asyncio.Event()  # cleared while silent
+        self.talking.set()
         self.connects = 0
         self.closes = 0
+        self.agent_stops = 0
         self._channel: grpc.aio.Channel | None = None
         self._closed = asyncio.Event()
+
+    @property
+    def silent(self) -> bool:
+        return not self.talking.is_set()
+
+    @silent.setter
+    def silent(self, value: bool) -> None:
+        if value:
+            self.talking.clear()
+        else:
+            self.talking.set()
 
     async def connect(self) -> grpc.aio.Channel:
         self.connects += 1
         if self.unreachable:
             raise NodeUnreachableError(f"cannot reach node {self.node!r}: fake network is down")
+        if self.silent:
+            await asyncio.sleep(0.2)
+            raise NodeUnreachableError(f"cannot reach node {self.node!r}: timed out")
         self._closed.clear()
         self._channel = grpc.aio.insecure_channel(
-            f"unix:{self.socket_path}", options=CHANNEL_OPTIONS
+            f"unix:{self.socket_path}",
+            options=CHANNEL_OPTIONS,
+            interceptors=[cast(Any, _Silence(self))],
         )
         return self._channel
 
@@ -291,6 +336,11 @@ class FakeTransport(Transport):
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    async def stop_agent(self) -> None:
+        if self.unreachable or self.silent:
+            raise NodeUnreachableError(f"cannot reach node {self.node!r}: fake network is down")
+        self.agent_stops += 1
 
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         # The real loopback proxy: forwards are plain TCP on one machine.
