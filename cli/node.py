@@ -57,8 +57,12 @@ def add(
     ] = False,
     agent_command: Annotated[
         str,
-        typer.Option(help="How to run the agent on the node.", envvar="VENDETTA_AGENT_COMMAND"),
-    ] = "vendetta-agent",
+        typer.Option(
+            help="How to run the agent on the node, when vendetta is installed there by hand "
+            "(default: the coordinator installs its own agent over SSH).",
+            envvar="VENDETTA_AGENT_COMMAND",
+        ),
+    ] = "",
     grace: Annotated[
         float,
         typer.Option(

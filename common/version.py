@@ -18,15 +18,25 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     VERSION = "0.0.0+src"
 
 _ROOT = Path(__file__).resolve().parent.parent
-_PACKAGES = ("common", "coordinator", "nodeagent", "providers", "cli", "vendetta")
+PACKAGES = ("common", "coordinator", "nodeagent", "providers", "cli", "vendetta")
 
 
 @functools.cache
 def build_id() -> str:
     """VERSION plus a digest of the sources (cheap: about a hundred small files)."""
+    return build_id_of(_ROOT)
+
+
+def build_id_of(root: Path) -> str:
+    """The build id of the sources under ``root`` (a checkout, a copy, a site-packages)."""
     digest = hashlib.sha256()
-    for package in _PACKAGES:
-        for path in sorted((_ROOT / package).rglob("*.py")):
-            digest.update(path.relative_to(_ROOT).as_posix().encode())
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return f"{VERSION}+{digest.hexdigest()[:10]}"
+
+
+def source_root() -> Path:
+    """The folder that holds vendetta's packages (a checkout or site-packages)."""
+    return _ROOT

@@ -47,6 +47,7 @@ def make_transport_factory(
             identity_file=record.identity_file,
             agent_command=record.agent_command,
             vendetta_key=vendetta_client_key(home),
+            bundles_dir=home / "bundles",
         )
 
     return factory

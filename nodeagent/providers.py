@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 from collections.abc import Callable, Mapping
+from typing import NoReturn
 
-from common.errors import InvalidArgumentError
-from providers.base import Provider, Readiness
+from common.errors import FailedPreconditionError, InvalidArgumentError
+from providers.base import Capabilities, Provider, Readiness
 
 log = logging.getLogger("vendetta.agent")
 
@@ -40,8 +42,39 @@ class ProviderSet:
         await asyncio.gather(*(p.close() for p in self._providers.values()))
 
 
+# What to do when a provider's SDK cannot be imported (the agent runs without it).
+_SDK_FIXES: dict[str, str] = {
+    "qemu": "libvirt-python (the libvirt binding, which has no wheels and is built on the "
+    "node) is missing: install libvirt's development files, pkg-config, a C compiler and "
+    "Python's headers on the node (Debian: `apt install libvirt-dev pkg-config gcc "
+    "python3-dev`), then remove {prefix} on the node and reconnect it (`vendetta node "
+    "remove NAME` and `vendetta node add ...`): the coordinator installs the agent again and "
+    "builds it",
+}
+
+
+def _import_failure(name: str, exc: ImportError) -> str:
+    fix = _SDK_FIXES.get(name, "reinstall the agent on this node")
+    return f"cannot import {exc.name or 'its SDK'} ({exc}): " + fix.format(prefix=sys.prefix)
+
+
+def unavailable(name: str, reason: str) -> type[Provider]:
+    """A stand-in for a provider whose SDK failed to import: listed, never ready, says why."""
+
+    def refuse(self: Provider, *args: object, **kwargs: object) -> NoReturn:
+        raise FailedPreconditionError(f"the {name} provider cannot run on this node: {reason}")
+
+    async def readiness(self: Provider) -> Readiness:
+        return Readiness(ready=False, detail=reason)
+
+    members: dict[str, object] = {hook: refuse for hook in Provider.__abstractmethods__}
+    members.update(name=name, capabilities=Capabilities(), readiness=readiness)
+    return type(f"Unavailable{name.title()}Provider", (Provider,), members)
+
+
 # name -> (module, class). Imported at agent start: a provider whose SDK is not
-# installed is left out (and logged) instead of taking the agent down.
+# installed is replaced by a stand-in that is never ready and says why and what to
+# do, instead of taking the agent down.
 PROVIDERS: dict[str, tuple[str, str]] = {
     "docker": ("providers.docker", "DockerProvider"),
     "qemu": ("providers.qemu", "QemuProvider"),
@@ -64,6 +97,7 @@ def build_providers(
             cls: type[Provider] = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
             log.warning("provider %s unavailable: %s", name, exc)
+            built[name] = unavailable(name, _import_failure(name, exc))(agent_id)
             continue
         make = factories.get(name)
         built[name] = make(cls) if make else cls(agent_id)

@@ -23,8 +23,9 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
-from common.paths import check_socket_path, private_dir
+from common.paths import check_socket_path, private_dir, vendetta_home
 from coordinator.ssh_keys import read_identity
+from coordinator.transports import ssh_install
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 
 CONNECT_TIMEOUT = 15.0
@@ -80,6 +81,7 @@ class SshTransport(Transport):
         identity_file: str = "",
         agent_command: list[str] | None = None,
         vendetta_key: Path | None = None,
+        bundles_dir: Path | None = None,
     ) -> None:
         self.node = node
         self.address = address
@@ -88,7 +90,12 @@ class SshTransport(Transport):
         self.host_key = asyncssh.import_public_key(host_key)
         self.identity_file = identity_file
         self.vendetta_key = vendetta_key
-        self.agent_command = agent_command or ["vendetta-agent"]
+        # An explicit command: vendetta is installed on the node by hand (tests use this
+        # checkout's venv). None: the coordinator installs its own build's agent there.
+        self.agent_command = agent_command or None
+        self.bundles_dir = bundles_dir or vendetta_home() / "bundles"
+        # How the agent was run at the last connect (the installed one, or agent_command).
+        self.running_agent: list[str] | None = self.agent_command
         self.local_socket = check_socket_path(private_dir(tunnel_dir) / f"{node}.sock")
         self._conn: asyncssh.SSHClientConnection | None = None
         self._listener: asyncssh.SSHListener | None = None
@@ -212,7 +219,16 @@ class SshTransport(Transport):
             )
 
     async def _ensure_agent(self, conn: asyncssh.SSHClientConnection) -> str:
-        command = shlex.join([*self.agent_command, "ensure"])
+        if self.agent_command is not None:
+            return await self._run_ensure(conn, self.agent_command)
+        agent = await ssh_install.ensure_installed(conn, self.node, self.bundles_dir)
+        self.running_agent = agent
+        socket = await self._run_ensure(conn, agent)
+        await ssh_install.prune(conn, self.node, agent)
+        return socket
+
+    async def _run_ensure(self, conn: asyncssh.SSHClientConnection, agent: list[str]) -> str:
+        command = shlex.join([*agent, "ensure"])
         try:
             result = await conn.run(command, check=False, timeout=60)
         except (asyncssh.Error, OSError, TimeoutError) as exc:

@@ -131,6 +131,9 @@ class SshServer:
         self._process: subprocess.Popen[bytes] | None = None
         # Also passwords, and each user's own ~/.ssh/authorized_keys (key installs).
         self.password_auth = False
+        # Set in every session (sshd's SetEnv, after its own HOME and PATH): a node
+        # user with a fresh HOME, or a PATH without (or with a fake) python3.
+        self.session_env: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -141,6 +144,7 @@ class SshServer:
         host: str = "127.0.0.2",
         port: int | None = None,
         password_auth: bool = False,
+        session_env: dict[str, str] | None = None,
     ) -> SshServer:
         """Generate keys and config in ``root`` and start sshd on ``host:port``.
 
@@ -158,6 +162,7 @@ class SshServer:
 
         server = cls(root, host, port if port is not None else _free_port(host))
         server.password_auth = password_auth
+        server.session_env = dict(session_env or {})
         _keygen(server.host_key_path, f"vendetta-test-host@{host}")
         _keygen(server.client_key_path, "vendetta-test-client")
         server.authorized_keys_path.write_text(server.client_public_key() + "\n")
@@ -289,6 +294,7 @@ class SshServer:
                     "PermitUserEnvironment no",
                     "LogLevel VERBOSE",
                     "Subsystem sftp internal-sftp",
+                    *(f'SetEnv "{k}={v}"' for k, v in self.session_env.items()),
                     "",
                 ]
             )

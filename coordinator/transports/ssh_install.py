@@ -1,0 +1,245 @@
+"""Install the agent on a node over its SSH connection: probe, upload, install.
+
+The node needs sshd and a supported ``python3``; nothing else, no package
+index. The coordinator sends the bundle of ``coordinator.agent_bundle`` over
+SFTP and installs it, as the SSH user, in
+``${XDG_DATA_HOME:-~/.local/share}/vendetta/agent/<build>/`` (a venv). The
+venv is made in a ``.partial-*`` folder and renamed when complete and checked,
+so a dropped connection or a full disk never leaves a half install that is
+taken as good, and a retry starts afresh. The previous build is kept for
+rollback, older ones are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import shlex
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import asyncssh
+
+from common.errors import FailedPreconditionError, NodeUnreachableError
+from common.version import build_id
+from coordinator.agent_bundle import (
+    MIN_GLIBC,
+    SUPPORTED_ARCHES,
+    SUPPORTED_PYTHONS,
+    Bundle,
+    get_bundle,
+    supported_pythons,
+)
+
+log = logging.getLogger("vendetta.coordinator")
+
+INSTALL_TIMEOUT = 600.0
+_PROBE = """\
+printf 'arch %s\\n' "$(uname -m)"
+printf 'home %s\\n' "$HOME"
+printf 'data %s\\n' "${XDG_DATA_HOME:-$HOME/.local/share}"
+if p=$(command -v python3); then
+  printf 'python %s\\n' "$p"
+  printf 'version %s\\n' "$(python3 --version 2>&1 | head -n 1)"
+fi
+"""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    arch: str
+    home: str
+    python: str  # path of python3 on the node
+    version: tuple[int, int, int]
+    base: str  # where agents are installed: <data>/vendetta/agent
+
+    def install_dir(self, build: str) -> str:
+        return str(PurePosixPath(self.base) / build)
+
+    def agent_command(self, build: str) -> list[str]:
+        return [f"{self.install_dir(build)}/bin/python", "-m", "nodeagent.main"]
+
+
+def parse_probe(node: str, out: str) -> NodeFacts:
+    """The probe's output, or a clear error when the node has no supported python3."""
+    facts: dict[str, str] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        facts[key] = value.strip()
+    need = (
+        f"vendetta's agent needs Python {supported_pythons()} as `python3` on the PATH of SSH "
+        "sessions (install it, e.g. `apt install python3` or `dnf install python3.11` "
+        "and link it as python3)"
+    )
+    if "python" not in facts:
+        raise FailedPreconditionError(f"node {node!r} has no python3: {need}")
+    match = re.search(r"Python (\d+)\.(\d+)(?:\.(\d+))?", facts.get("version", ""))
+    if not match:
+        raise FailedPreconditionError(
+            f"node {node!r}: `{facts['python']} --version` printed "
+            f"{facts.get('version', '')!r}, not a Python version: {need}"
+        )
+    version = (int(match[1]), int(match[2]), int(match[3] or 0))
+    if version[:2] not in SUPPORTED_PYTHONS:
+        found = ".".join(map(str, version))
+        raise FailedPreconditionError(
+            f"node {node!r} has Python {found} ({facts['python']}), which the agent cannot "
+            f"run on: {need}"
+        )
+    arch = facts.get("arch", "")
+    if arch not in SUPPORTED_ARCHES:
+        raise FailedPreconditionError(
+            f"node {node!r} is a {arch or 'unknown'} machine: the agent runs on "
+            f"{', '.join(SUPPORTED_ARCHES)} (uname -m)"
+        )
+    data = facts.get("data") or f"{facts.get('home', '')}/.local/share"
+    if not data.startswith("/"):
+        raise FailedPreconditionError(f"node {node!r}: the SSH user has no home folder ({data!r})")
+    return NodeFacts(
+        arch=arch,
+        home=facts.get("home", ""),
+        python=facts["python"],
+        version=version,
+        base=f"{data}/vendetta/agent",
+    )
+
+
+async def _run(
+    conn: asyncssh.SSHClientConnection, node: str, script: str, what: str, timeout: float = 60
+) -> asyncssh.SSHCompletedProcess:
+    try:
+        return await conn.run(script, check=False, timeout=timeout)
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise NodeUnreachableError(f"node {node!r}: {what} failed: {why}") from exc
+
+
+async def probe(conn: asyncssh.SSHClientConnection, node: str) -> NodeFacts:
+    result = await _run(conn, node, _PROBE, "probing the node")
+    return parse_probe(node, str(result.stdout or ""))
+
+
+async def is_installed(conn: asyncssh.SSHClientConnection, node: str, facts: NodeFacts) -> bool:
+    python = shlex.quote(facts.agent_command(build_id())[0])
+    result = await _run(conn, node, f"test -x {python}", "checking the installed agent")
+    return result.exit_status == 0
+
+
+async def ensure_installed(
+    conn: asyncssh.SSHClientConnection, node: str, bundles_dir: Path
+) -> list[str]:
+    """Probe the node, install this build's agent if it is missing; its command."""
+    facts = await probe(conn, node)
+    build = build_id()
+    if await is_installed(conn, node, facts):
+        return facts.agent_command(build)
+    await _check_glibc(conn, node, facts)
+    bundle = await get_bundle(bundles_dir, facts.version[:2], facts.arch)
+    log.info("node %s: installing agent %s in %s", node, build, facts.install_dir(build))
+    await _install(conn, node, facts, bundle)
+    log.info("node %s: agent %s installed", node, build)
+    return facts.agent_command(build)
+
+
+async def _check_glibc(conn: asyncssh.SSHClientConnection, node: str, facts: NodeFacts) -> None:
+    script = f"{shlex.quote(facts.python)} -c 'import platform; print(*platform.libc_ver())'"
+    out = str((await _run(conn, node, script, "probing the C library")).stdout or "").split()
+    lib, version = [*out, "", ""][:2]
+    nums = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if lib != "glibc" or nums < MIN_GLIBC:
+        raise FailedPreconditionError(
+            f"node {node!r} has {lib or 'an unknown C library'} {version}: the agent's "
+            f"wheels need glibc {'.'.join(map(str, MIN_GLIBC))} or newer"
+        )
+
+
+async def _install(
+    conn: asyncssh.SSHClientConnection, node: str, facts: NodeFacts, bundle: Bundle
+) -> None:
+    token = secrets.token_hex(4)
+    base = facts.base
+    upload = f"{base}/.upload-{token}"
+    try:
+        async with conn.start_sftp_client() as sftp:
+            for part, files in (
+                ("wheels", bundle.wheels),
+                ("tools", bundle.tools),
+                ("optional", bundle.optional),
+            ):
+                await sftp.makedirs(f"{upload}/{part}", exist_ok=True)
+                if files:
+                    await sftp.put([str(f) for f in files], f"{upload}/{part}")
+    except (asyncssh.Error, OSError) as exc:
+        await _run(conn, node, f"rm -rf {shlex.quote(upload)}", "cleaning up", timeout=30)
+        raise FailedPreconditionError(
+            f"node {node!r}: sending the agent bundle to {upload} failed: {exc} (is the "
+            "disk full, or the home folder not writable?); nothing was installed"
+        ) from exc
+    script = _install_script(facts, bundle, upload, token)
+    result = await _run(conn, node, script, "installing the agent", timeout=INSTALL_TIMEOUT)
+    if result.exit_status != 0:
+        err = (str(result.stderr or "") + str(result.stdout or "")).strip()[-1200:]
+        raise FailedPreconditionError(
+            f"node {node!r}: installing the agent in {facts.install_dir(bundle.build)} failed "
+            f"(exit {result.exit_status}): {err}; nothing was installed, a retry starts afresh"
+        )
+    for line in str(result.stdout or "").splitlines():
+        if line.startswith("optional:"):
+            log.warning("node %s: %s", node, line)
+
+
+def _install_script(facts: NodeFacts, bundle: Bundle, upload: str, token: str) -> str:
+    q = shlex.quote
+    build = bundle.build
+    final = facts.install_dir(build)
+    partial = f"{facts.base}/.partial-{token}"
+    pip = f"{upload}/tools/{bundle.pip_wheel.name}/pip"
+    return f"""\
+set -eu
+umask 077
+base={q(facts.base)}; up={q(upload)}; tmp={q(partial)}; final={q(final)}
+trap 'rm -rf "$tmp" "$up"' EXIT
+# Leftovers of installs cut off earlier (a dropped connection).
+find "$base" -mindepth 1 -maxdepth 1 \\( -name '.partial-*' -o -name '.upload-*' \\) \\
+  -mmin +5 -exec rm -rf {{}} + 2>/dev/null || true
+if ! {q(facts.python)} -m venv --without-pip "$tmp" >"$up/venv.log" 2>&1; then
+  echo "python3 -m venv failed (install python3-venv): $(tail -n 3 "$up/venv.log")" >&2
+  exit 4
+fi
+export PIP_CONFIG_FILE=/dev/null
+pip() {{ "$tmp/bin/python" {q(pip)} --isolated --disable-pip-version-check --no-input \\
+  install --no-index --no-cache-dir --quiet "$@"; }}
+pip --no-deps "$up"/wheels/*.whl
+for sdist in "$up"/optional/*; do
+  [ -e "$sdist" ] || continue
+  name=$(basename "$sdist")
+  if ! pip --no-deps --find-links "$up/tools" "$sdist" >"$tmp/optional-$name.log" 2>&1; then
+    echo "optional: $name could not be built on this node (see $final/optional-$name.log)"
+  fi
+done
+got=$("$tmp/bin/python" -c 'from common.version import build_id; print(build_id())')
+if [ "$got" != {q(build)} ]; then
+  echo "the installed agent is build $got, expected {build}" >&2
+  exit 5
+fi
+if [ -d "$final" ]; then exit 0; fi
+mv -T "$tmp" "$final"
+"""
+
+
+async def prune(conn: asyncssh.SSHClientConnection, node: str, agent_command: list[str]) -> None:
+    """Keep the running build and the newest other one (rollback); remove older ones."""
+    final = PurePosixPath(agent_command[0]).parent.parent
+    script = f"""\
+cd {shlex.quote(str(final.parent))} || exit 0
+n=0
+for d in $(ls -1t); do
+  [ "$d" = {shlex.quote(final.name)} ] && continue
+  n=$((n+1))
+  [ $n -le 1 ] || rm -rf -- "$d"
+done
+"""
+    result = await _run(conn, node, script, "removing old agent builds")
+    if result.exit_status != 0:
+        log.warning("node %s: removing old agent builds: %s", node, result.stderr)
