@@ -53,6 +53,46 @@ fix_kvm() {
 
 libvirt_answers() { timeout 10 virsh -c "$URI" version >/dev/null 2>&1; }
 
+LIBVIRTD_CONF=/etc/libvirt/libvirtd.conf
+# Members of the libvirt group reach qemu:///system without polkit (no D-Bus
+# here; see shared ENGINES.md): a node user who is not root runs guests.
+GROUP_ACCESS=(
+    'unix_sock_group = "libvirt"'
+    'unix_sock_rw_perms = "0770"'
+    'auth_unix_rw = "none"'
+)
+
+configure_group_access() {
+    getent group libvirt >/dev/null || groupadd --system libvirt
+    local line key changed=0
+    for line in "${GROUP_ACCESS[@]}"; do
+        grep -qxF "$line" "$LIBVIRTD_CONF" 2>/dev/null && continue
+        key=${line%% *}
+        # Drop an earlier value of the same setting (commented-out defaults stay).
+        sed -i "/^[[:space:]]*${key}[[:space:]]*=/d" "$LIBVIRTD_CONF"
+        printf '%s\n' "$line" >>"$LIBVIRTD_CONF"
+        changed=1
+    done
+    ((changed)) && log "$LIBVIRTD_CONF: the libvirt group may use $URI (no polkit)"
+    return 0
+}
+
+# A libvirtd started before that setting still wants polkit: restart it once
+# (running guests keep running; libvirtd finds them again).
+restart_if_stale() {
+    local sock=/run/libvirt/libvirt-sock pid
+    [[ -S $sock ]] || return 0
+    [[ $(stat -c %G "$sock") == libvirt ]] && return 0
+    pid=$(pgrep -x libvirtd) || return 0
+    log "restarting libvirtd (pid $pid) to apply the group access"
+    kill -TERM "$pid"
+    local deadline=$((SECONDS + 30))
+    while kill -0 "$pid" 2>/dev/null; do
+        ((SECONDS < deadline)) || { kill -KILL "$pid" 2>/dev/null || true; break; }
+        sleep 0.2
+    done
+}
+
 start_daemons() {
     if libvirt_answers; then
         log "libvirtd already answering on $URI"
@@ -93,6 +133,8 @@ install_python_binding() {
 
 install_packages
 fix_kvm
+configure_group_access
+restart_if_stale
 start_daemons
 install_python_binding
 log "done"

@@ -43,6 +43,7 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
+from providers.access import permission_hint, socket_path
 from providers.errors import translated
 
 START_HINT = "start it (e.g. `dockerd &` or `systemctl start docker`) or set DOCKER_HOST"
@@ -73,12 +74,10 @@ _CONNECTION_MARKERS = (
 
 def unreachable_message(where: str, reason: str = "") -> str:
     """The one message for "no Docker daemon answers at ``where``"."""
+    path = socket_path(where)
+    if "permission denied" in reason.lower() and path:
+        return f"Docker daemon at {where} refused this user: {permission_hint(path, 'docker')}"
     message = f"Docker daemon not reachable at {where}: {START_HINT}"
-    if "permission denied" in reason.lower():
-        message += (
-            "; permission denied on the socket: run the agent as a user in the `docker` "
-            "group (or as root)"
-        )
     if reason:
         message += f" ({reason})"
     return message

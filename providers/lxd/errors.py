@@ -48,6 +48,7 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
+from providers.access import permission_hint, socket_path
 from providers.errors import translated
 from providers.lxd.ports import is_listen_failure
 from providers.lxd.websocket import HandshakeError
@@ -76,12 +77,10 @@ MAPPED_EXCEPTIONS: tuple[type[Exception], ...] = (
 
 def unreachable_message(where: str, reason: str = "") -> str:
     """The one message for "no LXD daemon answers at ``where``"."""
+    path = socket_path(where)
+    if "permission denied" in reason.lower() and path:
+        return f"LXD daemon at {where} refused this user: {permission_hint(path, 'lxd')}"
     message = f"LXD daemon not reachable at {where}: {START_HINT}"
-    if "permission denied" in reason.lower():
-        message += (
-            "; permission denied on the socket: run the agent as a user in the `lxd` "
-            "group (or as root)"
-        )
     if reason:
         message += f" ({reason})"
     return message

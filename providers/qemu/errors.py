@@ -14,6 +14,9 @@ gives some causes no code of their own, and only for those the message is read:
     VIR_ERR_NO_CONNECT, VIR_ERR_RPC,
       SYSTEM_ERROR from RPC/REMOTE             -> EngineUnavailableError (how to start libvirtd),
                                                   PermissionDeniedError if the socket refused us
+                                                  (names the socket, its group, the fix)
+    "system bus", "polkit" (libvirtd wants
+      polkit, which does not run)              -> PermissionDeniedError (libvirtd.conf settings)
     VIR_ERR_AUTH_*, VIR_ERR_ACCESS_DENIED      -> PermissionDeniedError (the libvirt group)
     "cannot allocate memory", "out of memory"  -> FailedPreconditionError (lower the memory)
     VIR_ERR_AGENT_UNRESPONSIVE/UNSYNCED        -> UnavailableError (the guest agent)
@@ -33,6 +36,7 @@ stopped; :func:`guest_running` asks the guest instead and raises
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import libvirt
@@ -50,6 +54,7 @@ from common.errors import (
     UnavailableError,
     VendettaError,
 )
+from providers.access import permission_hint
 from providers.errors import translated
 
 START_HINT = (
@@ -57,6 +62,17 @@ START_HINT = (
     "`libvirtd -d` or `systemctl start libvirtd`"
 )
 IMAGE_HINT = "build it with `bash scripts/build-guest-image.sh`"
+
+DEFAULT_SOCKET = "/var/run/libvirt/libvirt-sock"
+# Without polkit (no D-Bus), libvirtd lets in only root unless told to trust a group.
+POLKIT_HINT = (
+    "libvirtd asks polkit, which does not run here: let the libvirt group in with "
+    '`unix_sock_group = "libvirt"`, `unix_sock_rw_perms = "0770"` and `auth_unix_rw = "none"` '
+    "in /etc/libvirt/libvirtd.conf, restart libvirtd (scripts/engine-qemu.sh does both), and "
+    "add the user to the libvirt group"
+)
+_POLKIT_MARKERS = ("system bus", "polkit")
+_SOCKET_IN_TEXT = re.compile(r"socket to '([^']+)'")
 
 # QEMU's words when it cannot listen on a forward's node port (taken since it was picked).
 _PORT_TAKEN = "could not set up host forwarding rule"
@@ -122,11 +138,16 @@ def translate(exc: BaseException, *, uri: str, action: str) -> VendettaError:
         return AlreadyExistsError(f"{action}: {text}")
     if _connection_failed(code, domain):
         if "permission denied" in lowered:
+            found = _SOCKET_IN_TEXT.search(text)
+            path = found.group(1) if found else DEFAULT_SOCKET
             return PermissionDeniedError(
-                f"{action}: permission denied on the libvirt socket: run the agent as root or "
-                "as a member of the `libvirt` group (see shared ENGINES.md) ({text})"
+                f"{action}: libvirt at {uri} refused this user: {permission_hint(path, 'libvirt')}"
             )
         return EngineUnavailableError(unreachable_message(uri, text))
+    if _POLKIT_MARKERS[0] in lowered or _POLKIT_MARKERS[1] in lowered:
+        return PermissionDeniedError(
+            f"{action}: libvirt at {uri} refused this user: {POLKIT_HINT} ({text})"
+        )
     if code in (
         libvirt.VIR_ERR_AUTH_FAILED,
         libvirt.VIR_ERR_AUTH_CANCELLED,

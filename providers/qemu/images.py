@@ -9,19 +9,24 @@ image's root filesystem, so the image itself is never written.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 from common.errors import (
     EngineUnavailableError,
+    FailedPreconditionError,
     ImageNotFoundError,
     InternalError,
     InvalidArgumentError,
 )
+from providers.access import unreachable_by_others
 from providers.qemu.errors import IMAGE_HINT
 
 DEFAULT_IMAGE_DIR = Path("/var/cache/vendetta/images")
+# Where guests' disks, consoles and sockets go, when not the default (see provider.py).
+STATE_DIR_ENV = "VENDETTA_QEMU_STATE_DIR"
 DEFAULT_IMAGE = "debian-12"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
 
@@ -56,10 +61,39 @@ def image_paths(image_dir: Path, image: str) -> tuple[Path, Path, Path]:
     return kernel, initrd, rootfs
 
 
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why guests' files cannot go in ``state_dir`` (made if missing), or None.
+
+    The agent writes them; QEMU, which runs as its own user under
+    ``qemu:///system``, opens the disk by its path (libvirt gives it the files
+    themselves), so every folder on the way must let other users through.
+    """
+    missing = [d for d in (state_dir, *state_dir.parents) if not d.exists()]
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o755, exist_ok=True)
+            folder.chmod(0o755)  # whatever the umask
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"{state_dir} is not writable by this user")
+    except OSError as exc:
+        return (
+            f"cannot keep guests' disks in {state_dir}: {exc.strerror or exc}: run the agent "
+            f"as the folder's owner, or set {STATE_DIR_ENV} to a folder of this user's"
+        )
+    if blocked := unreachable_by_others(str(state_dir)):
+        return (
+            f"QEMU runs as its own user and cannot reach {state_dir}: {blocked} is closed to "
+            f"other users: `chmod o+x {blocked}`, or set {STATE_DIR_ENV} to a folder others "
+            "may pass through"
+        )
+    return None
+
+
 def make_overlay(rootfs: Path, overlay: Path, disk_bytes: int | None) -> None:
     """A qcow2 overlay of ``rootfs`` at ``overlay``, grown to ``disk_bytes`` if larger."""
     state_dir = overlay.parent
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if problem := state_dir_problem(state_dir):
+        raise FailedPreconditionError(problem)
     state_dir.chmod(0o755)  # QEMU runs as its own user and must reach the files
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(rootfs), "-F", "qcow2"]
     argv.append(str(overlay))
@@ -91,7 +125,9 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_IMAGE_DIR",
     "IMAGE_FILES",
+    "STATE_DIR_ENV",
     "image_paths",
     "images",
     "make_overlay",
+    "state_dir_problem",
 ]

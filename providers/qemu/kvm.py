@@ -17,10 +17,13 @@ import contextlib
 import json
 import os
 import select
+import stat
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+from providers.access import group_fix, permission_hint
 
 # A working KVM boots a kernel to its panic in a second or two (TCG in about as long).
 BOOT_SECONDS = 10.0
@@ -48,7 +51,7 @@ def probe_kvm(kernel: Path | None = None) -> tuple[bool, str]:
         if not os.path.exists("/dev/kvm"):
             result = (False, "/dev/kvm does not exist")
         elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            result = (False, "/dev/kvm is not accessible (chgrp kvm /dev/kvm; chmod 660)")
+            result = (False, _denied())
         elif (remembered := _remembered(kernel)) is not None:
             result = remembered
         else:
@@ -56,6 +59,22 @@ def probe_kvm(kernel: Path | None = None) -> tuple[bool, str]:
             _remember(kernel, result)
         _probed[kernel is not None] = result
         return result
+
+
+def _denied() -> str:
+    """What keeps this user from /dev/kvm, and the fix."""
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError as exc:
+        return f"/dev/kvm: {exc.strerror}"
+    if st.st_gid == 0 or not st.st_mode & stat.S_IRWXG:
+        # No udev here: the node has never given /dev/kvm to its group.
+        return (
+            f"/dev/kvm is root's only (mode {stat.S_IMODE(st.st_mode):04o}): give it to the kvm "
+            "group as udev does (`sudo chgrp kvm /dev/kvm && sudo chmod 660 /dev/kvm`), "
+            f"then {group_fix('kvm')}"
+        )
+    return permission_hint("/dev/kvm", "kvm")
 
 
 def _cache_key(kernel: Path | None) -> str:

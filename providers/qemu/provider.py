@@ -66,6 +66,7 @@ from providers.qemu.images import (
     DEFAULT_IMAGE,
     DEFAULT_IMAGE_DIR,
     IMAGE_FILES,
+    STATE_DIR_ENV,
     image_paths,
     make_overlay,
 )
@@ -76,6 +77,7 @@ from providers.qemu.terminal import DEFAULT_TERM
 from providers.threaded import EngineClient
 
 DEFAULT_URI = "qemu:///system"
+# Root's guests; any other user's go in its own folders (default_state_dir).
 DEFAULT_STATE_DIR = Path("/var/lib/vendetta/qemu")
 DEFAULT_MEMORY = 512 * 1024 * 1024
 MIN_MEMORY = 64 * 1024 * 1024
@@ -86,6 +88,18 @@ POLL_SECONDS = 0.2
 COMMAND_WRAPPER = 'exec "$@" >/run/vendetta/stdout 2>/run/vendetta/stderr'
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+
+
+def default_state_dir() -> Path:
+    """Where this agent keeps guests' disks, consoles and sockets: ``$VENDETTA_QEMU_STATE_DIR``,
+    else root's ``/var/lib/vendetta/qemu``, else the user's own data folder
+    (``$XDG_DATA_HOME/vendetta/qemu``, by default ``~/.local/share/vendetta/qemu``)."""
+    if env := os.environ.get(STATE_DIR_ENV):
+        return Path(env).expanduser()
+    if os.geteuid() == 0:
+        return DEFAULT_STATE_DIR
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "vendetta" / "qemu"
 
 
 class QemuProvider(Provider):
@@ -111,7 +125,7 @@ class QemuProvider(Provider):
         # As virsh does: an explicit URI, else LIBVIRT_DEFAULT_URI, else the system daemon.
         self.uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
         self.image_dir = Path(image_dir)
-        self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self._libvirt = EngineClient(
             lambda: guests.connect(self.uri),
             lambda action: libvirt_errors(self.uri, action),
@@ -119,7 +133,7 @@ class QemuProvider(Provider):
             close=guests.close,
         )
         self._consoles = Consoles(self._libvirt)
-        self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dir)
+        self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dir, self.state_dir)
 
     # -- plumbing --------------------------------------------------------------
 

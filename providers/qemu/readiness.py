@@ -10,7 +10,7 @@ import libvirt
 from common.errors import VendettaError
 from providers.base import Readiness
 from providers.qemu.errors import IMAGE_HINT
-from providers.qemu.images import IMAGE_FILES, images
+from providers.qemu.images import IMAGE_FILES, images, state_dir_problem
 from providers.qemu.kvm import known, probe_kvm
 from providers.threaded import EngineClient
 
@@ -18,10 +18,17 @@ from providers.threaded import EngineClient
 class ReadinessCheck:
     """Readiness of one provider; the KVM test boot runs once, in the background."""
 
-    def __init__(self, client: EngineClient[libvirt.virConnect], uri: str, image_dir: Path) -> None:
+    def __init__(
+        self,
+        client: EngineClient[libvirt.virConnect],
+        uri: str,
+        image_dir: Path,
+        state_dir: Path,
+    ) -> None:
         self._libvirt = client
         self._uri = uri
         self._image_dir = image_dir
+        self._state_dir = state_dir
         self._kvm_probe: asyncio.Future[tuple[bool, str]] | None = None
 
     async def check(self) -> Readiness:
@@ -44,6 +51,8 @@ class ReadinessCheck:
         else:
             accel = f"running under emulation (TCG), slower: {probed[1]}"
         detail = f"libvirt {dotted(version)}, QEMU {dotted(hv)} at {self._uri}; {accel}"
+        if problem := await asyncio.to_thread(state_dir_problem, self._state_dir):
+            return Readiness(ready=False, detail=f"{detail}; {problem}", version=dotted(version))
         if not found:
             return Readiness(
                 ready=False,

@@ -417,7 +417,18 @@ def test_libvirt_errors_map_to_common_errors() -> None:
         uri="qemu:///system",
         action="doing",
     )
-    assert isinstance(refused, PermissionDeniedError) and "libvirt` group" in refused.message
+    assert isinstance(refused, PermissionDeniedError) and "libvirt group" in refused.message
+    assert "/run/libvirt/libvirt-sock" in refused.message
+    no_polkit = translate(
+        _error(
+            libvirt.VIR_ERR_INTERNAL_ERROR,
+            "internal error: Unable to get system bus connection: Could not connect",
+        ),
+        uri="qemu:///system",
+        action="doing",
+    )
+    assert isinstance(no_polkit, PermissionDeniedError)
+    assert 'auth_unix_rw = "none"' in no_polkit.message
     memory = translate(
         _error(
             libvirt.VIR_ERR_INTERNAL_ERROR, "cannot set up guest memory: Cannot allocate memory"
