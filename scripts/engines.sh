@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start, stop and report the real engines the integration tests need.
 #
-#   scripts/engines.sh start   # dockerd (if not answering), sshd prerequisites, busybox image
+#   scripts/engines.sh start   # dockerd (if not answering), sshd prerequisites, busybox image,
+#                              # LXD (+ the test node image), libvirt, guest image, the test node users
 #   scripts/engines.sh status  # what is running / present
 #   scripts/engines.sh stop    # stop the dockerd that *this script* started
 #
@@ -129,8 +130,11 @@ cmd_start() {
     local here
     here=$(dirname "${BASH_SOURCE[0]}")
     bash "$here/engine-lxd.sh"
+    bash "$here/build-node-image.sh"
     bash "$here/engine-qemu.sh"
     bash "$here/build-guest-image.sh"
+    # After the engines: their groups exist, the node users join them.
+    bash "$here/test-users.sh"
 }
 
 cmd_stop() {
