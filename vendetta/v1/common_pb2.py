@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vendetta/v1/common.proto\x12\x0bvendetta.v1\"r\n\x0cProviderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x0e\n\x06images\x18\x06 \x03(\t\"P\n\x07LogLine\x12\x16\n\x0etime_unix_nano\x18\x01 \x01(\x03\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"/\n\x08LogBatch\x12#\n\x05lines\x18\x01 \x03(\x0b\x32\x14.vendetta.v1.LogLine\"O\n\nExecOutput\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x08\n\x06output\"\x9b\x01\n\x0bHealthCheck\x12\x0c\n\x04http\x18\x01 \x01(\t\x12\x0b\n\x03tcp\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x18\n\x10interval_seconds\x18\x04 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07retries\x18\x06 \x01(\x05\x12\x1c\n\x14start_period_seconds\x18\x07 \x01(\x01\"\xe5\x01\n\x0bServiceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x12\n\ndepends_on\x18\x04 \x03(\t\x12(\n\x06health\x18\x05 \x01(\x0b\x32\x18.vendetta.v1.HealthCheck\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.vendetta.v1.ServiceSpec.EnvEntry\x12\x0f\n\x07restart\x18\x07 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.vendetta.v1.ServiceState\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0c\n\x04port\x18\x07 \x01(\x05\x12\x15\n\rnode_endpoint\x18\x08 \x01(\t\x12\x12\n\nlast_lines\x18\t \x03(\t\x12\x15\n\rlocal_address\x18\n \x01(\t\x12\x12\n\nlocal_note\x18\x0b \x01(\t\"w\n\x0cServiceEvent\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12+\n\x07service\x18\x02 \x01(\x0b\x32\x1a.vendetta.v1.ServiceStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0etime_unix_nano\x18\x04 \x01(\x03\"*\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\"\xd2\x01\n\x0b\x41ttachStart\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12\x0b\n\x03tty\x18\x04 \x01(\x08\x12\'\n\x04size\x18\x05 \x01(\x0b\x32\x19.vendetta.v1.TerminalSize\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.vendetta.v1.AttachStart.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x01\n\x0b\x41ttachInput\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.vendetta.v1.AttachStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12+\n\x06resize\x18\x03 \x01(\x0b\x32\x19.vendetta.v1.TerminalSizeH\x00\x12\x13\n\tstdin_eof\x18\x04 \x01(\x08H\x00\x42\x07\n\x05input*\xcf\x01\n\x10\x45nvironmentState\x12!\n\x1d\x45NVIRONMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45NVIRONMENT_STATE_ABSENT\x10\x01\x12\x1d\n\x19\x45NVIRONMENT_STATE_CREATED\x10\x02\x12\x1d\n\x19\x45NVIRONMENT_STATE_RUNNING\x10\x03\x12\x1d\n\x19\x45NVIRONMENT_STATE_STOPPED\x10\x04\x12\x1d\n\x19\x45NVIRONMENT_STATE_UNKNOWN\x10\x05*\xeb\x01\n\x0cServiceState\x12\x1d\n\x19SERVICE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVICE_STATE_PENDING\x10\x01\x12\x1a\n\x16SERVICE_STATE_STARTING\x10\x02\x12\x19\n\x15SERVICE_STATE_HEALTHY\x10\x03\x12\x1b\n\x17SERVICE_STATE_UNHEALTHY\x10\x04\x12\x18\n\x14SERVICE_STATE_EXITED\x10\x05\x12\x18\n\x14SERVICE_STATE_FAILED\x10\x06\x12\x19\n\x15SERVICE_STATE_STOPPED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vendetta/v1/common.proto\x12\x0bvendetta.v1\"\x96\x01\n\x0cProviderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x0e\n\x06images\x18\x06 \x03(\t\x12\x14\n\x0c\x66\x61iled_check\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\"P\n\x07LogLine\x12\x16\n\x0etime_unix_nano\x18\x01 \x01(\x03\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"/\n\x08LogBatch\x12#\n\x05lines\x18\x01 \x03(\x0b\x32\x14.vendetta.v1.LogLine\"O\n\nExecOutput\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x08\n\x06output\"\x9b\x01\n\x0bHealthCheck\x12\x0c\n\x04http\x18\x01 \x01(\t\x12\x0b\n\x03tcp\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x18\n\x10interval_seconds\x18\x04 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07retries\x18\x06 \x01(\x05\x12\x1c\n\x14start_period_seconds\x18\x07 \x01(\x01\"\xe5\x01\n\x0bServiceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x12\n\ndepends_on\x18\x04 \x03(\t\x12(\n\x06health\x18\x05 \x01(\x0b\x32\x18.vendetta.v1.HealthCheck\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.vendetta.v1.ServiceSpec.EnvEntry\x12\x0f\n\x07restart\x18\x07 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.vendetta.v1.ServiceState\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0c\n\x04port\x18\x07 \x01(\x05\x12\x15\n\rnode_endpoint\x18\x08 \x01(\t\x12\x12\n\nlast_lines\x18\t \x03(\t\x12\x15\n\rlocal_address\x18\n \x01(\t\x12\x12\n\nlocal_note\x18\x0b \x01(\t\"w\n\x0cServiceEvent\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12+\n\x07service\x18\x02 \x01(\x0b\x32\x1a.vendetta.v1.ServiceStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0etime_unix_nano\x18\x04 \x01(\x03\"*\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\"\xd2\x01\n\x0b\x41ttachStart\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12\x0b\n\x03tty\x18\x04 \x01(\x08\x12\'\n\x04size\x18\x05 \x01(\x0b\x32\x19.vendetta.v1.TerminalSize\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.vendetta.v1.AttachStart.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x01\n\x0b\x41ttachInput\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.vendetta.v1.AttachStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12+\n\x06resize\x18\x03 \x01(\x0b\x32\x19.vendetta.v1.TerminalSizeH\x00\x12\x13\n\tstdin_eof\x18\x04 \x01(\x08H\x00\x42\x07\n\x05input*\xcf\x01\n\x10\x45nvironmentState\x12!\n\x1d\x45NVIRONMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45NVIRONMENT_STATE_ABSENT\x10\x01\x12\x1d\n\x19\x45NVIRONMENT_STATE_CREATED\x10\x02\x12\x1d\n\x19\x45NVIRONMENT_STATE_RUNNING\x10\x03\x12\x1d\n\x19\x45NVIRONMENT_STATE_STOPPED\x10\x04\x12\x1d\n\x19\x45NVIRONMENT_STATE_UNKNOWN\x10\x05*\xeb\x01\n\x0cServiceState\x12\x1d\n\x19SERVICE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVICE_STATE_PENDING\x10\x01\x12\x1a\n\x16SERVICE_STATE_STARTING\x10\x02\x12\x19\n\x15SERVICE_STATE_HEALTHY\x10\x03\x12\x1b\n\x17SERVICE_STATE_UNHEALTHY\x10\x04\x12\x18\n\x14SERVICE_STATE_EXITED\x10\x05\x12\x18\n\x14SERVICE_STATE_FAILED\x10\x06\x12\x19\n\x15SERVICE_STATE_STOPPED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICESPEC_ENVENTRY']._serialized_options = b'8\001'
   _globals['_ATTACHSTART_ENVENTRY']._loaded_options = None
   _globals['_ATTACHSTART_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_ENVIRONMENTSTATE']._serialized_start=1529
-  _globals['_ENVIRONMENTSTATE']._serialized_end=1736
-  _globals['_SERVICESTATE']._serialized_start=1739
-  _globals['_SERVICESTATE']._serialized_end=1974
-  _globals['_PROVIDERINFO']._serialized_start=41
-  _globals['_PROVIDERINFO']._serialized_end=155
-  _globals['_LOGLINE']._serialized_start=157
-  _globals['_LOGLINE']._serialized_end=237
-  _globals['_LOGBATCH']._serialized_start=239
-  _globals['_LOGBATCH']._serialized_end=286
-  _globals['_EXECOUTPUT']._serialized_start=288
-  _globals['_EXECOUTPUT']._serialized_end=367
-  _globals['_HEALTHCHECK']._serialized_start=370
-  _globals['_HEALTHCHECK']._serialized_end=525
-  _globals['_SERVICESPEC']._serialized_start=528
-  _globals['_SERVICESPEC']._serialized_end=757
-  _globals['_SERVICESPEC_ENVENTRY']._serialized_start=715
-  _globals['_SERVICESPEC_ENVENTRY']._serialized_end=757
-  _globals['_SERVICESTATUS']._serialized_start=760
-  _globals['_SERVICESTATUS']._serialized_end=997
-  _globals['_SERVICEEVENT']._serialized_start=999
-  _globals['_SERVICEEVENT']._serialized_end=1118
-  _globals['_TERMINALSIZE']._serialized_start=1120
-  _globals['_TERMINALSIZE']._serialized_end=1162
-  _globals['_ATTACHSTART']._serialized_start=1165
-  _globals['_ATTACHSTART']._serialized_end=1375
-  _globals['_ATTACHSTART_ENVENTRY']._serialized_start=715
-  _globals['_ATTACHSTART_ENVENTRY']._serialized_end=757
-  _globals['_ATTACHINPUT']._serialized_start=1378
-  _globals['_ATTACHINPUT']._serialized_end=1526
+  _globals['_ENVIRONMENTSTATE']._serialized_start=1566
+  _globals['_ENVIRONMENTSTATE']._serialized_end=1773
+  _globals['_SERVICESTATE']._serialized_start=1776
+  _globals['_SERVICESTATE']._serialized_end=2011
+  _globals['_PROVIDERINFO']._serialized_start=42
+  _globals['_PROVIDERINFO']._serialized_end=192
+  _globals['_LOGLINE']._serialized_start=194
+  _globals['_LOGLINE']._serialized_end=274
+  _globals['_LOGBATCH']._serialized_start=276
+  _globals['_LOGBATCH']._serialized_end=323
+  _globals['_EXECOUTPUT']._serialized_start=325
+  _globals['_EXECOUTPUT']._serialized_end=404
+  _globals['_HEALTHCHECK']._serialized_start=407
+  _globals['_HEALTHCHECK']._serialized_end=562
+  _globals['_SERVICESPEC']._serialized_start=565
+  _globals['_SERVICESPEC']._serialized_end=794
+  _globals['_SERVICESPEC_ENVENTRY']._serialized_start=752
+  _globals['_SERVICESPEC_ENVENTRY']._serialized_end=794
+  _globals['_SERVICESTATUS']._serialized_start=797
+  _globals['_SERVICESTATUS']._serialized_end=1034
+  _globals['_SERVICEEVENT']._serialized_start=1036
+  _globals['_SERVICEEVENT']._serialized_end=1155
+  _globals['_TERMINALSIZE']._serialized_start=1157
+  _globals['_TERMINALSIZE']._serialized_end=1199
+  _globals['_ATTACHSTART']._serialized_start=1202
+  _globals['_ATTACHSTART']._serialized_end=1412
+  _globals['_ATTACHSTART_ENVENTRY']._serialized_start=752
+  _globals['_ATTACHSTART_ENVENTRY']._serialized_end=794
+  _globals['_ATTACHINPUT']._serialized_start=1415
+  _globals['_ATTACHINPUT']._serialized_end=1563
 # @@protoc_insertion_point(module_scope)

@@ -92,6 +92,8 @@ class ProviderInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
+    FAILED_CHECK_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """docker | lxd | qemu"""
     ready: _builtins.bool
@@ -100,6 +102,12 @@ class ProviderInfo(_message.Message):
     """why not ready, what to do"""
     version: _builtins.str
     """engine version"""
+    failed_check: _builtins.str
+    """When not ready, the first check that failed: installed | reachable | permitted |
+    usable | images (`node test` shows the checks before it passed, those after unchecked).
+    """
+    mode: _builtins.str
+    """how environments run, when it matters: "KVM", "emulation (TCG)" """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -115,10 +123,12 @@ class ProviderInfo(_message.Message):
         version: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         images: _abc.Iterable[_builtins.str] | None = ...,
+        failed_check: _builtins.str = ...,
+        mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "detail", b"detail", "images", b"images", "name", b"name", "ready", b"ready", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "detail", b"detail", "failed_check", b"failed_check", "images", b"images", "mode", b"mode", "name", b"name", "ready", b"ready", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

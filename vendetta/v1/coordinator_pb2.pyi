@@ -392,24 +392,91 @@ class TestNodeResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     SSH_SECONDS_FIELD_NUMBER: _builtins.int
     AGENT_RTT_SECONDS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    RTT_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    RTT_P99_SECONDS_FIELD_NUMBER: _builtins.int
+    HEARTBEATS_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     ssh_seconds: _builtins.float
+    """a fresh SSH connection: connect and authenticate (0: none)"""
     agent_rtt_seconds: _builtins.float
+    """the heartbeats' median round trip"""
+    ok: _builtins.bool
+    """every check passed (skipped ones aside)"""
+    rtt_p50_seconds: _builtins.float
+    rtt_p99_seconds: _builtins.float
+    heartbeats: _builtins.int
+    """how many round trips were timed"""
+    throughput_bytes_per_second: _builtins.float
+    """through the SSH tunnel to the agent (0: none)"""
     @_builtins.property
     def node(self) -> Global___Node: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCheck]:
+        """what `node test` prints, in order"""
+
     def __init__(
         self,
         *,
         node: Global___Node | None = ...,
         ssh_seconds: _builtins.float = ...,
         agent_rtt_seconds: _builtins.float = ...,
+        checks: _abc.Iterable[Global___NodeCheck] | None = ...,
+        ok: _builtins.bool = ...,
+        rtt_p50_seconds: _builtins.float = ...,
+        rtt_p99_seconds: _builtins.float = ...,
+        heartbeats: _builtins.int = ...,
+        throughput_bytes_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_rtt_seconds", b"agent_rtt_seconds", "node", b"node", "ssh_seconds", b"ssh_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_rtt_seconds", b"agent_rtt_seconds", "checks", b"checks", "heartbeats", b"heartbeats", "node", b"node", "ok", b"ok", "rtt_p50_seconds", b"rtt_p50_seconds", "rtt_p99_seconds", b"rtt_p99_seconds", "ssh_seconds", b"ssh_seconds", "throughput_bytes_per_second", b"throughput_bytes_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TestNodeResponse: _TypeAlias = TestNodeResponse  # noqa: Y015
+
+@_typing.final
+class NodeCheck(_message.Message):
+    """One row of `node test`: what was checked, what was found, and if it failed, what to do."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    FIX_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """e.g. "ssh connect", "round trip", "installed" """
+    provider: _builtins.str
+    """for a provider's checks: docker | lxd | qemu"""
+    ok: _builtins.bool
+    value: _builtins.str
+    """what was measured or found"""
+    fix: _builtins.str
+    """when not ok: what to do"""
+    skipped: _builtins.bool
+    """not checked (an earlier check failed)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        value: _builtins.str = ...,
+        fix: _builtins.str = ...,
+        skipped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fix", b"fix", "name", b"name", "ok", b"ok", "provider", b"provider", "skipped", b"skipped", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCheck: _TypeAlias = NodeCheck  # noqa: Y015
 
 @_typing.final
 class RemoveNodeRequest(_message.Message):

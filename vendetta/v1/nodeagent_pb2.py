@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vendetta.v1 import common_pb2 as vendetta_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvendetta/v1/nodeagent.proto\x12\x0bvendetta.v1\x1a\x18vendetta/v1/common.proto\"g\n\x14StartServicesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12*\n\x08services\x18\x03 \x03(\x0b\x32\x18.vendetta.v1.ServiceSpec\"S\n\x13StopServicesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"Q\n\x0eServicesStatus\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12,\n\x08services\x18\x02 \x03(\x0b\x32\x1a.vendetta.v1.ServiceStatus\"T\n\x0eRunHookRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\".\n\x08\x43\x61pacity\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xaf\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12,\n\tproviders\x18\x04 \x03(\x0b\x32\x19.vendetta.v1.ProviderInfo\x12\'\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x15.vendetta.v1.Capacity\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\"\x12\n\x10HeartbeatRequest\"=\n\x11HeartbeatResponse\x12\x16\n\x0etime_unix_nano\x18\x01 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\xfd\x01\n\x0f\x45nvironmentSpec\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x32\n\x03\x65nv\x18\x05 \x03(\x0b\x32%.vendetta.v1.EnvironmentSpec.EnvEntry\x12\x0c\n\x04\x63pus\x18\x06 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x08 \x01(\x03\x12\r\n\x05ports\x18\t \x03(\x05\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x18\x43reateEnvironmentRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.vendetta.v1.EnvironmentSpec\"9\n\x12\x45nvironmentRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\"V\n\x16StopEnvironmentRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"\x80\x02\n\x0b\x45nvironment\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.vendetta.v1.EnvironmentState\x12\n\n\x02id\x18\x04 \x01(\t\x12\r\n\x05image\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x32\n\x05ports\x18\x08 \x03(\x0b\x32#.vendetta.v1.Environment.PortsEntry\x1a,\n\nPortsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\x1a\x44\x65stroyEnvironmentResponse\"\x19\n\x17ListEnvironmentsRequest\"J\n\x18ListEnvironmentsResponse\x12.\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x18.vendetta.v1.Environment\"\xad\x01\n\x0b\x45xecRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12.\n\x03\x65nv\x18\x04 \x03(\x0b\x32!.vendetta.v1.ExecRequest.EnvEntry\x12\x0f\n\x07workdir\x18\x05 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x10\x41gentLogsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x0c\n\x04tail\x18\x04 \x01(\x05\x12\x17\n\x0fsince_unix_nano\x18\x05 \x01(\x03\x12\x0f\n\x07service\x18\x06 \x01(\t2\xe0\t\n\tNodeAgent\x12;\n\x04Info\x12\x18.vendetta.v1.InfoRequest\x1a\x19.vendetta.v1.InfoResponse\x12J\n\tHeartbeat\x12\x1d.vendetta.v1.HeartbeatRequest\x1a\x1e.vendetta.v1.HeartbeatResponse\x12T\n\x11\x43reateEnvironment\x12%.vendetta.v1.CreateEnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12M\n\x10StartEnvironment\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12P\n\x0fStopEnvironment\x12#.vendetta.v1.StopEnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12^\n\x12\x44\x65stroyEnvironment\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\'.vendetta.v1.DestroyEnvironmentResponse\x12O\n\x12InspectEnvironment\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12_\n\x10ListEnvironments\x12$.vendetta.v1.ListEnvironmentsRequest\x1a%.vendetta.v1.ListEnvironmentsResponse\x12;\n\x04\x45xec\x12\x18.vendetta.v1.ExecRequest\x1a\x17.vendetta.v1.ExecOutput0\x01\x12\x44\n\nStreamLogs\x12\x1d.vendetta.v1.AgentLogsRequest\x1a\x15.vendetta.v1.LogBatch0\x01\x12O\n\rStartServices\x12!.vendetta.v1.StartServicesRequest\x1a\x19.vendetta.v1.ServiceEvent0\x01\x12M\n\x0cStopServices\x12 .vendetta.v1.StopServicesRequest\x1a\x1b.vendetta.v1.ServicesStatus\x12K\n\x0bGetServices\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x1b.vendetta.v1.ServicesStatus\x12M\n\rWatchServices\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x19.vendetta.v1.ServiceEvent0\x01\x12\x41\n\x07RunHook\x12\x1b.vendetta.v1.RunHookRequest\x1a\x17.vendetta.v1.ExecOutput0\x01\x12?\n\x06\x41ttach\x12\x18.vendetta.v1.AttachInput\x1a\x17.vendetta.v1.ExecOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvendetta/v1/nodeagent.proto\x12\x0bvendetta.v1\x1a\x18vendetta/v1/common.proto\"g\n\x14StartServicesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12*\n\x08services\x18\x03 \x03(\x0b\x32\x18.vendetta.v1.ServiceSpec\"S\n\x13StopServicesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"Q\n\x0eServicesStatus\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12,\n\x08services\x18\x02 \x03(\x0b\x32\x1a.vendetta.v1.ServiceStatus\"T\n\x0eRunHookRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\".\n\x08\x43\x61pacity\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xaf\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12,\n\tproviders\x18\x04 \x03(\x0b\x32\x19.vendetta.v1.ProviderInfo\x12\'\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x15.vendetta.v1.Capacity\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\"\x12\n\x10HeartbeatRequest\"=\n\x11HeartbeatResponse\x12\x16\n\x0etime_unix_nano\x18\x01 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\x19\n\tSinkChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1d\n\x0cSinkResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\"\xfd\x01\n\x0f\x45nvironmentSpec\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x32\n\x03\x65nv\x18\x05 \x03(\x0b\x32%.vendetta.v1.EnvironmentSpec.EnvEntry\x12\x0c\n\x04\x63pus\x18\x06 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x08 \x01(\x03\x12\r\n\x05ports\x18\t \x03(\x05\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x18\x43reateEnvironmentRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.vendetta.v1.EnvironmentSpec\"9\n\x12\x45nvironmentRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\"V\n\x16StopEnvironmentRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"\x80\x02\n\x0b\x45nvironment\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.vendetta.v1.EnvironmentState\x12\n\n\x02id\x18\x04 \x01(\t\x12\r\n\x05image\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x32\n\x05ports\x18\x08 \x03(\x0b\x32#.vendetta.v1.Environment.PortsEntry\x1a,\n\nPortsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\x1a\x44\x65stroyEnvironmentResponse\"\x19\n\x17ListEnvironmentsRequest\"J\n\x18ListEnvironmentsResponse\x12.\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x18.vendetta.v1.Environment\"\xad\x01\n\x0b\x45xecRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12.\n\x03\x65nv\x18\x04 \x03(\x0b\x32!.vendetta.v1.ExecRequest.EnvEntry\x12\x0f\n\x07workdir\x18\x05 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x10\x41gentLogsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x0c\n\x04tail\x18\x04 \x01(\x05\x12\x17\n\x0fsince_unix_nano\x18\x05 \x01(\x03\x12\x0f\n\x07service\x18\x06 \x01(\t2\x9d\n\n\tNodeAgent\x12;\n\x04Info\x12\x18.vendetta.v1.InfoRequest\x1a\x19.vendetta.v1.InfoResponse\x12J\n\tHeartbeat\x12\x1d.vendetta.v1.HeartbeatRequest\x1a\x1e.vendetta.v1.HeartbeatResponse\x12;\n\x04Sink\x12\x16.vendetta.v1.SinkChunk\x1a\x19.vendetta.v1.SinkResponse(\x01\x12T\n\x11\x43reateEnvironment\x12%.vendetta.v1.CreateEnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12M\n\x10StartEnvironment\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12P\n\x0fStopEnvironment\x12#.vendetta.v1.StopEnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12^\n\x12\x44\x65stroyEnvironment\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\'.vendetta.v1.DestroyEnvironmentResponse\x12O\n\x12InspectEnvironment\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x18.vendetta.v1.Environment\x12_\n\x10ListEnvironments\x12$.vendetta.v1.ListEnvironmentsRequest\x1a%.vendetta.v1.ListEnvironmentsResponse\x12;\n\x04\x45xec\x12\x18.vendetta.v1.ExecRequest\x1a\x17.vendetta.v1.ExecOutput0\x01\x12\x44\n\nStreamLogs\x12\x1d.vendetta.v1.AgentLogsRequest\x1a\x15.vendetta.v1.LogBatch0\x01\x12O\n\rStartServices\x12!.vendetta.v1.StartServicesRequest\x1a\x19.vendetta.v1.ServiceEvent0\x01\x12M\n\x0cStopServices\x12 .vendetta.v1.StopServicesRequest\x1a\x1b.vendetta.v1.ServicesStatus\x12K\n\x0bGetServices\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x1b.vendetta.v1.ServicesStatus\x12M\n\rWatchServices\x12\x1f.vendetta.v1.EnvironmentRequest\x1a\x19.vendetta.v1.ServiceEvent0\x01\x12\x41\n\x07RunHook\x12\x1b.vendetta.v1.RunHookRequest\x1a\x17.vendetta.v1.ExecOutput0\x01\x12?\n\x06\x41ttach\x12\x18.vendetta.v1.AttachInput\x1a\x17.vendetta.v1.ExecOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,32 +56,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_end=688
   _globals['_HEARTBEATRESPONSE']._serialized_start=690
   _globals['_HEARTBEATRESPONSE']._serialized_end=751
-  _globals['_ENVIRONMENTSPEC']._serialized_start=754
-  _globals['_ENVIRONMENTSPEC']._serialized_end=1007
-  _globals['_ENVIRONMENTSPEC_ENVENTRY']._serialized_start=965
-  _globals['_ENVIRONMENTSPEC_ENVENTRY']._serialized_end=1007
-  _globals['_CREATEENVIRONMENTREQUEST']._serialized_start=1009
-  _globals['_CREATEENVIRONMENTREQUEST']._serialized_end=1079
-  _globals['_ENVIRONMENTREQUEST']._serialized_start=1081
-  _globals['_ENVIRONMENTREQUEST']._serialized_end=1138
-  _globals['_STOPENVIRONMENTREQUEST']._serialized_start=1140
-  _globals['_STOPENVIRONMENTREQUEST']._serialized_end=1226
-  _globals['_ENVIRONMENT']._serialized_start=1229
-  _globals['_ENVIRONMENT']._serialized_end=1485
-  _globals['_ENVIRONMENT_PORTSENTRY']._serialized_start=1441
-  _globals['_ENVIRONMENT_PORTSENTRY']._serialized_end=1485
-  _globals['_DESTROYENVIRONMENTRESPONSE']._serialized_start=1487
-  _globals['_DESTROYENVIRONMENTRESPONSE']._serialized_end=1515
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1517
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1542
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1544
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1618
-  _globals['_EXECREQUEST']._serialized_start=1621
-  _globals['_EXECREQUEST']._serialized_end=1794
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=965
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=1007
-  _globals['_AGENTLOGSREQUEST']._serialized_start=1796
-  _globals['_AGENTLOGSREQUEST']._serialized_end=1923
-  _globals['_NODEAGENT']._serialized_start=1926
-  _globals['_NODEAGENT']._serialized_end=3174
+  _globals['_SINKCHUNK']._serialized_start=753
+  _globals['_SINKCHUNK']._serialized_end=778
+  _globals['_SINKRESPONSE']._serialized_start=780
+  _globals['_SINKRESPONSE']._serialized_end=809
+  _globals['_ENVIRONMENTSPEC']._serialized_start=812
+  _globals['_ENVIRONMENTSPEC']._serialized_end=1065
+  _globals['_ENVIRONMENTSPEC_ENVENTRY']._serialized_start=1023
+  _globals['_ENVIRONMENTSPEC_ENVENTRY']._serialized_end=1065
+  _globals['_CREATEENVIRONMENTREQUEST']._serialized_start=1067
+  _globals['_CREATEENVIRONMENTREQUEST']._serialized_end=1137
+  _globals['_ENVIRONMENTREQUEST']._serialized_start=1139
+  _globals['_ENVIRONMENTREQUEST']._serialized_end=1196
+  _globals['_STOPENVIRONMENTREQUEST']._serialized_start=1198
+  _globals['_STOPENVIRONMENTREQUEST']._serialized_end=1284
+  _globals['_ENVIRONMENT']._serialized_start=1287
+  _globals['_ENVIRONMENT']._serialized_end=1543
+  _globals['_ENVIRONMENT_PORTSENTRY']._serialized_start=1499
+  _globals['_ENVIRONMENT_PORTSENTRY']._serialized_end=1543
+  _globals['_DESTROYENVIRONMENTRESPONSE']._serialized_start=1545
+  _globals['_DESTROYENVIRONMENTRESPONSE']._serialized_end=1573
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1575
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1600
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1602
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1676
+  _globals['_EXECREQUEST']._serialized_start=1679
+  _globals['_EXECREQUEST']._serialized_end=1852
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=1023
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=1065
+  _globals['_AGENTLOGSREQUEST']._serialized_start=1854
+  _globals['_AGENTLOGSREQUEST']._serialized_end=1981
+  _globals['_NODEAGENT']._serialized_start=1984
+  _globals['_NODEAGENT']._serialized_end=3293
 # @@protoc_insertion_point(module_scope)

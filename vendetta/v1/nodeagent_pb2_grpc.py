@@ -47,6 +47,11 @@ class NodeAgentStub:
                 request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Sink = channel.stream_unary(
+                '/vendetta.v1.NodeAgent/Sink',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.SinkChunk.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.SinkResponse.FromString,
+                _registered_method=True)
         self.CreateEnvironment = channel.unary_unary(
                 '/vendetta.v1.NodeAgent/CreateEnvironment',
                 request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.CreateEnvironmentRequest.SerializeToString,
@@ -132,6 +137,14 @@ class NodeAgentServicer:
 
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sink(self, request_iterator, context):
+        """Reads and drops what it is sent, then says how much: `node test` times a few MB
+        through the tunnel with it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,6 +250,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.HeartbeatRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Sink': grpc.stream_unary_rpc_method_handler(
+                    servicer.Sink,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.SinkChunk.FromString,
+                    response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.SinkResponse.SerializeToString,
             ),
             'CreateEnvironment': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEnvironment,
@@ -365,6 +383,33 @@ class NodeAgent:
             '/vendetta.v1.NodeAgent/Heartbeat',
             vendetta_dot_v1_dot_nodeagent__pb2.HeartbeatRequest.SerializeToString,
             vendetta_dot_v1_dot_nodeagent__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sink(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vendetta.v1.NodeAgent/Sink',
+            vendetta_dot_v1_dot_nodeagent__pb2.SinkChunk.SerializeToString,
+            vendetta_dot_v1_dot_nodeagent__pb2.SinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

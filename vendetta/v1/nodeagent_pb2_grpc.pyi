@@ -38,6 +38,10 @@ class NodeAgentStub:
     def __new__(cls, channel: _aio.Channel) -> NodeAgentAsyncStub: ...
     Info: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.InfoRequest, _nodeagent_pb2.InfoResponse]
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.HeartbeatRequest, _nodeagent_pb2.HeartbeatResponse]
+    Sink: _grpc.StreamUnaryMultiCallable[_nodeagent_pb2.SinkChunk, _nodeagent_pb2.SinkResponse]
+    """Reads and drops what it is sent, then says how much: `node test` times a few MB
+    through the tunnel with it.
+    """
     CreateEnvironment: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.CreateEnvironmentRequest, _nodeagent_pb2.Environment]
     StartEnvironment: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.EnvironmentRequest, _nodeagent_pb2.Environment]
     StopEnvironment: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.StopEnvironmentRequest, _nodeagent_pb2.Environment]
@@ -69,6 +73,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Info: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.InfoRequest, _nodeagent_pb2.InfoResponse]  # type: ignore[assignment]
     Heartbeat: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.HeartbeatRequest, _nodeagent_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    Sink: _aio.StreamUnaryMultiCallable[_nodeagent_pb2.SinkChunk, _nodeagent_pb2.SinkResponse]  # type: ignore[assignment]
+    """Reads and drops what it is sent, then says how much: `node test` times a few MB
+    through the tunnel with it.
+    """
     CreateEnvironment: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.CreateEnvironmentRequest, _nodeagent_pb2.Environment]  # type: ignore[assignment]
     StartEnvironment: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.EnvironmentRequest, _nodeagent_pb2.Environment]  # type: ignore[assignment]
     StopEnvironment: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.StopEnvironmentRequest, _nodeagent_pb2.Environment]  # type: ignore[assignment]
@@ -109,6 +117,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _nodeagent_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nodeagent_pb2.HeartbeatResponse, _abc.Awaitable[_nodeagent_pb2.HeartbeatResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Sink(
+        self,
+        request_iterator: _MaybeAsyncIterator[_nodeagent_pb2.SinkChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodeagent_pb2.SinkResponse, _abc.Awaitable[_nodeagent_pb2.SinkResponse]]:
+        """Reads and drops what it is sent, then says how much: `node test` times a few MB
+        through the tunnel with it.
+        """
 
     @_abc_1.abstractmethod
     def CreateEnvironment(
