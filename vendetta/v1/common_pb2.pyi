@@ -526,3 +526,163 @@ class AttachInput(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___AttachInput: _TypeAlias = AttachInput  # noqa: Y015
+
+@_typing.final
+class ImageInfo(_message.Message):
+    """An image on a node's engine, by the name a workspace's config gives as its image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    name: _builtins.str
+    """Docker repository:tag, LXD alias, QEMU folder"""
+    size_bytes: _builtins.int
+    created_unix_nano: _builtins.int
+    id: _builtins.str
+    """Docker image id, LXD fingerprint; empty for QEMU"""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        created_unix_nano: _builtins.int = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_nano", b"created_unix_nano", "id", b"id", "name", b"name", "provider", b"provider", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageInfo: _TypeAlias = ImageInfo  # noqa: Y015
+
+@_typing.final
+class ListImagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageInfo]: ...
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[Global___ImageInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListImagesResponse: _TypeAlias = ListImagesResponse  # noqa: Y015
+
+@_typing.final
+class ImageFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a plain file name (QEMU reads which file it is by it)"""
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageFile: _TypeAlias = ImageFile  # noqa: Y015
+
+@_typing.final
+class ImageUploadStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """to the coordinator: which node's agent imports it"""
+    provider: _builtins.str
+    name: _builtins.str
+    """the image's name there ("" for Docker: the archive's tags)"""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageFile]: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        name: _builtins.str = ...,
+        files: _abc.Iterable[Global___ImageFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "name", b"name", "node", b"node", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageUploadStart: _TypeAlias = ImageUploadStart  # noqa: Y015
+
+@_typing.final
+class ImageUpload(_message.Message):
+    """An image import: `start` first, then the files' bytes in `chunk`s, file after
+    file in the order `start` lists them, each exactly its size.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def start(self) -> Global___ImageUploadStart: ...
+    def __init__(
+        self,
+        *,
+        start: Global___ImageUploadStart | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "start", b"start", "upload", b"upload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "start", b"start", "upload", b"upload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_upload: _TypeAlias = _typing.Literal["start", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_upload: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_upload) -> _WhichOneofReturnType_upload | None: ...
+
+Global___ImageUpload: _TypeAlias = ImageUpload  # noqa: Y015
+
+@_typing.final
+class ImportImageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageInfo]:
+        """what the import made or named"""
+
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[Global___ImageInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportImageResponse: _TypeAlias = ImportImageResponse  # noqa: Y015

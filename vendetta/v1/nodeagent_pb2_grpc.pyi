@@ -63,6 +63,11 @@ class NodeAgentStub:
     """A session inside the environment: stdin, terminal resizes in; output and
     finally the exit code out.
     """
+    ListImages: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.AgentListImagesRequest, _common_pb2.ListImagesResponse]
+    """Images on the node's engines, and importing one from files the client sends
+    (for nodes without a registry). Nothing is imported unless all of it is.
+    """
+    ImportImage: _grpc.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -98,6 +103,11 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """A session inside the environment: stdin, terminal resizes in; output and
     finally the exit code out.
     """
+    ListImages: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.AgentListImagesRequest, _common_pb2.ListImagesResponse]  # type: ignore[assignment]
+    """Images on the node's engines, and importing one from files the client sends
+    (for nodes without a registry). Nothing is imported unless all of it is.
+    """
+    ImportImage: _aio.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]  # type: ignore[assignment]
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """The agent on every node. Listens on a unix socket (0600) only; the
@@ -232,5 +242,22 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         """A session inside the environment: stdin, terminal resizes in; output and
         finally the exit code out.
         """
+
+    @_abc_1.abstractmethod
+    def ListImages(
+        self,
+        request: _nodeagent_pb2.AgentListImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ListImagesResponse, _abc.Awaitable[_common_pb2.ListImagesResponse]]:
+        """Images on the node's engines, and importing one from files the client sends
+        (for nodes without a registry). Nothing is imported unless all of it is.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportImage(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.ImageUpload],
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ImportImageResponse, _abc.Awaitable[_common_pb2.ImportImageResponse]]: ...
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
