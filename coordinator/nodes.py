@@ -31,6 +31,8 @@ log = logging.getLogger("vendetta.nodes")
 HEARTBEAT_INTERVAL = 5.0
 # A heartbeat not answered by then counts as missed (the next one is not held back long).
 HEARTBEAT_TIMEOUT = 5.0
+# A node's heartbeats come at least this many times within its grace period.
+HEARTBEATS_PER_GRACE = 3
 # Seconds of silence after which a node is `disconnected`, unless set for the
 # coordinator (`vendetta server start --node-grace`) or for the node (`node add --grace`).
 DEFAULT_GRACE = 15.0
@@ -77,6 +79,12 @@ class NodeConnection:
         if self.record.grace_seconds > 0:
             return self.record.grace_seconds
         return DEFAULT_GRACE if self._default_grace is None else self._default_grace
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: several fit in the grace, so a short grace (a few
+        seconds) neither flaps between heartbeats nor turns on one missed answer."""
+        return min(HEARTBEAT_INTERVAL, self.grace / HEARTBEATS_PER_GRACE)
 
     @property
     def name(self) -> str:
@@ -169,12 +177,13 @@ class NodeConnection:
         closed = asyncio.create_task(self.transport.wait_closed())
         try:
             while True:
-                done, _ = await asyncio.wait({closed}, timeout=HEARTBEAT_INTERVAL)
+                done, _ = await asyncio.wait({closed}, timeout=self.heartbeat_interval)
                 if done:
                     return "connection lost"
                 t0 = time.perf_counter()
                 try:
-                    await client.heartbeat(timeout=HEARTBEAT_TIMEOUT)
+                    # An answer later than the grace comes too late anyway.
+                    await client.heartbeat(timeout=min(HEARTBEAT_TIMEOUT, self.grace))
                 except VendettaError as exc:
                     self.last_error = f"heartbeat missed: {exc}"
                     log.info("node %s: %s", self.name, self.last_error)

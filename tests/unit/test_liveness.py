@@ -153,3 +153,25 @@ async def test_grace_per_node_and_default(fast_reconnect: None, cluster: Cluster
     assert (await node(cluster, "node1")).grace_seconds == GRACE
     await wait_until(lambda: registry.get("node1").latency_seconds > 0, "a heartbeat measured")
     assert (await node(cluster, "node1")).latency_seconds > 0
+
+
+async def test_a_grace_shorter_than_the_heartbeat_interval_does_not_flap(
+    fast_reconnect: None, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `node add --grace 3` with heartbeats every 5 s: the node must not turn
+    # `disconnected` between two heartbeats its agent answers.
+    monkeypatch.setattr(nodes, "HEARTBEAT_INTERVAL", 3 * GRACE)
+    registry = cluster.coordinator.nodes
+    short = registry.connection(
+        NodeRecord(name="n2", address="x", transport="ssh", grace_seconds=3)
+    )
+    assert short.heartbeat_interval == pytest.approx(1.0)
+    assert registry.get("node1").heartbeat_interval == pytest.approx(GRACE / 3)
+    watch = NodeEvents(cluster, "node1")
+    try:
+        await wait_until(lambda: bool(watch.events), "the current picture")
+        await asyncio.sleep(2 * GRACE)
+        assert (await node(cluster, "node1")).state == pb.NODE_STATE_READY
+        assert watch.states() == [pb.NODE_STATE_READY], watch.events
+    finally:
+        watch.close()
