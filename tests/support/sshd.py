@@ -184,6 +184,7 @@ class SshServer:
         process = self._process
         if process is None:
             return
+        self.thaw()  # a frozen sshd would not die of SIGTERM
         self.kill_connections()
         self._process = None
         if process.poll() is None:
@@ -199,6 +200,30 @@ class SshServer:
         if self._process is None:
             return
         _kill_descendants(self._process.pid, STOP_TIMEOUT)
+
+    def freeze(self) -> None:
+        """Make the node silent: sshd and every connection it serves stop answering
+        (SIGSTOP), while their TCP connections stay open, as when a network drops the
+        traffic. New connections are queued by the kernel, unanswered. ``thaw`` undoes it."""
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen sshd and its connections run again (SIGCONT)."""
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        if self._process is None:
+            return
+        table = _process_table()
+        pids, frontier = {self._process.pid}, [self._process.pid]
+        while frontier:
+            parent = frontier.pop()
+            children = [child for child, (ppid, _) in table.items() if ppid == parent]
+            pids.update(children)
+            frontier.extend(children)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def restart(self) -> None:
         """Start a stopped server again on the same host:port with the same keys."""
