@@ -15,6 +15,7 @@ import grpc.aio
 import typer
 from rich.table import Table
 
+from cli import node_test
 from cli.client import coordinator, request_id
 from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
 from cli.runner import run
@@ -278,18 +279,15 @@ def status(name: str, json_: Json = False) -> None:
 
 
 @app.command()
-def test(name: str) -> None:
-    """Round-trip to the node's agent and refresh what it reports."""
+def test(name: str, json_: Json = False) -> None:
+    """Measure the node (SSH connect, host key, agent version, round trip, tunnel
+    throughput) and check each provider; a failing row says what to do (exit 1)."""
 
     async def go() -> pb.TestNodeResponse:
         async with coordinator() as c:
-            return await c.TestNode(pb.GetNodeRequest(name=name))
+            return await c.TestNode(pb.GetNodeRequest(name=name), timeout=300)
 
-    r = run(go())
-    out.print(
-        f"node {r.node.name}: agent answered in {r.agent_rtt_seconds * 1000:.1f} ms; "
-        f"providers: {_providers(r.node)}"
-    )
+    node_test.show(run(go()), json_)
 
 
 @app.command()

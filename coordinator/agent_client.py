@@ -31,6 +31,20 @@ class AgentClient:
         with mapped_rpc_errors():
             return await self._stub.Heartbeat(nodeagent_pb2.HeartbeatRequest(), timeout=timeout)
 
+    async def sink(self, total: int, chunk: int = 256 * 1024, timeout: float = 60.0) -> int:
+        """Send ``total`` bytes to the agent, which drops them; the bytes it received."""
+
+        async def chunks() -> AsyncIterator[nodeagent_pb2.SinkChunk]:
+            block = bytes(chunk)
+            left = total
+            while left > 0:
+                yield nodeagent_pb2.SinkChunk(data=block[: min(left, chunk)])
+                left -= chunk
+
+        with mapped_rpc_errors():
+            resp = await self._stub.Sink(chunks(), timeout=timeout)
+        return resp.bytes
+
     async def create(self, spec: nodeagent_pb2.EnvironmentSpec) -> Environment:
         with mapped_rpc_errors():
             env = await self._stub.CreateEnvironment(

@@ -18,6 +18,8 @@ from common.errors import (
 )
 from common.names import validate_name
 from common.paths import vendetta_client_key
+from common.version import build_id
+from coordinator import node_test
 from coordinator.models import LOCAL_NODE, NodeRecord
 from coordinator.nodes import NodeConnection, NodeRegistry
 from coordinator.ssh_keys import key_for_node
@@ -175,14 +177,8 @@ class NodeService:
         self.nodes.add(conn)
         return conn
 
-    async def test(self, name: str) -> float:
-        conn = self.nodes.get(name)
-        client = await conn.client()
-        t0 = time.perf_counter()
-        await client.heartbeat()
-        rtt = time.perf_counter() - t0
-        conn.info = await client.info()
-        return rtt
+    async def test(self, name: str) -> node_test.NodeTestResult:
+        return await node_test.run(self.nodes.get(name), build_id())
 
     async def _stop_agent(self, name: str) -> None:
         """Stop the node's agent, if the node can be reached (its workspaces keep running).

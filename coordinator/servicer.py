@@ -105,8 +105,28 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return await self._node_pb(request.name)
 
     async def TestNode(self, request: pb.GetNodeRequest, context: Ctx) -> pb.TestNodeResponse:
-        rtt = await self.node_service.test(request.name)
-        return pb.TestNodeResponse(node=await self._node_pb(request.name), agent_rtt_seconds=rtt)
+        r = await self.node_service.test(request.name)
+        return pb.TestNodeResponse(
+            node=await self._node_pb(request.name),
+            ssh_seconds=r.ssh_seconds,
+            agent_rtt_seconds=r.rtt_p50,
+            checks=[
+                pb.NodeCheck(
+                    name=c.name,
+                    provider=c.provider,
+                    ok=c.ok,
+                    value=c.value,
+                    fix=c.fix,
+                    skipped=c.skipped,
+                )
+                for c in r.checks
+            ],
+            ok=r.ok,
+            rtt_p50_seconds=r.rtt_p50,
+            rtt_p99_seconds=r.rtt_p99,
+            heartbeats=r.heartbeats,
+            throughput_bytes_per_second=r.throughput,
+        )
 
     async def RemoveNode(
         self, request: pb.RemoveNodeRequest, context: Ctx

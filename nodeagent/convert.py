@@ -71,6 +71,8 @@ def provider_info_to_pb(name: str, caps: Capabilities, r: Readiness) -> common_p
         version=r.version,
         capabilities=[k for k, v in vars(caps).items() if v],
         images=list(r.images),
+        failed_check=r.failed,
+        mode=r.mode,
     )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from common.errors import FailedPreconditionError, InvalidArgumentError
-from providers.base import Capabilities, Provider, Readiness
+from providers.base import INSTALLED, Capabilities, Provider, Readiness
 
 log = logging.getLogger("vendetta.agent")
 
@@ -65,7 +65,7 @@ def unavailable(name: str, reason: str) -> type[Provider]:
         raise FailedPreconditionError(f"the {name} provider cannot run on this node: {reason}")
 
     async def readiness(self: Provider) -> Readiness:
-        return Readiness(ready=False, detail=reason)
+        return Readiness(ready=False, detail=reason, failed=INSTALLED)
 
     members: dict[str, object] = {hook: refuse for hook in Provider.__abstractmethods__}
     members.update(name=name, capabilities=Capabilities(), readiness=readiness)

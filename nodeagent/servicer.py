@@ -63,6 +63,14 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             time_unix_nano=time.time_ns(), agent_id=self.agent_id
         )
 
+    async def Sink(
+        self, request_iterator: AsyncIterator[nodeagent_pb2.SinkChunk], context: Ctx
+    ) -> nodeagent_pb2.SinkResponse:
+        received = 0
+        async for chunk in request_iterator:
+            received += len(chunk.data)
+        return nodeagent_pb2.SinkResponse(bytes=received)
+
     async def CreateEnvironment(
         self, request: nodeagent_pb2.CreateEnvironmentRequest, context: Ctx
     ) -> nodeagent_pb2.Environment:

@@ -132,3 +132,15 @@ def unreachable_by_others(path: str) -> str | None:
         if not mode & stat.S_IXOTH:
             return folder
     return None
+
+
+def socket_denied(where: str, group: str) -> str | None:
+    """Why the agent's user may not use the engine's unix socket in ``where``, with the
+    fix; None when it may, or when there is no such socket (not running is another
+    check's answer)."""
+    path = socket_path(where)
+    if path is None or not os.path.exists(path):
+        return None
+    if os.access(path, os.R_OK | os.W_OK):
+        return None
+    return permission_hint(path, group)

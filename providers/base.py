@@ -16,6 +16,9 @@ from common.errors import (
     InvalidArgumentError,
     NotFoundError,
     NotRunningError,
+    PermissionDeniedError,
+    UnavailableError,
+    VendettaError,
 )
 from common.names import validate_name
 from providers.checks import check_command, check_spec
@@ -56,6 +59,30 @@ class Readiness:
     detail: str
     version: str = ""
     images: tuple[str, ...] = ()
+    # When not ready, the first of CHECKS that failed (`node test` shows them in order).
+    failed: str = ""
+    # How environments run, where the engine has a choice ("KVM", "emulation (TCG)").
+    mode: str = ""
+
+
+# What `node test` checks of each provider, in order: its SDK imports; its engine
+# answers; it lets the agent's user in; it can run environments; it has images.
+INSTALLED, REACHABLE, PERMITTED, USABLE, IMAGES = CHECKS = (
+    "installed",
+    "reachable",
+    "permitted",
+    "usable",
+    "images",
+)
+
+
+def failed_check(exc: VendettaError) -> str:
+    """Which check an engine's error in a readiness probe fails."""
+    if isinstance(exc, PermissionDeniedError):
+        return PERMITTED
+    if isinstance(exc, UnavailableError):
+        return REACHABLE
+    return USABLE
 
 
 @dataclass(frozen=True)

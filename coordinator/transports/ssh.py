@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import time
 from pathlib import Path
 
 import asyncssh
@@ -182,6 +183,18 @@ class SshTransport(Transport):
                 f"cannot reach {self.where}: {_why(exc)}; check that the node is up and sshd "
                 f"listens on port {self.port}"
             ) from exc
+
+    async def probe_connect(self) -> float:
+        """Seconds to open a fresh SSH connection to the node, closed again (`node test`):
+        the host key is checked against the pinned one, then the user authenticates. The
+        error tree as for a connect (HostKeyMismatchError, PermissionDeniedError, ...)."""
+        t0 = time.perf_counter()
+        conn = await self._open_ssh()
+        elapsed = time.perf_counter() - t0
+        conn.close()
+        with contextlib.suppress(Exception):
+            await conn.wait_closed()
+        return elapsed
 
     async def install_key(self, password: str, public_key_line: str) -> None:
         """Log in once with ``password`` and add the key to the user's authorized_keys."""

@@ -9,6 +9,7 @@ the error seam around it) or a reader thread of ``providers.threaded``.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import functools
@@ -22,7 +23,9 @@ import docker
 import docker.errors
 
 from common.errors import AlreadyExistsError, VendettaError
+from providers.access import socket_denied
 from providers.base import (
+    PERMITTED,
     Capabilities,
     EnvironmentSpec,
     EnvironmentStatus,
@@ -32,6 +35,7 @@ from providers.base import (
     Provider,
     Readiness,
     Terminal,
+    failed_check,
 )
 from providers.docker import containers, execs
 from providers.docker.containers import Info
@@ -132,10 +136,14 @@ class DockerProvider(Provider):
                 tags.update(t for t in image.get("RepoTags") or () if t != "<none>:<none>")
             return version, sorted(tags)
 
+        if denied := await asyncio.to_thread(socket_denied, self.where, "docker"):
+            return Readiness(
+                ready=False, detail=f"Docker daemon at {self.where}: {denied}", failed=PERMITTED
+            )
         try:
             version, tags = await self._engine.call("checking the Docker engine", probe)
         except VendettaError as exc:
-            return Readiness(ready=False, detail=exc.message)
+            return Readiness(ready=False, detail=exc.message, failed=failed_check(exc))
         engine = str(version.get("Version", "?"))
         return Readiness(
             ready=True,

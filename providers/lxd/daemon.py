@@ -13,7 +13,7 @@ from typing import Any
 import pylxd.exceptions
 
 from common.errors import ImageNotFoundError
-from providers.base import Readiness
+from providers.base import INSTALLED, USABLE, Readiness
 
 MAX_IMAGES = 20
 
@@ -37,6 +37,7 @@ def missing_install(socket: str | None) -> Readiness | None:
     return Readiness(
         ready=False,
         detail="LXD is not installed: `apt-get install -y lxd` (or run scripts/engine-lxd.sh)",
+        failed=INSTALLED,
     )
 
 
@@ -71,7 +72,7 @@ def readiness(client: Any, where: str) -> Readiness:
     version = str(env.get("server_version", "?"))
     problem = _problem(client)
     if problem:
-        return Readiness(ready=False, detail=problem, version=version)
+        return Readiness(ready=False, detail=problem, version=version, failed=USABLE)
     return Readiness(
         ready=True,
         detail=(

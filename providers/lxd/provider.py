@@ -31,7 +31,9 @@ from typing import Any, ClassVar
 import pylxd
 
 from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, VendettaError
+from providers.access import socket_denied
 from providers.base import (
+    PERMITTED,
     Capabilities,
     EnvironmentSpec,
     EnvironmentStatus,
@@ -41,6 +43,7 @@ from providers.base import (
     Provider,
     Readiness,
     Terminal,
+    failed_check,
 )
 from providers.lxd import daemon, execs, instances, ports
 from providers.lxd.command import launch_argv
@@ -140,12 +143,16 @@ class LxdProvider(Provider):
         not_installed = daemon.missing_install(self._socket)
         if not_installed is not None:
             return not_installed
+        if denied := await asyncio.to_thread(socket_denied, self.where, "lxd"):
+            return Readiness(
+                ready=False, detail=f"LXD daemon at {self.where}: {denied}", failed=PERMITTED
+            )
         try:
             return await self._engine.call(
                 "checking the LXD daemon", lambda c: daemon.readiness(c, self.where)
             )
         except VendettaError as exc:
-            return Readiness(ready=False, detail=exc.message)
+            return Readiness(ready=False, detail=exc.message, failed=failed_check(exc))
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import libvirt
 
 from common.errors import VendettaError
-from providers.base import Readiness
+from providers.base import IMAGES, PERMITTED, Readiness, failed_check
 from providers.qemu.errors import IMAGE_HINT
 from providers.qemu.images import IMAGE_FILES, images, state_dir_problem
 from providers.qemu.kvm import known, probe_kvm
@@ -36,7 +36,7 @@ class ReadinessCheck:
             version = await self._libvirt.call("checking libvirt", lambda c: c.getLibVersion())
             hv = await self._libvirt.call("checking libvirt", lambda c: c.getVersion())
         except VendettaError as exc:
-            return Readiness(ready=False, detail=exc.message)
+            return Readiness(ready=False, detail=exc.message, failed=failed_check(exc))
         found = await asyncio.to_thread(images, self._image_dir)
         kernel = self._image_dir / found[0] / IMAGE_FILES[0] if found else None
         probed = await self._kvm_known(kernel)
@@ -45,25 +45,35 @@ class ReadinessCheck:
             return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
 
         if probed is None:
-            accel = "checking whether KVM runs guests here (a test boot of up to 10 s)"
+            accel, mode = "checking whether KVM runs guests here (a test boot of up to 10 s)", ""
         elif probed[0]:
-            accel = "KVM"
+            accel = mode = "KVM"
         else:
             accel = f"running under emulation (TCG), slower: {probed[1]}"
+            mode = "emulation (TCG)"
         detail = f"libvirt {dotted(version)}, QEMU {dotted(hv)} at {self._uri}; {accel}"
         if problem := await asyncio.to_thread(state_dir_problem, self._state_dir):
-            return Readiness(ready=False, detail=f"{detail}; {problem}", version=dotted(version))
+            return Readiness(
+                ready=False,
+                detail=f"{detail}; {problem}",
+                version=dotted(version),
+                failed=PERMITTED,
+                mode=mode,
+            )
         if not found:
             return Readiness(
                 ready=False,
                 detail=f"{detail}; no guest image in {self._image_dir}: {IMAGE_HINT}",
                 version=dotted(version),
+                failed=IMAGES,
+                mode=mode,
             )
         return Readiness(
             ready=True,
             detail=f"{detail}; images: {', '.join(found)}",
             version=dotted(version),
             images=tuple(found),
+            mode=mode,
         )
 
     async def _kvm_known(self, kernel: Path | None) -> tuple[bool, str] | None:

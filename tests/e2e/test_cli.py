@@ -8,6 +8,7 @@ early are used later, as a user would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -68,7 +69,29 @@ def test_node_add_pins_host_key_and_starts_agent(e2e: Env) -> None:
     # the agent listens on a 0600 unix socket in its own dir
     sock = e2e.home / "agent-node1" / "agent.sock"
     assert sock.stat().st_mode & 0o777 == 0o600
-    assert "agent answered" in e2e.cli("node", "test", "node1").stdout
+    node_test_measures_and_checks(e2e, "node1", server.host_fingerprint())
+
+
+def node_test_measures_and_checks(e2e: Env, name: str, fingerprint: str) -> None:
+    table = e2e.cli("node", "test", name).stdout  # exit 0: every check passed
+    for label in ("ssh connect", "host key", "agent version", "round trip", "tunnel throughput"):
+        assert label in table, table
+    assert "docker usable" in table and "all checks passed" in table
+    r = e2e.json("node", "test", name)
+    assert r["ok"] is True
+    rows = {(c["provider"], c["name"]): c for c in r["checks"]}
+    assert all(c["ok"] for c in r["checks"] if not c["skipped"]), r["checks"]
+    assert rows[("", "host key")]["value"] == f"{fingerprint} (pinned, matches)"
+    assert rows[("", "agent version")]["value"] == r["node"]["agent_version"]
+    assert r["heartbeats"] >= 20
+    assert 0 < r["rtt_p50_seconds"] <= r["rtt_p99_seconds"]
+    assert r["ssh_seconds"] > 0 and r["throughput_bytes_per_second"] > 0
+    for check in ("installed", "reachable", "permitted", "usable", "images"):
+        assert rows[("docker", check)]["ok"], rows[("docker", check)]
+    assert (
+        TEST_IMAGE in rows[("docker", "images")]["value"]
+        or "more" in (rows[("docker", "images")]["value"])
+    )
 
 
 def test_remote_workspace_lifecycle_with_logs_follow(e2e: Env) -> None:
@@ -210,6 +233,19 @@ def test_docker_down_and_missing_image(e2e: Env) -> None:
     )
     status = e2e.cli("node", "status", "nodocker").stdout
     assert "not ready" in status and "Docker daemon not reachable" in status
+    # `node test` shows the failing row with what to do, and fails
+    out = e2e.fails("node", "test", "nodocker")
+    assert "docker reachable" in out and "FAIL" in out
+    assert "docker reachable: Docker daemon not reachable at unix:///nonexistent.sock" in out
+    failed = e2e.cli("node", "test", "nodocker", "--json", check=False)
+    assert failed.returncode == 1
+    r = json.loads(failed.stdout)
+    rows = {(c["provider"], c["name"]): c for c in r["checks"]}
+    assert r["ok"] is False and rows[("docker", "installed")]["ok"]
+    assert not rows[("docker", "reachable")]["ok"] and not rows[("docker", "reachable")]["skipped"]
+    assert "start it" in rows[("docker", "reachable")]["fix"]
+    assert rows[("docker", "images")]["skipped"]
+    assert rows[("", "round trip")]["ok"]
     cfg = write_config(e2e.home / "proj4" / ".vendetta" / "config.yaml", "proj4")
     out = e2e.fails("workspace", "create", "wsd", "--remote", "nodocker", "--config", str(cfg))
     assert "Docker daemon not reachable" in out
