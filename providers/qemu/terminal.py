@@ -133,6 +133,19 @@ def _connect(path: str, workspace: str) -> socket.socket:
     return sock
 
 
+def _drain(sock: socket.socket, token: bytes, seen: bytearray, quiet: float = 0.5) -> bytes:
+    """What arrives on ``sock`` until it is quiet for ``quiet`` seconds or ``token`` shows."""
+    more = bytearray()
+    sock.settimeout(quiet)
+    with contextlib.suppress(TimeoutError, OSError):
+        while token not in seen + more:
+            data = sock.recv(READ_SIZE)
+            if not data:
+                break
+            more += data
+    return bytes(more)
+
+
 def _await_ready(
     sock: socket.socket, dom: libvirt.virDomain, pid: int, token: bytes, workspace: str
 ) -> bytes:
@@ -154,6 +167,11 @@ def _await_ready(
         if now >= next_poll:
             exited, code, _, err = agent.exec_status(dom, pid)
             if exited:
+                # A command that ends at once may end before its console output
+                # (the token first) has come through QEMU: read what is on its way.
+                seen += _drain(sock, token, seen)
+                if token in seen:
+                    break
                 said = (err + bytes(seen)).decode("utf-8", "replace").strip()
                 raise FailedPreconditionError(
                     f"the terminal in workspace {workspace!r} ended as it started (exit code "

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import FailedPreconditionError
 from common.paths import MAX_SOCKET_PATH
+from providers.qemu import agent as qemu_agent
 from providers.qemu.domain import (
     TERMINAL_ALIAS,
     Files,
@@ -167,3 +171,45 @@ def test_hangup_ends_the_session_and_a_new_one_replaces_a_stale_one(guest_bin: P
                 proc.kill()
                 proc.wait()
         os.close(master)
+
+
+def test_a_session_that_ends_before_its_output_arrives_is_still_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guest agent may report a quick command done before QEMU has passed on
+    its console output: the ready token still arrives, and what follows it counts."""
+    from providers.qemu import terminal
+
+    ours, guest = socket.socketpair()
+    token = terminal.ready_token("n0nce")
+    monkeypatch.setattr(terminal, "FIRST_POLL", 0.05)
+    monkeypatch.setattr(qemu_agent, "exec_status", lambda _dom, _pid: (True, 5, b"", b""))
+
+    def late_output() -> None:
+        time.sleep(0.3)  # after the first poll has seen the command exit
+        guest.sendall(token + b"[a b]")
+
+    writer = threading.Thread(target=late_output)
+    writer.start()
+    try:
+        assert terminal._await_ready(ours, object(), 1, token, "ws") == b"[a b]"
+    finally:
+        writer.join()
+        ours.close()
+        guest.close()
+
+
+def test_a_session_that_ends_with_nothing_said_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from providers.qemu import terminal
+
+    ours, guest = socket.socketpair()
+    monkeypatch.setattr(terminal, "FIRST_POLL", 0.05)
+    monkeypatch.setattr(qemu_agent, "exec_status", lambda _dom, _pid: (True, 5, b"", b""))
+    try:
+        with pytest.raises(FailedPreconditionError, match="ended as it started"):
+            terminal._await_ready(ours, object(), 1, terminal.ready_token("x"), "ws")
+    finally:
+        ours.close()
+        guest.close()
