@@ -67,7 +67,8 @@ def unavailable(name: str, reason: str) -> type[Provider]:
     async def readiness(self: Provider) -> Readiness:
         return Readiness(ready=False, detail=reason, failed=INSTALLED)
 
-    members: dict[str, object] = {hook: refuse for hook in Provider.__abstractmethods__}
+    hooks = [*Provider.__abstractmethods__, "_images", "_import_image"]
+    members: dict[str, object] = {hook: refuse for hook in hooks}
     members.update(name=name, capabilities=Capabilities(), readiness=readiness)
     return type(f"Unavailable{name.title()}Provider", (Provider,), members)
 

@@ -69,7 +69,13 @@ class AgentServer:
         )
         self._server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
         nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(
-            NodeAgentServicer(self.agent_id, self.providers, str(self.socket), self.services),
+            NodeAgentServicer(
+                self.agent_id,
+                self.providers,
+                str(self.socket),
+                self.services,
+                spool_dir=self.agent_dir / "imports",
+            ),
             self._server,
         )
         self._resume: asyncio.Task[None] | None = None

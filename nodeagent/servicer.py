@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc.aio
@@ -15,7 +17,7 @@ from common.batching import batched
 from common.errors import FailedPreconditionError, InvalidArgumentError
 from common.names import validate_name
 from common.version import build_id
-from nodeagent import convert
+from nodeagent import convert, images
 from nodeagent.providers import ProviderSet
 from nodeagent.services.manager import ServiceManager
 from providers.base import EnvState, ExecChunk, LogRecord
@@ -33,8 +35,15 @@ def _total_memory() -> int:
 
 class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     def __init__(
-        self, agent_id: str, providers: ProviderSet, socket_path: str, services: ServiceManager
+        self,
+        agent_id: str,
+        providers: ProviderSet,
+        socket_path: str,
+        services: ServiceManager,
+        spool_dir: Path | None = None,
     ) -> None:
+        # Where uploaded images wait for their provider (the agent's folder).
+        self.spool_dir = spool_dir or Path(tempfile.gettempdir()) / "vendetta-imports"
         self.agent_id = agent_id
         self.providers = providers
         self.socket_path = socket_path
@@ -261,6 +270,19 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             inputs.cancel()
             await asyncio.gather(inputs, return_exceptions=True)
             await terminal.close()
+
+    async def ListImages(
+        self, request: nodeagent_pb2.AgentListImagesRequest, context: Ctx
+    ) -> common_pb2.ListImagesResponse:
+        return common_pb2.ListImagesResponse(
+            images=await images.list_images(self.providers, request.provider)
+        )
+
+    async def ImportImage(
+        self, request_iterator: AsyncIterator[common_pb2.ImageUpload], context: Ctx
+    ) -> common_pb2.ImportImageResponse:
+        imported = await images.receive(request_iterator, self.providers, self.spool_dir)
+        return common_pb2.ImportImageResponse(images=imported)
 
     async def RunHook(
         self, request: nodeagent_pb2.RunHookRequest, context: Ctx

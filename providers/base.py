@@ -8,6 +8,7 @@ import contextlib
 import enum
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from common.errors import (
@@ -21,7 +22,7 @@ from common.errors import (
     VendettaError,
 )
 from common.names import validate_name
-from providers.checks import check_command, check_spec
+from providers.checks import check_command, check_image_import, check_spec
 
 # Labels (or their equivalent) every provider puts on what it creates, so an
 # agent finds its own environments again after a restart.
@@ -83,6 +84,16 @@ def failed_check(exc: VendettaError) -> str:
     if isinstance(exc, UnavailableError):
         return REACHABLE
     return USABLE
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One image on the engine, by the name a workspace's config gives as its image."""
+
+    name: str  # Docker: repository:tag; LXD: alias (or short fingerprint); QEMU: folder
+    size_bytes: int = 0
+    created_unix_nano: int = 0
+    id: str = ""  # the engine's own id (Docker image id, LXD fingerprint)
 
 
 @dataclass(frozen=True)
@@ -187,12 +198,17 @@ class Provider(abc.ABC):
     arguments once, turn an engine's ``NotRunningError`` into the one message
     users see, then call the engine's hooks (``_create``, ``_start``, ``_stop``,
     ``_destroy``, ``_inspect``, ``_list``, ``_exec``, ``_run``, ``_logs``,
-    ``_attach``, ``_pipe``). Hooks get valid arguments and raise ``common.errors``
+    ``_attach``, ``_pipe``, ``_images``, ``_import_image``). Hooks get valid arguments
+    and raise ``common.errors``
     only; every SDK call in them runs off the event loop (``providers.threaded``).
     """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # ``import_image``: whether the image needs a name given (Docker's files name it),
+    # and what files the engine takes, as users read it in errors and help.
+    import_needs_name: ClassVar[bool] = True
+    image_formats: ClassVar[str] = ""
 
     def __init__(self, agent_id: str) -> None:
         if not agent_id:
@@ -363,6 +379,18 @@ class Provider(abc.ABC):
             # Its first chunk now: an error in starting it is the caller's, not the output's.
             return _NoStdin(await anext(aiter(output)), output)
 
+    async def images(self) -> builtins.list[ImageInfo]:
+        """The images on the engine that environments can be made from, sorted by name."""
+        return sorted(await self._images(), key=lambda image: image.name)
+
+    async def import_image(self, name: str, files: Mapping[str, Path]) -> builtins.list[ImageInfo]:
+        """Import an image from files on this node (file name -> path; what each engine
+        takes: ``image_formats``), named ``name`` ("" where the files name it: Docker).
+        A file that is not what the engine takes is refused and nothing is imported.
+        Returns the images the import made or named."""
+        check_image_import(self.name, name, files, needs_name=self.import_needs_name)
+        return await self._import_image(name, files)
+
     async def close(self) -> None:
         """Release SDK clients."""
 
@@ -429,3 +457,11 @@ class Provider(abc.ABC):
     ) -> Terminal:
         """Only called where ``capabilities.stdin``."""
         raise NotImplementedError
+
+    async def _images(self) -> builtins.list[ImageInfo]:
+        raise FailedPreconditionError(f"the {self.name} provider does not list images")
+
+    async def _import_image(self, name: str, files: Mapping[str, Path]) -> builtins.list[ImageInfo]:
+        """Files checked to exist; the engine checks their kind and leaves nothing
+        half-imported when it refuses or fails."""
+        raise FailedPreconditionError(f"the {self.name} provider does not import images")

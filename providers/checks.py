@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import InvalidArgumentError
@@ -44,3 +46,50 @@ def check_spec(provider: str, spec: EnvironmentSpec) -> None:
     for port in spec.ports:
         if not 1 <= port <= 65535:
             raise InvalidArgumentError(f"port {port} is not a TCP port (1-65535)")
+
+
+# An image name as engines take it: a Docker reference, an LXD alias, a QEMU folder.
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,199}$")
+
+
+def check_image_import(
+    provider: str, name: str, files: Mapping[str, Path], *, needs_name: bool
+) -> None:
+    if needs_name and not name:
+        raise InvalidArgumentError(f"a {provider} image needs a name to import it under (--name)")
+    if name and (not _IMAGE_NAME.fullmatch(name) or ".." in name):
+        raise InvalidArgumentError(
+            f"invalid image name {name!r}: letters, digits and . _ - / : @, at most 200"
+        )
+    if not files:
+        raise InvalidArgumentError("no files to import an image from")
+    for file_name, path in files.items():
+        if not file_name or "/" in file_name or file_name in (".", ".."):
+            raise InvalidArgumentError(f"invalid file name {file_name!r}: a plain file name")
+        if not path.is_file():
+            raise InvalidArgumentError(f"{file_name}: not a file")
+        if path.stat().st_size == 0:
+            raise InvalidArgumentError(f"{file_name} is empty")
+
+
+# (offset, magic) -> kind; tar is recognised by its ustar header.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x1f\x8b", "gzip"),
+    (0, b"\xfd7zXZ\x00", "xz"),
+    (0, b"BZh", "bzip2"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd"),
+    (0, b"hsqs", "squashfs"),
+    (0, b"QFI\xfb", "qcow2"),
+    (257, b"ustar", "tar"),
+)
+
+
+def file_kind(path: Path) -> str:
+    """What ``path`` holds by its first bytes (gzip, xz, bzip2, zstd, squashfs, qcow2,
+    tar), or "" when none of these. Blocking."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    for offset, magic, kind in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return kind
+    return ""

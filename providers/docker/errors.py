@@ -185,3 +185,11 @@ def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
 def docker_errors(where: str, action: str) -> contextlib.AbstractContextManager[None]:
     """Re-raise docker-py/requests errors from the block as ``common.errors``, chained."""
     return translated(MAPPED_EXCEPTIONS, lambda exc: translate(exc, where=where, action=action))
+
+
+def load_failed(message: str) -> VendettaError:
+    """``docker load`` streamed an error: the file is not an image Docker can load."""
+    return InvalidArgumentError(
+        f"Docker could not load the file: {message.strip()} (it takes what `docker save` "
+        "writes: a tar, optionally compressed)"
+    )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import docker.auth
@@ -25,8 +27,10 @@ import docker.utils
 import requests.exceptions
 import urllib3.exceptions
 
-from common.errors import ImageNotFoundError
-from providers.docker.errors import IMAGE_HINT
+from common.errors import ImageNotFoundError, InvalidArgumentError
+from providers.base import ImageInfo
+from providers.checks import file_kind
+from providers.docker.errors import IMAGE_HINT, load_failed
 
 DEFAULT_PULL_STALL_TIMEOUT = 20.0
 
@@ -102,3 +106,72 @@ def ensure_image(api: Any, image: str, *, stall_timeout: float) -> None:
     raise ImageNotFoundError(
         f"image {image!r} is not on this node and could not be pulled: {reason}; {IMAGE_HINT}"
     )
+
+
+# What `docker load` takes: a `docker save` tar, as it is or compressed.
+SAVE_FORMATS = ("tar", "gzip", "xz", "bzip2", "zstd")
+
+
+def image_infos(api: Any) -> list[ImageInfo]:
+    """Every tagged image on the engine (one entry per tag)."""
+    found: list[ImageInfo] = []
+    for image in api.images():
+        for tag in image.get("RepoTags") or ():
+            if tag != "<none>:<none>":
+                found.append(
+                    ImageInfo(
+                        name=tag,
+                        size_bytes=int(image.get("Size") or 0),
+                        created_unix_nano=int(image.get("Created") or 0) * 1_000_000_000,
+                        id=str(image.get("Id", "")),
+                    )
+                )
+    return found
+
+
+def check_save_file(file_name: str, path: Path) -> None:
+    """Refuse what is not a `docker save` archive before Docker sees it."""
+    kind = file_kind(path)
+    if kind not in SAVE_FORMATS:
+        raise InvalidArgumentError(
+            f"{file_name} is not a `docker save` archive (a tar, optionally compressed)"
+        )
+    if kind == "tar":
+        try:
+            with tarfile.open(path) as tar:
+                names = set(tar.getnames())
+        except (tarfile.TarError, OSError) as exc:
+            raise InvalidArgumentError(f"{file_name} is not a readable tar: {exc}") from exc
+        if not names & {"manifest.json", "index.json", "repositories"}:
+            raise InvalidArgumentError(
+                f"{file_name} is a tar but not a `docker save` archive (no manifest.json)"
+            )
+
+
+def load(api: Any, path: Path, name: str) -> list[str]:
+    """``docker load`` of ``path``; tagged ``name`` too if given (one image only).
+    The references (or ids) of what was loaded."""
+    loaded: list[str] = []
+    with path.open("rb") as data:
+        for message in api.load_image(data):
+            if not isinstance(message, dict):
+                continue
+            if message.get("error") or (message.get("message") and "stream" not in message):
+                raise load_failed(str(message.get("error") or message.get("message")))
+            text = str(message.get("stream") or "").strip()
+            for prefix in ("Loaded image:", "Loaded image ID:"):
+                if text.startswith(prefix):
+                    loaded.append(text[len(prefix) :].strip())
+                    break
+    if not loaded:
+        raise load_failed("it loaded no image")
+    if name:
+        if len(loaded) > 1:
+            raise InvalidArgumentError(
+                f"the archive holds {len(loaded)} images ({', '.join(loaded)}): "
+                "--name can tag only one; import it without --name"
+            )
+        repository, tag = docker.utils.parse_repository_tag(name)
+        api.tag(loaded[0], repository, tag or "latest")
+        loaded = [name if tag else f"{repository}:latest"]
+    return loaded

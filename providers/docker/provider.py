@@ -17,12 +17,13 @@ import math
 import os
 import re
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import docker
 import docker.errors
 
-from common.errors import AlreadyExistsError, VendettaError
+from common.errors import AlreadyExistsError, InvalidArgumentError, VendettaError
 from providers.access import socket_denied
 from providers.base import (
     PERMITTED,
@@ -31,13 +32,14 @@ from providers.base import (
     EnvironmentStatus,
     EnvState,
     ExecChunk,
+    ImageInfo,
     LogRecord,
     Provider,
     Readiness,
     Terminal,
     failed_check,
 )
-from providers.docker import containers, execs
+from providers.docker import containers, execs, images
 from providers.docker.containers import Info
 from providers.docker.errors import docker_errors, removal_in_progress, translate
 from providers.docker.images import DEFAULT_PULL_STALL_TIMEOUT, ensure_image
@@ -66,6 +68,10 @@ class DockerProvider(Provider):
     name: ClassVar[str] = "docker"
     capabilities: ClassVar[Capabilities] = Capabilities(
         long_exec_streams=True, terminal=True, stdin=True
+    )
+    import_needs_name: ClassVar[bool] = False
+    image_formats: ClassVar[str] = (
+        "one `docker save` archive (a tar, optionally compressed); --name tags its one image"
     )
 
     def __init__(
@@ -154,6 +160,23 @@ class DockerProvider(Provider):
             version=engine,
             images=tuple(tags[:MAX_IMAGES]),
         )
+
+    # -- images ----------------------------------------------------------------
+
+    async def _images(self) -> builtins.list[ImageInfo]:
+        return await self._engine.call("listing images", images.image_infos)
+
+    async def _import_image(self, name: str, files: Mapping[str, Path]) -> builtins.list[ImageInfo]:
+        if len(files) != 1:
+            raise InvalidArgumentError(
+                f"Docker imports one `docker save` archive at a time, not {len(files)} files"
+            )
+        [(file_name, path)] = files.items()
+        await asyncio.to_thread(images.check_save_file, file_name, path)
+        loaded = await self._engine.call(
+            f"loading {file_name}", lambda api: images.load(api, path, name)
+        )
+        return [i for i in await self._images() if i.name in loaded or i.id in loaded]
 
     # -- lifecycle -------------------------------------------------------------
 

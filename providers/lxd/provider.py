@@ -26,6 +26,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pylxd
@@ -39,13 +40,14 @@ from providers.base import (
     EnvironmentStatus,
     EnvState,
     ExecChunk,
+    ImageInfo,
     LogRecord,
     Provider,
     Readiness,
     Terminal,
     failed_check,
 )
-from providers.lxd import daemon, execs, instances, ports
+from providers.lxd import daemon, execs, images, instances, ports
 from providers.lxd.command import launch_argv
 from providers.lxd.errors import lxd_errors
 from providers.lxd.instances import KEY_AGENT, KEY_COMMAND, KEY_MANAGED, KEY_WORKSPACE
@@ -85,6 +87,7 @@ class LxdProvider(Provider):
         terminal=True,
         stdin=True,
     )
+    image_formats: ClassVar[str] = images.FORMATS
 
     def __init__(self, agent_id: str, endpoint: str | None = None) -> None:
         """``endpoint`` None: LXD's local unix socket (``$LXD_DIR`` or /var/lib/lxd).
@@ -153,6 +156,23 @@ class LxdProvider(Provider):
             )
         except VendettaError as exc:
             return Readiness(ready=False, detail=exc.message, failed=failed_check(exc))
+
+    # -- images ----------------------------------------------------------------
+
+    async def _images(self) -> builtins.list[ImageInfo]:
+        return await self._engine.call("listing images", images.image_infos)
+
+    async def _import_image(self, name: str, files: Mapping[str, Path]) -> builtins.list[ImageInfo]:
+        def check() -> tuple[Path, Path | None, str]:
+            first, second = images.split(files)
+            return first, second, images.fingerprint(first, second)
+
+        first, second, digest = await asyncio.to_thread(check)
+        fingerprint = await self._engine.call(
+            f"importing image {name!r}",
+            lambda c: images.import_image(c, name, first, second, digest),
+        )
+        return [i for i in await self._images() if i.id == fingerprint and i.name == name]
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -8,13 +8,18 @@ image's root filesystem, so the image itself is never written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from common.errors import (
+    AlreadyExistsError,
     EngineUnavailableError,
     FailedPreconditionError,
     ImageNotFoundError,
@@ -22,6 +27,8 @@ from common.errors import (
     InvalidArgumentError,
 )
 from providers.access import unreachable_by_others
+from providers.base import ImageInfo
+from providers.checks import file_kind
 from providers.qemu.errors import IMAGE_HINT
 
 DEFAULT_IMAGE_DIR = Path("/var/cache/vendetta/images")
@@ -40,6 +47,92 @@ def images(image_dir: Path) -> list[str]:
     except OSError:
         return []
     return [e.name for e in entries if all((e / f).is_file() for f in IMAGE_FILES)]
+
+
+FORMATS = (
+    "a guest image's three files, by these names: vmlinuz (the kernel), initrd.img and "
+    "rootfs.qcow2 (the root filesystem, a qcow2 without a backing file), or their folder"
+)
+
+
+def image_infos(image_dir: Path) -> list[ImageInfo]:
+    """The complete images, with their files' total size and the folder's time."""
+    found: list[ImageInfo] = []
+    for name in images(image_dir):
+        folder = image_dir / name
+        try:
+            size = sum((folder / f).stat().st_size for f in IMAGE_FILES)
+            created = folder.stat().st_mtime_ns
+        except OSError:
+            continue
+        found.append(ImageInfo(name=name, size_bytes=size, created_unix_nano=created))
+    return found
+
+
+def _backing_file(rootfs: Path) -> str:
+    try:
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(rootfs)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise EngineUnavailableError(
+            "qemu-img not found: install qemu-utils (bash scripts/engine-qemu.sh)"
+        ) from exc
+    if info.returncode != 0:
+        raise InvalidArgumentError(f"rootfs.qcow2 is not a readable qcow2: {info.stderr.strip()}")
+    return str(json.loads(info.stdout).get("backing-filename") or "")
+
+
+def import_files(image_dir: Path, name: str, files: Mapping[str, Path]) -> None:
+    """Put ``files`` (IMAGE_FILES by name) in ``image_dir/name`` whole or not at all."""
+    image_paths_check = _IMAGE_NAME.fullmatch(name) and ".." not in name and "/" not in name
+    if not image_paths_check:
+        raise InvalidArgumentError(
+            f"invalid guest image name {name!r}: a folder name (e.g. {DEFAULT_IMAGE!r})"
+        )
+    if sorted(files) != sorted(IMAGE_FILES):
+        raise InvalidArgumentError(
+            f"a QEMU guest image is {FORMATS}; got {', '.join(sorted(files))}"
+        )
+    if file_kind(files["rootfs.qcow2"]) != "qcow2":
+        raise InvalidArgumentError("rootfs.qcow2 is not a qcow2 disk image")
+    if backing := _backing_file(files["rootfs.qcow2"]):
+        raise InvalidArgumentError(
+            f"rootfs.qcow2 is an overlay of {backing}: give a standalone disk "
+            "(`qemu-img convert -O qcow2 IN rootfs.qcow2`)"
+        )
+    target = image_dir / name
+    if target.exists():
+        raise AlreadyExistsError(
+            f"this node already has a guest image {name!r} ({target}): pick another --name"
+        )
+    try:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=image_dir))
+    except OSError as exc:
+        raise FailedPreconditionError(
+            f"cannot write guest images to {image_dir}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        for file_name, path in files.items():
+            shutil.copyfile(path, staging / file_name)
+            (staging / file_name).chmod(0o644)  # QEMU reads them as its own user
+        staging.chmod(0o755)
+        staging.rename(target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if target.exists():
+            raise AlreadyExistsError(f"a guest image {name!r} appeared meanwhile") from exc
+        raise FailedPreconditionError(
+            f"cannot write guest image {name!r} to {image_dir}: {exc.strerror or exc}"
+        ) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def image_paths(image_dir: Path, image: str) -> tuple[Path, Path, Path]:
@@ -124,10 +217,13 @@ def _virtual_size(image: Path) -> int:
 __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_IMAGE_DIR",
+    "FORMATS",
     "IMAGE_FILES",
     "STATE_DIR_ENV",
+    "image_infos",
     "image_paths",
     "images",
+    "import_files",
     "make_overlay",
     "state_dir_problem",
 ]

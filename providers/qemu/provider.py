@@ -46,6 +46,7 @@ from providers.base import (
     EnvironmentStatus,
     EnvState,
     ExecChunk,
+    ImageInfo,
     LogRecord,
     Provider,
     Readiness,
@@ -65,9 +66,12 @@ from providers.qemu.errors import guest_running, libvirt_errors
 from providers.qemu.images import (
     DEFAULT_IMAGE,
     DEFAULT_IMAGE_DIR,
+    FORMATS,
     IMAGE_FILES,
     STATE_DIR_ENV,
+    image_infos,
     image_paths,
+    import_files,
     make_overlay,
 )
 from providers.qemu.kvm import probe_kvm
@@ -112,6 +116,7 @@ class QemuProvider(Provider):
         # On the guest's virtio console, one terminal at a time per guest.
         terminal=True,
     )
+    image_formats: ClassVar[str] = FORMATS
 
     def __init__(
         self,
@@ -166,6 +171,15 @@ class QemuProvider(Provider):
 
     async def readiness(self) -> Readiness:
         return await self._readiness.check()
+
+    # -- images ----------------------------------------------------------------
+
+    async def _images(self) -> builtins.list[ImageInfo]:
+        return await asyncio.to_thread(image_infos, self.image_dir)
+
+    async def _import_image(self, name: str, files: Mapping[str, Path]) -> builtins.list[ImageInfo]:
+        await asyncio.to_thread(import_files, self.image_dir, name, files)
+        return [i for i in await self._images() if i.name == name]
 
     # -- lifecycle -------------------------------------------------------------
 
