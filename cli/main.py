@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import cluster, node, project, server, ssh_config, workspace
+from cli import cluster, image, node, project, server, ssh_config, workspace
 from common.version import VERSION
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.add_typer(server.app, name="server")
 app.add_typer(node.app, name="node")
+app.add_typer(image.app, name="image")
 app.add_typer(workspace.app, name="workspace")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(project.config_app, name="config")

@@ -161,3 +161,18 @@ class AgentClient:
         with mapped_rpc_errors():
             async for out in self._stub.Attach(requests):
                 yield out
+
+    async def list_images(self, provider: str) -> list[common_pb2.ImageInfo]:
+        with mapped_rpc_errors():
+            resp = await self._stub.ListImages(
+                nodeagent_pb2.AgentListImagesRequest(provider=provider), timeout=60.0
+            )
+        return list(resp.images)
+
+    async def import_image(
+        self, upload: AsyncIterator[common_pb2.ImageUpload]
+    ) -> list[common_pb2.ImageInfo]:
+        """Relay an image upload (no deadline: its size sets how long it takes)."""
+        with mapped_rpc_errors():
+            resp = await self._stub.ImportImage(upload)
+        return list(resp.images)

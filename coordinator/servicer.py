@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from common.errors import InvalidArgumentError, NotFoundError
 from common.names import validate_name
 from common.version import build_id
+from coordinator import images
 from coordinator.convert import node_to_pb, service_status_to_pb, workspace_to_pb
 from coordinator.nodes import NodeRegistry
 from coordinator.service_nodes import NodeService
@@ -283,3 +284,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             environment_id=ws.environment_id,
             exec_hint=["vendetta", "workspace", "connect", ws.name],
         )
+
+    # images
+    async def ListImages(
+        self, request: pb.ListImagesRequest, context: Ctx
+    ) -> common_pb2.ListImagesResponse:
+        found = await images.list_images(self.nodes, request.node, request.provider)
+        return common_pb2.ListImagesResponse(images=found)
+
+    async def ImportImage(
+        self, request_iterator: AsyncIterator[common_pb2.ImageUpload], context: Ctx
+    ) -> common_pb2.ImportImageResponse:
+        imported = await images.import_image(self.nodes, request_iterator)
+        return common_pb2.ImportImageResponse(images=imported)

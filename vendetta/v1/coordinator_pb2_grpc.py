@@ -137,6 +137,16 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
                 _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/vendetta.v1.Coordinator/ListImages',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
+        self.ImportImage = channel.stream_unary(
+                '/vendetta.v1.Coordinator/ImportImage',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.ImageUpload.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ImportImageResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -270,6 +280,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListImages(self, request, context):
+        """Images on a node's engines, and importing one there from files the client
+        streams (start.node names the node), relayed to the node's agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportImage(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +396,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=vendetta_dot_v1_dot_common__pb2.AttachInput.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.ListImagesRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'ImportImage': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportImage,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.ImageUpload.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ImportImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -916,6 +950,60 @@ class Coordinator:
             '/vendetta.v1.Coordinator/Connect',
             vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/ListImages',
+            vendetta_dot_v1_dot_coordinator__pb2.ListImagesRequest.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportImage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vendetta.v1.Coordinator/ImportImage',
+            vendetta_dot_v1_dot_common__pb2.ImageUpload.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ImportImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class CoordinatorStub:
     """`workspace connect`: a shell or command inside, through coordinator and
     agent (no new SSH session per call). start.workspace names the workspace.
     """
+    ListImages: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListImagesRequest, _common_pb2.ListImagesResponse]
+    """Images on a node's engines, and importing one there from files the client
+    streams (start.node names the node), relayed to the node's agent.
+    """
+    ImportImage: _grpc.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -100,6 +105,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """`workspace connect`: a shell or command inside, through coordinator and
     agent (no new SSH session per call). start.workspace names the workspace.
     """
+    ListImages: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListImagesRequest, _common_pb2.ListImagesResponse]  # type: ignore[assignment]
+    """Images on a node's engines, and importing one there from files the client
+    streams (start.node names the node), relayed to the node's agent.
+    """
+    ImportImage: _aio.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]  # type: ignore[assignment]
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator owns the truth: nodes, workspaces, desired vs observed
@@ -253,5 +263,22 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """`workspace connect`: a shell or command inside, through coordinator and
         agent (no new SSH session per call). start.workspace names the workspace.
         """
+
+    @_abc_1.abstractmethod
+    def ListImages(
+        self,
+        request: _coordinator_pb2.ListImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ListImagesResponse, _abc.Awaitable[_common_pb2.ListImagesResponse]]:
+        """Images on a node's engines, and importing one there from files the client
+        streams (start.node names the node), relayed to the node's agent.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportImage(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.ImageUpload],
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ImportImageResponse, _abc.Awaitable[_common_pb2.ImportImageResponse]]: ...
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
