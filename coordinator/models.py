@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from common.service_state import ServiceState as ServiceState  # shared by agent and coordinator
+
 
 class NodeState(enum.Enum):
     CONNECTING = "connecting"
@@ -55,17 +57,6 @@ class Environment:
     image: str = ""
     addresses: list[str] = field(default_factory=list)
     detail: str = ""
-
-
-class ServiceState(enum.Enum):
-    UNSPECIFIED = "unspecified"
-    PENDING = "pending"  # waiting for its dependencies
-    STARTING = "starting"  # running, health not yet passed
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"  # was healthy, checks now fail
-    EXITED = "exited"  # ended (stopped, or no restart wanted)
-    FAILED = "failed"  # never became healthy, or gave up restarting
-    STOPPED = "stopped"  # stopped by `down`
 
 
 @dataclass

@@ -27,6 +27,7 @@ _STATE_TO_PB = {
 }
 
 _SERVICE_STATE_TO_PB = {
+    ServiceState.UNSPECIFIED: common_pb2.SERVICE_STATE_UNSPECIFIED,
     ServiceState.PENDING: common_pb2.SERVICE_STATE_PENDING,
     ServiceState.STARTING: common_pb2.SERVICE_STATE_STARTING,
     ServiceState.HEALTHY: common_pb2.SERVICE_STATE_HEALTHY,

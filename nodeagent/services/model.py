@@ -6,18 +6,9 @@ The servicer turns them into protobuf messages at the agent's edge
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-
-class ServiceState(enum.Enum):
-    PENDING = "pending"  # waiting for its dependencies
-    STARTING = "starting"  # running, health not yet passed
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"  # was healthy, checks now fail
-    EXITED = "exited"  # ended (stopped, or no restart wanted)
-    FAILED = "failed"  # never became healthy, or gave up restarting
-    STOPPED = "stopped"  # stopped by `down`
+from common.service_state import ServiceState as ServiceState  # shared by agent and coordinator
 
 
 @dataclass(frozen=True)
