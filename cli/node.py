@@ -1,4 +1,4 @@
-"""`vendetta node add|list|status|test|remove`."""
+"""`vendetta node add|list|status|test|remove|upgrade`."""
 
 from __future__ import annotations
 
@@ -297,6 +297,14 @@ def remove(
         bool,
         typer.Option(help="Also forget the node's workspaces (their environments stay)."),
     ] = False,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            help="Also remove the agent installed on the node and its state "
+            "(~/.local/share/vendetta/agent, ~/.local/state/vendetta-agent); the node is "
+            "kept if it cannot be reached."
+        ),
+    ] = False,
 ) -> None:
     """Stop a node's agent and forget the node; refused while it has workspaces
     (they are named) unless --force. Environments are left as they are."""
@@ -304,8 +312,38 @@ def remove(
     async def go() -> None:
         async with coordinator() as c:
             await c.RemoveNode(
-                pb.RemoveNodeRequest(name=name, force=force, request_id=request_id())
+                pb.RemoveNodeRequest(name=name, force=force, purge=purge, request_id=request_id())
             )
 
     run(go())
-    out.print(f"node {name} removed")
+    out.print(f"node {name} removed" + (", its agent and its state deleted" if purge else ""))
+
+
+@app.command()
+def upgrade(
+    name: Annotated[str, typer.Argument(help="The node (or --all).")] = "",
+    all_: Annotated[bool, typer.Option("--all", help="Every node.")] = False,
+    json_: Json = False,
+) -> None:
+    """Install and start the coordinator's build of the agent on a node now, as a
+    reconnect does; its workspaces and their services keep running."""
+    if bool(name) == all_:
+        raise typer.BadParameter("name one node, or --all")
+
+    async def go() -> pb.UpgradeNodesResponse:
+        async with coordinator() as c:
+            with err.status("Upgrading the agent..."):
+                return await c.UpgradeNodes(pb.UpgradeNodesRequest(names=[name] if name else []))
+
+    resp = run(go())
+    for u in [] if json_ else resp.nodes:
+        if u.error:
+            err.print(f"node {u.name}: {u.old_version or '-'}: not upgraded: {u.error}")
+        elif u.old_version == u.new_version:
+            out.print(f"node {u.name}: agent {u.new_version} (already the coordinator's build)")
+        else:
+            out.print(f"node {u.name}: agent {u.old_version or '-'} -> {u.new_version}")
+    if json_:
+        print_json([as_dict(u) for u in resp.nodes])
+    if any(u.error for u in resp.nodes):
+        raise typer.Exit(1)

@@ -72,6 +72,7 @@ class NodeConnection:
         self._on_change = on_change
         self._last_contact = 0.0  # time.monotonic() of the agent's last answer
         self._contact = asyncio.Event()
+        self._attempted = asyncio.Event()  # supervision tried to connect (reconnect waits)
 
     @property
     def grace(self) -> float:
@@ -154,6 +155,7 @@ class NodeConnection:
                 except Exception as exc:  # never let one node's bug kill supervision
                     self.last_error = f"unexpected: {exc!r}"
                     log.exception("node %s: connect failed", self.name)
+                self._attempted.set()
             if self._client is not None:
                 backoff = BACKOFF_INITIAL
                 reason = await self._watch(self._client)
@@ -197,6 +199,23 @@ class NodeConnection:
             closed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await closed
+
+    async def reconnect(self, timeout: float) -> None:
+        """Drop the connection and wait for supervision's next attempt (`node upgrade`:
+        connecting installs and starts the coordinator's build); its error if it failed."""
+        self._attempted.clear()
+        await self.transport.close()  # supervision sees it closed and connects again
+        try:
+            await asyncio.wait_for(self._attempted.wait(), timeout)
+        except TimeoutError:
+            raise NodeUnreachableError(
+                f"node {self.name!r} did not reconnect within {timeout:g} s"
+                + (f": {self.last_error}" if self.last_error else "")
+            ) from None
+        if self._client is None:
+            raise NodeUnreachableError(
+                f"node {self.name!r}: reconnecting failed: {self.last_error}"
+            )
 
     async def client(self, wait: float = 5.0) -> AgentClient:
         """The agent client, waiting briefly for a reconnect in progress."""

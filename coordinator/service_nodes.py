@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import (
@@ -20,7 +22,7 @@ from common.names import validate_name
 from common.paths import vendetta_client_key
 from common.version import build_id
 from coordinator import node_test
-from coordinator.models import LOCAL_NODE, NodeRecord
+from coordinator.models import LOCAL_NODE, NodeRecord, NodeState
 from coordinator.nodes import NodeConnection, NodeRegistry
 from coordinator.ssh_keys import key_for_node
 from coordinator.store import Store
@@ -28,6 +30,18 @@ from coordinator.transports import LocalTransport, SshTransport, Transport, scan
 from coordinator.transports.ssh import fingerprint
 
 log = logging.getLogger("vendetta.coordinator")
+
+# How long `node upgrade` waits for one node (a first bundle is built with pip, then sent).
+UPGRADE_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class NodeUpgrade:
+    name: str
+    old_version: str  # "" if it was not connected
+    new_version: str  # "" if it failed
+    error: str = ""
+
 
 # The longest grace period a node may have (a day: beyond, `disconnected` says little).
 MAX_GRACE = 86400.0
@@ -180,24 +194,46 @@ class NodeService:
     async def test(self, name: str) -> node_test.NodeTestResult:
         return await node_test.run(self.nodes.get(name), build_id())
 
-    async def _stop_agent(self, name: str) -> None:
-        """Stop the node's agent, if the node can be reached (its workspaces keep running).
+    async def upgrade(self, names: list[str]) -> list[NodeUpgrade]:
+        """Bring each node's agent to the coordinator's build now, as a reconnect does
+        (install if missing, replace an agent of another build); every node, if no names."""
+        conns = [self.nodes.get(n) for n in names] if names else self.nodes.all()
+        return list(await asyncio.gather(*(self._upgrade(c) for c in conns)))
 
-        An unreachable node is still forgotten: its agent stays until it is stopped there.
-        Removing the installed agent (`--purge`) is a step to add after this one.
-        """
-        conn = self.nodes.get(name)
+    async def _upgrade(self, conn: NodeConnection) -> NodeUpgrade:
+        build = build_id()
+        old = conn.info.version if conn.info is not None else ""
+        if old == build and conn.state == NodeState.READY:
+            return NodeUpgrade(conn.name, old, build)
         try:
-            await conn.transport.stop_agent()
+            await conn.reconnect(UPGRADE_TIMEOUT)
         except VendettaError as exc:
-            log.warning("node %s: its agent was not stopped: %s", name, exc)
+            return NodeUpgrade(conn.name, old, "", str(exc))
+        new = conn.info.version if conn.info is not None else ""
+        if new != build:  # an agent installed by hand (--agent-command): not ours to replace
+            return NodeUpgrade(
+                conn.name,
+                old,
+                new,
+                f"the agent installed on the node by hand is build {new}, the coordinator is "
+                f"{build}: upgrade vendetta there, or add the node again without "
+                "--agent-command so the coordinator installs its own",
+            )
+        return NodeUpgrade(conn.name, old, new)
 
-    async def remove(self, name: str, force: bool) -> None:
+    async def remove(self, name: str, force: bool, purge: bool = False) -> None:
+        """Forget the node and stop its agent (its workspaces' environments keep running).
+
+        An unreachable node is still forgotten: its agent stays until it is stopped
+        there. With ``purge`` the agent's installs and state are removed from the node
+        too, and a node where that cannot be done is kept, with the reason.
+        """
         if name == LOCAL_NODE:
             raise InvalidArgumentError(
                 "the local node is part of the coordinator; it cannot be removed"
             )
-        if await self.store.get_node(name) is None:
+        record = await self.store.get_node(name)
+        if record is None:
             self.nodes.get(name)  # raises NotFoundError with the known names
             raise NotFoundError(f"unknown node {name!r}")
         workspaces = await self.store.list_workspaces(name)
@@ -207,10 +243,23 @@ class NodeService:
                 f"node {name!r} still has workspaces ({names}): destroy them first, or "
                 f"`vendetta node remove {name} --force` to forget them with the node"
             )
+        # Supervision ends first, so it cannot start the agent again meanwhile.
+        transport = self.nodes.get(name).transport
+        await self.nodes.remove(name)
+        try:
+            await transport.stop_agent(purge=purge)
+        except VendettaError as exc:
+            if purge:
+                self.nodes.add(self.nodes.connection(record))
+                raise type(exc)(
+                    f"{exc}. Node {name!r} is kept: retry when it can be reached, or remove "
+                    "it without --purge (the agent's files then stay on the node)"
+                ) from exc
+            log.warning("node %s: its agent was not stopped: %s", name, exc)
+        finally:
+            await transport.close()
         for ws in workspaces:
             await self.store.delete_workspace(ws.name)
-        await self._stop_agent(name)
-        await self.nodes.remove(name)
         await self.store.delete_node(name)
         if self.after_remove is not None:
             await self.after_remove()

@@ -133,10 +133,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: pb.RemoveNodeRequest, context: Ctx
     ) -> pb.RemoveNodeResponse:
         async def run() -> pb.RemoveNodeResponse:
-            await self.node_service.remove(request.name, request.force)
+            await self.node_service.remove(request.name, request.force, request.purge)
             return pb.RemoveNodeResponse()
 
         return await self._once(request.request_id, "RemoveNode", pb.RemoveNodeResponse, run)
+
+    async def UpgradeNodes(
+        self, request: pb.UpgradeNodesRequest, context: Ctx
+    ) -> pb.UpgradeNodesResponse:
+        done = await self.node_service.upgrade(list(request.names))
+        return pb.UpgradeNodesResponse(
+            nodes=[
+                pb.NodeUpgrade(
+                    name=u.name, old_version=u.old_version, new_version=u.new_version, error=u.error
+                )
+                for u in done
+            ]
+        )
 
     async def TrustNode(self, request: pb.TrustNodeRequest, context: Ctx) -> pb.Node:
         await self.node_service.trust(request.name, request.host_key)

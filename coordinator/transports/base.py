@@ -42,9 +42,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def stop_agent(self) -> None:
-        """Stop the node's agent (`node remove`); the error tree if the node cannot be
-        reached. Transports whose agent belongs to the coordinator do nothing."""
+    async def stop_agent(self, purge: bool = False) -> None:
+        """Stop the node's agent (`node remove`); with ``purge`` also remove the agent
+        installed there and its state. The error tree if the node cannot be reached.
+        Transports whose agent belongs to the coordinator do nothing."""
         return None
 
     @abc.abstractmethod

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shlex
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import asyncssh
 import grpc.aio
@@ -25,9 +26,12 @@ from common.errors import (
     VendettaError,
 )
 from common.paths import check_socket_path, private_dir, vendetta_home
+from common.version import build_id
 from coordinator.ssh_keys import read_identity
 from coordinator.transports import ssh_install
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
+
+log = logging.getLogger("vendetta.coordinator")
 
 CONNECT_TIMEOUT = 15.0
 # Fastest cipher measured for bulk through a forward; the rest as asyncssh orders them.
@@ -97,6 +101,8 @@ class SshTransport(Transport):
         self.bundles_dir = bundles_dir or vendetta_home() / "bundles"
         # How the agent was run at the last connect (the installed one, or agent_command).
         self.running_agent: list[str] | None = self.agent_command
+        # The agent's state folder on the node, as its `ensure` said at the last connect.
+        self.agent_state: str | None = None
         self.local_socket = check_socket_path(private_dir(tunnel_dir) / f"{node}.sock")
         self._conn: asyncssh.SSHClientConnection | None = None
         self._listener: asyncssh.SSHListener | None = None
@@ -259,11 +265,43 @@ class SshTransport(Transport):
                 f"exit {result.exit_status}{hint}: {err or out}"
             )
         try:
-            return str(json.loads(out.splitlines()[-1])["socket"])
-        except (ValueError, KeyError, IndexError) as exc:
+            status = json.loads(out.splitlines()[-1])
+            socket, version = str(status["socket"]), str(status["version"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise FailedPreconditionError(
                 f"node {self.node!r}: the agent's `ensure` printed something unexpected: {out!r}"
             ) from exc
+        if version != build_id():
+            if self.agent_command is None:  # the installed build runs: anything else is a bug
+                raise FailedPreconditionError(
+                    f"node {self.node!r}: the agent runs build {version}, not the "
+                    f"coordinator's {build_id()}, after installing it; this is a bug"
+                )
+            log.warning(
+                "node %s: the agent installed by hand (%s) is build %s, the coordinator is "
+                "%s: upgrade vendetta on the node, or add the node without --agent-command "
+                "so the coordinator installs its own",
+                self.node,
+                command,
+                version,
+                build_id(),
+            )
+        self.agent_state = str(PurePosixPath(socket).parent)
+        return socket
+
+    async def stop_agent(self, purge: bool = False) -> None:
+        """Stop the agent with its own `stop` over the connection (one of its own if the
+        node is not connected now); with ``purge`` remove its installs and state too."""
+        conn, opened = self._conn, None
+        if conn is None:
+            conn = opened = await self._open_ssh()
+        try:
+            await ssh_install.stop(conn, self.node, self.running_agent)
+            if purge:
+                await ssh_install.purge(conn, self.node, self.agent_state)
+        finally:
+            if opened is not None:
+                opened.close()
 
     async def wait_closed(self) -> None:
         if self._conn is not None:

@@ -171,7 +171,19 @@ async def _install(
                 if files:
                     await sftp.put([str(f) for f in files], f"{upload}/{part}")
     except (asyncssh.Error, OSError) as exc:
-        await _run(conn, node, f"rm -rf {shlex.quote(upload)}", "cleaning up", timeout=30)
+        lost = isinstance(
+            exc, (asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection)
+        )
+        try:
+            await _run(conn, node, f"rm -rf {shlex.quote(upload)}", "cleaning up", timeout=30)
+        except NodeUnreachableError:  # the connection is gone: the next install removes it
+            lost = True
+        if lost:
+            raise NodeUnreachableError(
+                f"node {node!r}: the SSH connection dropped while sending the agent bundle "
+                f"({exc.reason if isinstance(exc, asyncssh.Error) else exc}); nothing was "
+                "installed, retry when the node can be reached"
+            ) from exc
         raise FailedPreconditionError(
             f"node {node!r}: sending the agent bundle to {upload} failed: {exc} (is the "
             "disk full, or the home folder not writable?); nothing was installed"
@@ -203,10 +215,13 @@ trap 'rm -rf "$tmp" "$up"' EXIT
 # Leftovers of installs cut off earlier (a dropped connection).
 find "$base" -mindepth 1 -maxdepth 1 \\( -name '.partial-*' -o -name '.upload-*' \\) \\
   -mmin +5 -exec rm -rf {{}} + 2>/dev/null || true
-if ! {q(facts.python)} -m venv --without-pip "$tmp" >"$up/venv.log" 2>&1; then
-  echo "python3 -m venv failed (install python3-venv): $(tail -n 3 "$up/venv.log")" >&2
+{q(facts.python)} -m venv --without-pip "$tmp" >"$up/venv.log" 2>&1 || {{
+  rc=$?
+  if [ $rc -gt 128 ]; then echo "python3 -m venv was killed (signal $((rc - 128)))" >&2
+  else echo "python3 -m venv failed (install python3-venv): $(tail -n 3 "$up/venv.log")" >&2
+  fi
   exit 4
-fi
+}}
 export PIP_CONFIG_FILE=/dev/null
 pip() {{ "$tmp/bin/python" {q(pip)} --isolated --disable-pip-version-check --no-input \\
   install --no-index --no-cache-dir --quiet "$@"; }}
@@ -226,6 +241,57 @@ fi
 if [ -d "$final" ]; then exit 0; fi
 mv -T "$tmp" "$final"
 """
+
+
+# The agent's state folder when its `ensure` did not say (common.paths.default_agent_dir).
+DEFAULT_STATE = '"${VENDETTA_AGENT_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/vendetta-agent}"'
+
+
+async def stop(
+    conn: asyncssh.SSHClientConnection, node: str, agent_command: list[str] | None
+) -> None:
+    """Stop the agent with its own `stop`: ``agent_command``, or (not known since this
+    coordinator started) through the newest build installed on the node, if any."""
+    if agent_command is not None:
+        script = what = shlex.join([*agent_command, "stop"])
+    else:
+        what = "the installed agent's stop"
+        facts = await probe(conn, node)
+        script = f"""\
+cd {shlex.quote(facts.base)} 2>/dev/null || exit 0
+for d in $(ls -1t); do
+  [ -x "$d/bin/python" ] && exec "$d/bin/python" -m nodeagent.main stop
+done
+"""
+    result = await _run(conn, node, script, "stopping the agent")
+    if result.exit_status != 0:
+        err = (str(result.stderr or "") + str(result.stdout or "")).strip()[-800:]
+        raise FailedPreconditionError(
+            f"node {node!r}: stopping the agent with {what} failed "
+            f"(exit {result.exit_status}): {err}"
+        )
+
+
+async def purge(conn: asyncssh.SSHClientConnection, node: str, state_dir: str | None) -> None:
+    """Remove the installed agents (<data>/vendetta/agent) and the agent's state folder
+    (``state_dir``, where its `ensure` said it listens, else the default)."""
+    facts = await probe(conn, node)
+    state = shlex.quote(state_dir) if state_dir else DEFAULT_STATE
+    script = f"""\
+set -u
+base={shlex.quote(facts.base)}; state={state}
+case "$state" in /?*) ;; *) echo "not an absolute folder: '$state'" >&2; exit 3 ;; esac
+[ "$state" != "$HOME" ] || {{ echo "the agent's state folder is the home folder" >&2; exit 3; }}
+rm -rf -- "$base" "$state" || exit 1
+rmdir -- "$(dirname -- "$base")" 2>/dev/null
+exit 0
+"""
+    result = await _run(conn, node, script, "removing the agent")
+    if result.exit_status != 0:
+        err = (str(result.stderr or "") + str(result.stdout or "")).strip()[-800:]
+        raise FailedPreconditionError(
+            f"node {node!r}: removing the agent ({facts.base}) and its state failed: {err}"
+        )
 
 
 async def prune(conn: asyncssh.SSHClientConnection, node: str, agent_command: list[str]) -> None:

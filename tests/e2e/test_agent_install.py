@@ -8,13 +8,19 @@ coordinator's side; the node installs it with no package index.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.e2e.test_cli import write_config
-from tests.support.cli import Env, cli_env, containers
+from tests.support.cli import BIN, Env, cli_env, containers
+from tests.support.node_machine import NodeMachine, image_problem
 from tests.support.sshd import SshServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
@@ -118,3 +124,148 @@ def test_node_without_a_supported_python3_is_refused(
     assert "needs Python 3.11, 3.12, 3.13, 3.14 as `python3`" in out, out
     assert name not in {n["name"] for n in env.json("node", "list")}
     assert not (home / ".local" / "share" / "vendetta").exists()
+
+
+def _wait(what: str, check: Callable[[], object], within: float = 120) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+# An agent that says it is another build: this checkout's agent with build_id patched
+# before anything imports it (as an agent left running by an older vendetta).
+_OLD_AGENT = (
+    "import sys, common.version as v; v.build_id = lambda: '0.0.1+older'; "
+    "from nodeagent.main import main; main(sys.argv[1:])"
+)
+
+
+def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
+    env: Env,
+) -> None:
+    build = str(env.node("n1")["agent_version"])
+    state = env.home / "n1" / "home" / ".local" / "state" / "vendetta-agent"
+    services = "services:\n  sleeper:\n    command: 'while :; do sleep 1; done'\n"
+    cfg = write_config(env.home / "p2" / ".vendetta" / "config.yaml", "upg1", extra=services)
+    env.cli("workspace", "create", "upg1", "--remote", "n1", "--config", str(cfg))
+    env.cli("workspace", "up", "upg1")
+    (service,) = env.workspace("upg1")["services"]
+    assert service["pid"], service
+
+    # The node now runs an agent of another build in the same folder.
+    subprocess.run(
+        [str(BIN / "vendetta-agent"), "--dir", str(state), "stop"], check=True, timeout=60
+    )
+    log = state / "older.log"
+    subprocess.run(  # detached (setsid, and its shell exits): as `ensure` starts agents
+        [
+            "sh", "-c", 'setsid "$@" </dev/null >"$LOG" 2>&1 &', "sh",
+            sys.executable, "-c", _OLD_AGENT, "--dir", str(state), "run",
+        ],
+        env={**env.env, "LOG": str(log)}, check=True, timeout=30,
+    )  # fmt: skip
+    status = [str(BIN / "vendetta-agent"), "--dir", str(state), "status"]
+
+    def older_runs() -> bool:
+        out = subprocess.run(status, capture_output=True, text=True, timeout=30).stdout
+        return "version 0.0.1+older" in out
+
+    def agent_pid() -> int:  # 0 while an agent is being replaced
+        try:
+            return int((state / "agent.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    _wait("the older agent", older_runs)
+    older_pid = agent_pid()
+
+    env.nodes["n1"].kill_connections()  # the coordinator reconnects
+    _wait(
+        "the coordinator's build on n1",
+        lambda: (
+            (n := env.node("n1"))["state"] == "NODE_STATE_READY"
+            and n["agent_version"] == build
+            and agent_pid() not in (0, older_pid)
+        ),
+    )
+    _wait("the older agent to exit", lambda: not Path(f"/proc/{older_pid}").exists())
+    assert not older_runs()
+    after = env.workspace("upg1")["services"]
+    assert [(s["name"], s["pid"]) for s in after] == [("sleeper", service["pid"])]
+    env.cli("workspace", "destroy", "upg1")
+
+
+def test_ssh_dropped_mid_install_fails_clearly_and_a_retry_succeeds(env: Env) -> None:
+    root = env.home / "n3"
+    home = _node_home(root)
+    server = env.nodes["n3"] = SshServer.start(root / "sshd", session_env={"HOME": str(home)})
+    (tools,) = (env.home / "coord" / "bundles").glob("*/tools")  # built by the first test
+    huge = tools / "zz-huge.bin"
+    block = os.urandom(1 << 20)
+    with huge.open("wb") as f:  # dense (SFTP skips the holes of sparse files): 1 GiB
+        for _ in range(1024):
+            f.write(block)
+    try:
+        add = subprocess.Popen(
+            [str(BIN / "vendetta"), *_add(env, "n3", server)],
+            env=env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        agent = home / ".local" / "share" / "vendetta" / "agent"
+
+        def sending() -> bool:  # the huge file is on its way
+            return any(p.stat().st_size > 0 for p in agent.glob(".upload-*/tools/zz-huge.bin"))
+
+        _wait("the upload", sending, within=300)
+        server.kill_connections()
+        out, _ = add.communicate(timeout=120)
+    finally:
+        huge.unlink()
+    assert add.returncode != 0, out
+    message = " ".join(out.split())
+    assert "the SSH connection dropped while sending the agent bundle" in message, out
+    assert "nothing was installed" in message, out
+    assert "n3" not in {n["name"] for n in env.json("node", "list")}
+    assert not [p for p in agent.iterdir() if not p.name.startswith(".")]
+
+    again = env.cli(*_add(env, "n3", server), timeout=600)
+    assert "added" in again.stdout and "ready" in again.stdout, again.stdout
+    env.cli("node", "remove", "n3", "--purge")
+    assert not agent.exists()
+
+
+@pytest.mark.lxd
+def test_a_separate_machine_gets_the_agent_and_remove_purge_takes_it_away(env: Env) -> None:
+    problem = image_problem()
+    require("the node image", not problem, problem)
+    machine = NodeMachine.launch(env.home / "machine", user="vdnode")
+    try:
+        added = env.cli(
+            "node", "add", "m1", machine.host, "--port", str(machine.port), "--user",
+            machine.user, "--identity", str(machine.client_key_path), "--yes", timeout=600,
+        )  # fmt: skip
+        assert "added" in added.stdout and "ready" in added.stdout, added.stdout
+        node = env.wait_node("m1", "ready")
+        assert node["agent_version"] == env.node("n1")["agent_version"]
+        # No engine in there: every provider is listed, not ready, with its reason.
+        providers = {p["name"]: p for p in node["providers"]}
+        assert set(providers) == {"docker", "lxd", "qemu"}, providers
+        for p in providers.values():
+            assert not p["ready"] and p["detail"], p
+        state = "/home/vdnode/.local/state/vendetta-agent"
+        data = "/home/vdnode/.local/share/vendetta"
+        assert machine.exec("ls", f"{data}/agent").split() == [node["agent_version"]]
+        assert "agent.sock" in machine.exec("ls", state).split()
+
+        removed = env.cli("node", "remove", "m1", "--purge")
+        assert "its agent and its state deleted" in removed.stdout
+        left = machine.exec(
+            "sh", "-c",
+            f"ls -d {data}/agent {state} 2>/dev/null; "
+            "grep -l 'nodeagent[.]main' /proc/[0-9]*/cmdline 2>/dev/null; true",
+        )  # fmt: skip
+        assert left.split() == [], left
+        assert "m1" not in {n["name"] for n in env.json("node", "list")}
+    finally:
+        machine.stop()

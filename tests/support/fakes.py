@@ -301,6 +301,7 @@ class FakeTransport(Transport):
         self.connects = 0
         self.closes = 0
         self.agent_stops = 0
+        self.purges = 0
         self._channel: grpc.aio.Channel | None = None
         self._closed = asyncio.Event()
 
@@ -337,10 +338,11 @@ class FakeTransport(Transport):
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def stop_agent(self) -> None:
+    async def stop_agent(self, purge: bool = False) -> None:
         if self.unreachable or self.silent:
             raise NodeUnreachableError(f"cannot reach node {self.node!r}: fake network is down")
         self.agent_stops += 1
+        self.purges += purge
 
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         # The real loopback proxy: forwards are plain TCP on one machine.

@@ -52,6 +52,31 @@ async def test_node_remove_names_the_workspaces_then_force(cluster: Cluster) -> 
     assert [n.name for n in nodes.nodes] == ["local"]
 
 
+async def test_node_remove_purge_keeps_a_node_it_cannot_reach(cluster: Cluster) -> None:
+    cluster.transport("node1").unreachable = True
+    code, _, err = await cli(cluster, "node", "remove", "node1", "--purge")
+    assert code != 0
+    assert "fake network is down" in err and "Node 'node1' is kept" in err, err
+    nodes = await cluster.stub.ListNodes(pb.ListNodesRequest())
+    assert [n.name for n in nodes.nodes] == ["local", "node1"]
+
+    cluster.transport("node1").unreachable = False
+    code, out, _ = await cli(cluster, "node", "remove", "node1", "--purge")
+    assert code == 0 and "its agent and its state deleted" in out, out
+    assert cluster.transport("node1").purges == 1
+    nodes = await cluster.stub.ListNodes(pb.ListNodesRequest())
+    assert [n.name for n in nodes.nodes] == ["local"]
+
+
+async def test_node_upgrade_of_agents_already_current(cluster: Cluster) -> None:
+    code, out, _ = await cli(cluster, "node", "upgrade", "--all")
+    assert code == 0, out
+    for name in ("local", "node1"):
+        assert f"node {name}: agent " in out and "already the coordinator's build" in out, out
+    code, _, err = await cli(cluster, "node", "upgrade")
+    assert code != 0 and "name one node, or --all" in err, err
+
+
 async def test_cluster_status(cluster: Cluster) -> None:
     await workspace(cluster, "ws-a", "node1", up=True)
     await workspace(cluster, "ws-b", "node1")

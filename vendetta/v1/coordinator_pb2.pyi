@@ -242,7 +242,9 @@ class AddNodeRequest(_message.Message):
     """Seconds of silence before the node is disconnected; 0: the coordinator's default."""
     @_builtins.property
     def agent_command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """empty: ["vendetta-agent"]"""
+        """How to run an agent installed on the node by hand (e.g. ["vendetta-agent"]);
+        empty: the coordinator installs its own build's agent there over SSH.
+        """
 
     def __init__(
         self,
@@ -508,20 +510,24 @@ class RemoveNodeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PURGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     force: _builtins.bool
     """forget it even with workspaces on it"""
     request_id: _builtins.str
+    purge: _builtins.bool
+    """Also remove the agent's installs and state from the node (its environments stay)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         force: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        purge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name", "purge", b"purge", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,6 +547,79 @@ class RemoveNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveNodeResponse: _TypeAlias = RemoveNodeResponse  # noqa: Y015
+
+@_typing.final
+class UpgradeNodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: every node"""
+
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeNodesRequest: _TypeAlias = UpgradeNodesRequest  # noqa: Y015
+
+@_typing.final
+class NodeUpgrade(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OLD_VERSION_FIELD_NUMBER: _builtins.int
+    NEW_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    old_version: _builtins.str
+    """the agent's build before; empty: not connected"""
+    new_version: _builtins.str
+    """after; empty if it failed"""
+    error: _builtins.str
+    """why it failed; empty: upgraded or already current"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        old_version: _builtins.str = ...,
+        new_version: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "name", b"name", "new_version", b"new_version", "old_version", b"old_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeUpgrade: _TypeAlias = NodeUpgrade  # noqa: Y015
+
+@_typing.final
+class UpgradeNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeUpgrade]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___NodeUpgrade] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeNodesResponse: _TypeAlias = UpgradeNodesResponse  # noqa: Y015
 
 @_typing.final
 class WatchNodesRequest(_message.Message):

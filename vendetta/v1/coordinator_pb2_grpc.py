@@ -72,6 +72,11 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeResponse.FromString,
                 _registered_method=True)
+        self.UpgradeNodes = channel.unary_unary(
+                '/vendetta.v1.Coordinator/UpgradeNodes',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.UpgradeNodesRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.UpgradeNodesResponse.FromString,
+                _registered_method=True)
         self.TrustNode = channel.unary_unary(
                 '/vendetta.v1.Coordinator/TrustNode',
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.TrustNodeRequest.SerializeToString,
@@ -194,6 +199,14 @@ class CoordinatorServicer:
 
     def RemoveNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpgradeNodes(self, request, context):
+        """Install and start the coordinator's build of the agent on nodes now (as a
+        reconnect does); their workspaces and services keep running.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -331,6 +344,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'UpgradeNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeNodes,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.UpgradeNodesRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.UpgradeNodesResponse.SerializeToString,
             ),
             'TrustNode': grpc.unary_unary_rpc_method_handler(
                     servicer.TrustNode,
@@ -599,6 +617,33 @@ class Coordinator:
             '/vendetta.v1.Coordinator/RemoveNode',
             vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/UpgradeNodes',
+            vendetta_dot_v1_dot_coordinator__pb2.UpgradeNodesRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.UpgradeNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

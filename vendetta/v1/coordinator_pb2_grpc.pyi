@@ -46,6 +46,10 @@ class CoordinatorStub:
     GetNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.Node]
     TestNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.TestNodeResponse]
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveNodeRequest, _coordinator_pb2.RemoveNodeResponse]
+    UpgradeNodes: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.UpgradeNodesRequest, _coordinator_pb2.UpgradeNodesResponse]
+    """Install and start the coordinator's build of the agent on nodes now (as a
+    reconnect does); their workspaces and services keep running.
+    """
     TrustNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.TrustNodeRequest, _coordinator_pb2.Node]
     """Pin the node's new host key after a deliberate check (`node trust`)."""
     WatchNodes: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchNodesRequest, _coordinator_pb2.NodeEvent]
@@ -87,6 +91,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     GetNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.Node]  # type: ignore[assignment]
     TestNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.TestNodeResponse]  # type: ignore[assignment]
     RemoveNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveNodeRequest, _coordinator_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    UpgradeNodes: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.UpgradeNodesRequest, _coordinator_pb2.UpgradeNodesResponse]  # type: ignore[assignment]
+    """Install and start the coordinator's build of the agent on nodes now (as a
+    reconnect does); their workspaces and services keep running.
+    """
     TrustNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.TrustNodeRequest, _coordinator_pb2.Node]  # type: ignore[assignment]
     """Pin the node's new host key after a deliberate check (`node trust`)."""
     WatchNodes: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchNodesRequest, _coordinator_pb2.NodeEvent]  # type: ignore[assignment]
@@ -167,6 +175,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RemoveNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RemoveNodeResponse, _abc.Awaitable[_coordinator_pb2.RemoveNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpgradeNodes(
+        self,
+        request: _coordinator_pb2.UpgradeNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.UpgradeNodesResponse, _abc.Awaitable[_coordinator_pb2.UpgradeNodesResponse]]:
+        """Install and start the coordinator's build of the agent on nodes now (as a
+        reconnect does); their workspaces and services keep running.
+        """
 
     @_abc_1.abstractmethod
     def TrustNode(
