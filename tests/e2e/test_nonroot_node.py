@@ -9,8 +9,8 @@ not ready, each saying which file refused it and the command that fixes it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,14 +21,16 @@ from tests.support.cli import Env, cli_env
 from tests.support.node_user import (
     MEMBER,
     OUTSIDER,
-    agent_python,
-    home,
     open_dir,
     owner_of,
     remove_as_root,
     users_problem,
 )
 from tests.support.sshd import SshServer
+
+# `node add` builds the bundle (once per coordinator) and installs it, libvirt-python
+# compiled from its sdist on the node.
+INSTALL_TIMEOUT = 600
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sshd]
 
@@ -39,32 +41,32 @@ SECTIONS = {
 }
 
 
-def _add_user_node(e: Env, name: str, user: str, host: str, scratch: Path) -> list[Path]:
-    """Add a node reached over its own sshd as ``user``; the folders to remove after."""
+def _user_home(user: str, scratch: Path) -> Path:
+    """A fresh home of ``user``'s (its sshd sessions get it as HOME): nothing of vendetta
+    in it or on the sessions' PATH, and whatever the agent leaves goes with ``scratch``."""
+    path = scratch / f"home-{user}"
+    path.mkdir(mode=0o755)
+    shutil.chown(path, user, user)
+    return path
+
+
+def _add_user_node(e: Env, name: str, user: str, host: str, scratch: Path) -> Path:
+    """Add a node reached over its own sshd as ``user``, which `node add` installs the
+    agent for; the user's home."""
+    user_home = _user_home(user, scratch)
     # sshd reads authorized_keys as the user: in a folder it may enter (open_dir).
-    server = SshServer.start(open_dir(f"vd-sshd-{user}-"), host=host)
+    server = SshServer.start(
+        open_dir(f"vd-sshd-{user}-"), host=host, session_env={"HOME": str(user_home)}
+    )
     server.user = user
     server.authorized_keys_path.chmod(0o644)
     e.nodes[name] = server
-    agent_dir = home(user) / ".local" / "state" / f"vendetta-agent-e2e-{uuid.uuid4().hex[:8]}"
-    e.agent_dirs.append(agent_dir)
-    python = agent_python(user, scratch)
+    e.agent_dirs.append(user_home / ".local" / "state" / "vendetta-agent")
     e.cli(
-        "node",
-        "add",
-        name,
-        server.host,
-        "--port",
-        str(server.port),
-        "--user",
-        user,
-        "--identity",
-        str(server.client_key_path),
-        "--yes",
-        "--agent-command",
-        f"{python} -m nodeagent.main --dir {agent_dir}",
-    )
-    return [server.root, agent_dir]
+        "node", "add", name, server.host, "--port", str(server.port), "--user", user,
+        "--identity", str(server.client_key_path), "--yes", timeout=INSTALL_TIMEOUT,
+    )  # fmt: skip
+    return server.root
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,8 @@ def env() -> Iterator[Env]:
     try:
         with cli_env(prefix="vd-nonroot-") as e:
             e.cli("server", "start")
-            made += _add_user_node(e, "member", MEMBER, "127.0.0.11", scratch)
-            made += _add_user_node(e, "outsider", OUTSIDER, "127.0.0.12", scratch)
+            made.append(_add_user_node(e, "member", MEMBER, "127.0.0.11", scratch))
+            made.append(_add_user_node(e, "outsider", OUTSIDER, "127.0.0.12", scratch))
             yield e
     finally:
         remove_as_root(scratch, *made)
@@ -87,10 +89,20 @@ def _providers(e: Env, node: str) -> dict[str, dict[str, object]]:
     return {p["name"]: p for p in e.node(node)["providers"]}
 
 
-def test_the_agent_runs_as_the_node_user(env: Env) -> None:
-    agent_dir = next(d for d in env.agent_dirs if d.is_relative_to(home(MEMBER)))
-    pid = int((agent_dir / "agent.pid").read_text())
+def _home(e: Env, user: str) -> Path:
+    (agent_dir,) = (d for d in e.agent_dirs if f"home-{user}" in d.parts)
+    return agent_dir.parents[2]
+
+
+def test_node_add_installs_the_agent_and_it_runs_as_the_node_user(env: Env) -> None:
+    user_home = _home(env, MEMBER)
+    build = str(env.node("member")["agent_version"])
+    installed = user_home / ".local" / "share" / "vendetta" / "agent" / build
+    pid = int((user_home / ".local" / "state" / "vendetta-agent" / "agent.pid").read_text())
     assert owner_of(pid) == MEMBER
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[0].decode() == str(installed / "bin" / "python"), argv
+    assert installed.owner() == MEMBER
     ready = {name: p["ready"] for name, p in _providers(env, "member").items()}
     assert ready == {"docker": True, "lxd": True, "qemu": True}, _providers(env, "member")
 
@@ -128,7 +140,7 @@ def test_a_workspace_goes_up_runs_and_leaves_nothing(env: Env, provider: str) ->
     env.cli("workspace", "destroy", name)
     assert _leftovers(provider, name) == []
     if provider == "qemu":  # the guest's disk, console and sockets were the user's, and are gone
-        state = home(MEMBER) / ".local" / "share" / "vendetta" / "qemu"
+        state = _home(env, MEMBER) / ".local" / "share" / "vendetta" / "qemu"
         assert state.is_dir()
         assert [p.name for p in state.iterdir() if name in p.name] == []
 
