@@ -9,9 +9,11 @@ not ready, each saying which file refused it and the command that fixes it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,9 @@ def _user_home(user: str, scratch: Path) -> Path:
     return path
 
 
-def _add_user_node(e: Env, name: str, user: str, host: str, scratch: Path) -> Path:
+def _add_user_node(e: Env, name: str, user: str, host: str, scratch: Path) -> None:
     """Add a node reached over its own sshd as ``user``, which `node add` installs the
-    agent for; the user's home."""
+    agent for."""
     user_home = _user_home(user, scratch)
     # sshd reads authorized_keys as the user: in a folder it may enter (open_dir).
     server = SshServer.start(
@@ -66,7 +68,6 @@ def _add_user_node(e: Env, name: str, user: str, host: str, scratch: Path) -> Pa
         "node", "add", name, server.host, "--port", str(server.port), "--user", user,
         "--identity", str(server.client_key_path), "--yes", timeout=INSTALL_TIMEOUT,
     )  # fmt: skip
-    return server.root
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,14 @@ def env() -> Iterator[Env]:
     try:
         with cli_env(prefix="vd-nonroot-") as e:
             e.cli("server", "start")
-            made.append(_add_user_node(e, "member", MEMBER, "127.0.0.11", scratch))
-            made.append(_add_user_node(e, "outsider", OUTSIDER, "127.0.0.12", scratch))
+            nodes = [("member", MEMBER, "127.0.0.11"), ("outsider", OUTSIDER, "127.0.0.12")]
+            # Both at once: one bundle build, the two installs' compiles side by side.
+            try:
+                with ThreadPoolExecutor(len(nodes)) as pool:
+                    for add in [pool.submit(_add_user_node, e, *n, scratch) for n in nodes]:
+                        add.result()
+            finally:
+                made += [server.root for server in e.nodes.values()]
             yield e
     finally:
         remove_as_root(scratch, *made)
@@ -158,3 +165,35 @@ def test_a_user_outside_the_groups_is_told_what_is_missing(env: Env) -> None:
         assert "permission denied on" in detail and path in detail and fix in detail, detail
     status = env.cli("node", "status", "outsider").stdout
     assert f"usermod -aG docker {OUTSIDER}" in status, status
+
+
+def _node_test(e: Env, node: str) -> tuple[int, str, dict[tuple[str, str], dict[str, object]]]:
+    """`node test` as a table and as JSON: (exit code, table, rows by (provider, check))."""
+    table = e.cli("node", "test", node, check=False)
+    as_json = e.cli("node", "test", node, "--json", check=False)
+    assert as_json.returncode == table.returncode, (table, as_json)
+    checks = json.loads(as_json.stdout)["checks"]
+    return table.returncode, table.stdout, {(c["provider"], c["name"]): c for c in checks}
+
+
+def test_node_test_passes_every_row_for_a_member_of_the_groups(env: Env) -> None:
+    code, table, rows = _node_test(env, "member")
+    assert code == 0 and "all checks passed" in table, table
+    for provider in ("docker", "lxd", "qemu"):
+        for check in ("installed", "reachable", "permitted", "usable", "images"):
+            row = rows[(provider, check)]
+            assert row["ok"] and not row["skipped"], row
+
+
+def test_node_test_fails_permitted_for_a_user_outside_the_groups(env: Env) -> None:
+    code, table, rows = _node_test(env, "outsider")
+    assert code == 1, table
+    flat = " ".join(table.split())
+    for provider, group in (("docker", "docker"), ("lxd", "lxd"), ("qemu", "libvirt")):
+        assert rows[(provider, "installed")]["ok"], rows[(provider, "installed")]
+        assert rows[(provider, "reachable")]["ok"], rows[(provider, "reachable")]
+        permitted = rows[(provider, "permitted")]
+        fix = f"sudo usermod -aG {group} {OUTSIDER}"
+        assert not permitted["ok"] and fix in str(permitted["fix"]), permitted
+        assert f"{provider} permitted: " in flat and fix in flat, table
+        assert rows[(provider, "usable")]["skipped"], rows[(provider, "usable")]
