@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from common.errors import FailedPreconditionError
 from common.paths import agent_log, agent_pid, agent_socket, private_dir
 from common.process import read_pid, start_detached, terminate
 from common.version import build_id
@@ -45,7 +46,15 @@ async def probe(sock: Path, timeout: float = 2.0) -> nodeagent_pb2.InfoResponse 
 
 
 async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) -> AgentStatus:
-    await asyncio.to_thread(private_dir, agent_dir)
+    try:
+        await asyncio.to_thread(private_dir, agent_dir)
+    except OSError as exc:
+        raise FailedPreconditionError(
+            f"cannot create the agent's state folder {agent_dir}: {exc.strerror or exc} "
+            f"({exc.filename or agent_dir}): make it writable for this user, or set "
+            "XDG_STATE_HOME (or VENDETTA_AGENT_DIR) to a writable folder for its SSH "
+            "sessions (e.g. in its ~/.bashrc)"
+        ) from exc
     sock = agent_socket(agent_dir)
     info = await probe(sock)
     if info is not None and info.version == build_id():
