@@ -12,6 +12,7 @@ rollback, older ones are removed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -35,6 +36,9 @@ from coordinator.agent_bundle import (
 log = logging.getLogger("vendetta.coordinator")
 
 INSTALL_TIMEOUT = 600.0
+_BY_HAND = (
+    "Use another node, or install vendetta on this one yourself and add it with --agent-command"
+)
 _PROBE = """\
 printf 'arch %s\\n' "$(uname -m)"
 printf 'home %s\\n' "$HOME"
@@ -91,11 +95,15 @@ def parse_probe(node: str, out: str) -> NodeFacts:
     if arch not in SUPPORTED_ARCHES:
         raise FailedPreconditionError(
             f"node {node!r} is a {arch or 'unknown'} machine: the agent runs on "
-            f"{', '.join(SUPPORTED_ARCHES)} (uname -m)"
+            f"{', '.join(SUPPORTED_ARCHES)} (uname -m). {_BY_HAND}"
         )
     data = facts.get("data") or f"{facts.get('home', '')}/.local/share"
     if not data.startswith("/"):
-        raise FailedPreconditionError(f"node {node!r}: the SSH user has no home folder ({data!r})")
+        raise FailedPreconditionError(
+            f"node {node!r}: the SSH user has no home folder ({data!r}), where the agent is "
+            "installed: give the user a home folder, or set XDG_DATA_HOME to a writable "
+            "folder for its SSH sessions (e.g. in its ~/.bashrc)"
+        )
     return NodeFacts(
         arch=arch,
         home=facts.get("home", ""),
@@ -136,8 +144,11 @@ async def ensure_installed(
         return facts.agent_command(build)
     await _check_glibc(conn, node, facts)
     bundle = await get_bundle(bundles_dir, facts.version[:2], facts.arch)
+    needed = await asyncio.to_thread(bundle.space_needed)
+    if space := await _space(conn, node, facts):
+        check_space(node, facts, space, needed)
     log.info("node %s: installing agent %s in %s", node, build, facts.install_dir(build))
-    await _install(conn, node, facts, bundle)
+    await _install(conn, node, facts, bundle, needed)
     log.info("node %s: agent %s installed", node, build)
     return facts.agent_command(build)
 
@@ -150,12 +161,93 @@ async def _check_glibc(conn: asyncssh.SSHClientConnection, node: str, facts: Nod
     if lib != "glibc" or nums < MIN_GLIBC:
         raise FailedPreconditionError(
             f"node {node!r} has {lib or 'an unknown C library'} {version}: the agent's "
-            f"wheels need glibc {'.'.join(map(str, MIN_GLIBC))} or newer"
+            f"wheels need glibc {'.'.join(map(str, MIN_GLIBC))} or newer. {_BY_HAND}"
         )
 
 
+# The nearest existing folder of the install's base: bytes free there, writable or not.
+_SPACE = """\
+import os, shutil, sys
+d = sys.argv[1]
+while not os.path.isdir(d):
+    d = os.path.dirname(d)
+print(shutil.disk_usage(d).free, int(os.access(d, os.W_OK | os.X_OK)), d)
+"""
+_NO_SPACE = ("No space left on device", "[Errno 28]", "ENOSPC")
+
+
+@dataclass(frozen=True)
+class Space:
+    where: str  # the install's base, or its nearest existing parent folder
+    free: int | None  # bytes; None when unknown
+    writable: bool
+
+
+def parse_space(out: str) -> Space | None:
+    free, writable, where = [*out.strip().split(" ", 2), "", "", ""][:3]
+    if not free.isdigit() or not where.startswith("/"):
+        return None
+    return Space(where, int(free), writable == "1")
+
+
+async def _space(conn: asyncssh.SSHClientConnection, node: str, facts: NodeFacts) -> Space | None:
+    script = shlex.join([facts.python, "-c", _SPACE, facts.base])
+    result = await _run(conn, node, script, "checking the node's free space")
+    return parse_space(str(result.stdout or "")) if result.exit_status == 0 else None
+
+
+def _mb(n: int) -> int:
+    return -(-n // 1_000_000)
+
+
+def disk_full(node: str, space: Space, needed: int) -> FailedPreconditionError:
+    free = "" if space.free is None else f"{_mb(space.free)} MB free, "
+    return FailedPreconditionError(
+        f"node {node!r}: no space left on the node's disk at {space.where} ({free}the "
+        f"agent needs about {_mb(needed)} MB): free some space there and retry (or set "
+        "XDG_DATA_HOME to a folder on a bigger disk for the SSH user's sessions); nothing "
+        "was installed"
+    )
+
+
+def check_space(node: str, facts: NodeFacts, space: Space, needed: int) -> None:
+    """Refuse an install that cannot fit or cannot be written, before sending anything."""
+    if not space.writable:
+        raise FailedPreconditionError(
+            f"node {node!r}: the SSH user cannot write to {space.where}, where the agent is "
+            f"installed ({facts.base}): make it writable for that user, or set XDG_DATA_HOME "
+            "to a writable folder for its SSH sessions (e.g. in its ~/.bashrc), and retry"
+        )
+    if space.free is not None and space.free < needed:
+        raise disk_full(node, space, needed)
+
+
+async def _failure(
+    conn: asyncssh.SSHClientConnection,
+    node: str,
+    facts: NodeFacts,
+    needed: int,
+    output: str,
+    otherwise: str,
+) -> FailedPreconditionError:
+    """Why an upload or install failed: the disk (its output says so, or there is not
+    room for the agent now its leftovers are gone), rights, or else ``otherwise``."""
+    try:
+        space = await _space(conn, node, facts)
+    except NodeUnreachableError:
+        space = None
+    if any(sign in output for sign in _NO_SPACE):
+        return disk_full(node, space or Space(facts.base, None, True), needed)
+    if space is not None:
+        try:
+            check_space(node, facts, space, needed)
+        except FailedPreconditionError as exc:
+            return exc
+    return FailedPreconditionError(otherwise)
+
+
 async def _install(
-    conn: asyncssh.SSHClientConnection, node: str, facts: NodeFacts, bundle: Bundle
+    conn: asyncssh.SSHClientConnection, node: str, facts: NodeFacts, bundle: Bundle, needed: int
 ) -> None:
     token = secrets.token_hex(4)
     base = facts.base
@@ -184,18 +276,20 @@ async def _install(
                 f"({exc.reason if isinstance(exc, asyncssh.Error) else exc}); nothing was "
                 "installed, retry when the node can be reached"
             ) from exc
-        raise FailedPreconditionError(
-            f"node {node!r}: sending the agent bundle to {upload} failed: {exc} (is the "
-            "disk full, or the home folder not writable?); nothing was installed"
-        ) from exc
+        raise await _failure(
+            conn, node, facts, needed, str(exc),
+            f"node {node!r}: sending the agent bundle to {upload} failed: {exc}; nothing "
+            "was installed",
+        ) from exc  # fmt: skip
     script = _install_script(facts, bundle, upload, token)
     result = await _run(conn, node, script, "installing the agent", timeout=INSTALL_TIMEOUT)
     if result.exit_status != 0:
         err = (str(result.stderr or "") + str(result.stdout or "")).strip()[-1200:]
-        raise FailedPreconditionError(
+        raise await _failure(
+            conn, node, facts, needed, err,
             f"node {node!r}: installing the agent in {facts.install_dir(bundle.build)} failed "
-            f"(exit {result.exit_status}): {err}; nothing was installed, a retry starts afresh"
-        )
+            f"(exit {result.exit_status}): {err}; nothing was installed, a retry starts afresh",
+        )  # fmt: skip
     for line in str(result.stdout or "").splitlines():
         if line.startswith("optional:"):
             log.warning("node %s: %s", node, line)
@@ -218,7 +312,9 @@ find "$base" -mindepth 1 -maxdepth 1 \\( -name '.partial-*' -o -name '.upload-*'
 {q(facts.python)} -m venv --without-pip "$tmp" >"$up/venv.log" 2>&1 || {{
   rc=$?
   if [ $rc -gt 128 ]; then echo "python3 -m venv was killed (signal $((rc - 128)))" >&2
-  else echo "python3 -m venv failed (install python3-venv): $(tail -n 3 "$up/venv.log")" >&2
+  elif grep -q "No module named venv" "$up/venv.log"; then
+    echo "this python3 has no venv module: install it (Debian/Ubuntu: apt install python3-venv)" >&2
+  else echo "python3 -m venv failed: $(tail -n 3 "$up/venv.log")" >&2
   fi
   exit 4
 }}

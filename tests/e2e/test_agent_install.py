@@ -235,16 +235,54 @@ def test_ssh_dropped_mid_install_fails_clearly_and_a_retry_succeeds(env: Env) ->
     assert not agent.exists()
 
 
+def _fill_when_the_upload_starts(machine: NodeMachine, share: str) -> subprocess.Popen[bytes]:
+    """As root in the node: once an install's upload folder appears (after the install
+    checked the free space), fill the disk up."""
+    script = (
+        f"while ! ls -d {share}/vendetta/agent/.upload-* >/dev/null 2>&1; do sleep 0.05; done; "
+        f"dd if=/dev/zero of={share}/filler bs=1M 2>/dev/null; true"
+    )
+    return subprocess.Popen(["lxc", "exec", machine.name, "--", "sh", "-c", script])
+
+
 @pytest.mark.lxd
-def test_a_separate_machine_gets_the_agent_and_remove_purge_takes_it_away(env: Env) -> None:
+def test_a_separate_machine_with_a_full_disk_then_gets_the_agent_and_remove_purge_takes_it_away(
+    env: Env,
+) -> None:
     problem = image_problem()
     require("the node image", not problem, problem)
     machine = NodeMachine.launch(env.home / "machine", user="vdnode")
+    add = [
+        "node", "add", "m1", machine.host, "--port", str(machine.port), "--user",
+        machine.user, "--identity", str(machine.client_key_path), "--yes",
+    ]  # fmt: skip
+    share = "/home/vdnode/.local/share"  # where the agent is installed: its own small disk
     try:
-        added = env.cli(
-            "node", "add", "m1", machine.host, "--port", str(machine.port), "--user",
-            machine.user, "--identity", str(machine.client_key_path), "--yes", timeout=600,
+        machine.exec(
+            "sh", "-c", f"mkdir -p {share} && mount -t tmpfs -o size=8m tmpfs {share} && "
+            f"chown vdnode:vdnode {share} {share}/..",
         )  # fmt: skip
+        # Smaller than the bundle: refused before anything is sent.
+        out = env.fails(*add)
+        assert f"no space left on the node's disk at {share} (" in out, out
+        assert "free some space there and retry" in out and "nothing was installed" in out, out
+        assert "m1" not in {n["name"] for n in env.json("node", "list")}
+        assert machine.exec("ls", "-A", share).split() == []
+
+        # Room for the agent, but the disk fills up while it is installed.
+        machine.exec("mount", "-o", "remount,size=160m", share)
+        filler = _fill_when_the_upload_starts(machine, share)
+        try:
+            out = env.fails(*add)
+        finally:
+            filler.wait(timeout=60)
+        assert f"no space left on the node's disk at {share}" in out, out
+        assert "free some space there and retry" in out, out
+        assert "m1" not in {n["name"] for n in env.json("node", "list")}
+        assert machine.exec("ls", "-A", f"{share}/vendetta/agent").split() == []
+
+        machine.exec("rm", f"{share}/filler")  # the cause fixed: a retry installs
+        added = env.cli(*add, timeout=600)
         assert "added" in added.stdout and "ready" in added.stdout, added.stdout
         node = env.wait_node("m1", "ready")
         assert node["agent_version"] == env.node("n1")["agent_version"]
