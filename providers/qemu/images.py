@@ -1,9 +1,13 @@
 """The guest images on this node, and the per-guest disk made from one. Blocking helpers.
 
-An image is a directory under the image directory holding the kernel, the
+An image is a directory under an image directory holding the kernel, the
 initrd and the root filesystem (``IMAGE_FILES``, built by
 ``scripts/build-guest-image.sh``). Each guest boots on a qcow2 overlay of the
 image's root filesystem, so the image itself is never written.
+
+An agent searches a list of image directories, the first holding an image by a
+name wins, and imports into the first of them (``provider.default_image_dirs``:
+a non-root agent's own folder, then root's, which it may only read).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from common.errors import (
@@ -40,13 +44,27 @@ IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def images(image_dir: Path) -> list[str]:
-    """The complete images under ``image_dir``, sorted."""
-    try:
-        entries = sorted(image_dir.iterdir())
-    except OSError:
-        return []
-    return [e.name for e in entries if all((e / f).is_file() for f in IMAGE_FILES)]
+def _found(image_dirs: Sequence[Path]) -> dict[str, Path]:
+    """Each complete image's name -> its folder, the first directory holding it winning."""
+    found: dict[str, Path] = {}
+    for image_dir in image_dirs:
+        try:
+            entries = sorted(image_dir.iterdir())
+        except OSError:
+            continue
+        for e in entries:
+            if e.name not in found and all((e / f).is_file() for f in IMAGE_FILES):
+                found[e.name] = e
+    return found
+
+
+def images(image_dirs: Sequence[Path]) -> list[str]:
+    """The complete images under ``image_dirs``, sorted."""
+    return sorted(_found(image_dirs))
+
+
+def where(image_dirs: Sequence[Path]) -> str:
+    return " or ".join(str(d) for d in image_dirs)
 
 
 FORMATS = (
@@ -55,11 +73,10 @@ FORMATS = (
 )
 
 
-def image_infos(image_dir: Path) -> list[ImageInfo]:
+def image_infos(image_dirs: Sequence[Path]) -> list[ImageInfo]:
     """The complete images, with their files' total size and the folder's time."""
     found: list[ImageInfo] = []
-    for name in images(image_dir):
-        folder = image_dir / name
+    for name, folder in sorted(_found(image_dirs).items()):
         try:
             size = sum((folder / f).stat().st_size for f in IMAGE_FILES)
             created = folder.stat().st_mtime_ns
@@ -86,8 +103,10 @@ def _backing_file(rootfs: Path) -> str:
     return str(json.loads(info.stdout).get("backing-filename") or "")
 
 
-def import_files(image_dir: Path, name: str, files: Mapping[str, Path]) -> None:
-    """Put ``files`` (IMAGE_FILES by name) in ``image_dir/name`` whole or not at all."""
+def import_files(image_dirs: Sequence[Path], name: str, files: Mapping[str, Path]) -> None:
+    """Put ``files`` (IMAGE_FILES by name) in ``image_dirs[0]/name`` whole or not at all;
+    refused when any of ``image_dirs`` has an image by that name."""
+    image_dir = image_dirs[0]
     image_paths_check = _IMAGE_NAME.fullmatch(name) and ".." not in name and "/" not in name
     if not image_paths_check:
         raise InvalidArgumentError(
@@ -105,12 +124,14 @@ def import_files(image_dir: Path, name: str, files: Mapping[str, Path]) -> None:
             "(`qemu-img convert -O qcow2 IN rootfs.qcow2`)"
         )
     target = image_dir / name
-    if target.exists():
-        raise AlreadyExistsError(
-            f"this node already has a guest image {name!r} ({target}): pick another --name"
-        )
+    for existing in (d / name for d in image_dirs):
+        if existing.exists():
+            raise AlreadyExistsError(
+                f"this node already has a guest image {name!r} ({existing}): pick another --name"
+            )
+    if problem := reachable_folder_problem(image_dir, "keep guest images"):
+        raise FailedPreconditionError(problem)
     try:
-        image_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=image_dir))
     except OSError as exc:
         raise FailedPreconditionError(
@@ -135,51 +156,63 @@ def import_files(image_dir: Path, name: str, files: Mapping[str, Path]) -> None:
         raise
 
 
-def image_paths(image_dir: Path, image: str) -> tuple[Path, Path, Path]:
+def image_paths(image_dirs: Sequence[Path], image: str) -> tuple[Path, Path, Path]:
     """(kernel, initrd, root filesystem) of ``image``; the error says which images there are."""
     if not _IMAGE_NAME.fullmatch(image) or ".." in image:
         raise InvalidArgumentError(
-            f"invalid guest image name {image!r}: a directory name under {image_dir} "
+            f"invalid guest image name {image!r}: a directory name under {where(image_dirs)} "
             f"(e.g. {DEFAULT_IMAGE!r})"
         )
-    base = image_dir / image
-    kernel, initrd, rootfs = (base / f for f in IMAGE_FILES)
-    missing = [p.name for p in (kernel, initrd, rootfs) if not p.is_file()]
-    if missing:
-        have = ", ".join(images(image_dir)) or "none"
+    found = _found(image_dirs)
+    if image not in found:
+        partial = [d / image for d in image_dirs if (d / image).exists()]
+        lacks = [
+            f"{base} lacks {', '.join(f for f in IMAGE_FILES if not (base / f).is_file())}"
+            for base in partial
+        ]
+        why = "; ".join(lacks) or f"not in {where(image_dirs)}"
+        have = ", ".join(sorted(found)) or "none"
         raise ImageNotFoundError(
-            f"guest image {image!r} not found on this node ({base} lacks "
-            f"{', '.join(missing)}); images on this node: {have}. {IMAGE_HINT}"
+            f"guest image {image!r} not found on this node ({why}); images on this node: "
+            f"{have}. {IMAGE_HINT}"
         )
+    kernel, initrd, rootfs = (found[image] / f for f in IMAGE_FILES)
     return kernel, initrd, rootfs
 
 
-def state_dir_problem(state_dir: Path) -> str | None:
-    """Why guests' files cannot go in ``state_dir`` (made if missing), or None.
+def reachable_folder_problem(folder: Path, what: str, env: str = "") -> str | None:
+    """Why this agent cannot write in ``folder`` (made if missing, folders on the way
+    0755) where QEMU also reads, or None.
 
-    The agent writes them; QEMU, which runs as its own user under
-    ``qemu:///system``, opens the disk by its path (libvirt gives it the files
-    themselves), so every folder on the way must let other users through.
+    QEMU runs as its own user under ``qemu:///system`` and opens disks (and their
+    backing images) by their paths, so every folder on the way must let other
+    users through.
     """
-    missing = [d for d in (state_dir, *state_dir.parents) if not d.exists()]
+    instead = f", or set {env} to a folder of this user's" if env else ""
+    missing = [d for d in (folder, *folder.parents) if not d.exists()]
     try:
-        for folder in reversed(missing):
-            folder.mkdir(mode=0o755, exist_ok=True)
-            folder.chmod(0o755)  # whatever the umask
-        if not os.access(state_dir, os.W_OK | os.X_OK):
-            raise PermissionError(f"{state_dir} is not writable by this user")
+        for made in reversed(missing):
+            made.mkdir(mode=0o755, exist_ok=True)
+            made.chmod(0o755)  # whatever the umask
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable by this user")
     except OSError as exc:
         return (
-            f"cannot keep guests' disks in {state_dir}: {exc.strerror or exc}: run the agent "
-            f"as the folder's owner, or set {STATE_DIR_ENV} to a folder of this user's"
+            f"cannot {what} in {folder}: {exc.strerror or exc}: run the agent as the "
+            f"folder's owner{instead}"
         )
-    if blocked := unreachable_by_others(str(state_dir)):
+    if blocked := unreachable_by_others(str(folder)):
+        passable = f", or set {env} to a folder others may pass through" if env else ""
         return (
-            f"QEMU runs as its own user and cannot reach {state_dir}: {blocked} is closed to "
-            f"other users: `chmod o+x {blocked}`, or set {STATE_DIR_ENV} to a folder others "
-            "may pass through"
+            f"QEMU runs as its own user and cannot reach {folder}: {blocked} is closed to "
+            f"other users: `chmod o+x {blocked}`{passable}"
         )
     return None
+
+
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why guests' files cannot go in ``state_dir`` (made if missing), or None."""
+    return reachable_folder_problem(state_dir, "keep guests' disks", STATE_DIR_ENV)
 
 
 def make_overlay(rootfs: Path, overlay: Path, disk_bytes: int | None) -> None:
@@ -225,5 +258,7 @@ __all__ = [
     "images",
     "import_files",
     "make_overlay",
+    "reachable_folder_problem",
     "state_dir_problem",
+    "where",
 ]

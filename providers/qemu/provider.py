@@ -102,8 +102,22 @@ def default_state_dir() -> Path:
         return Path(env).expanduser()
     if os.geteuid() == 0:
         return DEFAULT_STATE_DIR
+    return _user_data() / "vendetta" / "qemu"
+
+
+def _user_data() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "vendetta" / "qemu"
+    return Path(xdg) if xdg else Path.home() / ".local" / "share"
+
+
+def default_image_dirs() -> tuple[Path, ...]:
+    """Where this agent finds guest images, the first holding a name winning; it imports
+    into the first. Root: ``/var/cache/vendetta/images``. Any other user: its own
+    ``$XDG_DATA_HOME/vendetta/images`` (by default ``~/.local/share/vendetta/images``),
+    then root's, which it may read but not write."""
+    if os.geteuid() == 0:
+        return (DEFAULT_IMAGE_DIR,)
+    return (_user_data() / "vendetta" / "images", DEFAULT_IMAGE_DIR)
 
 
 class QemuProvider(Provider):
@@ -122,14 +136,14 @@ class QemuProvider(Provider):
         self,
         agent_id: str,
         uri: str | None = None,
-        image_dir: Path = DEFAULT_IMAGE_DIR,
+        image_dirs: Sequence[Path] | None = None,
         state_dir: Path | None = None,
     ) -> None:
         """Nothing connects here: libvirt is opened on first use, in a thread."""
         super().__init__(agent_id)
         # As virsh does: an explicit URI, else LIBVIRT_DEFAULT_URI, else the system daemon.
         self.uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
-        self.image_dir = Path(image_dir)
+        self.image_dirs = tuple(map(Path, image_dirs or default_image_dirs()))
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self._libvirt = EngineClient(
             lambda: guests.connect(self.uri),
@@ -138,7 +152,7 @@ class QemuProvider(Provider):
             close=guests.close,
         )
         self._consoles = Consoles(self._libvirt)
-        self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dir, self.state_dir)
+        self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dirs, self.state_dir)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -175,10 +189,10 @@ class QemuProvider(Provider):
     # -- images ----------------------------------------------------------------
 
     async def _images(self) -> builtins.list[ImageInfo]:
-        return await asyncio.to_thread(image_infos, self.image_dir)
+        return await asyncio.to_thread(image_infos, self.image_dirs)
 
     async def _import_image(self, name: str, files: Mapping[str, Path]) -> builtins.list[ImageInfo]:
-        await asyncio.to_thread(import_files, self.image_dir, name, files)
+        await asyncio.to_thread(import_files, self.image_dirs, name, files)
         return [i for i in await self._images() if i.name == name]
 
     # -- lifecycle -------------------------------------------------------------
@@ -190,7 +204,7 @@ class QemuProvider(Provider):
                 f"memory must be at least {MIN_MEMORY // 2**20} MiB for a guest, "
                 f"got {spec.memory_bytes} bytes"
             )
-        kernel, initrd, rootfs = image_paths(self.image_dir, spec.image)
+        kernel, initrd, rootfs = image_paths(self.image_dirs, spec.image)
         name = self.domain_name(workspace)
         files = self._files(name)
         if problem := socket_path_problem(files):

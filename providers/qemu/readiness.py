@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import libvirt
@@ -10,7 +11,7 @@ import libvirt
 from common.errors import VendettaError
 from providers.base import IMAGES, PERMITTED, Readiness, failed_check
 from providers.qemu.errors import IMAGE_HINT
-from providers.qemu.images import IMAGE_FILES, images, state_dir_problem
+from providers.qemu.images import image_paths, images, state_dir_problem, where
 from providers.qemu.kvm import known, probe_kvm
 from providers.threaded import EngineClient
 
@@ -22,12 +23,12 @@ class ReadinessCheck:
         self,
         client: EngineClient[libvirt.virConnect],
         uri: str,
-        image_dir: Path,
+        image_dirs: Sequence[Path],
         state_dir: Path,
     ) -> None:
         self._libvirt = client
         self._uri = uri
-        self._image_dir = image_dir
+        self._image_dirs = image_dirs
         self._state_dir = state_dir
         self._kvm_probe: asyncio.Future[tuple[bool, str]] | None = None
 
@@ -37,8 +38,10 @@ class ReadinessCheck:
             hv = await self._libvirt.call("checking libvirt", lambda c: c.getVersion())
         except VendettaError as exc:
             return Readiness(ready=False, detail=exc.message, failed=failed_check(exc))
-        found = await asyncio.to_thread(images, self._image_dir)
-        kernel = self._image_dir / found[0] / IMAGE_FILES[0] if found else None
+        found = await asyncio.to_thread(images, self._image_dirs)
+        kernel = (
+            (await asyncio.to_thread(image_paths, self._image_dirs, found[0]))[0] if found else None
+        )
         probed = await self._kvm_known(kernel)
 
         def dotted(v: int) -> str:
@@ -63,7 +66,7 @@ class ReadinessCheck:
         if not found:
             return Readiness(
                 ready=False,
-                detail=f"{detail}; no guest image in {self._image_dir}: {IMAGE_HINT}",
+                detail=f"{detail}; no guest image in {where(self._image_dirs)}: {IMAGE_HINT}",
                 version=dotted(version),
                 failed=IMAGES,
                 mode=mode,

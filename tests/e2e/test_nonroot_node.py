@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,9 @@ from tests.support.sshd import SshServer
 # `node add` builds the bundle (once per coordinator) and installs it, libvirt-python
 # compiled from its sdist on the node.
 INSTALL_TIMEOUT = 600
+# The test guest image (root's, readable by all) and its files (providers.qemu.images).
+SYSTEM_IMAGE = Path("/var/cache/vendetta/images/debian-12")
+GUEST_FILES = ("vmlinuz", "initrd.img", "rootfs.qcow2")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sshd]
 
@@ -197,3 +201,34 @@ def test_node_test_fails_permitted_for_a_user_outside_the_groups(env: Env) -> No
         assert not permitted["ok"] and fix in str(permitted["fix"]), permitted
         assert f"{provider} permitted: " in flat and fix in flat, table
         assert rows[(provider, "usable")]["skipped"], rows[(provider, "usable")]
+
+
+@pytest.mark.qemu
+def test_a_qemu_image_imported_as_the_node_user_lands_in_its_own_folder_and_boots(
+    env: Env,
+) -> None:
+    # Root's image folder is not the user's to write: the import goes to its own.
+    name = f"nr-own-{uuid.uuid4().hex[:6]}"
+    own = _home(env, MEMBER) / ".local" / "share" / "vendetta" / "images"
+    done = env.cli(
+        "image", "import", "member", str(SYSTEM_IMAGE), "--provider", "qemu", "--name", name,
+        timeout=300,
+    )  # fmt: skip
+    assert f"Imported on member (qemu): {name}" in done.stderr, done.stderr
+    assert sorted(p.name for p in (own / name).iterdir()) == sorted(GUEST_FILES)
+    assert (own / name).owner() == MEMBER
+    assert not (SYSTEM_IMAGE.parent / name).exists()
+    listed = {i["name"] for i in env.json("image", "list", "member", "--provider", "qemu")}
+    assert {name, SYSTEM_IMAGE.name} <= listed, listed
+    # QEMU, as its own user, boots a guest on it
+    ws = "nr-own-image"
+    config = env.home / ws / ".vendetta" / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    qemu = f"qemu: {{image: {name}, cpu: 1, memory: 512M, disk: 2G}}"
+    config.write_text(f"name: {ws}\nprovider: qemu\n{qemu}\n")
+    env.cli("workspace", "create", ws, "--remote", "member", "--config", str(config))
+    env.cli("workspace", "up", ws)
+    run = env.cli("workspace", "exec", ws, "--", "sh", "-c", "echo own-$((40+2))")
+    assert run.stdout.split() == ["own-42"], run.stdout
+    env.cli("workspace", "destroy", ws)
+    assert _leftovers("qemu", ws) == []
