@@ -1,10 +1,13 @@
-"""Nodes whose SSH user is not root: the agent runs as that user.
+"""Nodes whose SSH user is not root: `node add` installs the agent, which runs as that user.
 
-A user in the docker, lxd, libvirt and kvm groups gets a workspace on each
-provider up, runs a command in it and destroys it, leaving nothing behind (no
-container, instance or domain; nothing in the QEMU state folder, which is the
-user's own). A user in none of the groups gets a node whose providers are
-not ready, each saying which file refused it and the command that fixes it.
+Each user's sshd sessions get a fresh home with nothing of vendetta in it or on
+the PATH. A user in the docker, lxd, libvirt and kvm groups gets a workspace on
+each provider up, runs a command in it and destroys it, leaving nothing behind
+(no container, instance or domain; nothing in the QEMU state folder, which is
+the user's own); `node test` passes every row; a QEMU image it imports goes to
+its own image folder and boots. A user in none of the groups gets a node whose
+providers are not ready, each saying which file refused it and the command
+that fixes it, and `node test` fails their `permitted` rows with that fix.
 """
 
 from __future__ import annotations
