@@ -143,7 +143,7 @@ def _leftovers(provider: str, workspace: str) -> list[str]:
     ],
 )
 def test_a_workspace_goes_up_runs_and_leaves_nothing(env: Env, provider: str) -> None:
-    name = f"nr-{provider}"
+    name = f"nr-{provider}-{uuid.uuid4().hex[:6]}"  # apart from any other run on this host
     config = env.home / name / ".vendetta" / "config.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(f"name: {name}\nprovider: {provider}\n{SECTIONS[provider]}\n")
