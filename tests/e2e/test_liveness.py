@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_IMAGE
-from tests.support.cli import BIN, Env, cli_env
+from tests.support.cli import BIN, Env, cli_env, wait_for
 from tests.support.sshd import SshServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
@@ -49,17 +49,6 @@ def answers(port: int) -> str | None:
         return fetch(port)
     except OSError:
         return None
-
-
-def wait_for(what: str, check: Callable[[], Any], within: float, show: Any = None) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show() if show else result}")
-        time.sleep(0.2)
 
 
 class Watch:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE
-from tests.support.cli import BIN, Env, cli_env
+from tests.support.cli import BIN, Env, cli_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -89,17 +89,6 @@ def project(request: pytest.FixtureRequest) -> Iterator[tuple[Env, str, Path]]:
 
 def services(e: Env, ws: str) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in e.workspace(ws)["services"]}
-
-
-def wait_for(what: str, check: Any, within: float = 60, show: Any = None) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show() if show else result}")
-        time.sleep(0.3)
 
 
 def test_up_starts_services_in_dependency_order(project: tuple[Env, str, Path]) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,3 +150,15 @@ def cli_env(prefix: str = "vd-e2e-") -> Iterator[Env]:
                 c.remove(force=True)
         client.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_for(what: str, check: Callable[[], Any], within: float = 60, show: Any = None) -> Any:
+    """``check()`` once it is truthy; fails with ``what`` (and ``show()``) after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {show() if show else result}")
+        time.sleep(0.2)
