@@ -148,10 +148,11 @@ def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
     build = str(env.node("n1")["agent_version"])
     state = env.home / "n1" / "home" / ".local" / "state" / "vendetta-agent"
     services = "services:\n  sleeper:\n    command: 'while :; do sleep 1; done'\n"
-    cfg = write_config(env.home / "p2" / ".vendetta" / "config.yaml", "upg1", extra=services)
-    env.cli("workspace", "create", "upg1", "--remote", "n1", "--config", str(cfg))
-    env.cli("workspace", "up", "upg1")
-    (service,) = env.workspace("upg1")["services"]
+    ws = "upg1"
+    cfg = write_config(env.home / ws / ".vendetta" / "config.yaml", ws, extra=services)
+    env.cli("workspace", "create", ws, "--remote", "n1", "--config", str(cfg))
+    env.cli("workspace", "up", ws)
+    (service,) = env.workspace(ws)["services"]
     assert service["pid"], service
 
     # The node now runs an agent of another build in the same folder.
@@ -192,9 +193,11 @@ def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
     )
     _wait("the older agent to exit", lambda: not Path(f"/proc/{older_pid}").exists())
     assert not older_runs()
-    after = env.workspace("upg1")["services"]
+    # The reconciler picks the services' state up again from the new agent.
+    _wait("the service's state from the new agent", lambda: env.workspace(ws)["services"][0]["pid"])
+    after = env.workspace(ws)["services"]
     assert [(s["name"], s["pid"]) for s in after] == [("sleeper", service["pid"])]
-    env.cli("workspace", "destroy", "upg1")
+    env.cli("workspace", "destroy", ws)
 
 
 def test_ssh_dropped_mid_install_fails_clearly_and_a_retry_succeeds(env: Env) -> None:
