@@ -284,6 +284,23 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         imported = await images.receive(request_iterator, self.providers, self.spool_dir)
         return common_pb2.ImportImageResponse(images=imported)
 
+    # The source RPCs: nodeagent/sources.py fills these in (issue 17, in progress).
+    async def PutSource(
+        self, request_iterator: AsyncIterator[nodeagent_pb2.SourceUpload], context: Ctx
+    ) -> nodeagent_pb2.SourceReceipt:
+        raise FailedPreconditionError("this agent cannot receive a workspace's source yet")
+
+    async def GetSource(
+        self, request: nodeagent_pb2.GetSourceRequest, context: Ctx
+    ) -> AsyncIterator[nodeagent_pb2.SourceChunk]:
+        raise FailedPreconditionError("this agent cannot send a workspace's source yet")
+        yield nodeagent_pb2.SourceChunk()  # pragma: no cover - makes this a generator
+
+    async def DeleteSource(
+        self, request: nodeagent_pb2.DeleteSourceRequest, context: Ctx
+    ) -> nodeagent_pb2.DeleteSourceResponse:
+        raise FailedPreconditionError("this agent keeps no workspace source yet")
+
     async def RunHook(
         self, request: nodeagent_pb2.RunHookRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.ExecOutput]:

@@ -20,6 +20,170 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SourceUploadStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    replace: _builtins.bool
+    """true: the tar is the whole source; false: a delta"""
+    size_bytes: _builtins.int
+    """of the tar that follows, for progress and checks"""
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """delta: paths (relative) to remove before extracting"""
+
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        replace: _builtins.bool = ...,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "replace", b"replace", "size_bytes", b"size_bytes", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceUploadStart: _TypeAlias = SourceUploadStart  # noqa: Y015
+
+@_typing.final
+class SourceUpload(_message.Message):
+    """`start` first, then the tar's bytes in `chunk`s."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def start(self) -> Global___SourceUploadStart: ...
+    def __init__(
+        self,
+        *,
+        start: Global___SourceUploadStart | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "start", b"start", "upload", b"upload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "start", b"start", "upload", b"upload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_upload: _TypeAlias = _typing.Literal["start", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_upload: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_upload) -> _WhichOneofReturnType_upload | None: ...
+
+Global___SourceUpload: _TypeAlias = SourceUpload  # noqa: Y015
+
+@_typing.final
+class SourceReceipt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """the folder on the node"""
+    bytes: _builtins.int
+    files: _builtins.int
+    """files written"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+        files: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "files", b"files", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceReceipt: _TypeAlias = SourceReceipt  # noqa: Y015
+
+@_typing.final
+class GetSourceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    since_unix_nano: _builtins.int
+    """0: everything"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        since_unix_nano: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_unix_nano", b"since_unix_nano", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSourceRequest: _TypeAlias = GetSourceRequest  # noqa: Y015
+
+@_typing.final
+class SourceChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """a tar, in order"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceChunk: _TypeAlias = SourceChunk  # noqa: Y015
+
+@_typing.final
+class DeleteSourceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSourceRequest: _TypeAlias = DeleteSourceRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSourceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSourceResponse: _TypeAlias = DeleteSourceResponse  # noqa: Y015
+
+@_typing.final
 class AgentListImagesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -326,6 +490,9 @@ class EnvironmentSpec(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     DISK_BYTES_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    SOURCE_PATH_FIELD_NUMBER: _builtins.int
+    WORKDIR_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     provider: _builtins.str
     image: _builtins.str
@@ -335,6 +502,12 @@ class EnvironmentSpec(_message.Message):
     """0: no limit"""
     disk_bytes: _builtins.int
     """0: provider default"""
+    source_path: _builtins.str
+    """a folder on the node to mount at workdir; empty: none"""
+    workdir: _builtins.str
+    """where the source is inside; empty: /workspace"""
+    user: _builtins.str
+    """who works inside (owns workdir's files); empty: the image's"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: an idle keep-alive process"""
@@ -357,10 +530,13 @@ class EnvironmentSpec(_message.Message):
         memory_bytes: _builtins.int = ...,
         disk_bytes: _builtins.int = ...,
         ports: _abc.Iterable[_builtins.int] | None = ...,
+        source_path: _builtins.str = ...,
+        workdir: _builtins.str = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "disk_bytes", b"disk_bytes", "env", b"env", "image", b"image", "memory_bytes", b"memory_bytes", "ports", b"ports", "provider", b"provider", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "disk_bytes", b"disk_bytes", "env", b"env", "image", b"image", "memory_bytes", b"memory_bytes", "ports", b"ports", "provider", b"provider", "source_path", b"source_path", "user", b"user", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,12 +642,17 @@ class Environment(_message.Message):
     ADDRESSES_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    SOURCE_MODE_FIELD_NUMBER: _builtins.int
+    WORKDIR_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     provider: _builtins.str
     state: _common_pb2.EnvironmentState.ValueType
     id: _builtins.str
     image: _builtins.str
     detail: _builtins.str
+    source_mode: _builtins.str
+    """"mounted" | "copied" | "": how the source is inside"""
+    workdir: _builtins.str
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -489,10 +670,12 @@ class Environment(_message.Message):
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         detail: _builtins.str = ...,
         ports: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+        source_mode: _builtins.str = ...,
+        workdir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "detail", b"detail", "id", b"id", "image", b"image", "ports", b"ports", "provider", b"provider", "state", b"state", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "detail", b"detail", "id", b"id", "image", b"image", "ports", b"ports", "provider", b"provider", "source_mode", b"source_mode", "state", b"state", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -132,6 +132,21 @@ class NodeAgentStub:
                 request_serializer=vendetta_dot_v1_dot_common__pb2.ImageUpload.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.ImportImageResponse.FromString,
                 _registered_method=True)
+        self.PutSource = channel.stream_unary(
+                '/vendetta.v1.NodeAgent/PutSource',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.SourceUpload.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.SourceReceipt.FromString,
+                _registered_method=True)
+        self.GetSource = channel.unary_stream(
+                '/vendetta.v1.NodeAgent/GetSource',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.GetSourceRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.SourceChunk.FromString,
+                _registered_method=True)
+        self.DeleteSource = channel.unary_unary(
+                '/vendetta.v1.NodeAgent/DeleteSource',
+                request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.DeleteSourceRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.DeleteSourceResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -262,6 +277,29 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutSource(self, request_iterator, context):
+        """The workspace's source on a node the coordinator does not share a disk with:
+        the coordinator sends it into a per-workspace folder of the node user (a tar,
+        whole or only what changed), which the environment mounts at its workdir.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSource(self, request, context):
+        """What is in that folder now, as a tar of the files changed since `since` (or all),
+        for `workspace pull`; and removing the folder when the workspace is destroyed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSource(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -359,6 +397,21 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.ImportImage,
                     request_deserializer=vendetta_dot_v1_dot_common__pb2.ImageUpload.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.ImportImageResponse.SerializeToString,
+            ),
+            'PutSource': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutSource,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.SourceUpload.FromString,
+                    response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.SourceReceipt.SerializeToString,
+            ),
+            'GetSource': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetSource,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.GetSourceRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.SourceChunk.SerializeToString,
+            ),
+            'DeleteSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSource,
+                    request_deserializer=vendetta_dot_v1_dot_nodeagent__pb2.DeleteSourceRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_nodeagent__pb2.DeleteSourceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -876,6 +929,87 @@ class NodeAgent:
             '/vendetta.v1.NodeAgent/ImportImage',
             vendetta_dot_v1_dot_common__pb2.ImageUpload.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.ImportImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSource(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vendetta.v1.NodeAgent/PutSource',
+            vendetta_dot_v1_dot_nodeagent__pb2.SourceUpload.SerializeToString,
+            vendetta_dot_v1_dot_nodeagent__pb2.SourceReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/GetSource',
+            vendetta_dot_v1_dot_nodeagent__pb2.GetSourceRequest.SerializeToString,
+            vendetta_dot_v1_dot_nodeagent__pb2.SourceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.NodeAgent/DeleteSource',
+            vendetta_dot_v1_dot_nodeagent__pb2.DeleteSourceRequest.SerializeToString,
+            vendetta_dot_v1_dot_nodeagent__pb2.DeleteSourceResponse.FromString,
             options,
             channel_credentials,
             insecure,

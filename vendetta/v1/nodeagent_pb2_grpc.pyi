@@ -68,6 +68,16 @@ class NodeAgentStub:
     (for nodes without a registry). Nothing is imported unless all of it is.
     """
     ImportImage: _grpc.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]
+    PutSource: _grpc.StreamUnaryMultiCallable[_nodeagent_pb2.SourceUpload, _nodeagent_pb2.SourceReceipt]
+    """The workspace's source on a node the coordinator does not share a disk with:
+    the coordinator sends it into a per-workspace folder of the node user (a tar,
+    whole or only what changed), which the environment mounts at its workdir.
+    """
+    GetSource: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.GetSourceRequest, _nodeagent_pb2.SourceChunk]
+    """What is in that folder now, as a tar of the files changed since `since` (or all),
+    for `workspace pull`; and removing the folder when the workspace is destroyed.
+    """
+    DeleteSource: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.DeleteSourceRequest, _nodeagent_pb2.DeleteSourceResponse]
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -108,6 +118,16 @@ class NodeAgentAsyncStub(NodeAgentStub):
     (for nodes without a registry). Nothing is imported unless all of it is.
     """
     ImportImage: _aio.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]  # type: ignore[assignment]
+    PutSource: _aio.StreamUnaryMultiCallable[_nodeagent_pb2.SourceUpload, _nodeagent_pb2.SourceReceipt]  # type: ignore[assignment]
+    """The workspace's source on a node the coordinator does not share a disk with:
+    the coordinator sends it into a per-workspace folder of the node user (a tar,
+    whole or only what changed), which the environment mounts at its workdir.
+    """
+    GetSource: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.GetSourceRequest, _nodeagent_pb2.SourceChunk]  # type: ignore[assignment]
+    """What is in that folder now, as a tar of the files changed since `since` (or all),
+    for `workspace pull`; and removing the folder when the workspace is destroyed.
+    """
+    DeleteSource: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.DeleteSourceRequest, _nodeagent_pb2.DeleteSourceResponse]  # type: ignore[assignment]
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """The agent on every node. Listens on a unix socket (0600) only; the
@@ -259,5 +279,33 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_common_pb2.ImageUpload],
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.ImportImageResponse, _abc.Awaitable[_common_pb2.ImportImageResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PutSource(
+        self,
+        request_iterator: _MaybeAsyncIterator[_nodeagent_pb2.SourceUpload],
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodeagent_pb2.SourceReceipt, _abc.Awaitable[_nodeagent_pb2.SourceReceipt]]:
+        """The workspace's source on a node the coordinator does not share a disk with:
+        the coordinator sends it into a per-workspace folder of the node user (a tar,
+        whole or only what changed), which the environment mounts at its workdir.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSource(
+        self,
+        request: _nodeagent_pb2.GetSourceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_nodeagent_pb2.SourceChunk], _abc.AsyncIterator[_nodeagent_pb2.SourceChunk]]:
+        """What is in that folder now, as a tar of the files changed since `since` (or all),
+        for `workspace pull`; and removing the folder when the workspace is destroyed.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSource(
+        self,
+        request: _nodeagent_pb2.DeleteSourceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodeagent_pb2.DeleteSourceResponse, _abc.Awaitable[_nodeagent_pb2.DeleteSourceResponse]]: ...
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
