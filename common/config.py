@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import ConfigError
 from common.names import NAME_RE
@@ -31,6 +39,31 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"{value!r} is not a size: use e.g. 512M, 8G")
     power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * 1024**power)
+
+
+# Durations as docker compose writes them: units glued together, largest first.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_DURATION_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str | float) -> float:
+    """'500ms', '1s', '2m', '1h30m', 1.5, '2' -> seconds (bare numbers are seconds)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration: use e.g. 500ms, 1s, 2m, 1h30m or 1.5")
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{value!r} is not a duration: use e.g. 500ms, 1s, 2m, 1h30m or 1.5")
+    return sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Strict(BaseModel):
@@ -83,10 +116,10 @@ class HealthCheck(_Strict):
     http: str | None = None
     tcp: int | None = Field(default=None, ge=1, le=65535)
     command: str | list[str] | None = None
-    interval: float = Field(default=1.0, gt=0)
-    timeout: float = Field(default=2.0, gt=0)
+    interval: Duration = Field(default=1.0, gt=0)
+    timeout: Duration = Field(default=2.0, gt=0)
     retries: int = Field(default=30, ge=1)
-    start_period: float = Field(default=0.0, ge=0)
+    start_period: Duration = Field(default=0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -127,6 +160,27 @@ class Service(_Strict):
         return data
 
 
+class SourceSection(_Strict):
+    """Limits on what is sent of the source to a remote node: a guard against shipping a
+    huge folder by accident (the message names the largest entries)."""
+
+    max_size: str = "500M"
+    max_files: int = Field(default=50_000, ge=1)
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @property
+    def max_bytes(self) -> int:
+        return parse_size(self.max_size)
+
+
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$|^\d+(:\d+)?$")
+
+
 class Hooks(_Strict):
     setup: str | None = None
     teardown: str | None = None
@@ -141,6 +195,25 @@ class ProjectConfig(_Strict):
     qemu: QemuSection = Field(default_factory=QemuSection)
     services: dict[str, Service] = Field(default_factory=dict)
     hooks: Hooks | None = None
+    # Where the source is inside the environment; commands, hooks and services start there.
+    workdir: str = "/workspace"
+    # Who works inside (owns workdir's files); absent: the image's default user.
+    user: str | None = None
+    source: SourceSection = Field(default_factory=SourceSection)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str) -> str:
+        if not v.startswith("/") or "\0" in v or any(p == ".." for p in v.split("/")):
+            raise ValueError(f"{v!r}: use an absolute path inside the environment, e.g. /workspace")
+        return v.rstrip("/") or "/"
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and not _USER_RE.fullmatch(v):
+            raise ValueError(f"{v!r}: use a user name (e.g. dev) or a uid (e.g. 1000 or 1000:1000)")
+        return v
 
     @field_validator("name")
     @classmethod
