@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import IO, Any
 
 from common.errors import InvalidArgumentError
 
@@ -32,6 +33,21 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def private_file(path: Path, mode: str = "ab") -> IO[Any]:
+    """Open ``path`` for writing, readable by its owner only (0600, also when it
+    already existed with a looser mode): state, logs and keys are the user's."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data``, mode 0600."""
+    with private_file(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def check_socket_path(path: Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from common.errors import FailedPreconditionError, UnavailableError
+from common.paths import private_file
 
 T = TypeVar("T")
 
@@ -25,7 +26,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as log:
+    with private_file(log_path) as log:
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import grpc.aio
 
-from common.paths import check_socket_path, coordinator_pid, coordinator_socket, private_dir
+from common.paths import (
+    check_socket_path,
+    coordinator_pid,
+    coordinator_socket,
+    private_dir,
+    private_file,
+    write_private,
+)
 from common.rpc_errors import ErrorMappingInterceptor
 from coordinator.models import NodeRecord, WorkspaceState
 from coordinator.nodes import NodeRegistry
@@ -41,6 +48,7 @@ class Coordinator:
     ) -> None:
         self.home = private_dir(home)
         self.socket = check_socket_path(coordinator_socket(home))
+        private_file(home / "state.db").close()  # SQLite gives its -wal and -shm this mode
         self.store = SqliteStore(home / "state.db")
         self.nodes = NodeRegistry(
             transport_factory
@@ -113,7 +121,7 @@ async def serve(
 ) -> None:
     coordinator = Coordinator(home, local_agent_args, node_grace=node_grace)
     await coordinator.start()
-    coordinator_pid(home).write_text(f"{os.getpid()}\n")
+    write_private(coordinator_pid(home), f"{os.getpid()}\n")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from common.paths import private_dir, ssh_entries
+from common.paths import private_dir, ssh_entries, write_private
 from common.ssh_hosts import HOST_KEY_ALIAS, SUFFIX, host_key_path, known_hosts_path, quoted
 from coordinator.ssh_keys import ensure_key
 
@@ -70,7 +70,7 @@ class SshEntries:
         known = f"{HOST_KEY_ALIAS} {line}\n"
         kh = known_hosts_path(self.home)
         if not kh.exists() or kh.read_text() != known:
-            kh.write_text(known)
+            write_private(kh, known)
 
     def write(self, workspaces: Iterable[str]) -> None:
         names = frozenset(workspaces)
@@ -78,7 +78,7 @@ class SshEntries:
             return
         private_dir(self.path.parent)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(render(self.home, names))
+        write_private(tmp, render(self.home, names))
         os.replace(tmp, self.path)  # readers never see half a file
         self._written = names
 

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from pathlib import Path
 
 import asyncssh
 from asyncssh.public_key import load_default_keypairs
 
 from common.errors import InvalidArgumentError
-from common.paths import private_dir
-
-
-def write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+from common.paths import private_dir, write_private
 
 
 def ensure_key(path: Path, comment: str) -> asyncssh.SSHKey:
@@ -27,7 +20,7 @@ def ensure_key(path: Path, comment: str) -> asyncssh.SSHKey:
         return asyncssh.read_private_key(path)
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
     write_private(path, key.export_private_key())
-    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    write_private(path.with_name(path.name + ".pub"), key.export_public_key())
     return key
 
 

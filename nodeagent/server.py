@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc.aio
 
 from common.errors import FailedPreconditionError
-from common.paths import agent_pid, agent_socket, check_socket_path, private_dir
+from common.paths import agent_pid, agent_socket, check_socket_path, private_dir, write_private
 from common.rpc_errors import ErrorMappingInterceptor
 from nodeagent import convert
 from nodeagent.providers import ProviderSet, build_providers
@@ -31,7 +31,7 @@ def agent_id(agent_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     new = uuid.uuid4().hex
-    path.write_text(new + "\n")
+    write_private(path, new + "\n")
     return new
 
 
@@ -92,7 +92,7 @@ class AgentServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
-        agent_pid(self.agent_dir).write_text(f"{os.getpid()}\n")
+        write_private(agent_pid(self.agent_dir), f"{os.getpid()}\n")
         log.info("agent %s listening on %s", self.agent_id, self.socket)
         # Services an earlier run of this agent supervised keep running: find them again.
         self._resume = asyncio.create_task(self.services.resume_all())

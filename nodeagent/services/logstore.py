@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from common.paths import private_file, write_private
 from providers.base import LogRecord
 
 RING_LINES = 5000  # per service: bounded memory whatever a service prints
@@ -77,7 +78,7 @@ class ServiceLog:
     def _save_pos(self, stream: str, fed: int, partial: bytes) -> None:
         path = self._pos(stream)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fed": fed, "partial": partial.hex()}))
+        write_private(tmp, json.dumps({"fed": fed, "partial": partial.hex()}))
         os.replace(tmp, path)
 
     def offset(self, stream: str) -> int:
@@ -110,7 +111,7 @@ class ServiceLog:
 
     def _append_jsonl(self, records: list[LogRecord]) -> None:
         path = self._jsonl()
-        with path.open("a") as f:
+        with private_file(path, "a") as f:
             for r in records:
                 f.write(json.dumps({"t": r.time_unix_nano, "s": r.stream, "x": r.text}) + "\n")
             full = f.tell() > JSONL_MAX

@@ -147,3 +147,51 @@ def test_password_installs_a_generated_key_then_the_key_is_used(env: Env, user: 
     env.wait_node("pw", "ready")
     env.cli("node", "test", "pw")
     assert logins("password") == 1
+
+
+def _files(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in root.rglob("*") if not p.is_symlink()]
+
+
+def test_state_is_private_and_holds_no_secret(env: Env, user: Path) -> None:
+    """After a password was used, a key made and a node run: no file of the
+    coordinator or the agent is readable by others, and neither the password nor
+    the private key appears in any file, log or `--json` output but the key's own."""
+    password = secrets.token_urlsafe(12)
+    _set_password(password)
+    if "pw" in {n["name"] for n in env.json("node", "list")}:
+        env.cli("node", "remove", "pw", "--force")
+    (user / ".ssh" / "authorized_keys").unlink(missing_ok=True)
+    added = _add(env, user, "--password", stdin=password + "\n")
+    assert added.returncode == 0, added.stderr
+    env.wait_node("pw", "ready")
+
+    home = Path(env.env["VENDETTA_HOME"])
+    key = home / "ssh" / "id_ed25519"
+    # The body's first line is the same in every ed25519 key (format, cipher, type).
+    key_lines = [line for line in key.read_text().splitlines() if "PRIVATE KEY" not in line][1:]
+    shown = added.stdout + added.stderr
+    # Their verdicts do not matter here (a row may fail), only what they print.
+    for args in (
+        ("node", "list", "--json"),
+        ("node", "test", "pw", "--json"),
+        ("node", "test", "pw"),
+    ):
+        run = env.cli(*args, check=False)
+        shown += run.stdout + run.stderr
+    shown += env.cli("cluster", "status", "--json", check=False).stdout
+
+    leaks: list[str] = []
+    loose: list[str] = []
+    for path in _files(home, user / "agent"):
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            loose.append(f"{path} {oct(mode)}")
+        if path.is_file() and path != key:
+            data = path.read_bytes()
+            if password.encode() in data or any(k.encode() in data for k in key_lines):
+                leaks.append(str(path))
+    assert not loose, f"readable by others: {loose}"
+    assert not leaks, f"a secret is written in: {leaks}"
+    assert password not in shown
+    assert not any(k in shown for k in key_lines)
