@@ -2,7 +2,9 @@
 
 ``ensure`` is what runs on a node: the coordinator calls it in-process for the
 local node, and the SSH transport runs it as ``vendetta-agent ensure`` once per
-connection. It is idempotent and says where the agent listens. It lives here,
+connection. It is idempotent and says where the agent listens and how it runs:
+there, a ``systemd --user`` unit where that outlives the SSH session
+(``agent_unit``), else a detached process with a pid file. It lives here,
 not in ``nodeagent``, because it only talks to the agent over its socket:
 importing it must not load the agent's server or the providers.
 """
@@ -12,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
 
+from common import agent_unit
 from common.errors import FailedPreconditionError
 from common.paths import agent_log, agent_pid, agent_socket, private_dir
 from common.process import read_pid, start_detached, terminate
@@ -31,6 +35,8 @@ class AgentStatus:
     agent_id: str
     pid: int
     started: bool  # this call started it
+    runner: str = "detached"  # "systemd" (a user unit) or "detached" (a pid file)
+    run_as: str = ""  # how it runs, and why, in words
 
 
 async def probe(sock: Path, timeout: float = 2.0) -> nodeagent_pb2.InfoResponse | None:
@@ -45,7 +51,11 @@ async def probe(sock: Path, timeout: float = 2.0) -> nodeagent_pb2.InfoResponse 
             return None
 
 
-async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) -> AgentStatus:
+async def ensure(
+    agent_dir: Path, run_args: list[str], timeout: float = 30.0, *, unit: bool = False
+) -> AgentStatus:
+    """Start the agent of ``agent_dir`` unless this build's answers there; with ``unit``
+    (on a node) as a user unit where that outlives the SSH session."""
     try:
         await asyncio.to_thread(private_dir, agent_dir)
     except OSError as exc:
@@ -58,20 +68,57 @@ async def ensure(agent_dir: Path, run_args: list[str], timeout: float = 30.0) ->
     sock = agent_socket(agent_dir)
     info = await probe(sock)
     if info is not None and info.version == build_id():
-        pid = await asyncio.to_thread(read_pid, agent_pid(agent_dir))
-        return AgentStatus(str(sock), info.version, info.agent_id, pid, False)
+        unit_pid = await agent_unit.main_pid(agent_dir)
+        pid = unit_pid or await asyncio.to_thread(read_pid, agent_pid(agent_dir))
+        return _status(agent_dir, info, pid, started=False, unit=unit_pid > 0)
+    plan = agent_unit.Plan(False, "")
+    if unit:
+        facts = await agent_unit.facts()
+        if facts.linger_enabled_now:
+            await asyncio.to_thread(agent_unit.mark_linger, agent_dir)
+        plan = agent_unit.decide(facts)
     if info is not None:
         # An agent from another build (vendetta was upgraded): replace it. Its
         # services keep running inside their environments; the new agent finds them.
         await stop(agent_dir)
     argv = [sys.executable, "-m", "nodeagent.main", "--dir", str(agent_dir), *run_args, "run"]
-    started, pid = await start_detached(
-        "node agent", argv, agent_log(agent_dir), lambda: probe(sock, 1.0), timeout
+
+    def ready() -> Awaitable[nodeagent_pb2.InfoResponse | None]:
+        return probe(sock, 1.0)
+
+    if plan.unit:
+        started, pid = await agent_unit.start(agent_dir, argv, ready, timeout)
+    else:
+        await agent_unit.remove(agent_dir)  # a unit of before must not start another agent
+        started, pid = await start_detached(
+            "node agent", argv, agent_log(agent_dir), ready, timeout
+        )
+    return _status(agent_dir, started, pid, started=True, unit=plan.unit, why=plan.why)
+
+
+def _status(
+    agent_dir: Path,
+    info: nodeagent_pb2.InfoResponse,
+    pid: int,
+    *,
+    started: bool,
+    unit: bool,
+    why: str = "",
+) -> AgentStatus:
+    return AgentStatus(
+        socket=str(agent_socket(agent_dir)),
+        version=info.version,
+        agent_id=info.agent_id,
+        pid=pid,
+        started=started,
+        runner="systemd" if unit else "detached",
+        run_as=agent_unit.describe(agent_dir, unit, agent_pid(agent_dir), why),
     )
-    return AgentStatus(str(sock), started.version, started.agent_id, pid, True)
 
 
 async def stop(agent_dir: Path, timeout: float = 15.0) -> bool:
-    """SIGTERM the agent of ``agent_dir`` and wait; False if none was running."""
+    """Stop the agent of ``agent_dir`` (its unit, removed, or SIGTERM and wait);
+    False if none was running."""
+    by_unit = await agent_unit.remove(agent_dir)
     pid = await asyncio.to_thread(read_pid, agent_pid(agent_dir))
-    return await terminate(pid, timeout)
+    return await terminate(pid, timeout) or by_unit

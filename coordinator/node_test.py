@@ -1,7 +1,8 @@
 """`vendetta node test`: measure a node and check what it reports, one row per check.
 
 Measured from the coordinator: a fresh SSH connection (connect, host key against
-the pinned one, authentication), the agent's build, the round trip of
+the pinned one, authentication), the agent's build and how it runs (a
+``systemd --user`` unit or a detached process), the round trip of
 heartbeats through the tunnel, and a few MB sent through the tunnel to the
 agent. Then each provider's checks, in the order the agent tried them
 (``providers.base.CHECKS``): those before the failing one passed, those after it
@@ -233,6 +234,8 @@ async def run(
         return result
     hand = isinstance(transport, SshTransport) and transport.agent_command is not None
     result.checks.append(version_check(conn.name, info.version, coordinator_version, hand))
+    if isinstance(transport, SshTransport) and transport.agent_run_as:
+        result.checks.append(Check("agent runs as", True, transport.agent_run_as))
     result.checks.append(await round_trip(client, heartbeats, result))
     if ssh:  # the local node's agent is on this machine: no tunnel
         result.checks.append(await throughput(client, sink_bytes, result))

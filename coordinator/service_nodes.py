@@ -202,7 +202,7 @@ class NodeService:
 
     async def _upgrade(self, conn: NodeConnection) -> NodeUpgrade:
         build = build_id()
-        old = conn.info.version if conn.info is not None else ""
+        old = await self._running_build(conn)
         if old == build and conn.state == NodeState.READY:
             return NodeUpgrade(conn.name, old, build)
         try:
@@ -220,6 +220,17 @@ class NodeService:
                 "--agent-command so the coordinator installs its own",
             )
         return NodeUpgrade(conn.name, old, new)
+
+    @staticmethod
+    async def _running_build(conn: NodeConnection) -> str:
+        """The build the node's agent runs now, asked afresh (the agent may have been
+        replaced since the last connect); what it said then if it does not answer."""
+        try:
+            client = await conn.client(wait=0)
+            conn.info = await client.info()
+        except VendettaError as exc:
+            log.info("node %s: no fresh Info before the upgrade: %s", conn.name, exc)
+        return conn.info.version if conn.info is not None else ""
 
     async def remove(self, name: str, force: bool, purge: bool = False) -> None:
         """Forget the node and stop its agent (its workspaces' environments keep running).

@@ -2,6 +2,8 @@
 
 vendetta-agent [--dir D] [--docker-host URL] run      # foreground
 vendetta-agent [--dir D] [--docker-host URL] ensure   # start if not answering; prints JSON
+                                                      # (a systemd --user unit where lingering
+                                                      # is on, else detached: common.agent_unit)
 vendetta-agent [--dir D] stop | status
 """
 
@@ -15,9 +17,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from common import agent_process
+from common import agent_process, agent_unit
 from common.errors import VendettaError
-from common.paths import agent_socket, default_agent_dir
+from common.paths import agent_pid, agent_socket, default_agent_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
             asyncio.run(serve(agent_dir, docker_host=args.docker_host))
         elif args.command == "ensure":
-            status = asyncio.run(agent_process.ensure(agent_dir, run_args))
+            status = asyncio.run(agent_process.ensure(agent_dir, run_args, unit=True))
             print(json.dumps(asdict(status)))
         elif args.command == "stop":
             stopped = asyncio.run(agent_process.stop(agent_dir))
@@ -51,7 +53,12 @@ def main(argv: list[str] | None = None) -> None:
             if info is None:
                 print(f"not running ({agent_socket(agent_dir)})")
                 sys.exit(1)
-            print(f"running: agent {info.agent_id} version {info.version} at {info.socket_path}")
+            unit_pid = asyncio.run(agent_unit.main_pid(agent_dir))
+            how = agent_unit.describe(agent_dir, unit_pid > 0, agent_pid(agent_dir))
+            print(
+                f"running: agent {info.agent_id} version {info.version} at {info.socket_path}, "
+                f"as a {how}"
+            )
     except VendettaError as exc:
         print(f"vendetta-agent: error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -25,7 +25,8 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
-from common.paths import check_socket_path, private_dir, vendetta_home
+from common.paths import vendetta_home
+from common.socket_paths import tunnel_socket
 from common.version import build_id
 from coordinator.ssh_keys import read_identity
 from coordinator.transports import ssh_install
@@ -103,7 +104,10 @@ class SshTransport(Transport):
         self.running_agent: list[str] | None = self.agent_command
         # The agent's state folder on the node, as its `ensure` said at the last connect.
         self.agent_state: str | None = None
-        self.local_socket = check_socket_path(private_dir(tunnel_dir) / f"{node}.sock")
+        # How the agent runs there (a systemd --user unit or detached), as `ensure` said.
+        self.agent_run_as = ""
+        # Always short enough for a unix socket, whatever $HOME or the name (63 chars).
+        self.local_socket = tunnel_socket(tunnel_dir, node)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._listener: asyncssh.SSHListener | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -287,6 +291,9 @@ class SshTransport(Transport):
                 build_id(),
             )
         self.agent_state = str(PurePosixPath(socket).parent)
+        self.agent_run_as = str(status.get("run_as") or "")  # "" from an older agent
+        if status.get("started") and self.agent_run_as:
+            log.info("node %s: agent started as a %s", self.node, self.agent_run_as)
         return socket
 
     async def stop_agent(self, purge: bool = False) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import asyncssh
 
+from common.agent_unit import LINGER_MARK
 from common.errors import FailedPreconditionError, NodeUnreachableError
 from common.version import build_id
 from coordinator.agent_bundle import (
@@ -370,7 +371,8 @@ done
 
 async def purge(conn: asyncssh.SSHClientConnection, node: str, state_dir: str | None) -> None:
     """Remove the installed agents (<data>/vendetta/agent) and the agent's state folder
-    (``state_dir``, where its `ensure` said it listens, else the default)."""
+    (``state_dir``, where its `ensure` said it listens, else the default); the agent's
+    `stop` has removed its systemd unit already."""
     facts = await probe(conn, node)
     state = shlex.quote(state_dir) if state_dir else DEFAULT_STATE
     script = f"""\
@@ -378,6 +380,8 @@ set -u
 base={shlex.quote(facts.base)}; state={state}
 case "$state" in /?*) ;; *) echo "not an absolute folder: '$state'" >&2; exit 3 ;; esac
 [ "$state" != "$HOME" ] || {{ echo "the agent's state folder is the home folder" >&2; exit 3; }}
+# Lingering that vendetta turned on for the agent's unit goes off with it.
+if [ -e "$state/{LINGER_MARK}" ]; then loginctl disable-linger >/dev/null 2>&1 || true; fi
 rm -rf -- "$base" "$state" || exit 1
 rmdir -- "$(dirname -- "$base")" 2>/dev/null
 exit 0
