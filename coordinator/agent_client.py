@@ -162,6 +162,44 @@ class AgentClient:
             async for out in self._stub.Attach(requests):
                 yield out
 
+    async def put_source(
+        self,
+        workspace: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        replace: bool,
+        deleted: list[str],
+        size_bytes: int,
+    ) -> nodeagent_pb2.SourceReceipt:
+        """Send a tar of the workspace's source (no deadline: its size sets how long)."""
+
+        async def upload() -> AsyncIterator[nodeagent_pb2.SourceUpload]:
+            yield nodeagent_pb2.SourceUpload(
+                start=nodeagent_pb2.SourceUploadStart(
+                    workspace=workspace, replace=replace, deleted=deleted, size_bytes=size_bytes
+                )
+            )
+            async for chunk in chunks:
+                yield nodeagent_pb2.SourceUpload(chunk=chunk)
+
+        with mapped_rpc_errors():
+            return await self._stub.PutSource(upload())
+
+    async def get_source(self, workspace: str, since_unix_nano: int) -> AsyncIterator[bytes]:
+        """A tar of the files of the node's copy changed since then (0: all)."""
+        request = nodeagent_pb2.GetSourceRequest(
+            workspace=workspace, since_unix_nano=since_unix_nano
+        )
+        with mapped_rpc_errors():
+            async for chunk in self._stub.GetSource(request):
+                yield chunk.data
+
+    async def delete_source(self, workspace: str) -> None:
+        with mapped_rpc_errors():
+            await self._stub.DeleteSource(
+                nodeagent_pb2.DeleteSourceRequest(workspace=workspace), timeout=DEFAULT_TIMEOUT
+            )
+
     async def list_images(self, provider: str) -> list[common_pb2.ImageInfo]:
         with mapped_rpc_errors():
             resp = await self._stub.ListImages(

@@ -16,7 +16,9 @@ from coordinator.models import (
     ServiceEvent,
     ServiceState,
     ServiceStatus,
+    Transfer,
     WorkspaceRecord,
+    WorkspaceSource,
     WorkspaceState,
 )
 from vendetta.v1 import common_pb2, nodeagent_pb2
@@ -77,6 +79,7 @@ def workspace_to_pb(
         created_unix_nano=ws.created_unix_nano,
         updated_unix_nano=ws.updated_unix_nano,
         config_path=ws.config_path,
+        source=source_to_pb(ws.source),
     )
 
 
@@ -131,4 +134,36 @@ def environment_from_pb(env: nodeagent_pb2.Environment) -> Environment:
         image=env.image,
         addresses=list(env.addresses),
         detail=env.detail,
+        source_mode=env.source_mode,
+        workdir=env.workdir,
+    )
+
+
+def transfer_to_pb(t: Transfer) -> pb.SourceTransfer:
+    return pb.SourceTransfer(
+        direction=t.direction,
+        files=t.files,
+        bytes=t.bytes,
+        total_files=t.total_files,
+        total_bytes=t.total_bytes,
+        seconds=t.seconds,
+        done=t.done,
+        summary=t.summary,
+        paths=t.paths,
+        deleted=t.deleted,
+    )
+
+
+def source_to_pb(s: WorkspaceSource) -> pb.WorkspaceSource:
+    return pb.WorkspaceSource(
+        kind=s.kind,
+        origin=s.origin,
+        branch=s.branch,
+        path=s.path,
+        node_path=s.node_path,
+        mode=s.mode,
+        workdir=s.workdir,
+        transport=s.transport,
+        last_transfer_unix_nano=s.last_transfer_unix_nano,
+        base_commit=s.base_commit,
     )

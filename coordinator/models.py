@@ -57,6 +57,41 @@ class Environment:
     image: str = ""
     addresses: list[str] = field(default_factory=list)
     detail: str = ""
+    source_mode: str = ""  # "mounted" | "copied" | "": how the source is inside
+    workdir: str = ""
+
+
+@dataclass
+class WorkspaceSource:
+    """Where a workspace's code comes from (on this machine) and where it went (the node)."""
+
+    kind: str = ""  # "git" | "folder" | "": none
+    origin: str = ""  # the folder or git URL given
+    branch: str = ""  # git: the workspace's branch
+    path: str = ""  # on this machine: the worktree, the clone, or the folder itself
+    repo: str = ""  # git: the repository the worktree belongs to ("" for a clone)
+    node_path: str = ""  # on the node: the folder mounted at workdir
+    mode: str = ""  # "mounted" | "copied": as the environment reports it
+    workdir: str = ""
+    transport: str = ""  # "live" (the node shares this disk) | "shipped"
+    last_transfer_unix_nano: int = 0
+    base_commit: str = ""  # git: the commit the branch started from
+
+
+@dataclass
+class Transfer:
+    """Progress of a transfer of a workspace's source, then (done) what it did."""
+
+    direction: str  # "send" | "receive"
+    files: int = 0
+    bytes: int = 0
+    total_files: int = 0
+    total_bytes: int = 0
+    seconds: float = 0.0
+    done: bool = False
+    summary: str = ""
+    paths: list[str] = field(default_factory=list)
+    deleted: int = 0
 
 
 @dataclass
@@ -117,3 +152,4 @@ class WorkspaceRecord:
     created_unix_nano: int = field(default_factory=time.time_ns)
     updated_unix_nano: int = field(default_factory=time.time_ns)
     setup_done: bool = False  # the config's setup hook ran (once, at the first up)
+    source: WorkspaceSource = field(default_factory=WorkspaceSource)

@@ -56,7 +56,7 @@ class Coordinator:
             grace=node_grace,
         )
         self.node_service = NodeService(self.store, self.nodes, self.home)
-        self.workspaces = WorkspaceService(self.store, self.nodes)
+        self.workspaces = WorkspaceService(self.store, self.nodes, self.home)
         self.reconciler = Reconciler(self.workspaces, reconcile_interval)
         self.ssh_entries = SshEntries(self.home)
         self.node_service.after_remove = self._write_ssh_entries

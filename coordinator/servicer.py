@@ -14,7 +14,12 @@ from common.errors import InvalidArgumentError, NotFoundError
 from common.names import validate_name
 from common.version import build_id
 from coordinator import images
-from coordinator.convert import node_to_pb, service_status_to_pb, workspace_to_pb
+from coordinator.convert import (
+    node_to_pb,
+    service_status_to_pb,
+    transfer_to_pb,
+    workspace_to_pb,
+)
 from coordinator.nodes import NodeRegistry
 from coordinator.service_nodes import NodeService
 from coordinator.store import Store
@@ -180,6 +185,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 request.node,
                 request.config_yaml,
                 request.config_path,
+                source=request.source,
+                branch=request.branch,
+                with_changes=request.with_changes,
             )
             return workspace_to_pb(ws)
 
@@ -202,8 +210,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: pb.WorkspaceRequest, context: Ctx
     ) -> pb.DestroyWorkspaceResponse:
         async def run() -> pb.DestroyWorkspaceResponse:
-            await self.workspaces.destroy(request.name, request.force)
-            return pb.DestroyWorkspaceResponse()
+            kept = await self.workspaces.destroy(request.name, request.force)
+            return pb.DestroyWorkspaceResponse(kept=kept)
 
         return await self._once(
             request.request_id, "DestroyWorkspace", pb.DestroyWorkspaceResponse, run
@@ -252,6 +260,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                         message=ev.message,
                         time_unix_nano=ev.time_unix_nano,
                         service=service_status_to_pb(ev.service) if ev.service else None,
+                        transfer=transfer_to_pb(ev.transfer) if ev.transfer else None,
                     )
 
     async def StreamLogs(
@@ -297,6 +306,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             environment_id=ws.environment_id,
             exec_hint=["vendetta", "workspace", "connect", ws.name],
         )
+
+    # source
+    async def PushWorkspace(
+        self, request: pb.SourceTransferRequest, context: Ctx
+    ) -> AsyncIterator[pb.SourceTransfer]:
+        async for t in self.workspaces.transfer(request.name, "push", request.force):
+            yield transfer_to_pb(t)
+
+    async def PullWorkspace(
+        self, request: pb.SourceTransferRequest, context: Ctx
+    ) -> AsyncIterator[pb.SourceTransfer]:
+        async for t in self.workspaces.transfer(request.name, "pull", request.force):
+            yield transfer_to_pb(t)
 
     # images
     async def ListImages(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.errors import AlreadyExistsError
-from coordinator.models import Desired, NodeRecord, WorkspaceRecord, WorkspaceState
+from coordinator.models import (
+    Desired,
+    NodeRecord,
+    WorkspaceRecord,
+    WorkspaceSource,
+    WorkspaceState,
+)
 
 T = TypeVar("T")
 
@@ -95,7 +102,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
     addresses TEXT NOT NULL,
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL,
-    setup_done INTEGER NOT NULL DEFAULT 0
+    setup_done INTEGER NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS ports (
     workspace TEXT NOT NULL,
@@ -130,6 +138,10 @@ class SqliteStore(Store):
             if "setup_done" not in columns:  # state from before hooks existed
                 self._db.execute(
                     "ALTER TABLE workspaces ADD COLUMN setup_done INTEGER NOT NULL DEFAULT 0"
+                )
+            if "source" not in columns:  # state from before workspaces had a source
+                self._db.execute(
+                    "ALTER TABLE workspaces ADD COLUMN source TEXT NOT NULL DEFAULT ''"
                 )
             node_columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
             if "grace" not in node_columns:  # state from before per-node grace periods
@@ -197,7 +209,10 @@ class SqliteStore(Store):
         def op(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    "INSERT INTO workspaces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _ws_row(ws)
+                    "INSERT INTO workspaces (name, node, provider, image, config_yaml, "
+                    "config_path, desired, observed, detail, environment_id, addresses, created, "
+                    "updated, setup_done, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    _ws_row(ws),
                 )
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExistsError(f"workspace {ws.name!r} already exists") from exc
@@ -211,7 +226,7 @@ class SqliteStore(Store):
             lambda db: db.execute(
                 "UPDATE workspaces SET node=?, provider=?, image=?, config_yaml=?, config_path=?, "
                 "desired=?, observed=?, detail=?, environment_id=?, addresses=?, created=?, "
-                "updated=?, setup_done=? WHERE name=?",
+                "updated=?, setup_done=?, source=? WHERE name=?",
                 (*row[1:], row[0]),
             )
         )
@@ -316,6 +331,7 @@ def _ws_row(ws: WorkspaceRecord) -> tuple[Any, ...]:
         ws.created_unix_nano,
         ws.updated_unix_nano,
         int(ws.setup_done),
+        json.dumps(dataclasses.asdict(ws.source)) if ws.source.kind else "",
     )
 
 
@@ -335,4 +351,12 @@ def _ws(r: sqlite3.Row) -> WorkspaceRecord:
         created_unix_nano=r["created"],
         updated_unix_nano=r["updated"],
         setup_done=bool(r["setup_done"]),
+        source=_source(r["source"]),
     )
+
+
+def _source(text: str) -> WorkspaceSource:
+    if not text:
+        return WorkspaceSource()
+    known = {f.name for f in dataclasses.fields(WorkspaceSource)}
+    return WorkspaceSource(**{k: v for k, v in json.loads(text).items() if k in known})

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from common.config import PROVIDERS, ProjectConfig, parse_config
 from common.errors import (
@@ -24,6 +25,7 @@ from common.errors import (
 )
 from common.events import EventBus
 from common.names import validate_name
+from common.paths import vendetta_home
 from coordinator import services
 from coordinator.agent_client import AgentClient
 from coordinator.models import (
@@ -34,6 +36,7 @@ from coordinator.models import (
     NodeState,
     ServiceState,
     ServiceStatus,
+    Transfer,
     WorkspaceRecord,
     WorkspaceState,
 )
@@ -41,6 +44,7 @@ from coordinator.nodes import NodeRegistry
 from coordinator.ports import PortManager
 from coordinator.relays import ServiceRelays
 from coordinator.store import Store
+from coordinator.workspace_source import WorkspaceSources
 from vendetta.v1 import common_pb2
 
 _ENV_STATE = {
@@ -57,12 +61,16 @@ class WorkspaceEvent:
     message: str
     time_unix_nano: int
     service: ServiceStatus | None = None
+    transfer: Transfer | None = None  # a transfer of its source in progress
 
 
 class WorkspaceService:
-    def __init__(self, store: Store, nodes: NodeRegistry) -> None:
+    def __init__(self, store: Store, nodes: NodeRegistry, home: Path | None = None) -> None:
         self.store = store
         self.nodes = nodes
+        self.sources = WorkspaceSources(
+            home or vendetta_home(), lambda ws, msg, t: self.publish(ws, msg, transfer=t)
+        )
         self.ports = PortManager(store, nodes)
         self.events: EventBus[WorkspaceEvent] = EventBus()
         self.relays = ServiceRelays(self.ports, self.publish)
@@ -74,9 +82,13 @@ class WorkspaceService:
         return self._locks.setdefault(name, asyncio.Lock())
 
     def publish(
-        self, ws: WorkspaceRecord, message: str, service: ServiceStatus | None = None
+        self,
+        ws: WorkspaceRecord,
+        message: str,
+        service: ServiceStatus | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
-        self.events.publish(WorkspaceEvent(ws, message, time.time_ns(), service))
+        self.events.publish(WorkspaceEvent(ws, message, time.time_ns(), service, transfer))
 
     def service_statuses(self, name: str) -> list[ServiceStatus]:
         return self.relays.statuses(name)
@@ -109,7 +121,16 @@ class WorkspaceService:
         return await self.store.list_workspaces(node)
 
     async def create(
-        self, name: str, provider: str, node: str, config_yaml: str, config_path: str
+        self,
+        name: str,
+        provider: str,
+        node: str,
+        config_yaml: str,
+        config_path: str,
+        *,
+        source: str = "",
+        branch: str = "",
+        with_changes: bool = False,
     ) -> WorkspaceRecord:
         validate_name("workspace", name)
         cfg = parse_config(config_yaml, config_path or "config") if config_yaml.strip() else None
@@ -136,6 +157,9 @@ class WorkspaceService:
                 config_path=config_path,
             )
             client = await conn.client()
+            # The source first: a bad one stops here, before anything else is made.
+            live = conn.record.transport == "local"
+            await self.sources.prepare(ws, cfg, live, client, spec, source, branch, with_changes)
             # Recorded as `creating` first: should the coordinator die before the agent
             # answers, the reconciler finishes or rolls back the record.
             await self.store.add_workspace(ws)
@@ -149,12 +173,15 @@ class WorkspaceService:
                     with contextlib.suppress(Exception):
                         await client.destroy(name, provider)
                 await self.store.delete_workspace(name)
+                await self.sources.discard(ws, client)
                 ws.observed = WorkspaceState.DESTROYED
                 self.publish(ws, f"create failed: {exc}")
                 raise
             ws.observed = WorkspaceState.STOPPED
             ws.environment_id = env.id
             ws.addresses = list(env.addresses)
+            ws.source.mode = env.source_mode
+            ws.source.workdir = env.workdir or ws.source.workdir
             await self.save(ws, "created")
             return ws
 
@@ -237,9 +264,11 @@ class WorkspaceService:
             await self.save(ws, "environment stopped")
             return ws
 
-    async def destroy(self, name: str, force: bool = False) -> None:
+    async def destroy(self, name: str, force: bool = False) -> str:
+        """Destroy the workspace; what of its source is kept, for the user ("" if none)."""
         async with self.lock(name):
             ws = await self.get(name)
+            client: AgentClient | None = None
             try:
                 client = await self.nodes.get(ws.node).client()
             except (UnavailableError, NotFoundError) as exc:
@@ -250,6 +279,8 @@ class WorkspaceService:
                         f"{name} --force`"
                     ) from exc
             else:
+                if not force:  # before anything goes: work that exists nowhere else
+                    await self.sources.check_destroy(ws, client)
                 cfg = config_of(ws)
                 teardown = cfg.hooks.teardown if cfg and cfg.hooks else None
                 if teardown and ws.observed == WorkspaceState.RUNNING:
@@ -265,8 +296,35 @@ class WorkspaceService:
                     ws.observed, ws.detail = WorkspaceState.ERROR, str(exc)
                     await self.save(ws, f"destroy failed: {exc}")
                     raise
+            kept = await self.sources.remove(ws, client)
             # Also on the --force path, where the node was never reached.
-            await self.forget(ws, "destroyed")
+            await self.forget(ws, "destroyed" + (f"; {kept}" if kept else ""))
+            return kept
+
+    async def transfer(self, name: str, kind: str, force: bool) -> AsyncIterator[Transfer]:
+        """`push` or `pull` a workspace's source: its progress, then what it did (done)."""
+        async with self.lock(name):
+            ws = await self.get(name)
+            client = await self.nodes.get(ws.node).client()
+            progress: asyncio.Queue[Transfer] = asyncio.Queue()
+            if kind == "push":
+                run = self.sources.push(ws, config_of(ws), client, progress.put_nowait)
+            else:
+                run = self.sources.pull(ws, client, force, progress.put_nowait)
+            task = asyncio.create_task(run)
+            try:
+                while not task.done():
+                    getter = asyncio.create_task(progress.get())
+                    await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                done = await task
+            finally:
+                task.cancel()
+            await self.save(ws, done.summary)
+            yield done
 
     async def forget(self, ws: WorkspaceRecord, message: str) -> None:
         """Drop every trace of a workspace whose environment is gone (or left on purpose).

@@ -92,6 +92,142 @@ DESIRED_STATE_RUNNING: DesiredState.ValueType  # 2
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
 
 @_typing.final
+class WorkspaceSource(_message.Message):
+    """Where a workspace's code comes from and where it is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    NODE_PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    WORKDIR_FIELD_NUMBER: _builtins.int
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    LAST_TRANSFER_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    BASE_COMMIT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"git" | "folder" | "": none"""
+    origin: _builtins.str
+    """the folder or git URL it came from"""
+    branch: _builtins.str
+    """git: the workspace's branch"""
+    path: _builtins.str
+    """on this machine: the worktree, clone or folder"""
+    node_path: _builtins.str
+    """on the node: the folder mounted at workdir"""
+    mode: _builtins.str
+    """"mounted" | "copied" | "": how it is inside"""
+    workdir: _builtins.str
+    """where it is inside"""
+    transport: _builtins.str
+    """"live" (the node shares this disk) | "shipped" """
+    last_transfer_unix_nano: _builtins.int
+    base_commit: _builtins.str
+    """git: the commit it started from"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        branch: _builtins.str = ...,
+        path: _builtins.str = ...,
+        node_path: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        workdir: _builtins.str = ...,
+        transport: _builtins.str = ...,
+        last_transfer_unix_nano: _builtins.int = ...,
+        base_commit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_commit", b"base_commit", "branch", b"branch", "kind", b"kind", "last_transfer_unix_nano", b"last_transfer_unix_nano", "mode", b"mode", "node_path", b"node_path", "origin", b"origin", "path", b"path", "transport", b"transport", "workdir", b"workdir"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkspaceSource: _TypeAlias = WorkspaceSource  # noqa: Y015
+
+@_typing.final
+class SourceTransferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    force: _builtins.bool
+    """pull: overwrite local changes"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceTransferRequest: _TypeAlias = SourceTransferRequest  # noqa: Y015
+
+@_typing.final
+class SourceTransfer(_message.Message):
+    """Progress of a transfer of a workspace's source (also in WorkspaceEvent while creating)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_FILES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    direction: _builtins.str
+    """"send" | "receive" """
+    files: _builtins.int
+    """so far"""
+    bytes: _builtins.int
+    total_files: _builtins.int
+    """0: not known"""
+    total_bytes: _builtins.int
+    seconds: _builtins.float
+    done: _builtins.bool
+    summary: _builtins.str
+    """when done: one line saying what was done"""
+    deleted: _builtins.int
+    """files removed on the other side"""
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """when done: what changed (at most a few hundred)"""
+
+    def __init__(
+        self,
+        *,
+        direction: _builtins.str = ...,
+        files: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        total_files: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        done: _builtins.bool = ...,
+        summary: _builtins.str = ...,
+        paths: _abc.Iterable[_builtins.str] | None = ...,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "deleted", b"deleted", "direction", b"direction", "done", b"done", "files", b"files", "paths", b"paths", "seconds", b"seconds", "summary", b"summary", "total_bytes", b"total_bytes", "total_files", b"total_files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceTransfer: _TypeAlias = SourceTransfer  # noqa: Y015
+
+@_typing.final
 class ListImagesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -672,6 +808,9 @@ class CreateWorkspaceRequest(_message.Message):
     CONFIG_YAML_FIELD_NUMBER: _builtins.int
     CONFIG_PATH_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    WITH_CHANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     """empty: from config, else docker"""
@@ -682,6 +821,14 @@ class CreateWorkspaceRequest(_message.Message):
     config_path: _builtins.str
     """where it came from, for messages"""
     request_id: _builtins.str
+    source: _builtins.str
+    """The code to put at the workspace's workdir: a folder on this machine (a git
+    repository's gets a worktree of its own) or a git URL (cloned); empty: none.
+    """
+    branch: _builtins.str
+    """git: the workspace's branch; empty: vendetta/NAME"""
+    with_changes: _builtins.bool
+    """git: carry the checkout's uncommitted changes"""
     def __init__(
         self,
         *,
@@ -691,10 +838,13 @@ class CreateWorkspaceRequest(_message.Message):
         config_yaml: _builtins.str = ...,
         config_path: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        branch: _builtins.str = ...,
+        with_changes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_path", b"config_path", "config_yaml", b"config_yaml", "name", b"name", "node", b"node", "provider", b"provider", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "config_path", b"config_path", "config_yaml", b"config_yaml", "name", b"name", "node", b"node", "provider", b"provider", "request_id", b"request_id", "source", b"source", "with_changes", b"with_changes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +912,7 @@ class Workspace(_message.Message):
     UPDATED_UNIX_NANO_FIELD_NUMBER: _builtins.int
     CONFIG_PATH_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     node: _builtins.str
     provider: _builtins.str
@@ -777,6 +928,8 @@ class Workspace(_message.Message):
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def services(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ServiceStatus]: ...
+    @_builtins.property
+    def source(self) -> Global___WorkspaceSource: ...
     def __init__(
         self,
         *,
@@ -793,10 +946,11 @@ class Workspace(_message.Message):
         updated_unix_nano: _builtins.int = ...,
         config_path: _builtins.str = ...,
         services: _abc.Iterable[_common_pb2.ServiceStatus] | None = ...,
+        source: Global___WorkspaceSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "config_path", b"config_path", "created_unix_nano", b"created_unix_nano", "desired", b"desired", "detail", b"detail", "environment_id", b"environment_id", "image", b"image", "name", b"name", "node", b"node", "provider", b"provider", "services", b"services", "state", b"state", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "config_path", b"config_path", "created_unix_nano", b"created_unix_nano", "desired", b"desired", "detail", b"detail", "environment_id", b"environment_id", "image", b"image", "name", b"name", "node", b"node", "provider", b"provider", "services", b"services", "source", b"source", "state", b"state", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -806,12 +960,17 @@ Global___Workspace: _TypeAlias = Workspace  # noqa: Y015
 class DestroyWorkspaceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    KEPT_FIELD_NUMBER: _builtins.int
+    kept: _builtins.str
+    """what of its source stays (e.g. its branch), for the user"""
     def __init__(
         self,
+        *,
+        kept: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -885,6 +1044,7 @@ class WorkspaceEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_UNIX_NANO_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     time_unix_nano: _builtins.int
     @_builtins.property
@@ -893,6 +1053,10 @@ class WorkspaceEvent(_message.Message):
     def service(self) -> _common_pb2.ServiceStatus:
         """set when the event is about one service"""
 
+    @_builtins.property
+    def transfer(self) -> Global___SourceTransfer:
+        """set when the event is a transfer's progress"""
+
     def __init__(
         self,
         *,
@@ -900,10 +1064,11 @@ class WorkspaceEvent(_message.Message):
         message: _builtins.str = ...,
         time_unix_nano: _builtins.int = ...,
         service: _common_pb2.ServiceStatus | None = ...,
+        transfer: Global___SourceTransfer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "workspace", b"workspace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "transfer", b"transfer", "workspace", b"workspace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "service", b"service", "time_unix_nano", b"time_unix_nano", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "service", b"service", "time_unix_nano", b"time_unix_nano", "transfer", b"transfer", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -152,6 +152,16 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_common__pb2.ImageUpload.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.ImportImageResponse.FromString,
                 _registered_method=True)
+        self.PushWorkspace = channel.unary_stream(
+                '/vendetta.v1.Coordinator/PushWorkspace',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.FromString,
+                _registered_method=True)
+        self.PullWorkspace = channel.unary_stream(
+                '/vendetta.v1.Coordinator/PullWorkspace',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -307,6 +317,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushWorkspace(self, request, context):
+        """A workspace's source on a remote node: push sends what changed on this machine
+        since the last transfer; pull brings back the workspace's commits (git) or its
+        changed files (a folder). Progress as it goes, then one message with done set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullWorkspace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +449,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ImportImage,
                     request_deserializer=vendetta_dot_v1_dot_common__pb2.ImageUpload.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.ImportImageResponse.SerializeToString,
+            ),
+            'PushWorkspace': grpc.unary_stream_rpc_method_handler(
+                    servicer.PushWorkspace,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.SerializeToString,
+            ),
+            'PullWorkspace': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullWorkspace,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1049,6 +1084,60 @@ class Coordinator:
             '/vendetta.v1.Coordinator/ImportImage',
             vendetta_dot_v1_dot_common__pb2.ImageUpload.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.ImportImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/PushWorkspace',
+            vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/PullWorkspace',
+            vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,12 @@ class CoordinatorStub:
     streams (start.node names the node), relayed to the node's agent.
     """
     ImportImage: _grpc.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]
+    PushWorkspace: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.SourceTransferRequest, _coordinator_pb2.SourceTransfer]
+    """A workspace's source on a remote node: push sends what changed on this machine
+    since the last transfer; pull brings back the workspace's commits (git) or its
+    changed files (a folder). Progress as it goes, then one message with done set.
+    """
+    PullWorkspace: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.SourceTransferRequest, _coordinator_pb2.SourceTransfer]
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -118,6 +124,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     streams (start.node names the node), relayed to the node's agent.
     """
     ImportImage: _aio.StreamUnaryMultiCallable[_common_pb2.ImageUpload, _common_pb2.ImportImageResponse]  # type: ignore[assignment]
+    PushWorkspace: _aio.UnaryStreamMultiCallable[_coordinator_pb2.SourceTransferRequest, _coordinator_pb2.SourceTransfer]  # type: ignore[assignment]
+    """A workspace's source on a remote node: push sends what changed on this machine
+    since the last transfer; pull brings back the workspace's commits (git) or its
+    changed files (a folder). Progress as it goes, then one message with done set.
+    """
+    PullWorkspace: _aio.UnaryStreamMultiCallable[_coordinator_pb2.SourceTransferRequest, _coordinator_pb2.SourceTransfer]  # type: ignore[assignment]
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator owns the truth: nodes, workspaces, desired vs observed
@@ -298,5 +310,23 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_common_pb2.ImageUpload],
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.ImportImageResponse, _abc.Awaitable[_common_pb2.ImportImageResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PushWorkspace(
+        self,
+        request: _coordinator_pb2.SourceTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.SourceTransfer], _abc.AsyncIterator[_coordinator_pb2.SourceTransfer]]:
+        """A workspace's source on a remote node: push sends what changed on this machine
+        since the last transfer; pull brings back the workspace's commits (git) or its
+        changed files (a folder). Progress as it goes, then one message with done set.
+        """
+
+    @_abc_1.abstractmethod
+    def PullWorkspace(
+        self,
+        request: _coordinator_pb2.SourceTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.SourceTransfer], _abc.AsyncIterator[_coordinator_pb2.SourceTransfer]]: ...
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
