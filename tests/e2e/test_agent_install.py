@@ -8,20 +8,27 @@ coordinator's side; the node installs it with no package index.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 
+from common.version import PACKAGES, build_id_of, source_root
 from tests.conftest import require
 from tests.e2e.test_cli import write_config
 from tests.support.cli import BIN, Env, cli_env, containers
 from tests.support.node_machine import NodeMachine, image_problem
 from tests.support.sshd import SshServer
+from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
 
@@ -134,19 +141,42 @@ def _wait(what: str, check: Callable[[], object], within: float = 120) -> None:
         time.sleep(0.2)
 
 
-# An agent that says it is another build: this checkout's agent with build_id patched
-# before anything imports it (as an agent left running by an older vendetta).
-_OLD_AGENT = (
-    "import sys, common.version as v; v.build_id = lambda: '0.0.1+older'; "
-    "from nodeagent.main import main; main(sys.argv[1:])"
-)
+def _other_build(root: Path) -> tuple[Path, str]:
+    """A copy of this checkout's packages with one line more: a build of its own (its
+    build id is the digest of its sources), as an agent of another vendetta version."""
+    other = root / "other-build"
+    for package in PACKAGES:
+        shutil.copytree(
+            source_root() / package, other / package,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )  # fmt: skip
+    version = other / "common" / "version.py"
+    version.write_text(version.read_text() + "\n# another build (the upgrade test)\n")
+    return other, build_id_of(other)
+
+
+def _agent_services(state: Path, ws: str) -> dict[str, int]:
+    """The services the agent at ``state`` supervises for ``ws``, asked on its socket."""
+
+    async def ask() -> dict[str, int]:
+        async with grpc.aio.insecure_channel(f"unix:{state / 'agent.sock'}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)
+            request = nodeagent_pb2.EnvironmentRequest(workspace=ws, provider="docker")
+            reply = await stub.GetServices(request, timeout=10)
+            return {s.name: s.pid for s in reply.services}
+
+    try:
+        return asyncio.run(ask())
+    except grpc.RpcError:
+        return {}
 
 
 def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
     env: Env,
 ) -> None:
     build = str(env.node("n1")["agent_version"])
-    state = env.home / "n1" / "home" / ".local" / "state" / "vendetta-agent"
+    home = env.home / "n1" / "home"
+    state = home / ".local" / "state" / "vendetta-agent"
     services = "services:\n  sleeper:\n    command: 'while :; do sleep 1; done'\n"
     ws = "upg1"
     cfg = write_config(env.home / ws / ".vendetta" / "config.yaml", ws, extra=services)
@@ -154,50 +184,65 @@ def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
     env.cli("workspace", "up", ws)
     (service,) = env.workspace(ws)["services"]
     assert service["pid"], service
+    (container,) = containers(ws)
+    started = container.exec_run(["cat", f"/proc/{service['pid']}/stat"]).output.split()[21]
 
-    # The node now runs an agent of another build in the same folder.
-    subprocess.run(
-        [str(BIN / "vendetta-agent"), "--dir", str(state), "stop"], check=True, timeout=60
-    )
-    log = state / "older.log"
-    subprocess.run(  # detached (setsid, and its shell exits): as `ensure` starts agents
-        [
-            "sh", "-c", 'setsid "$@" </dev/null >"$LOG" 2>&1 &', "sh",
-            sys.executable, "-c", _OLD_AGENT, "--dir", str(state), "run",
-        ],
-        env={**env.env, "LOG": str(log)}, check=True, timeout=30,
+    # Another vendetta's agent takes the node over, as its `ensure` does: in the node
+    # user's session environment, it stops the running agent and starts its own.
+    other, other_build = _other_build(env.home / "n1-other")
+    assert other_build != build
+    taken = subprocess.run(
+        [sys.executable, "-m", "nodeagent.main", "--dir", str(state), "ensure"],
+        cwd=other, env={**env.env, "HOME": str(home), "PYTHONPATH": str(other)},
+        capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
-    status = [str(BIN / "vendetta-agent"), "--dir", str(state), "status"]
+    took = json.loads(taken.stdout.splitlines()[-1])
+    assert took["version"] == other_build and took["started"], took
+    assert took["runner"] == "detached", took  # no systemd on this machine
+    _wait(
+        "the other build's agent to find the service",
+        lambda: _agent_services(state, ws).get("sleeper"),
+    )
+    assert _agent_services(state, ws) == {"sleeper": service["pid"]}
 
-    def older_runs() -> bool:
-        out = subprocess.run(status, capture_output=True, text=True, timeout=30).stdout
-        return "version 0.0.1+older" in out
-
-    def agent_pid() -> int:  # 0 while an agent is being replaced
-        try:
-            return int((state / "agent.pid").read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    _wait("the older agent", older_runs)
-    older_pid = agent_pid()
-
-    env.nodes["n1"].kill_connections()  # the coordinator reconnects
+    env.nodes["n1"].kill_connections()  # the coordinator reconnects: the upgrade
     _wait(
         "the coordinator's build on n1",
         lambda: (
             (n := env.node("n1"))["state"] == "NODE_STATE_READY"
             and n["agent_version"] == build
-            and agent_pid() not in (0, older_pid)
+            and _pid(state) not in (0, took["pid"])
         ),
+        within=180,
     )
-    _wait("the older agent to exit", lambda: not Path(f"/proc/{older_pid}").exists())
-    assert not older_runs()
-    # The reconciler picks the services' state up again from the new agent.
-    _wait("the service's state from the new agent", lambda: env.workspace(ws)["services"][0]["pid"])
-    after = env.workspace(ws)["services"]
-    assert [(s["name"], s["pid"]) for s in after] == [("sleeper", service["pid"])]
+    _wait("the other agent to exit", lambda: not Path(f"/proc/{took['pid']}").exists())
+    # The new agent found the service again (it resumes in the background after it
+    # listens): the same process, not a new one.
+    _wait(
+        "the new agent to find the service",
+        lambda: _agent_services(state, ws).get("sleeper"),
+        within=120,
+    )
+    assert _agent_services(state, ws) == {"sleeper": service["pid"]}
+    again = container.exec_run(["cat", f"/proc/{service['pid']}/stat"]).output.split()[21]
+    assert again == started
+    # And the coordinator shows it so, once its reconcile has read it from the new agent.
+    _wait(
+        "the service's state from the new agent",
+        lambda: (
+            [(s["name"], s["pid"]) for s in env.workspace(ws)["services"]]
+            == [("sleeper", service["pid"])]
+        ),
+        within=120,
+    )
     env.cli("workspace", "destroy", ws)
+
+
+def _pid(state: Path) -> int:  # 0 while an agent is being replaced
+    try:
+        return int((state / "agent.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def test_ssh_dropped_mid_install_fails_clearly_and_a_retry_succeeds(env: Env) -> None:
