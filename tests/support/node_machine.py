@@ -46,13 +46,13 @@ def _lxc(*args: str, input: bytes | None = None, check: bool = True) -> str:
     return proc.stdout.decode(errors="replace")
 
 
-def image_problem() -> str:
+def image_problem(image: str = IMAGE, script: str = "build-node-image.sh") -> str:
     """Why the node image is not there ("" if it is)."""
     proc = subprocess.run(
-        ["lxc", "image", "info", IMAGE], capture_output=True, text=True, timeout=30, check=False
+        ["lxc", "image", "info", image], capture_output=True, text=True, timeout=30, check=False
     )
     if proc.returncode != 0:
-        return f"LXD image {IMAGE} missing (bash scripts/build-node-image.sh)"
+        return f"LXD image {image} missing (bash scripts/{script})"
     return ""
 
 
@@ -70,8 +70,9 @@ class NodeMachine:
 
     host = "127.0.0.1"
 
-    def __init__(self, root: Path, name: str, user: str) -> None:
+    def __init__(self, root: Path, name: str, user: str, image: str = IMAGE) -> None:
         self.root = root
+        self.image = image
         self.name = name
         self.user = user
         self.port = 0
@@ -79,10 +80,10 @@ class NodeMachine:
         self._host_key = ""
 
     @classmethod
-    def launch(cls, root: Path, user: str = "root") -> NodeMachine:
+    def launch(cls, root: Path, user: str = "root", image: str = IMAGE) -> NodeMachine:
         """Launch a node container, give root and NODE_USER the client key, forward its sshd."""
         root.mkdir(parents=True, exist_ok=True)
-        machine = cls(root, f"vd-node-{uuid.uuid4().hex[:8]}", user)
+        machine = cls(root, f"vd-node-{uuid.uuid4().hex[:8]}", user, image)
         try:
             machine._start()
         except BaseException:
@@ -93,7 +94,7 @@ class NodeMachine:
     def _start(self) -> None:
         _keygen(self.client_key_path, "vendetta-test-client")
         key = _public_half(self.client_key_path).read_bytes()
-        _lxc("launch", IMAGE, self.name)
+        _lxc("launch", self.image, self.name)
         uid = self.exec("id", "-u", NODE_USER).strip()
         for home, owner in (("/root", "0"), (f"/home/{NODE_USER}", uid)):
             _lxc(
