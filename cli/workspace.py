@@ -21,6 +21,7 @@ from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from cli.ssh_config import included as ssh_included
+from cli.workspace_source import progress_line, register, resolve_source, source_lines
 from common.errors import FailedPreconditionError, VendettaError
 from common.ssh_hosts import SUFFIX
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
@@ -95,12 +96,15 @@ async def _with_progress(
             if first:  # the current state, not news
                 first = False
                 continue
-            if ev.message:
+            if ev.HasField("transfer") and not ev.transfer.done:
+                spinner.update(progress_line(ev.transfer))
+            elif ev.message:
                 err.print(f"  {name}: {ev.message}")
 
+    spinner = err.status(what)
     watcher = asyncio.create_task(follow())
     try:
-        with err.status(what):
+        with spinner:
             return await call()
     finally:
         watcher.cancel()
@@ -118,14 +122,32 @@ def create(
     config: Annotated[
         Path | None, typer.Option(help="Project config (default: ./.vendetta/config.yaml).")
     ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="The code at the workdir: a folder (a git repository's gets a worktree of its "
+            "own) or a git URL (default: the project folder, the one holding "
+            ".vendetta/config.yaml)."
+        ),
+    ] = "",
+    no_source: Annotated[bool, typer.Option("--no-source", help="No code inside.")] = False,
+    branch: Annotated[
+        str, typer.Option(help="git: the workspace's branch (default: vendetta/NAME).")
+    ] = "",
+    with_changes: Annotated[
+        bool,
+        typer.Option("--with-changes", help="git: carry the checkout's uncommitted changes along."),
+    ] = False,
     json_: Json = False,
 ) -> None:
-    """Create a workspace's environment (stopped); `up` starts it."""
+    """Create a workspace's environment (stopped) with the project's code at its workdir
+    (/workspace); `up` starts it."""
     path = config or DEFAULT_CONFIG
     text = ""
     if config is not None or path.exists():
         load_config_or_exit(path)
         text = path.read_text()
+    origin = resolve_source(source, path if text else None, no_source)
 
     async def go() -> pb.Workspace:
         async with coordinator() as c:
@@ -141,6 +163,9 @@ def create(
                         config_yaml=text,
                         config_path=str(path.absolute()) if text else "",
                         request_id=request_id(),
+                        source=origin,
+                        branch=branch,
+                        with_changes=with_changes,
                     )
                 ),
             )
@@ -153,6 +178,8 @@ def create(
         f"workspace [bold]{ws.name}[/bold] created on node {ws.node} "
         f"({ws.provider}, image {ws.image}); start it with `vendetta workspace up {ws.name}`"
     )
+    for line in source_lines(ws):
+        out.print(line)
 
 
 def load_config_or_exit(path: Path) -> None:
@@ -265,19 +292,25 @@ def down(name: Name, json_: Json = False) -> None:
 @app.command()
 def destroy(
     name: Name,
-    force: Annotated[bool, typer.Option(help="Forget it even if its node is unreachable.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Forget it even if its node is unreachable, and drop work of its source that "
+            "exists nowhere else (commits not pulled, uncommitted changes in its worktree)."
+        ),
+    ] = False,
 ) -> None:
     """Remove the workspace and its environment."""
 
-    async def go() -> None:
+    async def go() -> pb.DestroyWorkspaceResponse:
         async with coordinator() as c:
             with err.status(f"Destroying workspace {name}..."):
-                await c.DestroyWorkspace(
+                return await c.DestroyWorkspace(
                     pb.WorkspaceRequest(name=name, request_id=request_id(), force=force)
                 )
 
-    run(go())
-    out.print(f"workspace {name} destroyed")
+    done = run(go())
+    out.print(f"workspace {name} destroyed" + (f"; {done.kept}" if done.kept else ""))
 
 
 @app.command("list")
@@ -350,6 +383,8 @@ def _show(ws: pb.Workspace, json_: bool) -> None:
         out.print(f"  env id   {ws.environment_id[:12]}")
     if ws.detail:
         out.print(f"  detail   {ws.detail}")
+    for line in source_lines(ws):
+        out.print(line)
     out.print(f"  created  {ago(ws.created_unix_nano)}, updated {ago(ws.updated_unix_nano)}")
     if ws.services:
         out.print(services_table(ws))
@@ -517,3 +552,6 @@ def exec_(
 
     code = run(go())
     raise typer.Exit(code)
+
+
+register(app)  # push, pull

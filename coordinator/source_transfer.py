@@ -310,13 +310,29 @@ async def _pull_git(
         ) from exc
     await git("update-ref", "-d", ref, cwd=repo, check=False)
     head = (await git("rev-parse", "--short", "HEAD", cwd=repo)).strip()
-    changed = await git("diff", "--name-only", f"HEAD~{new}", "HEAD", cwd=repo, check=False)
-    t.paths = changed.split()[:MAX_PATHS]
+    changed = await git("diff", "--name-only", "-z", f"HEAD~{new}", "HEAD", cwd=repo, check=False)
+    paths = sorted(filter(None, changed.split("\0")))
+    # What the merge brought is what the node has: the same on both sides for push.
+    await asyncio.to_thread(_record, _manifest_path(home, name), repo, paths)
+    t.paths = paths[:MAX_PATHS]
     t.summary = (
         f"pulled {new} commit(s) onto branch {src.branch} (now {head}), "
         f"{_human(t.bytes)} received in {t.seconds:.1f}s"
     )
     return t
+
+
+def _record(manifest_path: Path, root: Path, paths: list[str]) -> None:
+    """Record ``paths`` as they are now in ``root`` as the same on the node (or gone)."""
+    sent = pack.Manifest.load(manifest_path)
+    present = {e.rel: e for e in pack._stat_all(root, paths)}
+    for rel in paths:
+        e = present.get(rel)
+        if e is None:
+            sent.files.pop(rel, None)
+        else:
+            sent.files[rel] = (e.size, e.mtime_ns, e.link or pack.hash_file(root / rel))
+    sent.save(manifest_path)
 
 
 async def _pull_folder(

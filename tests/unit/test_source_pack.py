@@ -250,5 +250,10 @@ async def test_ship_and_pull_a_git_worktree(tmp_path: Path) -> None:
     assert sh("git", "rev-parse", "vendetta/ws", cwd=repo) == inside
     assert (Path(src.path) / "inside.py").read_text() == "made inside"
     assert await source_transfer.unpulled(home, "ws", src, client) == 0
+    # What the pull brought counts as on the node: deleting it here is pushed.
+    (Path(src.path) / "inside.py").unlink()
+    pushed = await source_transfer.push(home, "ws", src, client, 10**6, 1000, lambda _t: None)
+    assert (pushed.paths, pushed.deleted) == (["inside.py"], 1)
+    assert not (node / "inside.py").exists()
     again = await source_transfer.pull(home, "ws", src, client, False, lambda _t: None)
     assert again.summary.startswith("nothing to pull")
