@@ -48,6 +48,9 @@ def spec_from_pb(pb: nodeagent_pb2.EnvironmentSpec) -> EnvironmentSpec:
         memory_bytes=pb.memory_bytes or None,
         disk_bytes=pb.disk_bytes or None,
         ports=tuple(pb.ports),
+        source_path=pb.source_path,
+        workdir=pb.workdir,
+        user=pb.user,
     )
 
 
@@ -61,6 +64,8 @@ def status_to_pb(st: EnvironmentStatus) -> nodeagent_pb2.Environment:
         addresses=list(st.addresses),
         detail=st.detail,
         ports=dict(st.ports),
+        source_mode=st.source_mode,
+        workdir=st.workdir,
     )
 
 

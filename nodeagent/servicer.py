@@ -20,6 +20,7 @@ from common.version import build_id
 from nodeagent import convert, images
 from nodeagent.providers import ProviderSet
 from nodeagent.services.manager import ServiceManager
+from nodeagent.sources import SourceStore
 from providers.base import EnvState, ExecChunk, LogRecord
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
@@ -41,9 +42,12 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         socket_path: str,
         services: ServiceManager,
         spool_dir: Path | None = None,
+        sources_dir: Path | None = None,
     ) -> None:
         # Where uploaded images wait for their provider (the agent's folder).
         self.spool_dir = spool_dir or Path(tempfile.gettempdir()) / "vendetta-imports"
+        # Workspaces' sources: next to the spool, in the agent's folder (<agent dir>/sources).
+        self.sources = SourceStore(sources_dir or self.spool_dir.parent / "sources")
         self.agent_id = agent_id
         self.providers = providers
         self.socket_path = socket_path
@@ -284,22 +288,23 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         imported = await images.receive(request_iterator, self.providers, self.spool_dir)
         return common_pb2.ImportImageResponse(images=imported)
 
-    # The source RPCs: nodeagent/sources.py fills these in (issue 17, in progress).
+    # A workspace's source in the node user's folder (nodeagent/sources.py).
     async def PutSource(
         self, request_iterator: AsyncIterator[nodeagent_pb2.SourceUpload], context: Ctx
     ) -> nodeagent_pb2.SourceReceipt:
-        raise FailedPreconditionError("this agent cannot receive a workspace's source yet")
+        return await self.sources.put(request_iterator)
 
     async def GetSource(
         self, request: nodeagent_pb2.GetSourceRequest, context: Ctx
     ) -> AsyncIterator[nodeagent_pb2.SourceChunk]:
-        raise FailedPreconditionError("this agent cannot send a workspace's source yet")
-        yield nodeagent_pb2.SourceChunk()  # pragma: no cover - makes this a generator
+        async for chunk in self.sources.get(request.workspace, request.since_unix_nano):
+            yield chunk
 
     async def DeleteSource(
         self, request: nodeagent_pb2.DeleteSourceRequest, context: Ctx
     ) -> nodeagent_pb2.DeleteSourceResponse:
-        raise FailedPreconditionError("this agent keeps no workspace source yet")
+        await self.sources.delete(request.workspace)
+        return nodeagent_pb2.DeleteSourceResponse()
 
     async def RunHook(
         self, request: nodeagent_pb2.RunHookRequest, context: Ctx

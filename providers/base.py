@@ -29,6 +29,17 @@ from providers.checks import check_command, check_image_import, check_spec
 LABEL_MANAGED = "vendetta.managed"
 LABEL_AGENT = "vendetta.agent"
 LABEL_WORKSPACE = "vendetta.workspace"
+# Where the workspace's source is inside (the default folder of commands), and how it
+# got there: remembered by the provider so that ``inspect`` and later commands know.
+LABEL_WORKDIR = "vendetta.workdir"
+LABEL_SOURCE_MODE = "vendetta.source_mode"
+
+# Where the source is inside when the spec names no workdir.
+DEFAULT_WORKDIR = "/workspace"
+# How the source is inside: the node's folder itself (edits seen both ways at once),
+# or a copy made when the environment first started.
+SOURCE_MOUNTED = "mounted"
+SOURCE_COPIED = "copied"
 
 
 class EnvState(enum.Enum):
@@ -108,6 +119,18 @@ class EnvironmentSpec:
     disk_bytes: int | None = None
     # Ports inside to publish on the node's loopback (never on other addresses).
     ports: tuple[int, ...] = ()
+    # A folder on the node holding the workspace's source, put at ``workdir`` inside
+    # (mounted, or copied where the engine cannot mount); "": no source.
+    source_path: str = ""
+    # Where the source is inside, and where commands start; "": DEFAULT_WORKDIR.
+    workdir: str = ""
+    # Who works inside (name, uid or uid:gid) and owns workdir's files; "": the image's.
+    user: str = ""
+
+    @property
+    def source_workdir(self) -> str:
+        """Where the source goes inside ("" without a source)."""
+        return (self.workdir or DEFAULT_WORKDIR) if self.source_path else ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,9 @@ class EnvironmentStatus:
     detail: str = ""
     # port inside -> "127.0.0.1:PORT" on the node, for published ports of a running env
     ports: Mapping[int, str] = field(default_factory=dict)
+    # SOURCE_MOUNTED | SOURCE_COPIED | "" (no source), and where it is inside
+    source_mode: str = ""
+    workdir: str = ""
 
 
 @dataclass(frozen=True)

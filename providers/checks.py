@@ -46,6 +46,38 @@ def check_spec(provider: str, spec: EnvironmentSpec) -> None:
     for port in spec.ports:
         if not 1 <= port <= 65535:
             raise InvalidArgumentError(f"port {port} is not a TCP port (1-65535)")
+    check_source(spec)
+
+
+# A user inside as images name them: a name, a uid, or uid:gid (name:group too).
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+
+
+def check_source(spec: EnvironmentSpec) -> None:
+    """The source's folder on the node, where it goes inside, and who owns it there."""
+    if spec.workdir and (
+        not spec.workdir.startswith("/")
+        or "\0" in spec.workdir
+        or ".." in spec.workdir.split("/")
+        or spec.workdir.rstrip("/") == ""
+    ):
+        raise InvalidArgumentError(
+            f"workdir {spec.workdir!r} must be an absolute folder inside, not / "
+            "(for example /workspace): fix `workdir:` in .vendetta/config.yaml"
+        )
+    if spec.user and not _USER.fullmatch(spec.user):
+        raise InvalidArgumentError(
+            f"user {spec.user!r} is not a user name, uid or uid:gid: fix `user:` in "
+            ".vendetta/config.yaml"
+        )
+    if spec.source_path:
+        path = Path(spec.source_path)
+        if not path.is_absolute() or not path.is_dir():
+            raise InvalidArgumentError(
+                f"the source of workspace {spec.workspace!r} is not a folder on this node: "
+                f"{spec.source_path!r}; send it again (`vendetta workspace push "
+                f"{spec.workspace}`)"
+            )
 
 
 # An image name as engines take it: a Docker reference, an LXD alias, a QEMU folder.

@@ -6,7 +6,8 @@
 # installs lxd if missing, starts `lxd --group lxd` if nothing answers, runs a
 # preseed (a `dir` storage pool named `default`, the default profile's root disk
 # on it, no network) if the pool is missing, and imports the offline test image
-# `vendetta/busybox` (busybox init + Debian's busybox-static) if it is missing.
+# `vendetta/busybox` (busybox init + Debian's busybox-static) if it is missing,
+# and lets root map node users' ids into containers (/etc/subuid, /etc/subgid).
 # Runs as root. Idempotent: a warm machine takes about a second.
 set -euo pipefail
 
@@ -123,6 +124,21 @@ YAML
     log "image $IMAGE_ALIAS imported"
 }
 
+# A workspace's source is mounted with its owner's uid/gid mapped to the user
+# inside (raw.idmap, providers/lxd/source.py); newuidmap lets root map only the
+# host ids these files give it. Root (a root agent) and regular users' ids
+# (1000-65535, whoever the node user is). Each range is under 65536 ids, so LXD
+# does not take it for the containers' default map (it uses root:100000:...).
+allow_id_maps() {
+    local file line
+    for file in /etc/subuid /etc/subgid; do
+        for line in root:0:1 root:1000:64536; do
+            grep -qx "$line" "$file" 2>/dev/null || printf '%s\n' "$line" >>"$file"
+        done
+    done
+    log "root may map uid/gid 0 and 1000-65535 into containers (workspace sources)"
+}
+
 smoke_test() {
     local name out
     name=vd-engine-check-$$
@@ -140,5 +156,6 @@ install_packages
 start_lxd
 initialise_lxd
 import_image
+allow_id_maps
 smoke_test
 log "ready"

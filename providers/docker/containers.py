@@ -16,7 +16,10 @@ import docker.errors
 from providers.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
+    LABEL_SOURCE_MODE,
+    LABEL_WORKDIR,
     LABEL_WORKSPACE,
+    SOURCE_MOUNTED,
     EnvironmentStatus,
     EnvState,
 )
@@ -27,8 +30,11 @@ ACTIVE_STATES = frozenset({"running", "paused", "restarting"})
 Info = dict[str, Any]  # what `docker inspect` says of a container
 
 
-def labels(agent_id: str, workspace: str) -> dict[str, str]:
-    return {LABEL_MANAGED: "true", LABEL_AGENT: agent_id, LABEL_WORKSPACE: workspace}
+def labels(agent_id: str, workspace: str, workdir: str = "") -> dict[str, str]:
+    found = {LABEL_MANAGED: "true", LABEL_AGENT: agent_id, LABEL_WORKSPACE: workspace}
+    if workdir:  # the source is bind-mounted there
+        found |= {LABEL_WORKDIR: workdir, LABEL_SOURCE_MODE: SOURCE_MOUNTED}
+    return found
 
 
 def _filters(agent_id: str, workspace: str | None) -> dict[str, list[str]]:
@@ -94,7 +100,13 @@ def status_of(provider: str, workspace: str, info: Mapping[str, Any]) -> Environ
         addresses=_addresses(info),
         detail=_detail(state),
         ports=_ports(info),
+        source_mode=_label(info, LABEL_SOURCE_MODE),
+        workdir=_label(info, LABEL_WORKDIR),
     )
+
+
+def _label(info: Mapping[str, Any], key: str) -> str:
+    return str(((info.get("Config") or {}).get("Labels") or {}).get(key, ""))
 
 
 def _state_of(status: str) -> EnvState:

@@ -190,12 +190,18 @@ class DockerProvider(Provider):
         name = self.container_name(workspace)
         command = list(spec.command) if spec.command is not None else list(IDLE_COMMAND)
 
+        # The source: the node's folder itself, bind-mounted; commands start there and
+        # run as the spec's user (else the image's), which Docker keeps per container.
+        workdir = spec.source_workdir
+        binds = {spec.source_path: {"bind": workdir, "mode": "rw"}} if workdir else None
+
         def create_container(api: Any) -> None:
             host_config = api.create_host_config(
                 nano_cpus=round(spec.cpus * 1e9) if spec.cpus is not None else None,
                 mem_limit=spec.memory_bytes,
                 # Loopback only, on a free port Docker picks: the coordinator forwards to it.
                 port_bindings={p: ("127.0.0.1", None) for p in spec.ports},
+                binds=binds,
             )
             api.create_container(
                 ports=list(spec.ports),
@@ -203,7 +209,9 @@ class DockerProvider(Provider):
                 command=command,
                 name=name,
                 hostname=workspace,
-                labels=containers.labels(self.agent_id, workspace),
+                labels=containers.labels(self.agent_id, workspace, workdir),
+                working_dir=workdir or None,
+                user=spec.user or None,
                 environment=dict(spec.env),
                 host_config=host_config,
                 detach=True,

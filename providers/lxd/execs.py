@@ -31,9 +31,13 @@ import pylxd.exceptions
 
 from common.errors import FailedPreconditionError
 from providers.base import ExecChunk, Terminal
+from providers.lxd.source import Inside
 from providers.lxd.terminal import exit_code, operation_id
 from providers.lxd.websocket import THREAD_PREFIX, WebSocket
 from providers.threaded import ThreadedStream, ThreadedWriter, merge
+
+# No workdir or user of a source: LXD's defaults (root, in /root).
+NOWHERE = Inside()
 
 
 @dataclass
@@ -79,17 +83,17 @@ def open_exec(
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None,
+    inside: Inside = NOWHERE,
 ) -> Exec:
     """Start ``argv`` in ``instance`` (under ``DRAIN_WRAPPER``), its stdin, stdout
-    and stderr on websockets."""
+    and stderr on websockets; in ``cwd``, else where ``inside`` says, as its user."""
     body: dict[str, Any] = {
         "command": ["sh", "-c", DRAIN_WRAPPER, "vendetta-exec", *argv],
         "environment": dict(env),
         "wait-for-websocket": True,
         "interactive": False,
     }
-    if cwd:
-        body["cwd"] = cwd
+    body |= inside.exec_fields(cwd, env)
     response = client.api.instances[instance].exec.post(json=body).json()
     operation = str(response["operation"])
     fds = response["metadata"]["metadata"]["fds"]
@@ -188,6 +192,7 @@ def run_recorded(
     env: Mapping[str, str],
     cwd: str | None,
     abandoned: Callable[[], bool],
+    inside: Inside = NOWHERE,
 ) -> tuple[int, bytes, bytes]:
     """Run ``argv`` to completion with LXD recording its output: (exit code, stdout, stderr).
 
@@ -206,8 +211,7 @@ def run_recorded(
         "interactive": False,
         "record-output": True,
     }
-    if cwd:
-        body["cwd"] = cwd
+    body |= inside.exec_fields(cwd, env)
     response = client.api.instances[instance].exec.post(json=body).json()
     node = client.api.operations[operation_id(str(response["operation"]))]
     gave_up_at: float | None = None

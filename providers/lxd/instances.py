@@ -29,6 +29,7 @@ from providers.base import (
 )
 from providers.lxd import ports
 from providers.lxd.errors import BusyError, ListenError, lxd_errors
+from providers.lxd.source import KEY_SOURCE_MODE, KEY_WORKDIR
 
 # The base labels as LXD config keys (LXD only allows user.* for free-form keys).
 KEY_MANAGED = f"user.{LABEL_MANAGED}"
@@ -149,6 +150,8 @@ def status_of(provider: str, workspace: str, info: Mapping[str, Any]) -> Environ
         detail=detail,
         # Proxy devices listen only while the instance runs.
         ports=ports.published(info.get("devices") or {}) if status == "Running" else {},
+        source_mode=str(config.get(KEY_SOURCE_MODE) or ""),
+        workdir=str(config.get(KEY_WORKDIR) or ""),
     )
 
 

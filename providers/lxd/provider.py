@@ -47,7 +47,7 @@ from providers.base import (
     Terminal,
     failed_check,
 )
-from providers.lxd import daemon, execs, images, instances, ports
+from providers.lxd import daemon, execs, images, instances, ports, source
 from providers.lxd.command import launch_argv
 from providers.lxd.errors import lxd_errors
 from providers.lxd.instances import KEY_AGENT, KEY_COMMAND, KEY_MANAGED, KEY_WORKSPACE
@@ -127,12 +127,13 @@ class LxdProvider(Provider):
             raise self.missing(workspace)
         return info
 
-    async def _require_running(self, workspace: str) -> str:
-        """The instance of ``workspace``, which must be running (for a command in it)."""
+    async def _require_running(self, workspace: str) -> tuple[str, source.Inside]:
+        """The instance of ``workspace``, which must be running (for a command in it), and
+        where commands start in it and as whom."""
         info = await self._require(workspace)
         if info.get("status") != "Running":
             raise self.not_running(workspace)
-        return str(info["name"])
+        return str(info["name"]), source.inside_of(info.get("config") or {})
 
     def _status(self, workspace: str, info: Mapping[str, Any]) -> EnvironmentStatus:
         return instances.status_of(self.name, workspace, info)
@@ -188,6 +189,11 @@ class LxdProvider(Provider):
         if spec.command is not None:
             config[KEY_COMMAND] = json.dumps(list(spec.command))
         name = self.instance_name(workspace)
+        source_config, source_devices = source.create_fields(spec)
+        host_ids = None
+        if spec.source_path:
+            host_ids = await asyncio.to_thread(source.owner, spec.source_path)
+            await asyncio.to_thread(source.check_mappable, *host_ids)
 
         def create_instance(client: Any) -> None:
             fingerprint = daemon.resolve_image(client, spec.image)
@@ -197,18 +203,30 @@ class LxdProvider(Provider):
                     "type": "container",
                     "source": {"type": "image", "fingerprint": fingerprint},
                     "profiles": ["default"],
-                    "config": config,
+                    "config": config | source_config,
                     # Published on free node ports now; start moves any taken meanwhile.
-                    "devices": ports.devices_for(spec.ports),
+                    "devices": ports.devices_for(spec.ports) | source_devices,
                 }
             )
             instances.wait(client, response)
+
+        def set_user(client: Any) -> None:
+            # Who works inside, read from the image's own files (the instance is stopped).
+            fields = source.user_fields(host_ids, source.resolve_user(client, name, spec.user))
+            node = client.api.instances[name]
+            instances.wait_maybe(client, node.patch(json={"config": fields}))
 
         try:
             await self._engine.call(f"creating instance {name!r}", create_instance)
         except AlreadyExistsError as exc:
             # Taken, but not by an instance of ours (or we lost a race).
             raise self.name_taken(workspace, name, exc, f"lxc delete --force {name}") from exc
+        if spec.source_path or spec.user:
+            try:
+                await self._engine.call(f"setting the user of {workspace!r}", set_user)
+            except BaseException:
+                await self._destroy(workspace)  # nothing half-made is left
+                raise
         return await self._inspect(workspace)
 
     async def _start(self, workspace: str) -> EnvironmentStatus:
@@ -218,6 +236,7 @@ class LxdProvider(Provider):
         if status == "Running":
             return self._status(workspace, info)
         command = (info.get("config") or {}).get(KEY_COMMAND)
+        inside = source.inside_of(info.get("config") or {})
         action = f"starting {workspace!r}"
 
         def start_instance(client: Any) -> None:
@@ -228,7 +247,9 @@ class LxdProvider(Provider):
             instances.start_publishing(client, self.where, action, name)
             if command is not None:
                 argv = launch_argv([str(a) for a in json.loads(command)])
-                code, _, err = execs.run_recorded(client, name, argv, {}, None, lambda: False)
+                code, _, err = execs.run_recorded(
+                    client, name, argv, {}, None, lambda: False, inside
+                )
                 if code != 0:
                     raise FailedPreconditionError(
                         f"workspace {workspace} started, but its command could not be "
@@ -295,8 +316,8 @@ class LxdProvider(Provider):
     ) -> AsyncGenerator[ExecChunk, None]:
         """A pipe (see ``_pipe``) whose stdin is closed at once: the command reads
         end-of-file there. Leaving early kills its wrapper."""
-        instance = await self._require_running(workspace)
-        pipe = await self._sessions.pipe(instance, workspace, argv, env, workdir)
+        instance, inside = await self._require_running(workspace)
+        pipe = await self._sessions.pipe(instance, workspace, argv, env, workdir, inside)
         try:
             await pipe.close_stdin()
             async for chunk in pipe.output():
@@ -308,14 +329,14 @@ class LxdProvider(Provider):
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str
     ) -> tuple[int, bytes, bytes]:
         """Recorded by LXD, not streamed: the reliable path (see ``execs.run_recorded``)."""
-        instance = await self._require_running(workspace)
-        return await self._sessions.run(instance, workspace, argv, env, workdir)
+        instance, inside = await self._require_running(workspace)
+        return await self._sessions.run(instance, workspace, argv, env, workdir, inside)
 
     async def _pipe(
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
     ) -> Terminal:
-        instance = await self._require_running(workspace)
-        return await self._sessions.pipe(instance, workspace, argv, env, "")
+        instance, inside = await self._require_running(workspace)
+        return await self._sessions.pipe(instance, workspace, argv, env, "", inside)
 
     async def _attach(
         self,
@@ -326,8 +347,8 @@ class LxdProvider(Provider):
         cols: int,
         env: Mapping[str, str] | None,
     ) -> Terminal:
-        instance = await self._require_running(workspace)
-        return await self._sessions.terminal(instance, workspace, argv, env, rows, cols)
+        instance, inside = await self._require_running(workspace)
+        return await self._sessions.terminal(instance, workspace, argv, env, rows, cols, inside)
 
     # -- logs ------------------------------------------------------------------
 

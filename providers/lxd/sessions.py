@@ -20,6 +20,7 @@ from typing import Any
 from common.errors import NotRunningError
 from providers.lxd import execs
 from providers.lxd.errors import translate
+from providers.lxd.source import Inside
 from providers.lxd.terminal import LxdTerminal, open_terminal
 from providers.lxd.websocket import THREAD_PREFIX
 from providers.threaded import EngineClient, open_or_abandon
@@ -52,6 +53,7 @@ class Sessions:
         argv: Sequence[str],
         env: Mapping[str, str] | None,
         workdir: str,
+        inside: Inside = execs.NOWHERE,
     ) -> execs.LxdPipe:
         """argv on pipes, over websocket-client sockets of our own (see ``execs``)."""
         action = f"running {argv[0]!r} in {workspace!r}"
@@ -64,7 +66,8 @@ class Sessions:
 
         async def opening() -> execs.LxdPipe:
             ex = await self._engine.call(
-                action, lambda c: execs.open_exec(c, instance, argv, env or {}, workdir or None)
+                action,
+                lambda c: execs.open_exec(c, instance, argv, env or {}, workdir or None, inside),
             )
             return execs.LxdPipe(await self._engine.client(), ex, workspace, output_error)
 
@@ -77,6 +80,7 @@ class Sessions:
         argv: Sequence[str],
         env: Mapping[str, str] | None,
         workdir: str,
+        inside: Inside = execs.NOWHERE,
     ) -> tuple[int, bytes, bytes]:
         """Run argv to completion, its output recorded by LXD (see ``execs.run_recorded``).
 
@@ -101,7 +105,7 @@ class Sessions:
                 outcome = self._engine.call_sync(
                     action,
                     lambda c: execs.run_recorded(
-                        c, instance, argv, env or {}, workdir or None, result.done
+                        c, instance, argv, env or {}, workdir or None, result.done, inside
                     ),
                 )
             except Exception as exc:
@@ -120,6 +124,7 @@ class Sessions:
         env: Mapping[str, str] | None,
         rows: int,
         cols: int,
+        inside: Inside = execs.NOWHERE,
     ) -> LxdTerminal:
         """An interactive exec on a PTY of ``rows`` x ``cols`` (see ``terminal``)."""
         action = f"opening a terminal in {workspace!r}"
@@ -127,7 +132,7 @@ class Sessions:
 
         def open_(client: Any) -> LxdTerminal:
             operation, data, control = open_terminal(
-                client, instance, argv, environment, rows, cols
+                client, instance, argv, environment, rows, cols, inside
             )
             return LxdTerminal(client, operation, data, control, workspace)
 

@@ -27,6 +27,7 @@ from typing import Any
 import pylxd.exceptions
 
 from providers.base import ExecChunk, Terminal
+from providers.lxd.source import Inside
 from providers.lxd.websocket import THREAD_PREFIX, WebSocket
 from providers.threaded import ThreadedStream, ThreadedWriter
 
@@ -45,18 +46,21 @@ def open_terminal(
     env: Mapping[str, str],
     rows: int,
     cols: int,
+    inside: Inside | None = None,
 ) -> tuple[str, WebSocket, WebSocket]:
-    """Start ``argv`` on a PTY in ``instance``; (operation, data socket, control socket)."""
-    response = client.api.instances[instance].exec.post(
-        json={
-            "command": list(argv),
-            "environment": dict(env),
-            "wait-for-websocket": True,
-            "interactive": True,
-            "width": cols,
-            "height": rows,
-        }
-    )
+    """Start ``argv`` on a PTY in ``instance``, where and as whom ``inside`` says;
+    (operation, data socket, control socket)."""
+    body: dict[str, Any] = {
+        "command": list(argv),
+        "environment": dict(env),
+        "wait-for-websocket": True,
+        "interactive": True,
+        "width": cols,
+        "height": rows,
+    }
+    if inside is not None:
+        body |= inside.exec_fields(None, env)
+    response = client.api.instances[instance].exec.post(json=body)
     body = response.json()
     operation = str(body["operation"])
     fds = body["metadata"]["metadata"]["fds"]

@@ -84,6 +84,11 @@ class Meta:
     env: Mapping[str, str] = field(default_factory=dict)
     # Guest ports to publish on the node's loopback (see network.py).
     ports: tuple[int, ...] = ()
+    # The workspace's source: the node's folder, copied to ``workdir`` in the guest at
+    # its first start (source.py); commands start there, as ``user`` ("": root).
+    source_path: str = ""
+    workdir: str = ""
+    user: str = ""
 
     def to_xml(self) -> str:
         def q(tag: str) -> str:
@@ -97,6 +102,9 @@ class Meta:
         ET.SubElement(root, q("environment")).text = json.dumps(dict(self.env))
         if self.ports:
             ET.SubElement(root, q("ports")).text = json.dumps(list(self.ports))
+        for key in ("source_path", "workdir", "user"):
+            if getattr(self, key):
+                ET.SubElement(root, q(key)).text = str(getattr(self, key))
         return ET.tostring(root, encoding="unicode")
 
     @classmethod
@@ -113,6 +121,9 @@ class Meta:
             command=tuple(json.loads(command)) if command else None,
             env=json.loads(values.get("environment") or "{}"),
             ports=tuple(int(p) for p in json.loads(values.get("ports") or "[]")),
+            source_path=values.get("source_path", ""),
+            workdir=values.get("workdir", ""),
+            user=values.get("user", ""),
         )
 
 
@@ -224,8 +235,22 @@ def domain_xml(
 """
 
 
-def guest_argv(argv: Sequence[str], workdir: str) -> list[str]:
-    """argv as run by the guest agent: in ``workdir`` if given, never through a shell parse."""
+ROOT_USERS = frozenset({"", "root", "0", "0:0", "root:root"})
+
+
+def guest_argv(argv: Sequence[str], workdir: str, user: str = "") -> list[str]:
+    """argv as run by the guest agent (as root): in ``workdir`` if given, as ``user`` if
+    not root, never through a shell parse. A name goes through ``su`` (busybox's and
+    util-linux's alike); a uid (or uid:gid) through util-linux's ``setpriv``."""
+    argv = list(argv)
+    if user not in ROOT_USERS:
+        name, _, group = user.partition(":")
+        if name.isdigit():
+            ids = ["--reuid", name, "--regid", group or name, "--clear-groups"]
+            argv = ["setpriv", *ids, *argv]
+        else:
+            # "--": su takes nothing after it as its own option (argv's "-u" stays argv's).
+            argv = ["su", "-s", "/bin/sh", "-c", 'exec "$@"', "--", name, "sh", *argv]
     if not workdir:
-        return list(argv)
+        return argv
     return ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", workdir, *argv]

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from common.errors import EngineUnavailableError
-from providers.base import EnvironmentStatus, EnvState
+from providers.base import SOURCE_COPIED, EnvironmentStatus, EnvState
 from providers.qemu import network
 from providers.qemu.domain import NS_URI, Meta
 from providers.qemu.errors import libvirt_errors, port_taken
@@ -154,6 +154,8 @@ def status(dom: libvirt.virDomain, meta: Meta, provider: str) -> EnvironmentStat
         addresses=(),
         detail=detail,
         ports=ports,
+        source_mode=SOURCE_COPIED if meta.source_path else "",
+        workdir=meta.workdir if meta.source_path else "",
     )
 
 

@@ -52,7 +52,7 @@ from providers.base import (
     Readiness,
     Terminal,
 )
-from providers.qemu import agent, guests
+from providers.qemu import agent, guests, source
 from providers.qemu.consoles import Consoles
 from providers.qemu.domain import (
     Files,
@@ -218,6 +218,9 @@ class QemuProvider(Provider):
             command=tuple(spec.command) if spec.command is not None else None,
             env=dict(spec.env),
             ports=tuple(sorted(set(spec.ports))),
+            source_path=spec.source_path,
+            workdir=spec.source_workdir,
+            user=spec.user,
         )
         xml = domain_xml(
             name=name,
@@ -260,8 +263,18 @@ class QemuProvider(Provider):
 
         dom, meta, booted = await self._libvirt.call(f"starting workspace {workspace!r}", start)
         await self._wait_for_agent(workspace, dom, meta)
+        if meta.source_path:
+            # Once (the guest marks it): later starts keep what was changed inside.
+            await self._libvirt.call(
+                f"copying the source of {workspace!r} into the guest",
+                lambda _c: source.copy_in(
+                    dom, meta.source_path, meta.workdir, meta.user, self.state_dir
+                ),
+            )
         if booted and meta.command is not None:
-            argv = ["/bin/sh", "-c", COMMAND_WRAPPER, "sh", *meta.command]
+            # In the workdir, as the user inside; the output files opened as root.
+            command = guest_argv(meta.command, "", meta.user)
+            argv = guest_argv(["/bin/sh", "-c", COMMAND_WRAPPER, "sh", *command], meta.workdir)
             await self._libvirt.call(
                 f"starting the command of {workspace!r}",
                 lambda _c: agent.exec_start(dom, argv, meta.env, capture=False),
@@ -366,7 +379,9 @@ class QemuProvider(Provider):
             dom, meta = self._require_running(conn, workspace)
             merged = {**meta.env, **(env or {})}
             with guest_running(dom):
-                return dom, agent.exec_start(dom, guest_argv(argv, workdir), merged, capture=True)
+                # In the caller's folder, else the source's; as the user inside.
+                wrapped = guest_argv(argv, workdir or meta.workdir, meta.user)
+                return dom, agent.exec_start(dom, wrapped, merged, capture=True)
 
         def poll(_conn: libvirt.virConnect) -> tuple[bool, int, bytes, bytes]:
             with guest_running(dom):
@@ -406,6 +421,7 @@ class QemuProvider(Provider):
 
         dom, meta, path = await self._libvirt.call(action, look)
         environment = {"TERM": DEFAULT_TERM, **meta.env, **(env or {})}
+        argv = guest_argv(argv, meta.workdir, meta.user)
         return await self._consoles.open(dom, path, workspace, argv, environment, rows, cols)
 
     # -- logs ------------------------------------------------------------------

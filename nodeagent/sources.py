@@ -1,0 +1,285 @@
+"""A workspace's source on the node: one folder per workspace, of the node's user,
+that the environment mounts at its workdir (or copies in where it cannot mount).
+
+The coordinator sends a tar (``PutSource``): the whole source (``replace``) or
+what changed (a delta: paths to delete, then a tar of the changed files). The
+tar is spooled and extracted into a staging folder first, with tarfile's
+``data`` filter (no absolute paths, no ``..``, no links leading out, no
+devices) and no sparse members, its files' bytes bounded by the announced
+size: an upload that is broken, short or unsafe leaves the folder as it was.
+Only then is the folder changed, in place: a running environment's mount
+holds the folder itself, so it is never swapped for another one.
+
+``GetSource`` sends a tar of the folder's files changed since a time (or all);
+``DeleteSource`` removes the folder. Everything blocking runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from common.errors import InvalidArgumentError
+from common.names import validate_name
+from vendetta.v1 import nodeagent_pb2
+
+CHUNK = 256 * 1024
+
+Filter = Callable[[tarfile.TarInfo, str], "tarfile.TarInfo | None"]
+
+
+@dataclass(frozen=True)
+class Written:
+    files: int
+    bytes: int
+
+
+def _relative(path: str) -> PurePosixPath:
+    """A path inside the folder, as a delta names it; refused if it could lead out."""
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or ".." in p.parts or "\0" in path or p == PurePosixPath("."):
+        raise InvalidArgumentError(f"invalid path {path!r} in a source delta: a relative path")
+    return p
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder (never following a link); absent is fine."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _safe_member(limit: int, written: list[int]) -> Filter:
+    """tarfile's ``data`` filter, plus: no sparse members, file bytes within ``limit``."""
+
+    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        if member.name.startswith("/"):
+            raise InvalidArgumentError(f"{member.name}: absolute paths are not taken in a source")
+        if member.issparse():
+            raise InvalidArgumentError(f"{member.name}: sparse files are not taken in a source")
+        filtered = tarfile.data_filter(member, dest)
+        if filtered is not None and filtered.isfile():
+            written[0] += 1
+            written[1] += filtered.size
+            if written[1] > limit:
+                raise InvalidArgumentError(
+                    f"the source's files hold more than the {limit} bytes its upload announced"
+                )
+        return filtered
+
+    return check
+
+
+def extract(tar_path: Path, dest: Path, limit: int) -> Written:
+    """Extract the tar at ``tar_path`` into ``dest`` (which exists), safely. Blocking."""
+    counts = [0, 0]
+    if tar_path.stat().st_size == 0:
+        return Written(0, 0)  # nothing changed but deletions
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            tar.extractall(dest, filter=_safe_member(limit, counts))
+    except tarfile.FilterError as exc:
+        raise InvalidArgumentError(f"unsafe entry in the source's tar: {exc}") from exc
+    except tarfile.TarError as exc:
+        raise InvalidArgumentError(f"the source's tar cannot be read: {exc}") from exc
+    return Written(counts[0], counts[1])
+
+
+def _move_into(staged: Path, folder: Path) -> None:
+    """Move what ``staged`` holds into ``folder``, each entry replacing the one there."""
+    for entry in sorted(staged.iterdir()):
+        target = folder / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if target.is_symlink() or (target.exists() and not target.is_dir()):
+                _remove(target)
+            if target.is_dir():
+                _move_into(entry, target)
+                shutil.copystat(entry, target)
+                continue
+        elif target.is_dir() and not target.is_symlink():
+            _remove(target)
+        os.replace(entry, target)
+
+
+def apply(
+    root: Path, folder: Path, tar_path: Path, replace: bool, deleted: Sequence[str], limit: int
+) -> Written:
+    """Make ``folder`` what the upload says. Blocking.
+
+    The tar goes to a staging folder first: if it is refused, nothing changed.
+    ``replace``: the folder's old entries leave, the staged ones come in (the
+    folder itself stays, for mounts). Otherwise ``deleted`` are removed first,
+    then the staged entries replace theirs.
+    """
+    paths = [_relative(p) for p in deleted]
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=root))
+    try:
+        written = extract(tar_path, staging, limit)
+        if not folder.is_dir():
+            os.chmod(staging, 0o755)
+            os.replace(staging, folder)  # a first upload: one atomic rename
+            return written
+        if replace:
+            trash = Path(tempfile.mkdtemp(prefix=f".trash-{folder.name}-", dir=root))
+            try:
+                for entry in list(folder.iterdir()):
+                    os.replace(entry, trash / entry.name)
+                _move_into(staging, folder)
+            except BaseException:
+                # Renames within one filesystem: put the old entries back as they were.
+                for entry in list(folder.iterdir()):
+                    _remove(entry)
+                for entry in list(trash.iterdir()):
+                    os.replace(entry, folder / entry.name)
+                raise
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            for p in paths:
+                _remove(folder.joinpath(*p.parts))
+            _move_into(staging, folder)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def pack(folder: Path, since_unix_nano: int, out: BinaryIO) -> int:
+    """A tar of ``folder``'s files and links changed after ``since_unix_nano`` (0: all
+    of it, folders too) into ``out``; how many entries. Blocking."""
+    count = 0
+    with tarfile.open(fileobj=out, mode="w|") as tar:
+        for base, dirs, files in os.walk(folder):
+            dirs.sort()
+            here = Path(base)
+            rel = here.relative_to(folder)
+            if since_unix_nano == 0 and rel != Path("."):
+                tar.add(here, arcname=rel.as_posix(), recursive=False)
+                count += 1
+            for name in sorted(files) + sorted(d for d in dirs if (here / d).is_symlink()):
+                path = here / name
+                try:
+                    info = path.lstat()
+                except FileNotFoundError:
+                    continue  # removed while we walked
+                if since_unix_nano and info.st_mtime_ns <= since_unix_nano:
+                    continue
+                if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                    continue  # sockets, fifos: not source
+                tar.add(path, arcname=(rel / name).as_posix(), recursive=False)
+                count += 1
+    return count
+
+
+class SourceStore:
+    """The per-workspace source folders under ``root`` (the agent's folder)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def folder(self, workspace: str) -> Path:
+        validate_name("workspace", workspace)
+        return self.root / workspace
+
+    def _lock(self, workspace: str) -> asyncio.Lock:
+        return self._locks.setdefault(workspace, asyncio.Lock())
+
+    async def put(
+        self, uploads: AsyncIterator[nodeagent_pb2.SourceUpload]
+    ) -> nodeagent_pb2.SourceReceipt:
+        first = await anext(aiter(uploads), None)
+        if first is None or first.WhichOneof("upload") != "start":
+            raise InvalidArgumentError("a source upload starts with a `start` message")
+        start = first.start
+        folder = self.folder(start.workspace)
+        if start.size_bytes < 0:
+            raise InvalidArgumentError(f"a source upload of {start.size_bytes} bytes")
+        for p in start.deleted:
+            _relative(p)
+        async with self._lock(start.workspace):
+            await asyncio.to_thread(self.root.mkdir, mode=0o700, parents=True, exist_ok=True)
+            fd, name = await asyncio.to_thread(
+                tempfile.mkstemp, prefix=f".upload-{start.workspace}-", dir=self.root
+            )
+            spool = Path(name)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    received = await _spool(uploads, out, start.size_bytes)
+                written = await asyncio.to_thread(
+                    apply,
+                    self.root,
+                    folder,
+                    spool,
+                    start.replace,
+                    list(start.deleted),
+                    start.size_bytes,
+                )
+            finally:
+                await asyncio.to_thread(spool.unlink, True)
+        return nodeagent_pb2.SourceReceipt(path=str(folder), bytes=received, files=written.files)
+
+    async def get(
+        self, workspace: str, since_unix_nano: int
+    ) -> AsyncIterator[nodeagent_pb2.SourceChunk]:
+        folder = self.folder(workspace)
+        if since_unix_nano < 0:
+            raise InvalidArgumentError(f"since must be 0 or more, got {since_unix_nano}")
+        if not await asyncio.to_thread(folder.is_dir):
+            raise InvalidArgumentError(
+                f"workspace {workspace!r} has no source on this node: send it with "
+                f"`vendetta workspace push {workspace}`"
+            )
+        # Spooled first, so the tar sent is of one moment, whatever happens meanwhile.
+        spool = await asyncio.to_thread(_temporary, self.root)
+        try:
+            async with self._lock(workspace):
+                await asyncio.to_thread(pack, folder, since_unix_nano, spool)
+            await asyncio.to_thread(spool.seek, 0)
+            while data := await asyncio.to_thread(spool.read, CHUNK):
+                yield nodeagent_pb2.SourceChunk(data=data)
+        finally:
+            await asyncio.to_thread(spool.close)
+
+    async def delete(self, workspace: str) -> None:
+        folder = self.folder(workspace)
+        async with self._lock(workspace):
+            await asyncio.to_thread(_remove, folder)
+
+
+def _temporary(root: Path) -> BinaryIO:
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return tempfile.TemporaryFile("w+b", dir=root)
+
+
+async def _spool(
+    uploads: AsyncIterator[nodeagent_pb2.SourceUpload], out: BinaryIO, size: int
+) -> int:
+    """Write the upload's chunks to ``out``: exactly ``size`` bytes, or refused."""
+    received = 0
+    async for message in uploads:
+        if message.WhichOneof("upload") != "chunk":
+            raise InvalidArgumentError("a source upload has one `start`, then chunks")
+        received += len(message.chunk)
+        if received > size:
+            raise InvalidArgumentError(
+                f"the source upload sent more than the {size} bytes its start announced"
+            )
+        await asyncio.to_thread(out.write, message.chunk)
+    if received < size:
+        raise InvalidArgumentError(
+            f"the source upload ended after {received} of {size} bytes: nothing was changed"
+        )
+    return received
