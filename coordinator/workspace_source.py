@@ -136,6 +136,7 @@ class WorkspaceSources:
         except VendettaError as exc:
             log.warning("workspace %s: its worktree %s stays: %s", ws.name, src.path, exc)
         source_transfer.forget(self.home, ws.name)
+        ws.source = WorkspaceSource()  # removed: a second call has nothing to do
         return kept
 
     def _shipped(self, ws: WorkspaceRecord, verb: str) -> WorkspaceSource:

@@ -331,6 +331,7 @@ class WorkspaceService:
 
         The caller holds the workspace's lock.
         """
+        await self.sources.remove(ws, None)  # the worktree, if destroy has not yet
         self.relays.forget(ws.name)
         await self.store.delete_ports(ws.name)
         await self.store.delete_workspace(ws.name)
