@@ -3,10 +3,10 @@ that the environment mounts at its workdir (or copies in where it cannot mount).
 
 The coordinator sends a tar (``PutSource``): the whole source (``replace``) or
 what changed (a delta: paths to delete, then a tar of the changed files). The
-tar is spooled and extracted into a staging folder first, with tarfile's
-``data`` filter (no absolute paths, no ``..``, no links leading out, no
-devices) and no sparse members, its files' bytes bounded by the announced
-size: an upload that is broken, short or unsafe leaves the folder as it was.
+tar is spooled and extracted into a staging folder first, each entry checked
+as tarfile's ``data`` filter would (no absolute paths, no ``..``, no links
+leading out, no devices) and no sparse members, its files' bytes bounded by
+the announced size: an upload that is broken, short or unsafe leaves the folder as it was.
 Only then is the folder changed, in place: a running environment's mount
 holds the folder itself, so it is never swapped for another one.
 
@@ -17,12 +17,13 @@ holds the folder itself, so it is never swapped for another one.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -32,8 +33,6 @@ from common.names import validate_name
 from vendetta.v1 import nodeagent_pb2
 
 CHUNK = 256 * 1024
-
-Filter = Callable[[tarfile.TarInfo, str], "tarfile.TarInfo | None"]
 
 
 @dataclass(frozen=True)
@@ -62,40 +61,69 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _safe_member(limit: int, written: list[int]) -> Filter:
-    """tarfile's ``data`` filter, plus: no sparse members, file bytes within ``limit``."""
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
 
-    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-        if member.name.startswith("/"):
-            raise InvalidArgumentError(f"{member.name}: absolute paths are not taken in a source")
-        if member.issparse():
-            raise InvalidArgumentError(f"{member.name}: sparse files are not taken in a source")
-        filtered = tarfile.data_filter(member, dest)
-        if filtered is not None and filtered.isfile():
-            written[0] += 1
-            written[1] += filtered.size
-            if written[1] > limit:
-                raise InvalidArgumentError(
-                    f"the source's files hold more than the {limit} bytes its upload announced"
-                )
-        return filtered
 
-    return check
+def _checked(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """``member`` as it may be extracted into ``dest`` (a real path), or refused.
+
+    What tarfile's ``data`` filter checks (Python 3.11.4+; a node may have an older
+    3.11), against the folder as it is now, so that a link extracted earlier cannot
+    carry a later entry out: no absolute path, no ``..``, nothing that resolves
+    outside, links only to inside, no devices, fifos or sparse files; no
+    setuid/setgid/sticky bits nor group/other write; owned by the agent's user.
+    """
+    name = member.name
+    if name.startswith("/") or ".." in PurePosixPath(name).parts or "\0" in name:
+        raise InvalidArgumentError(f"{name!r}: absolute paths and '..' are not taken in a source")
+    if member.issparse() or not (
+        member.isreg() or member.isdir() or member.issym() or member.islnk()
+    ):
+        raise InvalidArgumentError(
+            f"{name!r}: only files, folders and links are taken in a source (not sparse files)"
+        )
+    if not _inside(dest, os.path.realpath(os.path.join(dest, name))):
+        raise InvalidArgumentError(f"{name!r} would be written outside the source's folder")
+    target = member.linkname
+    if member.issym():
+        where = os.path.join(dest, os.path.dirname(name), target)
+        if target.startswith("/") or not _inside(dest, os.path.realpath(where)):
+            raise InvalidArgumentError(f"{name!r} links outside the source's folder ({target!r})")
+    if member.islnk() and (
+        target.startswith("/") or not _inside(dest, os.path.realpath(os.path.join(dest, target)))
+    ):
+        raise InvalidArgumentError(f"{name!r} links outside the source's folder ({target!r})")
+    safe = copy.copy(member)
+    safe.uid, safe.gid, safe.uname, safe.gname = os.geteuid(), os.getegid(), "", ""
+    if not member.issym():
+        # No setuid/setgid/sticky nor group/other write; the owner may always change it.
+        safe.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
+    return safe
 
 
 def extract(tar_path: Path, dest: Path, limit: int) -> Written:
-    """Extract the tar at ``tar_path`` into ``dest`` (which exists), safely. Blocking."""
-    counts = [0, 0]
+    """Extract the tar at ``tar_path`` into ``dest`` (which exists), each entry checked
+    (``_checked``) before it is written, the files' bytes at most ``limit``. Blocking."""
+    files = size = 0
     if tar_path.stat().st_size == 0:
         return Written(0, 0)  # nothing changed but deletions
+    root = os.path.realpath(dest)
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
-            tar.extractall(dest, filter=_safe_member(limit, counts))
-    except tarfile.FilterError as exc:
-        raise InvalidArgumentError(f"unsafe entry in the source's tar: {exc}") from exc
-    except tarfile.TarError as exc:
-        raise InvalidArgumentError(f"the source's tar cannot be read: {exc}") from exc
-    return Written(counts[0], counts[1])
+            for member in tar:
+                safe = _checked(member, root)
+                if safe.isreg():
+                    files, size = files + 1, size + safe.size
+                    if size > limit:
+                        raise InvalidArgumentError(
+                            f"the source's files hold more than the {limit} bytes its "
+                            "upload announced"
+                        )
+                tar.extract(safe, root, set_attrs=not safe.issym(), numeric_owner=True)
+    except (tarfile.TarError, OSError) as exc:
+        raise InvalidArgumentError(f"the source's tar cannot be extracted: {exc}") from exc
+    return Written(files, size)
 
 
 def _move_into(staged: Path, folder: Path) -> None:

@@ -151,6 +151,29 @@ async def test_whole_upload_then_delta_then_replace(
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
 
 
+async def test_no_dependence_on_tarfiles_own_filter(
+    agent: tuple[NodeAgentAsyncStub, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes may run Python 3.11 before 3.11.4, whose tarfile has no extraction filters."""
+    stub, _ = agent
+    for name in ("data_filter", "FilterError"):  # what an older tarfile lacks
+        monkeypatch.delattr(tarfile, name, raising=False)
+    folder = Path((await put(stub, make_tar(file("a.txt", b"A"), file("s/b", b"B")))).path)
+    assert tree(folder) == {"a.txt": b"A", "s/b": b"B"}
+    with pytest.raises(grpc.aio.AioRpcError):
+        await put(stub, UNSAFE["link chain out"])
+    assert tree(folder) == {"a.txt": b"A", "s/b": b"B"}
+
+
+async def test_modes_are_tamed(agent: tuple[NodeAgentAsyncStub, Path]) -> None:
+    stub, _ = agent
+    data = make_tar(file("suid", b"x", 0o4777), file("ro", b"y", 0o444))
+    folder = Path((await put(stub, data)).path)
+    assert (folder / "suid").stat().st_mode & 0o7777 == 0o755
+    assert (folder / "ro").stat().st_mode & 0o7777 == 0o644
+    assert (folder / "suid").stat().st_uid == os.geteuid()
+
+
 async def test_get_sends_everything_or_what_changed_since(
     agent: tuple[NodeAgentAsyncStub, Path],
 ) -> None:
@@ -179,6 +202,16 @@ UNSAFE = {
         special("link", tarfile.SYMTYPE, ".."), file("link/escaped.txt", b"x")
     ),
     "hard link out": make_tar(special("hard", tarfile.LNKTYPE, "/etc/passwd")),
+    "relative hard link out": make_tar(special("hard", tarfile.LNKTYPE, "../../../etc/passwd")),
+    # Each link inside by itself, out through the other: `a` is `b/c/../..` where
+    # `b/c` is `b`, so `a` is the folder's parent.
+    "link chain out": make_tar(
+        special("b", tarfile.DIRTYPE),
+        special("b/c", tarfile.SYMTYPE, "."),
+        special("a", tarfile.SYMTYPE, "b/c/../.."),
+        file("a/escaped.txt", b"x"),
+    ),
+    "fifo": make_tar(special("fifo", tarfile.FIFOTYPE)),
     "device": make_tar(special("dev", tarfile.CHRTYPE)),
     "not a tar": b"this is not a tar archive at all" * 40,
 }
