@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cli import checks
 from cli.client import coordinator
 from cli.output import ago, as_dict, err, out, print_json
 from cli.runner import fail, run
@@ -84,7 +85,7 @@ def _table(images: list[common_pb2.ImageInfo]) -> Table:
 
 @app.command("list")
 def list_(
-    node: Annotated[str, typer.Argument(help="The node.")],
+    node: Annotated[str, typer.Argument(help="The node.", callback=checks.node_name)],
     provider: Annotated[
         str, typer.Option(help="Only this provider's images (default: every ready one).")
     ] = "",
@@ -147,7 +148,9 @@ async def _upload(
 
 @app.command("import", help=IMPORT_HELP)
 def import_(
-    node: Annotated[str, typer.Argument(help="The node to import the image on.")],
+    node: Annotated[
+        str, typer.Argument(help="The node to import the image on.", callback=checks.node_name)
+    ],
     files: Annotated[list[Path], typer.Argument(help="The image's files (or its folder).")],
     provider: Annotated[
         str, typer.Option(help="The provider whose engine takes the image: docker, lxd or qemu.")

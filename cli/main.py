@@ -48,7 +48,12 @@ def _root(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # a bug: one line here, the traceback in a file
+        from cli.crash import report
+
+        raise SystemExit(report(exc)) from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import grpc.aio
 import typer
 from rich.table import Table
 
-from cli import node_test
+from cli import checks, node_test
 from cli.client import coordinator, request_id
 from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
 from cli.runner import run
@@ -25,6 +25,7 @@ from vendetta.v1 import coordinator_pb2 as pb
 app = typer.Typer(help="Manage the nodes that run workspaces.", no_args_is_help=True)
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+NodeName = Annotated[str, typer.Argument(help="The node.", callback=checks.node_name)]
 
 
 def _state(node: pb.Node) -> str:
@@ -40,10 +41,12 @@ def _providers(node: pb.Node) -> str:
 
 @app.command()
 def add(
-    name: Annotated[str, typer.Argument(help="Name for the node (a-z, 0-9, -).")],
+    name: Annotated[
+        str, typer.Argument(help="Name for the node (a-z, 0-9, -).", callback=checks.node_name)
+    ],
     address: Annotated[str, typer.Argument(help="Host name or IP address of the node.")],
     user: Annotated[str, typer.Option(help="SSH user.")] = "",
-    port: Annotated[int, typer.Option(help="SSH port.")] = 22,
+    port: Annotated[int, typer.Option(help="SSH port.", callback=checks.port)] = 22,
     identity: Annotated[
         Path | None, typer.Option(help="SSH private key (default: ssh-agent and ~/.ssh/id_*).")
     ] = None,
@@ -68,7 +71,8 @@ def add(
         float,
         typer.Option(
             help="Seconds without an answer before the node is disconnected "
-            "(0: the coordinator's default, 15 unless `server start --node-grace`)."
+            "(0: the coordinator's default, 15 unless `server start --node-grace`).",
+            callback=checks.grace,
         ),
     ] = 0.0,
     json_: Json = False,
@@ -135,7 +139,7 @@ def _read_password(prompt: str) -> str:
 
 @app.command()
 def trust(
-    name: str,
+    name: NodeName,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Trust the key shown.")] = False,
     json_: Json = False,
 ) -> None:
@@ -243,7 +247,7 @@ def list_(
 
 
 @app.command()
-def status(name: str, json_: Json = False) -> None:
+def status(name: NodeName, json_: Json = False) -> None:
     """One node: state, agent, providers and their readiness."""
 
     async def go() -> pb.Node:
@@ -279,7 +283,7 @@ def status(name: str, json_: Json = False) -> None:
 
 
 @app.command()
-def test(name: str, json_: Json = False) -> None:
+def test(name: NodeName, json_: Json = False) -> None:
     """Measure the node (SSH connect, host key, agent version, round trip, tunnel
     throughput) and check each provider; a failing row says what to do (exit 1)."""
 
@@ -292,7 +296,7 @@ def test(name: str, json_: Json = False) -> None:
 
 @app.command()
 def remove(
-    name: str,
+    name: NodeName,
     force: Annotated[
         bool,
         typer.Option(help="Also forget the node's workspaces (their environments stay)."),

@@ -10,9 +10,23 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
+
+from common.display import neutral
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def plain(text: str) -> str:
+    """``text`` for a rich print: its brackets are not markup (a path like ``[/x]``
+    would raise MarkupError), its control and bidi characters escaped, its lines kept."""
+    return escape("\n".join(neutral(line) for line in text.split("\n")))
+
+
+def print_error(message: str) -> None:
+    """One error on stderr, in the CLI's form: ``error: what is wrong; what to do``."""
+    err.print(f"[red]error:[/red] {plain(message)}", markup=True)
 
 
 def as_dict(msg: Message) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.output import err, out, print_json
+from cli.output import out, plain, print_error, print_json
 from common.errors import VendettaError
 
 DEFAULT_CONFIG = Path(".vendetta/config.yaml")
@@ -67,17 +67,21 @@ def init(
     from common.config import parse_config
 
     if path.exists() and not force:
-        err.print(f"[red]error:[/red] {path} exists; pass --force to overwrite it", markup=True)
+        print_error(f"{path} exists; pass --force to overwrite it")
         raise typer.Exit(1)
     text = STARTER.format(name=name or _project_name(Path.cwd()), provider=provider)
     try:
         parse_config(text, str(path))  # never write a config we would refuse
     except VendettaError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        print_error(str(exc))
         raise typer.Exit(1) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    out.print(f"wrote {path}; check it with `vendetta config validate`")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        print_error(f"cannot write {path}: {exc.strerror or exc}; pick another --path")
+        raise typer.Exit(1) from None
+    out.print(f"wrote {plain(str(path))}; check it with `vendetta config validate`")
 
 
 config_app = typer.Typer(help="Check project configs.", no_args_is_help=True)
@@ -97,10 +101,11 @@ def validate(
         if json_:
             print_json({"valid": False, "path": str(path), "error": str(exc)})
         else:
-            err.print(f"[red]error:[/red] {exc}", markup=True)
+            print_error(str(exc))
         raise typer.Exit(1) from None
     if json_:
         print_json({"valid": True, "path": str(path), "config": cfg.model_dump(mode="json")})
         return
     services = ", ".join(cfg.services) or "none"
-    out.print(f"{path}: valid (project {cfg.name}, provider {cfg.provider}, services: {services})")
+    where = plain(str(path))
+    out.print(f"{where}: valid (project {cfg.name}, provider {cfg.provider}, services: {services})")

@@ -11,7 +11,7 @@ import grpc.aio
 import typer
 
 from cli.client import not_running
-from cli.output import err
+from cli.output import print_error
 from common.errors import VendettaError
 from common.rpc_errors import from_rpc_error
 
@@ -32,7 +32,7 @@ def _error(exc: grpc.aio.AioRpcError) -> VendettaError:
 
 def fail(exc: VendettaError) -> NoReturn:
     """Report an error found on the CLI's side the way run() reports the server's."""
-    err.print(f"[red]error:[/red] {exc}", markup=True)
+    print_error(str(exc))
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -40,10 +40,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except VendettaError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        print_error(str(exc))
         raise typer.Exit(EXIT_ERROR) from None
     except grpc.aio.AioRpcError as exc:
-        err.print(f"[red]error:[/red] {_error(exc)}", markup=True)
+        print_error(str(_error(exc)))
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None

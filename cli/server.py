@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cli import checks
 from cli.output import ago, as_dict, out, print_json
 from cli.runner import run
 from common.paths import coordinator_log, vendetta_home
@@ -29,6 +30,7 @@ def start(
             help="Seconds without an answer before a node is disconnected (default 15; "
             "`node add --grace` sets one node's).",
             envvar="VENDETTA_NODE_GRACE",
+            callback=checks.node_grace,
         ),
     ] = None,
 ) -> None:

@@ -16,12 +16,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cli import checks
 from cli.client import coordinator, request_id
-from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
+from cli.output import ago, as_dict, enum_name, err, out, print_error, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from cli.ssh_config import included as ssh_included
 from cli.workspace_source import progress_line, register, resolve_source, source_lines
+from common.display import shown
 from common.errors import FailedPreconditionError, VendettaError
 from common.ssh_hosts import SUFFIX
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
@@ -30,7 +32,7 @@ from vendetta.v1 import coordinator_pb2 as pb
 app = typer.Typer(help="Create, run and inspect workspaces.", no_args_is_help=True)
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-Name = Annotated[str, typer.Argument(help="Workspace name.")]
+Name = Annotated[str, typer.Argument(help="Workspace name.", callback=checks.workspace_name)]
 
 
 def services_table(ws: pb.Workspace) -> Table:
@@ -63,15 +65,23 @@ def parse_since(text: str, now: float | None = None) -> int:
     """'10m' (ago) or an ISO time (local unless it says otherwise) -> unix nanoseconds."""
     now = time.time() if now is None else now
     value = text.strip()
-    if value[:-1].isdigit() and value[-1:] in _UNITS:
-        return int((now - int(value[:-1]) * _UNITS[value[-1]]) * 1e9)
-    try:
-        return int(dt.datetime.fromisoformat(value).timestamp() * 1e9)
-    except ValueError:
+    if value[:-1].isascii() and value[:-1].isdigit() and value[-1:] in _UNITS:
+        seconds = now - int(value[:-1]) * _UNITS[value[-1]]
+    else:
+        try:
+            seconds = dt.datetime.fromisoformat(value).timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise ValueError(
+                f"--since '{shown(text)}': use a duration like 30s, 10m, 2h, 1d or a time like "
+                "2026-11-22T10:00"
+            ) from None
+    # Nanoseconds in an int64, as the call carries them: 1970 to 2262.
+    if not 0 <= seconds < 2**63 / 1e9:
         raise ValueError(
-            f"--since {text!r}: use a duration like 30s, 10m, 2h, 1d or a time like "
-            "2026-11-22T10:00"
-        ) from None
+            f"--since '{shown(text)}' is before 1970 or after 2262: use a shorter duration, "
+            "or leave --since out for every line"
+        )
+    return int(seconds * 1e9)
 
 
 def state_of(ws: pb.Workspace) -> str:
@@ -118,7 +128,13 @@ def create(
     provider: Annotated[
         str, typer.Option(help="docker | lxd (lxc) | qemu (default: from config, else docker).")
     ] = "",
-    remote: Annotated[str, typer.Option(help="Node to run on (default: config, else local).")] = "",
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            help="Node to run on (default: config, else local).",
+            callback=checks.optional_node_name,
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="Project config (default: ./.vendetta/config.yaml).")
     ] = None,
@@ -145,8 +161,7 @@ def create(
     path = config or DEFAULT_CONFIG
     text = ""
     if config is not None or path.exists():
-        load_config_or_exit(path)
-        text = path.read_text()
+        text = load_config_or_exit(path)
     origin = resolve_source(source, path if text else None, no_source)
 
     async def go() -> pb.Workspace:
@@ -159,7 +174,7 @@ def create(
                     pb.CreateWorkspaceRequest(
                         name=name,
                         provider=provider,
-                        node=remote,
+                        node=remote or "",
                         config_yaml=text,
                         config_path=str(path.absolute()) if text else "",
                         request_id=request_id(),
@@ -182,14 +197,18 @@ def create(
         out.print(line)
 
 
-def load_config_or_exit(path: Path) -> None:
-    from common.config import load_config  # pydantic and YAML: only where a config is read
+def load_config_or_exit(path: Path) -> str:
+    """The config's text, read once (bounded) and checked as the coordinator will."""
+    from common.config import parse_config  # pydantic and YAML: only where a config is read
+    from common.config_read import read_config_text
 
     try:
-        load_config(path)
+        text = read_config_text(path)
+        parse_config(text, str(path))
     except VendettaError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        print_error(str(exc))
         raise typer.Exit(1) from None
+    return text
 
 
 @app.command()
@@ -396,8 +415,12 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
-    tail: Annotated[int, typer.Option(help="Only the last N lines (0: all).")] = 0,
-    service: Annotated[str, typer.Option(help="Only this service's output.")] = "",
+    tail: Annotated[
+        int, typer.Option(help="Only the last N lines (0: all).", callback=checks.tail)
+    ] = 0,
+    service: Annotated[
+        str, typer.Option(help="Only this service's output.", callback=checks.service_name)
+    ] = "",
     since: Annotated[
         str, typer.Option(help="Only lines since a time: 30s, 10m, 2h, 1d or 2026-11-22T10:00.")
     ] = "",
@@ -406,8 +429,7 @@ def logs(
     try:
         since_ns = parse_since(since) if since else 0
     except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
-        raise typer.Exit(2) from None
+        checks.usage_error(str(exc))
 
     async def go() -> None:
         async with coordinator() as c:

@@ -7,11 +7,11 @@ configs are accepted: ``health_check: "/health"``, ``healthcheck: {url: ...}``,
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from common.errors import ConfigError
+from common import config_read
 from common.names import NAME_RE
 
 PROVIDERS = ("docker", "lxd", "qemu")
@@ -38,7 +38,10 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise ValueError(f"{value!r} is not a size: use e.g. 512M, 8G")
     power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * 1024**power)
+    size = float(m.group(1)) * 1024**power
+    if not math.isfinite(size):  # int(inf) raised OverflowError (fuzzing found it)
+        raise ValueError(f"{value[:40]!r} is not a size: use e.g. 512M, 8G")
+    return int(size)
 
 
 # Durations as docker compose writes them: units glued together, largest first.
@@ -48,19 +51,31 @@ _DURATION_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs
 
 def parse_duration(value: str | float) -> float:
     """'500ms', '1s', '2m', '1h30m', 1.5, '2' -> seconds (bare numbers are seconds)."""
-    if isinstance(value, bool):
+    # null, lists, maps: not a duration (they reached .strip() and crashed; fuzzing found it)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"{value!r} is not a duration: use e.g. 500ms, 1s, 2m, 1h30m or 1.5")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return _finite(float(value), value)
+        except OverflowError:  # an int beyond any float
+            raise ValueError("too long a duration: use e.g. 500ms, 1s, 2m or 1.5") from None
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    parts = _DURATION_PART.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"{value!r} is not a duration: use e.g. 500ms, 1s, 2m, 1h30m or 1.5")
-    return sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+        parts = _DURATION_PART.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(
+                f"{value!r} is not a duration: use e.g. 500ms, 1s, 2m, 1h30m or 1.5"
+            ) from None
+        seconds = sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+    return _finite(seconds, value)
+
+
+def _finite(seconds: float, value: object) -> float:
+    if not math.isfinite(seconds):  # inf would wait forever, nan compares false to bounds
+        raise ValueError(f"{value!r} is not a finite duration: use e.g. 500ms, 1s, 2m or 1.5")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -292,41 +307,25 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-def _loc(err: Any) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "(top level)"
-
-
 def parse_config(text: str, source: str = ".vendetta/config.yaml") -> ProjectConfig:
-    """Parse and validate config text; ConfigError lists every problem found."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    if data is None:
-        raise ConfigError(f"{source}: the file is empty; `vendetta init` writes a starter config")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping (name:, provider:, ...)")
+    """Parse and validate config text; ConfigError lists every problem found.
+
+    Bounded (size, depth, values) and never quoting the file: ``config_read``."""
+    where = config_read.source_of(source)
+    known = set(ProjectConfig.model_fields) | {
+        f.alias for f in ProjectConfig.model_fields.values() if f.alias
+    }
+    data = config_read.load_mapping(text, where, known)
     try:
         cfg = ProjectConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check its spelling against the docs)"
-            lines.append(f"  {_loc(err)}: {msg}")
-        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from exc
+        raise config_read.invalid(where, config_read.validation_problems(exc)) from None
     problems = _services_problems(cfg)
     if problems:
-        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+        raise config_read.invalid(where, problems)
     return cfg
 
 
 def load_config(path: Path) -> ProjectConfig:
-    try:
-        text = path.read_text()
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"{path}: no such file; create one with `vendetta init` or pass --config"
-        ) from exc
-    return parse_config(text, str(path))
+    """The config at ``path``: a regular file of at most 1 MiB (``config_read``)."""
+    return parse_config(config_read.read_config_text(path), str(path))

@@ -21,6 +21,7 @@ from typing import Any
 
 from common.errors import NodeUnreachableError, NotFoundError, VendettaError
 from common.events import EventBus
+from common.names import validate_name
 from coordinator.agent_client import AgentClient
 from coordinator.models import NodeRecord, NodeState
 from coordinator.transports import Transport
@@ -277,6 +278,7 @@ class NodeRegistry:
         try:
             return self._nodes[name]
         except KeyError:
+            validate_name("node", name)  # a bad name: the rule, not "add it with" it
             known = ", ".join(sorted(self._nodes)) or "none"
             raise NotFoundError(
                 f"unknown node {name!r} (known: {known}); add it with "

@@ -110,6 +110,7 @@ class WorkspaceService:
     async def get(self, name: str) -> WorkspaceRecord:
         ws = await self.store.get_workspace(name)
         if ws is None:
+            validate_name("workspace", name)  # a bad name: the rule, not "create it with" it
             known = [w.name for w in await self.store.list_workspaces()]
             raise NotFoundError(
                 f"unknown workspace {name!r} (known: {', '.join(known) or 'none'}); "

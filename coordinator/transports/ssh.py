@@ -25,7 +25,8 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
-from common.paths import check_socket_path, private_dir, vendetta_home
+from common.paths import vendetta_home
+from common.socket_paths import tunnel_socket
 from common.version import build_id
 from coordinator.ssh_keys import read_identity
 from coordinator.transports import ssh_install
@@ -105,7 +106,8 @@ class SshTransport(Transport):
         self.agent_state: str | None = None
         # How the agent runs there (a systemd --user unit or detached), as `ensure` said.
         self.agent_run_as = ""
-        self.local_socket = check_socket_path(private_dir(tunnel_dir) / f"{node}.sock")
+        # Always short enough for a unix socket, whatever $HOME or the name (63 chars).
+        self.local_socket = tunnel_socket(tunnel_dir, node)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._listener: asyncssh.SSHListener | None = None
         self._channel: grpc.aio.Channel | None = None
