@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_IMAGE, require
+from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE, require
 from tests.support.cli import Env, cli_env, containers, wait_for
 from tests.support.node_user import (
     MEMBER,
@@ -273,3 +273,36 @@ def test_a_source_over_the_limit_is_refused_naming_what_is_large(remote: Env) ->
     assert ".vendettaignore" in out
     leaves_nothing(e, ws)
     assert sh("git", "branch", "--format=%(refname:short)", cwd=folder).split() == ["main"]
+
+
+# The other providers on the local node: the source is at /workspace there too.
+
+OTHER = {
+    "lxd": f"provider: lxd\nlxd: {{image: '{LXD_TEST_IMAGE}', cpu: 1, memory: 256M}}\n",
+    "qemu": "provider: qemu\nqemu: {image: debian-12, cpu: 1, memory: 512M, disk: 2G}\n",
+}
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [pytest.param("lxd", marks=pytest.mark.lxd), pytest.param("qemu", marks=pytest.mark.qemu)],
+)
+def test_the_source_is_at_workspace_on_lxd_and_qemu(local: Env, provider: str) -> None:
+    e = local
+    cfg = project(e.home / f"p-{provider}", f"p-{provider}", extra=OTHER[provider])
+    repo = cfg.parent.parent
+    (repo / "wip.txt").write_text("uncommitted\n")
+    ws = f"{provider}-{RUN}"
+    e.cli("workspace", "create", ws, "--config", str(cfg), "--with-changes", timeout=300)
+    try:
+        e.cli("workspace", "up", ws, timeout=300)
+        got = inside(e, ws, "cat /workspace/hello.txt /workspace/wip.txt")
+        assert got == "hello from before create\nuncommitted\n"
+        src = source(e, ws)
+        assert src["mode"] in ("mounted", "copied") and src["transport"] == "live"
+        if src["mode"] == "mounted":  # written inside: here at once
+            inside(e, ws, "echo made inside > /workspace/inside.txt")
+            assert (Path(src["path"]) / "inside.txt").read_text() == "made inside\n"
+    finally:
+        e.cli("workspace", "destroy", ws, "--force", timeout=300)
+    leaves_nothing(e, ws)
