@@ -76,9 +76,9 @@ def source_lines(ws: pb.Workspace) -> list[str]:
     how = (
         "live: the node shares this disk"
         if s.transport == "live"
-        else f"shipped to node {ws.node} ({s.node_path}); `workspace push|pull {ws.name}`"
+        else f"shipped to node {ws.node} at {s.node_path}: `vendetta workspace push|pull {ws.name}`"
     )
-    return [f"  source   {where}", f"  inside   {s.workdir or '/workspace'}, {mode} ({how})"]
+    return [f"  source   {where}", f"  inside   {s.workdir or '/workspace'}, {mode}; {how}"]
 
 
 def _transfer(name: str, pull: bool, force: bool, json_: bool) -> None:
