@@ -47,7 +47,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         # Where uploaded images wait for their provider (the agent's folder).
         self.spool_dir = spool_dir or Path(tempfile.gettempdir()) / "vendetta-imports"
         # Workspaces' sources: next to the spool, in the agent's folder (<agent dir>/sources).
-        self.sources = SourceStore(sources_dir or self.spool_dir.parent / "sources")
+        self.sources = SourceStore(sources_dir or self.spool_dir.parent / "sources", providers.all)
         self.agent_id = agent_id
         self.providers = providers
         self.socket_path = socket_path

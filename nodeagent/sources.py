@@ -23,13 +23,14 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from common.errors import InvalidArgumentError
+from common.errors import FailedPreconditionError, InvalidArgumentError, VendettaError
 from common.names import validate_name
+from providers.base import Provider
 from vendetta.v1 import nodeagent_pb2
 
 CHUNK = 256 * 1024
@@ -212,10 +213,16 @@ def pack(folder: Path, since_unix_nano: int, out: BinaryIO) -> int:
 
 
 class SourceStore:
-    """The per-workspace source folders under ``root`` (the agent's folder)."""
+    """The per-workspace source folders under ``root`` (the agent's folder).
 
-    def __init__(self, root: Path) -> None:
+    ``providers()``: the node's providers. An environment that holds a copy of its
+    source (QEMU) instead of the folder itself is kept in step: an upload goes into
+    it too, and what is sent back is what it holds (``Provider.copy_source_*``).
+    """
+
+    def __init__(self, root: Path, providers: Callable[[], Sequence[Provider]] = tuple) -> None:
         self.root = root
+        self._providers = providers
         self._locks: dict[str, asyncio.Lock] = {}
 
     def folder(self, workspace: str) -> Path:
@@ -255,6 +262,7 @@ class SourceStore:
                     list(start.deleted),
                     start.size_bytes,
                 )
+                await self._copy_in(start.workspace, spool, start.replace, list(start.deleted))
             finally:
                 await asyncio.to_thread(spool.unlink, True)
         return nodeagent_pb2.SourceReceipt(path=str(folder), bytes=received, files=written.files)
@@ -274,12 +282,50 @@ class SourceStore:
         spool = await asyncio.to_thread(_temporary, self.root)
         try:
             async with self._lock(workspace):
+                await self._copy_out(workspace, folder)
                 await asyncio.to_thread(pack, folder, since_unix_nano, spool)
             await asyncio.to_thread(spool.seek, 0)
             while data := await asyncio.to_thread(spool.read, CHUNK):
                 yield nodeagent_pb2.SourceChunk(data=data)
         finally:
             await asyncio.to_thread(spool.close)
+
+    async def _copy_in(
+        self, workspace: str, tar: Path, replace: bool, deleted: Sequence[str]
+    ) -> None:
+        for provider in self._providers():
+            try:
+                await provider.copy_source_in(workspace, tar, replace=replace, deleted=deleted)
+            except VendettaError as exc:
+                if not (await provider.readiness()).ready:
+                    continue  # its engine is down: none of its environments runs
+                raise FailedPreconditionError(
+                    f"the source of {workspace!r} reached this node, but not its "
+                    f"{provider.name} environment: {exc.message}; send it again with "
+                    f"`vendetta workspace push {workspace}`"
+                ) from exc
+
+    async def _copy_out(self, workspace: str, folder: Path) -> None:
+        """Where an environment holds a copy, bring what it holds into ``folder`` first."""
+        fd, name = await asyncio.to_thread(
+            tempfile.mkstemp, prefix=f".copied-{workspace}-", dir=self.root
+        )
+        os.close(fd)
+        tar = Path(name)
+        try:
+            for provider in self._providers():
+                try:
+                    if not await provider.copy_source_out(workspace, tar):
+                        continue
+                except VendettaError:
+                    if not (await provider.readiness()).ready:
+                        continue
+                    raise
+                size = (await asyncio.to_thread(tar.stat)).st_size
+                await asyncio.to_thread(apply, self.root, folder, tar, True, [], size)
+                return
+        finally:
+            await asyncio.to_thread(tar.unlink, True)
 
     async def delete(self, workspace: str) -> None:
         folder = self.folder(workspace)

@@ -417,6 +417,22 @@ class Provider(abc.ABC):
         check_image_import(self.name, name, files, needs_name=self.import_needs_name)
         return await self._import_image(name, files)
 
+    async def copy_source_in(
+        self, workspace: str, tar: Path, *, replace: bool, deleted: Sequence[str]
+    ) -> bool:
+        """Where the environment holds a copy of its source (not the node's folder itself)
+        and runs: bring an upload that just changed the node's folder in too (``tar``
+        over the workdir, after removing ``deleted``, or everything else when
+        ``replace``). Whether it did (False: mounted, not running, or not copied yet)."""
+        validate_name("workspace", workspace)
+        return await self._copy_source_in(workspace, tar, replace, deleted)
+
+    async def copy_source_out(self, workspace: str, tar: Path) -> bool:
+        """Where the environment holds a copy of its source and runs: write a tar of its
+        workdir to ``tar`` (for the node's folder to catch up). Whether it did."""
+        validate_name("workspace", workspace)
+        return await self._copy_source_out(workspace, tar)
+
     async def close(self) -> None:
         """Release SDK clients."""
 
@@ -483,6 +499,15 @@ class Provider(abc.ABC):
     ) -> Terminal:
         """Only called where ``capabilities.stdin``."""
         raise NotImplementedError
+
+    async def _copy_source_in(
+        self, workspace: str, tar: Path, replace: bool, deleted: Sequence[str]
+    ) -> bool:
+        """Engines that mount the node's folder have nothing to copy."""
+        return False
+
+    async def _copy_source_out(self, workspace: str, tar: Path) -> bool:
+        return False
 
     async def _images(self) -> builtins.list[ImageInfo]:
         raise FailedPreconditionError(f"the {self.name} provider does not list images")

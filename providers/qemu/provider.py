@@ -363,6 +363,45 @@ class QemuProvider(Provider):
             "listing environments", lambda c: guests.statuses(c, self.agent_id, self.name)
         )
 
+    # -- the source's copy -----------------------------------------------------
+
+    async def _copied_guest(self, workspace: str, action: str) -> guests.Guest | None:
+        """The running guest of ``workspace`` if it holds its copy of a source."""
+
+        def look(conn: libvirt.virConnect) -> guests.Guest | None:
+            found = self._find(conn, workspace)
+            if found is None or not found[1].source_path or not found[0].isActive():
+                return None
+            with guest_running(found[0]):
+                return found if source.copied(found[0]) else None
+
+        return await self._libvirt.call(action, look)
+
+    async def _copy_source_in(
+        self, workspace: str, tar: Path, replace: bool, deleted: Sequence[str]
+    ) -> bool:
+        action = f"copying an upload into the guest of {workspace!r}"
+        found = await self._copied_guest(workspace, action)
+        if found is None:
+            return False  # not running, or its first start copies the folder as it is now
+        dom, meta = found
+        await self._libvirt.call(
+            action,
+            lambda _c: source.apply_in(
+                dom, tar, meta.workdir, meta.user, replace, builtins.list(deleted)
+            ),
+        )
+        return True
+
+    async def _copy_source_out(self, workspace: str, tar: Path) -> bool:
+        action = f"copying the source out of the guest of {workspace!r}"
+        found = await self._copied_guest(workspace, action)
+        if found is None:
+            return False
+        dom, meta = found
+        await self._libvirt.call(action, lambda _c: source.copy_out(dom, meta.workdir, tar))
+        return True
+
     # -- exec ------------------------------------------------------------------
 
     async def _exec(

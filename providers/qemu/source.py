@@ -127,3 +127,68 @@ def copy_in(dom: libvirt.virDomain, folder: str, workdir: str, user: str, spool:
             f"{code}): {err.decode(errors='replace').strip()}"
         )
     return True
+
+
+# sh -c SCRIPT sh WORKDIR TAR OWNER REPLACE DELETED...: an upload over the copy.
+APPLY = """set -e
+w=$1 t=$2 o=$3 r=$4
+shift 4
+cd "$w"
+if [ "$r" = 1 ]; then find . -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +; fi
+for p; do rm -rf -- "./$p"; done
+if [ -s "$t" ]; then tar -xf "$t" --no-same-owner --no-same-permissions; fi
+rm -f "$t"
+if [ -n "$o" ]; then chown -R "$o" .; fi
+"""
+
+
+def copied(dom: libvirt.virDomain) -> bool:
+    """Whether the guest holds its copy of the source (the first start made it)."""
+    return run(dom, ["test", "-e", MARKER])[0] == 0
+
+
+def apply_in(
+    dom: libvirt.virDomain,
+    tar: Path,
+    workdir: str,
+    user: str,
+    replace: bool,
+    deleted: list[str],
+) -> None:
+    """An upload the node's folder just took, over the guest's copy too."""
+    _write(dom, tar, GUEST_TAR)
+    flag = "1" if replace else "0"
+    argv = ["/bin/sh", "-c", APPLY, "sh", workdir, GUEST_TAR, owner(user), flag, *deleted]
+    code, _, err = run(dom, argv)
+    if code != 0:
+        raise FailedPreconditionError(
+            f"could not bring the upload into the guest's {workdir} (exit code {code}): "
+            f"{err.decode(errors='replace').strip()}"
+        )
+
+
+READ_SIZE = 1024 * 1024
+GUEST_OUT = "/var/lib/vendetta/source-out.tar"
+
+
+def copy_out(dom: libvirt.virDomain, workdir: str, dest: Path) -> None:
+    """A tar of the guest's workdir, into ``dest`` on the node."""
+    code, _, err = run(dom, ["tar", "-cf", GUEST_OUT, "-C", workdir, "."])
+    if code != 0:
+        raise FailedPreconditionError(
+            f"could not pack the guest's {workdir} (exit code {code}): "
+            f"{err.decode(errors='replace').strip()}"
+        )
+    try:
+        handle = agent.command(dom, "guest-file-open", path=GUEST_OUT, mode="r")
+        try:
+            with dest.open("wb") as out:
+                while True:
+                    got = agent.command(dom, "guest-file-read", handle=handle, count=READ_SIZE)
+                    out.write(base64.b64decode(got.get("buf-b64", "")))
+                    if got.get("eof") or not got.get("count"):
+                        break
+        finally:
+            agent.command(dom, "guest-file-close", handle=handle)
+    finally:
+        run(dom, ["rm", "-f", GUEST_OUT])

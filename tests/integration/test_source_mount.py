@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 
 from tests.integration.test_provider_conformance import CASES, Agent, running_agent
 from tests.support.node_user import MEMBER, users_problem
+from tests.unit.test_node_sources import file, get, make_tar, put
 from vendetta.v1 import common_pb2, nodeagent_pb2
 
 MOUNTED = {"docker": "mounted", "lxd": "mounted", "qemu": "copied"}
@@ -210,3 +212,33 @@ async def test_lxd_maps_the_owner_to_a_user_who_is_not_root(source: Path) -> Non
         assert code == 0, err
         made = (source / "mine.txt").stat()
         assert (made.st_uid, made.st_gid) == (source.stat().st_uid, source.stat().st_gid)
+
+
+async def test_a_shipped_source_stays_in_step_both_ways(agent: Agent) -> None:
+    """A remote node's source: PutSource fills the agent's folder, the environment is
+    made on it; a later delta reaches the environment, what is made inside comes back
+    with GetSource (QEMU: copied in and out of the running guest)."""
+    ws = agent.ws()
+    receipt = await put(agent.stub, make_tar(file("a.txt", b"A\n"), file("old.txt", b"O\n")), ws=ws)
+    assert Path(receipt.path) == agent.agent_dir / "sources" / ws
+    await agent.stub.CreateEnvironment(agent.spec(ws, source_path=receipt.path))
+    await agent.stub.StartEnvironment(agent.ref(ws))
+    assert (await agent.exec(ws, "cat", "a.txt"))[0] == b"A\n"
+
+    await put(
+        agent.stub, make_tar(file("b.txt", b"B\n")), ws=ws, replace=False, deleted=("old.txt",)
+    )
+    out, err, code = await agent.exec(ws, "sh", "-c", "cat b.txt; ls")
+    assert (out, code) == (b"B\na.txt\nb.txt\n", 0), err
+
+    since = time.time_ns() - 2 * 10**9  # the guest's clock may lag the node's a little
+    _, err, code = await agent.exec(ws, "sh", "-c", "echo made inside > inside.txt")
+    assert code == 0, err
+    changed = await get(agent.stub, since, ws=ws)
+    assert changed.get("inside.txt") == b"made inside\n", changed
+    everything = await get(agent.stub, ws=ws)
+    assert {k.removeprefix("./") for k, v in everything.items() if v} == {
+        "a.txt",
+        "b.txt",
+        "inside.txt",
+    }
