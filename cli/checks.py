@@ -9,17 +9,21 @@ as typer does for what it cannot parse.
 from __future__ import annotations
 
 import math
+import shlex
 from typing import NoReturn
 
 import typer
 
 from cli.output import print_error
+from common.display import shown
 from common.errors import InvalidArgumentError
 from common.names import validate_name
 
 EXIT_USAGE = 2
 INT32_MAX = 2**31 - 1
 MAX_GRACE = 86400.0  # the coordinator's limit for a node's grace period (a day)
+# common.config's PROVIDERS and their aliases (not imported: pydantic only where needed).
+PROVIDER_NAMES = ("docker", "lxd", "qemu", "lxc", "kvm")
 
 
 def usage_error(message: str) -> NoReturn:
@@ -42,6 +46,11 @@ def node_name(value: str) -> str:
     return _name("node", value)
 
 
+def node_filter(value: str) -> str:
+    """A node option where empty means every node."""
+    return _name("node", value) if value else value
+
+
 def service_name(value: str) -> str:
     """A service option where empty means every service."""
     return _name("service", value) if value else value
@@ -56,6 +65,22 @@ def optional_node_name(value: str | None) -> str | None:
             "an empty node name: name a node (`vendetta node list`) or leave the option out"
         )
     return _name("node", value)
+
+
+def provider(value: str) -> str:
+    """A provider option where empty means the default."""
+    if value and value not in PROVIDER_NAMES:
+        usage_error(f"unknown provider '{shown(value)}': use docker, lxd (lxc) or qemu (kvm)")
+    return value
+
+
+def command_line(value: str) -> str:
+    """A command given as one string (``--agent-command``), split as a shell would."""
+    try:
+        shlex.split(value)
+    except ValueError as exc:
+        usage_error(f"cannot split the command '{shown(value)}': {str(exc).lower()}")
+    return value
 
 
 def port(value: int) -> int:

@@ -87,7 +87,11 @@ def _table(images: list[common_pb2.ImageInfo]) -> Table:
 def list_(
     node: Annotated[str, typer.Argument(help="The node.", callback=checks.node_name)],
     provider: Annotated[
-        str, typer.Option(help="Only this provider's images (default: every ready one).")
+        str,
+        typer.Option(
+            help="Only this provider's images (default: every ready one).",
+            callback=checks.provider,
+        ),
     ] = "",
     json_: Json = False,
 ) -> None:
@@ -153,7 +157,11 @@ def import_(
     ],
     files: Annotated[list[Path], typer.Argument(help="The image's files (or its folder).")],
     provider: Annotated[
-        str, typer.Option(help="The provider whose engine takes the image: docker, lxd or qemu.")
+        str,
+        typer.Option(
+            help="The provider whose engine takes the image: docker, lxd or qemu.",
+            callback=checks.provider,
+        ),
     ],
     name: Annotated[
         str,

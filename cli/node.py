@@ -65,6 +65,7 @@ def add(
             help="How to run the agent on the node, when vendetta is installed there by hand "
             "(default: the coordinator installs its own agent over SSH).",
             envvar="VENDETTA_AGENT_COMMAND",
+            callback=checks.command_line,
         ),
     ] = "",
     grace: Annotated[

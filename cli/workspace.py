@@ -126,7 +126,11 @@ async def _with_progress(
 def create(
     name: Name,
     provider: Annotated[
-        str, typer.Option(help="docker | lxd (lxc) | qemu (default: from config, else docker).")
+        str,
+        typer.Option(
+            help="docker | lxd (lxc) | qemu (default: from config, else docker).",
+            callback=checks.provider,
+        ),
     ] = "",
     remote: Annotated[
         str | None,
@@ -334,7 +338,9 @@ def destroy(
 
 @app.command("list")
 def list_(
-    node: Annotated[str, typer.Option(help="Only this node's workspaces.")] = "",
+    node: Annotated[
+        str, typer.Option(help="Only this node's workspaces.", callback=checks.node_filter)
+    ] = "",
     json_: Json = False,
 ) -> None:
     """All workspaces with their state."""

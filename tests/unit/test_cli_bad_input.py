@@ -66,6 +66,14 @@ BIG = "99999999999999999999"
         (["workspace", "create", "w", "--remote", ""], "an empty node name"),
         (["workspace", "create", "w", "--remote", " "], "an empty node name"),
         (["workspace", "create", "w", "--remote", "Bad_Node"], "invalid node name"),
+        (["workspace", "list", "--node", "n" * 10_000], "(10000 characters)"),
+        (["workspace", "create", "w", "--provider", "p" * 10_000], "unknown provider 'ppp"),
+        (["image", "list", "local", "--provider", "vbox"], "unknown provider 'vbox'"),
+        (["image", "import", "local", ".", "--provider", "x"], "unknown provider 'x'"),
+        (
+            ["node", "add", "n1", "h", "--agent-command", "'unbalanced"],
+            "cannot split the command ''unbalanced': no closing quotation",
+        ),
     ],
 )
 def test_option_values_are_checked_before_any_call(args: list[str], expected: str) -> None:
@@ -115,6 +123,12 @@ def test_markup_in_a_path_is_printed_as_is(tmp_path: Path) -> None:
     # rich read "[/x]" as a closing tag: MarkupError, a traceback, before
     line = one_error(["config", "validate", str(tmp_path / "[/x]" / "[red]c.yaml")], code=1)
     assert "[/x]/[red]c.yaml: no such file" in line
+
+
+def test_provider_names_are_the_configs() -> None:
+    from common.config import _PROVIDER_ALIASES, PROVIDERS
+
+    assert set(checks.PROVIDER_NAMES) == set(PROVIDERS) | set(_PROVIDER_ALIASES)
 
 
 def test_grace_checks_of_server_start() -> None:
