@@ -104,6 +104,26 @@ async def test_the_source_is_at_the_workdir_owned_by_the_user_inside(
     assert (out, code) == (b"/workspace\n", 0)
     # An exec's own workdir still wins.
     assert await agent.exec(ws, "pwd", workdir="/") == (b"/\n", b"", 0)
+    # Hooks and services too.
+    hook = nodeagent_pb2.RunHookRequest(
+        workspace=ws, provider=agent.provider, name="setup", command="pwd"
+    )
+    assert [o.stdout async for o in agent.stub.RunHook(hook) if o.stdout] == [b"/workspace\n"]
+    service = common_pb2.ServiceSpec(
+        name="where", command=["sh", "-c", "pwd > /tmp/service-cwd; exec sleep 1000"]
+    )
+    async for _ in agent.stub.StartServices(
+        nodeagent_pb2.StartServicesRequest(
+            workspace=ws, provider=agent.provider, services=[service]
+        )
+    ):
+        pass
+    for _ in range(100):
+        out, _, code = await agent.exec(ws, "cat", "/tmp/service-cwd")
+        if code == 0 and out:
+            break
+        await asyncio.sleep(0.1)
+    assert out == b"/workspace\n"
 
     out, err, code = await agent.exec(ws, "cat", "hello.txt", "sub/deep.txt")
     assert (out, code) == (b"hello from the node\ndeep\n", 0), err
