@@ -117,6 +117,14 @@ def test_binary_nested_and_foreign_configs(e2e: Env) -> None:
     message = config_fails(e2e, shadow)
     assert "is not a vendetta config" in message
     assert not any(s in message for s in SECRETS), message
+    real = Path("/etc/shadow")  # the case of the issue, where it is readable
+    if os.access(real, os.R_OK):
+        message = config_fails(e2e, real)
+        assert "/etc/shadow: is not a vendetta config" in message
+        for line in filter(None, real.read_text().splitlines()):
+            fields = line.split(":")
+            assert line not in message
+            assert len(fields) < 2 or len(fields[1]) < 4 or fields[1] not in message
 
 
 def test_option_values_out_of_range(e2e: Env) -> None:

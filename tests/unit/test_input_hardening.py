@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -44,9 +46,10 @@ def config_error(path: Path) -> str:
     return message
 
 
-def load_apart(path: Path, within: float = 30) -> str:
+def load_apart(path: Path, within: float = 30, wrap: list[str] | None = None) -> str:
     """load_config(path)'s error, read in a child process with 1 GiB of memory and a
-    deadline: an unbounded read fails this test instead of the machine."""
+    deadline: an unbounded read fails this test instead of the machine. ``wrap``:
+    a command to run the child with (``capsh ... --`` then ``-c`` and a shell line)."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
@@ -58,8 +61,11 @@ def load_apart(path: Path, within: float = 30) -> str:
         "    print(exc)\nelse:\n    print('accepted')\n"
     )
     try:
+        argv = [sys.executable, "-c", code, str(path)]
+        if wrap:
+            argv = [*wrap, "-c", shlex.join(argv)]
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(path)],
+            argv,
             capture_output=True,
             text=True,
             timeout=within,
@@ -117,12 +123,18 @@ def test_the_coordinator_refuses_config_text_over_the_limit() -> None:
 
 
 def test_permission_denied_is_one_line(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
     locked = tmp_path / "c.yaml"
     locked.write_text("name: p\n")
     locked.chmod(0)
-    assert "permission denied" in config_error(locked)
+    if os.geteuid() != 0:
+        assert "permission denied" in config_error(locked)
+        return
+    capsh = shutil.which("capsh")
+    if capsh is None:
+        pytest.skip("root reads any file, and capsh to drop that is missing")
+    # root without the capabilities that read any file: as a user would be
+    wrap = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--"]
+    assert f"{locked}: permission denied" in load_apart(locked, wrap=wrap)
 
 
 # --- 4: what used to be tracebacks ----------------------------------------
