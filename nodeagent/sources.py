@@ -17,7 +17,6 @@ holds the folder itself, so it is never swapped for another one.
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import shutil
 import stat
@@ -62,12 +61,32 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root + os.sep)
+class _Resolver:
+    """Real paths under ``root``, the folders' cached until a link is extracted (which
+    may change where a folder's path leads)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._folders: dict[str, str] = {}
+
+    def real(self, rel: str) -> str:
+        parent, base = os.path.split(rel)
+        folder = self._folders.get(parent)
+        if folder is None:
+            folder = self._folders[parent] = os.path.realpath(os.path.join(self.root, parent))
+        path = os.path.join(folder, base)
+        return os.path.realpath(path) if os.path.islink(path) else path
+
+    def forget(self) -> None:
+        self._folders.clear()
+
+    def inside(self, rel: str) -> bool:
+        path = self.real(rel)
+        return path == self.root or path.startswith(self.root + os.sep)
 
 
-def _checked(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """``member`` as it may be extracted into ``dest`` (a real path), or refused.
+def _check(member: tarfile.TarInfo, where: _Resolver) -> None:
+    """Refuse ``member`` unless it may be extracted into ``where.root``, and tame it.
 
     What tarfile's ``data`` filter checks (Python 3.11.4+; a node may have an older
     3.11), against the folder as it is now, so that a link extracted earlier cannot
@@ -84,44 +103,42 @@ def _checked(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
         raise InvalidArgumentError(
             f"{name!r}: only files, folders and links are taken in a source (not sparse files)"
         )
-    if not _inside(dest, os.path.realpath(os.path.join(dest, name))):
+    if not where.inside(name):
         raise InvalidArgumentError(f"{name!r} would be written outside the source's folder")
     target = member.linkname
-    if member.issym():
-        where = os.path.join(dest, os.path.dirname(name), target)
-        if target.startswith("/") or not _inside(dest, os.path.realpath(where)):
-            raise InvalidArgumentError(f"{name!r} links outside the source's folder ({target!r})")
-    if member.islnk() and (
-        target.startswith("/") or not _inside(dest, os.path.realpath(os.path.join(dest, target)))
+    if member.issym() and (
+        target.startswith("/") or not where.inside(os.path.join(os.path.dirname(name), target))
     ):
         raise InvalidArgumentError(f"{name!r} links outside the source's folder ({target!r})")
-    safe = copy.copy(member)
-    safe.uid, safe.gid, safe.uname, safe.gname = os.geteuid(), os.getegid(), "", ""
+    if member.islnk() and (target.startswith("/") or not where.inside(target)):
+        raise InvalidArgumentError(f"{name!r} links outside the source's folder ({target!r})")
+    member.uid, member.gid, member.uname, member.gname = os.geteuid(), os.getegid(), "", ""
     if not member.issym():
         # No setuid/setgid/sticky nor group/other write; the owner may always change it.
-        safe.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
-    return safe
+        member.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
 
 
 def extract(tar_path: Path, dest: Path, limit: int) -> Written:
     """Extract the tar at ``tar_path`` into ``dest`` (which exists), each entry checked
-    (``_checked``) before it is written, the files' bytes at most ``limit``. Blocking."""
+    (``_check``) before it is written, the files' bytes at most ``limit``. Blocking."""
     files = size = 0
     if tar_path.stat().st_size == 0:
         return Written(0, 0)  # nothing changed but deletions
-    root = os.path.realpath(dest)
+    where = _Resolver(os.path.realpath(dest))
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
             for member in tar:
-                safe = _checked(member, root)
-                if safe.isreg():
-                    files, size = files + 1, size + safe.size
+                _check(member, where)
+                if member.isreg():
+                    files, size = files + 1, size + member.size
                     if size > limit:
                         raise InvalidArgumentError(
                             f"the source's files hold more than the {limit} bytes its "
                             "upload announced"
                         )
-                tar.extract(safe, root, set_attrs=not safe.issym(), numeric_owner=True)
+                tar.extract(member, where.root, set_attrs=not member.issym(), numeric_owner=True)
+                if member.issym():
+                    where.forget()
     except (tarfile.TarError, OSError) as exc:
         raise InvalidArgumentError(f"the source's tar cannot be extracted: {exc}") from exc
     return Written(files, size)
