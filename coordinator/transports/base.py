@@ -11,6 +11,11 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Subchannels of this channel only. gRPC shares them per address across channels by
+    # default: a call object still alive from a broken connection (an error's traceback)
+    # kept the old subchannel, failed and backing off, and every new channel to the same
+    # tunnel socket inherited its failure, so the node never came back (issue 15).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
