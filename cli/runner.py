@@ -10,10 +10,9 @@ import grpc
 import grpc.aio
 import typer
 
-from cli.client import not_running
+from cli.client import error_of
 from cli.output import print_error
 from common.errors import VendettaError
-from common.rpc_errors import from_rpc_error
 
 T = TypeVar("T")
 
@@ -22,12 +21,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _error(exc: grpc.aio.AioRpcError) -> VendettaError:
-    details = exc.details() or ""
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and (
-        details.startswith("failed to connect") or "Connection refused" in details
-    ):
-        return not_running()
-    return from_rpc_error(exc)
+    return error_of(exc)
 
 
 def fail(exc: VendettaError) -> NoReturn:

@@ -64,14 +64,43 @@ def status_code_for(exc: e.VendettaError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> e.VendettaError:
-    """Turn a failed call back into the error tree, keeping the server's message."""
+def from_server(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a vendetta server raised the failure (its handlers tag every error they
+    send), as opposed to gRPC itself: a connection that could not be made, broke,
+    timed out or was cancelled."""
+    metadata: Any = exc.trailing_metadata() or ()
+    return any(key == _KIND_KEY for key, _ in metadata)
+
+
+# gRPC's own failures of a call (never sent by our handlers, which tag theirs).
+TRANSPORT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+# How a caller names a failure of the connection itself: (status code, gRPC's details).
+TransportFailure = Callable[[grpc.StatusCode, str], e.VendettaError]
+
+
+def from_rpc_error(
+    exc: grpc.aio.AioRpcError, transport: TransportFailure | None = None
+) -> e.VendettaError:
+    """Turn a failed call back into the error tree, keeping the server's message.
+
+    With ``transport``, a failure gRPC made up itself (the peer unreachable or gone,
+    a deadline) is what ``transport`` says instead: the caller knows who the peer is."""
     code = exc.code()
     message = exc.details() or code.name.lower()
     metadata: Any = exc.trailing_metadata() or ()
     for key, value in metadata:
         if key == _KIND_KEY and isinstance(value, str) and value in _KINDS:
             return _KINDS[value](message)
+    if transport is not None and code in TRANSPORT_CODES and not from_server(exc):
+        return transport(code, message)
     if code == grpc.StatusCode.UNAVAILABLE and not exc.details():
         message = "the server is not answering"
     if code == grpc.StatusCode.CANCELLED:
@@ -80,18 +109,18 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> e.VendettaError:
 
 
 @contextmanager
-def mapped_rpc_errors() -> Iterator[None]:
+def mapped_rpc_errors(transport: TransportFailure | None = None) -> Iterator[None]:
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+        raise from_rpc_error(exc, transport) from exc
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     if isinstance(exc, e.VendettaError):
-        kind = type(exc).__name__
-        if kind in _KINDS:
-            context.set_trailing_metadata(((_KIND_KEY, kind),))
+        # Every error is tagged (clients tell it from gRPC's own failures); the kinds
+        # in _KINDS are also rebuilt as such on the other side.
+        context.set_trailing_metadata(((_KIND_KEY, type(exc).__name__),))
         await context.abort(status_code_for(exc), exc.message)
     log.exception("unexpected error in RPC handler", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r} (this is a bug)")

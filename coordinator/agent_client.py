@@ -7,10 +7,14 @@ they are (the coordinator only passes them on).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 
+import grpc
 import grpc.aio
 
+from common.errors import NodeUnreachableError, VendettaError
 from common.rpc_errors import mapped_rpc_errors
 from coordinator.convert import environment_from_pb, service_event_from_pb, service_status_from_pb
 from coordinator.models import Environment, ServiceEvent, ServiceStatus
@@ -19,9 +23,52 @@ from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 DEFAULT_TIMEOUT = 120.0
 
 
+class NodeLostError(NodeUnreachableError):
+    """A call ended because its node stopped answering or its connection went: what
+    the call did on the node is unknown. ``why`` says what happened to the node."""
+
+    def __init__(self, node: str, why: str) -> None:
+        super().__init__(
+            f"node {node!r} stopped answering: {why}. Check it with `vendetta node status "
+            f"{node}` and retry once it is ready"
+        )
+        self.node = node
+        self.why = why
+
+
 class AgentClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    """``node`` names the node in errors; ``lost`` says why its connection was closed
+    (closing the channel is how in-flight calls end when the node goes away)."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        node: str = "",
+        lost: Callable[[], str] | None = None,
+    ) -> None:
         self._stub = nodeagent_pb2_grpc.NodeAgentStub(channel)
+        self.node = node
+        self._lost = lost
+
+    def _transport(self, code: grpc.StatusCode, details: str) -> VendettaError:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return NodeLostError(self.node, "it did not answer in time")
+        return NodeLostError(self.node, f"the connection to its agent broke ({details})")
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """The error tree; a call ended by gRPC itself (connection gone, deadline, or the
+        channel closed under it) is a NodeLostError naming the node."""
+        try:
+            with mapped_rpc_errors(self._transport):
+                yield
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller was cancelled, not the call
+            # The channel was closed under the call: the node was declared lost.
+            why = (self._lost() if self._lost else "") or "its connection was closed"
+            raise NodeLostError(self.node, why) from None
 
     async def info(self, timeout: float = 15.0) -> nodeagent_pb2.InfoResponse:
         with mapped_rpc_errors():
@@ -46,14 +93,14 @@ class AgentClient:
         return resp.bytes
 
     async def create(self, spec: nodeagent_pb2.EnvironmentSpec) -> Environment:
-        with mapped_rpc_errors():
+        with self._mapped():
             env = await self._stub.CreateEnvironment(
                 nodeagent_pb2.CreateEnvironmentRequest(spec=spec), timeout=DEFAULT_TIMEOUT
             )
         return environment_from_pb(env)
 
     async def start(self, workspace: str, provider: str) -> Environment:
-        with mapped_rpc_errors():
+        with self._mapped():
             env = await self._stub.StartEnvironment(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=DEFAULT_TIMEOUT,
@@ -63,7 +110,7 @@ class AgentClient:
     async def stop(
         self, workspace: str, provider: str, timeout_seconds: float = 10.0
     ) -> Environment:
-        with mapped_rpc_errors():
+        with self._mapped():
             env = await self._stub.StopEnvironment(
                 nodeagent_pb2.StopEnvironmentRequest(
                     workspace=workspace, provider=provider, timeout_seconds=timeout_seconds
@@ -73,14 +120,14 @@ class AgentClient:
         return environment_from_pb(env)
 
     async def destroy(self, workspace: str, provider: str) -> None:
-        with mapped_rpc_errors():
+        with self._mapped():
             await self._stub.DestroyEnvironment(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=DEFAULT_TIMEOUT,
             )
 
     async def inspect(self, workspace: str, provider: str) -> Environment:
-        with mapped_rpc_errors():
+        with self._mapped():
             env = await self._stub.InspectEnvironment(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=30.0,
@@ -93,7 +140,7 @@ class AgentClient:
         request = nodeagent_pb2.ExecRequest(
             workspace=workspace, provider=provider, argv=argv, env=env, workdir=workdir
         )
-        with mapped_rpc_errors():
+        with self._mapped():
             async for out in self._stub.Exec(request):
                 yield out
 
@@ -115,7 +162,7 @@ class AgentClient:
             since_unix_nano=since_unix_nano,
             service=service,
         )
-        with mapped_rpc_errors():
+        with self._mapped():
             async for batch in self._stub.StreamLogs(request):
                 yield batch
 
@@ -125,12 +172,12 @@ class AgentClient:
         request = nodeagent_pb2.StartServicesRequest(
             workspace=workspace, provider=provider, services=services
         )
-        with mapped_rpc_errors():
+        with self._mapped():
             async for ev in self._stub.StartServices(request):
                 yield service_event_from_pb(ev)
 
     async def get_services(self, workspace: str, provider: str) -> list[ServiceStatus]:
-        with mapped_rpc_errors():
+        with self._mapped():
             resp = await self._stub.GetServices(
                 nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider),
                 timeout=30.0,
@@ -139,7 +186,7 @@ class AgentClient:
 
     async def watch_services(self, workspace: str, provider: str) -> AsyncIterator[ServiceEvent]:
         request = nodeagent_pb2.EnvironmentRequest(workspace=workspace, provider=provider)
-        with mapped_rpc_errors():
+        with self._mapped():
             async for ev in self._stub.WatchServices(request):
                 yield service_event_from_pb(ev)
 
@@ -149,7 +196,7 @@ class AgentClient:
             workspace=workspace, provider=provider, name=name, command=command
         )
         code = -1
-        with mapped_rpc_errors():
+        with self._mapped():
             async for out in self._stub.RunHook(request):
                 if out.WhichOneof("output") == "exit_code":
                     code = out.exit_code
@@ -158,7 +205,7 @@ class AgentClient:
     async def attach(
         self, requests: AsyncIterator[common_pb2.AttachInput]
     ) -> AsyncIterator[common_pb2.ExecOutput]:
-        with mapped_rpc_errors():
+        with self._mapped():
             async for out in self._stub.Attach(requests):
                 yield out
 
@@ -182,7 +229,7 @@ class AgentClient:
             async for chunk in chunks:
                 yield nodeagent_pb2.SourceUpload(chunk=chunk)
 
-        with mapped_rpc_errors():
+        with self._mapped():
             return await self._stub.PutSource(upload())
 
     async def get_source(self, workspace: str, since_unix_nano: int) -> AsyncIterator[bytes]:
@@ -190,18 +237,18 @@ class AgentClient:
         request = nodeagent_pb2.GetSourceRequest(
             workspace=workspace, since_unix_nano=since_unix_nano
         )
-        with mapped_rpc_errors():
+        with self._mapped():
             async for chunk in self._stub.GetSource(request):
                 yield chunk.data
 
     async def delete_source(self, workspace: str) -> None:
-        with mapped_rpc_errors():
+        with self._mapped():
             await self._stub.DeleteSource(
                 nodeagent_pb2.DeleteSourceRequest(workspace=workspace), timeout=DEFAULT_TIMEOUT
             )
 
     async def list_images(self, provider: str) -> list[common_pb2.ImageInfo]:
-        with mapped_rpc_errors():
+        with self._mapped():
             resp = await self._stub.ListImages(
                 nodeagent_pb2.AgentListImagesRequest(provider=provider), timeout=60.0
             )
@@ -211,6 +258,6 @@ class AgentClient:
         self, upload: AsyncIterator[common_pb2.ImageUpload]
     ) -> list[common_pb2.ImageInfo]:
         """Relay an image upload (no deadline: its size sets how long it takes)."""
-        with mapped_rpc_errors():
+        with self._mapped():
             resp = await self._stub.ImportImage(upload)
         return list(resp.images)

@@ -7,6 +7,10 @@ missed or the connection drops and is reopened meanwhile. Past the grace it
 is `disconnected` (never forgotten, its workspaces never touched; users see
 them `unknown`), the connection is torn down and reopened with exponential
 backoff, and the next connect makes it `ready` again.
+
+Tearing the connection down closes its gRPC channel, which ends every call still
+in flight on it (streams too) with a NodeLostError naming the node: the
+heartbeat is the keepalive of every call, so none outlives its node's grace.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class NodeConnection:
         self._last_contact = 0.0  # time.monotonic() of the agent's last answer
         self._contact = asyncio.Event()
         self._attempted = asyncio.Event()  # supervision tried to connect (reconnect waits)
+        self._silent = asyncio.Event()  # the grace ran out: the connection goes now
 
     @property
     def grace(self) -> float:
@@ -109,7 +114,8 @@ class NodeConnection:
     async def open(self) -> None:
         """Connect once, raising what went wrong (used by `node add`)."""
         channel = await self.transport.connect()
-        client = AgentClient(channel)
+        # Calls ended by the channel's close say why the connection went (last_error).
+        client = AgentClient(channel, self.name, lambda: self.last_error)
         try:
             self.info = await client.info()
         except BaseException:
@@ -141,6 +147,7 @@ class NodeConnection:
                 self._set(
                     NodeState.DISCONNECTED, f"{why}: {self.last_error}" if self.last_error else why
                 )
+                self._silent.set()  # the watch tears the connection down, ending its calls
             self._contact.clear()
             await self._contact.wait()
 
@@ -178,11 +185,19 @@ class NodeConnection:
         """Heartbeat until the connection drops or the node fell silent past its grace;
         return why. A missed heartbeat alone keeps the connection (streams, forwards)."""
         closed = asyncio.create_task(self.transport.wait_closed())
+        self._silent.clear()
+        silent = asyncio.create_task(self._silent.wait())
         try:
             while True:
-                done, _ = await asyncio.wait({closed}, timeout=self.heartbeat_interval)
-                if done:
+                done, _ = await asyncio.wait(
+                    {closed, silent},
+                    timeout=self.heartbeat_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if closed in done:
                     return "connection lost"
+                if silent in done:
+                    return f"no answer for {self.grace:g} s"
                 t0 = time.perf_counter()
                 try:
                     # An answer later than the grace comes too late anyway.
@@ -197,9 +212,10 @@ class NodeConnection:
                 if self.state != NodeState.READY:  # silent past the grace: start afresh
                     return self.last_error or f"no answer for {self.grace:g} s"
         finally:
-            closed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await closed
+            for task in (closed, silent):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def reconnect(self, timeout: float) -> None:
         """Drop the connection and wait for supervision's next attempt (`node upgrade`:

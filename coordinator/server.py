@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from common import keepalive
 from common.paths import (
     check_socket_path,
     coordinator_pid,
@@ -61,7 +62,9 @@ class Coordinator:
         self.ssh_entries = SshEntries(self.home)
         self.node_service.after_remove = self._write_ssh_entries
         self._tasks: list[asyncio.Task[None]] = []
-        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()], options=keepalive.SERVER_OPTIONS
+        )
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorServicer(
                 self.store,

@@ -19,6 +19,7 @@ from common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NodeUnreachableError,
     NotFoundError,
     UnavailableError,
     VendettaError,
@@ -27,7 +28,7 @@ from common.events import EventBus
 from common.names import validate_name
 from common.paths import vendetta_home
 from coordinator import services
-from coordinator.agent_client import AgentClient
+from coordinator.agent_client import AgentClient, NodeLostError
 from coordinator.models import (
     LOCAL_NODE,
     Desired,
@@ -187,7 +188,7 @@ class WorkspaceService:
             return ws
 
     async def up(self, name: str) -> WorkspaceRecord:
-        async with self.lock(name):
+        async with self.lock(name), self._outcome_unknown(name, "up"):
             ws = await self.get(name)
             conn = self.nodes.get(ws.node)
             client = await conn.client()
@@ -248,7 +249,7 @@ class WorkspaceService:
         await self.save(ws, f"{len(statuses)} services healthy")
 
     async def down(self, name: str, timeout: float = 10.0) -> WorkspaceRecord:
-        async with self.lock(name):
+        async with self.lock(name), self._outcome_unknown(name, "down"):
             ws = await self.get(name)
             client = await self.nodes.get(ws.node).client()
             ws.desired, ws.observed, ws.detail = Desired.STOPPED, WorkspaceState.STOPPING, ""
@@ -267,7 +268,7 @@ class WorkspaceService:
 
     async def destroy(self, name: str, force: bool = False) -> str:
         """Destroy the workspace; what of its source is kept, for the user ("" if none)."""
-        async with self.lock(name):
+        async with self.lock(name), self._outcome_unknown(name, "destroy"):
             ws = await self.get(name)
             client: AgentClient | None = None
             try:
@@ -326,6 +327,32 @@ class WorkspaceService:
                 task.cancel()
             await self.save(ws, done.summary)
             yield done
+
+    @contextlib.asynccontextmanager
+    async def _outcome_unknown(self, name: str, op: str) -> AsyncIterator[None]:
+        """A node that goes away during `op` leaves its outcome unknown: the workspace
+        says so (`unknown`; a destroy stays `destroying`, for the reconciler to finish)
+        until the reconciler sees it again, and the error says what to do."""
+        try:
+            yield
+        except NodeLostError as exc:
+            destroying = op == "destroy"
+            hint = (
+                "the reconciler finishes destroying it once the node is back"
+                if destroying
+                else f"run `vendetta workspace {op} {name}` again once "
+                f"`vendetta node status {exc.node}` says ready"
+            )
+            message = (
+                f"node {exc.node!r} stopped answering during `{op}` of workspace {name!r} "
+                f"({exc.why}); what became of it is unknown until the node is back: {hint}"
+            )
+            ws = await self.store.get_workspace(name)
+            if ws is not None:
+                ws.observed = WorkspaceState.DESTROYING if destroying else WorkspaceState.UNKNOWN
+                ws.detail = message
+                await self.save(ws, message)
+            raise NodeUnreachableError(message) from exc
 
     async def forget(self, ws: WorkspaceRecord, message: str) -> None:
         """Drop every trace of a workspace whose environment is gone (or left on purpose).

@@ -35,6 +35,8 @@ from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 log = logging.getLogger("vendetta.coordinator")
 
 CONNECT_TIMEOUT = 15.0
+# Seconds a closing connection may take to say goodbye before it is aborted.
+CLOSE_TIMEOUT = 2.0
 # Fastest cipher measured for bulk through a forward; the rest as asyncssh orders them.
 _ENCRYPTION = [
     "aes128-gcm@openssh.com",
@@ -336,8 +338,13 @@ class SshTransport(Transport):
             self._listener = None
         if self._conn is not None:
             self._conn.close()
-            with contextlib.suppress(Exception):
-                await self._conn.wait_closed()
+            # A silent peer never lets a graceful close finish (unsent data waits for it).
+            try:
+                await asyncio.wait_for(self._conn.wait_closed(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                self._conn.abort()
+            except Exception:  # closing a broken connection: nothing more to say
+                log.debug("node %s: closing the SSH connection failed", self.node, exc_info=True)
             self._conn = None
         with contextlib.suppress(FileNotFoundError):
             self.local_socket.unlink()

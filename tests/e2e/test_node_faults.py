@@ -1,0 +1,206 @@
+"""Faults of a node behind a real sshd while calls are in flight (issue 15, defects 1, 2, 5a).
+
+- The node's agent is SIGKILLed during an `up`: the `up` ends with a clear error,
+  the node is `ready` again within a deadline (the agent restarted by the next
+  connect), and a retried `up` succeeds.
+- The node falls silent (sshd and its connections SIGSTOPped: the traffic is
+  dropped, the TCP connections stay open) while an `up`, an `exec` and a
+  `logs -f` are in flight: each ends within about the node's grace with an error
+  naming the node (never the coordinator's "start it" hint), the workspace shows
+  `unknown`, and once the node is back it converges (reconciler) and `up` works.
+- The coordinator itself is wedged (SIGSTOP): a CLI call ends with a clear error
+  instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_IMAGE
+from tests.support.cli import BIN, Env, cli_env, wait_for
+from tests.support.sshd import SshServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
+
+GRACE = 3  # the node's own grace period, in seconds
+# An in-flight call ends within the grace, a heartbeat and some slack once its node is gone.
+ENDS_WITHIN = GRACE + 5 + 15
+
+
+class Bg:
+    """A CLI command in the background, its combined output in a file."""
+
+    def __init__(self, e: Env, name: str, *args: str) -> None:
+        self.path = e.home / f"bg-{name}.out"
+        self.args = args
+        with self.path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(BIN / "vendetta"), *args],
+                env=e.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return " ".join(self.path.read_text(errors="replace").split())
+
+    def ended(self) -> bool:
+        return self.proc.poll() is not None
+
+    def show(self) -> str:
+        state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+        return f"vendetta {' '.join(self.args)}: {state}; output: {self.output()}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def error_of(call: Bg) -> str:
+    """What the command said after `error:` (not its progress lines)."""
+    out = call.output()
+    assert "error:" in out, call.show()
+    return out.split("error:", 1)[1]
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def config(e: Env, name: str, setup: str) -> Path:
+    return write_config(
+        e.home / name / ".vendetta" / "config.yaml",
+        f"name: {name}\nprovider: docker\ndocker:\n  image: '{TEST_IMAGE}'\n"
+        "  command: [/bin/sh, -c, 'while :; do sleep 1; done']\n"
+        f"hooks:\n  setup: {setup!r}\n",
+    )
+
+
+# The setup hook takes long on the first `up` only: a retried `up` is quick.
+SLOW_ONCE = "test -f /tmp/once || { touch /tmp/once; sleep 60; }"
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    with cli_env(prefix="vd-fault-") as e:
+        e.nodes["nf"] = SshServer.start(e.home / "sshd", host="127.0.0.31")
+        e.cli("server", "start")
+        e.add_node("nf", e.nodes["nf"], "--grace", str(GRACE))
+        yield e
+
+
+def agent_pid(e: Env) -> int:
+    """The node's agent's pid (0 while there is none)."""
+    try:
+        return int((e.home / "agent-nf" / "agent.pid").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+
+
+def test_agent_killed_during_up_node_comes_back_and_up_is_retried(env: Env) -> None:
+    e = env
+    e.cli(
+        "workspace", "create", "fk1", "--remote", "nf", "--config", str(config(e, "fk", SLOW_ONCE))
+    )
+    pid = agent_pid(e)
+    up = Bg(e, "kill-up", "workspace", "up", "fk1")
+    try:
+        wait_for("the setup hook to run", lambda: "setup hook" in up.output(), 60, up.show)
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the up to end", up.ended, ENDS_WITHIN, up.show)
+        assert up.proc.returncode != 0, up.show()
+        said = error_of(up)
+        assert "'nf'" in said and "workspace up fk1" in said, up.show()
+        assert "server start" not in said and "Traceback" not in said, up.show()
+    finally:
+        up.stop()
+    # The next connect starts the agent again: the node is back, not stuck disconnected.
+    wait_for(
+        "a new agent and the node ready",
+        lambda: agent_pid(e) not in (0, pid) and e.node("nf")["state"] == "NODE_STATE_READY",
+        within=60,
+        show=lambda: e.node("nf"),
+    )
+    e.cli("workspace", "up", "fk1")
+    assert e.workspace("fk1")["state"] == "WORKSPACE_STATE_RUNNING"
+
+
+def test_silent_node_ends_in_flight_calls_then_converges(env: Env) -> None:
+    e = env
+    e.cli(
+        "workspace", "create", "fs1", "--remote", "nf", "--config", str(config(e, "fs", SLOW_ONCE))
+    )
+    e.cli("workspace", "create", "fs2", "--remote", "nf", "--config", str(config(e, "ft", "true")))
+    e.cli("workspace", "up", "fs2")
+    e.wait_node("nf", "ready", within=60)
+    node = e.nodes["nf"]
+    up = Bg(e, "silent-up", "workspace", "up", "fs1")
+    ex = Bg(e, "silent-exec", "workspace", "exec", "fs2", "--", "sh", "-c", "echo hi; sleep 120")
+    logs = Bg(e, "silent-logs", "workspace", "logs", "fs2", "-f")
+    calls = (up, ex, logs)
+    try:
+        wait_for("the setup hook to run", lambda: "setup hook" in up.output(), 60, up.show)
+        wait_for("exec's first line", lambda: "hi" in ex.output(), 30, ex.show)
+        node.freeze()
+        for call in calls:
+            wait_for("the call to end", call.ended, ENDS_WITHIN, call.show)
+            assert call.proc.returncode != 0, call.show()
+            said = error_of(call)
+            assert "'nf'" in said, call.show()
+            assert "server start" not in said and "Traceback" not in said, call.show()
+        assert "workspace up fs1" in error_of(up), up.show()
+        e.wait_node("nf", "disconnected", within=30)
+        assert e.workspace("fs1")["state"] == "WORKSPACE_STATE_UNKNOWN"
+        # A call made now says the node is unreachable, not that the coordinator is down.
+        said = e.fails("workspace", "up", "fs2")
+        assert "nf" in said and "server start" not in said, said
+    finally:
+        for call in calls:
+            call.stop()
+        node.thaw()
+    e.wait_node("nf", "ready", within=60)
+    # The reconciler finds out what became of the interrupted `up`: the environment runs.
+    wait_for(
+        "fs1 to converge",
+        lambda: e.workspace("fs1")["state"] == "WORKSPACE_STATE_RUNNING",
+        within=60,
+        show=lambda: e.workspace("fs1"),
+    )
+    e.cli("workspace", "up", "fs1")
+    assert e.cli("workspace", "exec", "fs1", "--", "echo", "back").stdout == "back\n"
+
+
+def test_a_wedged_coordinator_does_not_hang_the_cli(env: Env) -> None:
+    """A stream already open (keepalive pings go unanswered) and a new call both end."""
+    e = env
+    e.cli("workspace", "create", "fw1", "--remote", "nf", "--config", str(config(e, "fw", "true")))
+    e.cli("workspace", "up", "fw1")
+    pid = int((e.home / "coord" / "coordinator.pid").read_text().split()[0])
+    follow = Bg(e, "wedged-logs", "workspace", "logs", "fw1", "-f")
+    calls = [follow]
+    try:
+        wait_for("logs -f to be connected", lambda: follow.proc.poll() is None, 10, follow.show)
+        time.sleep(1)  # not a timed assertion: lets the stream open before the wedge
+        os.kill(pid, signal.SIGSTOP)
+        calls.append(Bg(e, "wedged-list", "workspace", "list"))
+        for call in calls:
+            wait_for("the CLI to give up", call.ended, 60, call.show)
+            assert call.proc.returncode != 0, call.show()
+            said = error_of(call)
+            assert "coordinator" in said and "Traceback" not in said, call.show()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for call in calls:
+            call.stop()
+    e.cli("workspace", "list")
