@@ -26,6 +26,8 @@ from common import config_read
 from common.names import NAME_RE
 
 PROVIDERS = ("docker", "lxd", "qemu")
+# Bounds that keep values inside what the agent's messages carry (int32 CPUs).
+MAX_CPUS = 1024
 _PROVIDER_ALIASES = {"lxc": "lxd", "kvm": "qemu"}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
@@ -41,6 +43,8 @@ def parse_size(value: str | int) -> int:
     size = float(m.group(1)) * 1024**power
     if not math.isfinite(size):  # int(inf) raised OverflowError (fuzzing found it)
         raise ValueError(f"{value[:40]!r} is not a size: use e.g. 512M, 8G")
+    if size >= 2**63:  # bytes travel as an int64: beyond, the coordinator failed on create
+        raise ValueError(f"{value[:40]!r} is too big a size (more than 8 EiB)")
     return int(size)
 
 
@@ -105,7 +109,7 @@ def _check_size(value: str | None) -> str | None:
 
 class LxdSection(_Strict):
     image: str = "ubuntu/22.04"
-    cpu: int | None = Field(default=None, ge=1)
+    cpu: int | None = Field(default=None, ge=1, le=MAX_CPUS)
     memory: str | None = None
 
     @field_validator("memory")
@@ -116,7 +120,7 @@ class LxdSection(_Strict):
 
 class QemuSection(_Strict):
     image: str = "debian-12"
-    cpu: int = Field(default=2, ge=1)
+    cpu: int = Field(default=2, ge=1, le=MAX_CPUS)
     memory: str = "2G"
     disk: str = "20G"
 
@@ -133,7 +137,7 @@ class HealthCheck(_Strict):
     command: str | list[str] | None = None
     interval: Duration = Field(default=1.0, gt=0)
     timeout: Duration = Field(default=2.0, gt=0)
-    retries: int = Field(default=30, ge=1)
+    retries: int = Field(default=30, ge=1, le=1_000_000)
     start_period: Duration = Field(default=0.0, ge=0)
 
     @model_validator(mode="before")

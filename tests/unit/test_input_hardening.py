@@ -27,6 +27,7 @@ from common.errors import ConfigError, InvalidArgumentError
 from common.names import validate_name
 from common.paths import MAX_SOCKET_PATH
 from common.socket_paths import owned_private_dir, short_private_dir, tunnel_socket
+from coordinator.services import environment_spec, service_specs
 from tests.support.fakes import Cluster
 from vendetta.v1 import coordinator_pb2 as pb
 
@@ -168,6 +169,30 @@ def test_self_referring_and_exploding_aliases() -> None:
     )
     with pytest.raises(ConfigError, match="more than 100000 values"):
         parse_config(bomb, "c.yaml")
+
+
+def test_config_values_stay_inside_what_the_agent_is_sent() -> None:
+    # Accepted before and then a ValueError in the coordinator on create (int32, int64).
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            "name: p\nqemu: {cpu: 99999999999999999999, memory: 99999999999T}\n"
+            "services: {a: {command: x, health_check: {tcp: 1, retries: 99999999999}}}\n",
+            "c.yaml",
+        )
+    message = str(info.value)
+    assert "qemu.cpu: Input should be less than or equal to 1024" in message
+    assert "qemu.memory: '99999999999T' is too big a size" in message
+    assert "services.a.health_check.retries: Input should be less than" in message
+    # The largest values accepted convert without error.
+    cfg = parse_config(
+        "name: p\nqemu: {cpu: 1024, memory: 8388607T, disk: 8388607T}\n"
+        "lxd: {cpu: 1024, memory: 8388607T}\n"
+        "services: {a: {command: x, health_check: {tcp: 1, retries: 1000000}}}\n",
+        "c.yaml",
+    )
+    for provider in ("qemu", "lxd"):
+        assert environment_spec("p", provider, cfg).cpus == 1024
+    assert service_specs(cfg)[0].health.retries == 1_000_000
 
 
 # --- 5: messages that leak or mislead -------------------------------------
