@@ -120,7 +120,7 @@ def load_mapping(text: str, where: str, known_keys: set[str]) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"{where}: is nested too deeply for a vendetta config") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML{_yaml_where(exc)}") from None
+        raise ConfigError(f"{where}: not valid YAML{_yaml_where(exc, text)}") from None
     if data is None:
         raise ConfigError(f"{where}: the file is empty; `vendetta init` writes a starter config")
     if not isinstance(data, dict):
@@ -140,9 +140,14 @@ def load_mapping(text: str, where: str, known_keys: set[str]) -> dict[str, Any]:
     return data
 
 
-def _yaml_where(exc: yaml.YAMLError) -> str:
+def _yaml_where(exc: yaml.YAMLError, text: str) -> str:
     # Only the position and the parser's own words: YAMLError's text quotes the
     # file's lines, which may be anything (a password file).
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.position, int):
+        pos = exc.position
+        line, column = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1])
+        return f" at line {line}, column {column}: character #x{code:04x} is not allowed in YAML"
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None)
     at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

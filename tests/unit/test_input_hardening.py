@@ -229,6 +229,11 @@ def test_yaml_errors_give_the_position_not_the_line() -> None:
         parse_config("name: p\npassword: hunter2\n  oops: [\n", "c.yaml")
     message = str(info.value)
     assert "c.yaml: not valid YAML at line 3" in message and "hunter2" not in message
+    with pytest.raises(ConfigError) as info:
+        parse_config("name: p\npassword: hunter2\x1b[2J\n", "c.yaml")
+    message = str(info.value)
+    assert "at line 2, column 18: character #x001b is not allowed in YAML" in message
+    assert "hunter2" not in message
 
 
 def test_many_problems_are_capped() -> None:
