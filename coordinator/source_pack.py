@@ -159,7 +159,7 @@ def _stat_all(root: Path, rels: Iterable[str]) -> list[Entry]:
     return entries
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -180,10 +180,10 @@ def check_limits(entries: list[Entry], root: Path, max_bytes: int, max_files: in
         agg[1] += 1
     key = 0 if total > max_bytes else 1
     largest = sorted(by_top.items(), key=lambda kv: -kv[1][key])[:5]
-    named = ", ".join(f"{k} ({_human(v[0])}, {v[1]} files)" for k, v in largest)
+    named = ", ".join(f"{k} ({human(v[0])}, {v[1]} files)" for k, v in largest)
     raise FailedPreconditionError(
-        f"the source {root} is {_human(total)} in {len(entries)} files, over the limit of "
-        f"{_human(max_bytes)} and {max_files} files; largest: {named}. Add what need not "
+        f"the source {root} is {human(total)} in {len(entries)} files, over the limit of "
+        f"{human(max_bytes)} and {max_files} files; largest: {named}. Add what need not "
         "be sent to .vendettaignore (or .gitignore), or raise source.max_size / "
         "source.max_files in the config"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.config import ProjectConfig, SourceSection
 from common.errors import FailedPreconditionError, VendettaError
-from coordinator import source_git, source_transfer
+from coordinator import source_git, source_pull, source_transfer
 from coordinator.agent_client import AgentClient
 from coordinator.models import Transfer, WorkspaceRecord, WorkspaceSource
 from vendetta.v1 import nodeagent_pb2
@@ -94,15 +94,18 @@ class WorkspaceSources:
     async def check_destroy(self, ws: WorkspaceRecord, client: AgentClient | None) -> None:
         """Refuse to destroy a workspace whose work exists nowhere else."""
         src = ws.source
+        shipped = src.transport == "shipped" and client is not None
         if src.kind != "git":
+            if shipped and client is not None:
+                await self._check_node_files(ws, client)
             return
         how = (
             f"keep it with `vendetta workspace pull {ws.name}`, or drop it with "
             f"`vendetta workspace destroy {ws.name} --force`"
         )
-        if src.transport == "shipped" and client is not None:
+        if shipped and client is not None:
             try:
-                n = await source_transfer.unpulled(self.home, ws.name, src, client)
+                n = await source_pull.unpulled(self.home, ws.name, src, client)
             except VendettaError as exc:
                 raise FailedPreconditionError(
                     f"cannot tell whether workspace {ws.name!r} holds commits not pulled yet "
@@ -113,12 +116,36 @@ class WorkspaceSources:
                     f"workspace {ws.name!r} holds {n} commit(s) on branch {src.branch} that "
                     f"are not pulled: {how}"
                 )
+            await self._check_node_files(ws, client)  # uncommitted there
         lost = await source_git.unkept(src)
         if lost:
             raise FailedPreconditionError(
                 f"workspace {ws.name!r}: {lost}; or drop it with "
                 f"`vendetta workspace destroy {ws.name} --force`"
             )
+
+    async def _check_node_files(self, ws: WorkspaceRecord, client: AgentClient) -> None:
+        src = ws.source
+        try:
+            changed = await source_pull.node_changes(self.home, ws.name, src, client)
+        except VendettaError as exc:
+            raise FailedPreconditionError(
+                f"cannot tell whether workspace {ws.name!r} holds changes not pulled yet "
+                f"({exc}); drop them with `vendetta workspace destroy {ws.name} --force`"
+            ) from exc
+        if not changed:
+            return
+        shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        keep = (
+            f"commit them there and `vendetta workspace pull {ws.name}`"
+            if src.kind == "git"
+            else f"`vendetta workspace pull {ws.name}` brings them here"
+        )
+        raise FailedPreconditionError(
+            f"workspace {ws.name!r} holds {len(changed)} changed file(s) that are nowhere "
+            f"else ({shown}): {keep}, or drop them with "
+            f"`vendetta workspace destroy {ws.name} --force`"
+        )
 
     async def remove(self, ws: WorkspaceRecord, client: AgentClient | None) -> str:
         """Remove the node's copy and the worktree or clone; what is kept ("" if none)."""
@@ -176,6 +203,6 @@ class WorkspaceSources:
     ) -> Transfer:
         src = self._shipped(ws, "pull")
         started = time.time_ns()
-        t = await source_transfer.pull(self.home, ws.name, src, client, force, progress)
+        t = await source_pull.pull(self.home, ws.name, src, client, force, progress)
         src.last_transfer_unix_nano = started
         return t

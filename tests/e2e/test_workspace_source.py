@@ -229,6 +229,12 @@ def test_remote_git_source_is_shipped_pulled_and_pushed(remote: Env) -> None:
     assert inside(e, ws, "test -e /workspace/feature.txt && echo there || echo gone") == "gone\n"
     assert "nothing to push" in e.cli("workspace", "push", ws).stdout
 
+    # Uncommitted work in the workspace: destroy refuses while it is only there.
+    inside(e, ws, "echo wip > /workspace/wip-inside.txt")
+    refused = e.fails("workspace", "destroy", ws)
+    assert "nowhere else (wip-inside.txt): commit them there" in refused, refused
+    inside(e, ws, "rm /workspace/wip-inside.txt")
+
     (worktree / "hello.txt").write_text("hello from before create\n")
     (worktree / "feature.txt").write_text("from the workspace\n")
     (worktree / "added.txt").unlink()
@@ -254,6 +260,11 @@ def test_remote_folder_pull_refuses_to_overwrite_local_changes(remote: Env) -> N
     e.cli("workspace", "pull", ws, "--force")
     assert (folder / "hello.txt").read_text() == "theirs\n"
     assert (folder / "new.txt").read_text() == "new\n"
+    # A file made in the workspace and not pulled: destroy refuses until it is.
+    inside(e, ws, "echo late > /workspace/late.txt")
+    refused = e.fails("workspace", "destroy", ws)
+    assert "1 changed file(s) that are nowhere else (late.txt)" in refused, refused
+    e.cli("workspace", "pull", ws)
     e.cli("workspace", "destroy", ws)
     wait_for("the node's copy removed", lambda: not node_copy.exists())
     assert folder.exists()  # a plain folder is the user's: never removed

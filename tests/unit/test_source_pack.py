@@ -16,7 +16,7 @@ import pytest
 
 from common.errors import FailedPreconditionError
 from coordinator import source_pack as pack
-from coordinator import source_transfer
+from coordinator import source_pull, source_transfer
 from coordinator.agent_client import AgentClient
 from coordinator.models import Transfer, WorkspaceSource
 from coordinator.source_git import resolve
@@ -204,7 +204,7 @@ async def test_ship_push_pull_a_plain_folder(tmp_path: Path) -> None:
     (node / "c.txt").write_text("c from inside")
     (node / "d.txt").write_text("d")
     (node / "x.tmp").write_text("ignored here")
-    pulled = await source_transfer.pull(home, "ws", src, client, False, seen.append)
+    pulled = await source_pull.pull(home, "ws", src, client, False, seen.append)
     assert "pulled 2 changed file(s)" in pulled.summary
     assert (local / "c.txt").read_text() == "c from inside"
     assert (local / "d.txt").read_text() == "d" and not (local / "x.tmp").exists()
@@ -214,10 +214,18 @@ async def test_ship_push_pull_a_plain_folder(tmp_path: Path) -> None:
     (node / "a.txt").write_text("theirs")
     (node / "d.txt").write_text("d2")
     with pytest.raises(FailedPreconditionError, match="changed both here and in the workspace"):
-        await source_transfer.pull(home, "ws", src, client, False, seen.append)
+        await source_pull.pull(home, "ws", src, client, False, seen.append)
     assert (local / "a.txt").read_text() == "mine" and (local / "d.txt").read_text() == "d"
-    await source_transfer.pull(home, "ws", src, client, True, seen.append)
+    await source_pull.pull(home, "ws", src, client, True, seen.append)
     assert (local / "a.txt").read_text() == "theirs" and (local / "d.txt").read_text() == "d2"
+
+    # What destroy would lose: files changed there that are nowhere else.
+    assert await source_pull.node_changes(home, "ws", src, client) == []
+    (node / "e.txt").write_text("only there")
+    (node / "y.tmp").write_text("ignored")
+    assert await source_pull.node_changes(home, "ws", src, client) == ["e.txt"]
+    (local / "e.txt").write_text("only there")  # the same content here: not lost
+    assert await source_pull.node_changes(home, "ws", src, client) == []
 
 
 async def test_ship_and_pull_a_git_worktree(tmp_path: Path) -> None:
@@ -244,16 +252,16 @@ async def test_ship_and_pull_a_git_worktree(tmp_path: Path) -> None:
     sh("git", "add", "inside.py", cwd=node)
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "inside", cwd=node)
     inside = sh("git", "rev-parse", "HEAD", cwd=node)
-    assert await source_transfer.unpulled(home, "ws", src, client) == 1
-    pulled = await source_transfer.pull(home, "ws", src, client, False, lambda _t: None)
+    assert await source_pull.unpulled(home, "ws", src, client) == 1
+    pulled = await source_pull.pull(home, "ws", src, client, False, lambda _t: None)
     assert "pulled 1 commit(s) onto branch vendetta/ws" in pulled.summary
     assert sh("git", "rev-parse", "vendetta/ws", cwd=repo) == inside
     assert (Path(src.path) / "inside.py").read_text() == "made inside"
-    assert await source_transfer.unpulled(home, "ws", src, client) == 0
+    assert await source_pull.unpulled(home, "ws", src, client) == 0
     # What the pull brought counts as on the node: deleting it here is pushed.
     (Path(src.path) / "inside.py").unlink()
     pushed = await source_transfer.push(home, "ws", src, client, 10**6, 1000, lambda _t: None)
     assert (pushed.paths, pushed.deleted) == (["inside.py"], 1)
     assert not (node / "inside.py").exists()
-    again = await source_transfer.pull(home, "ws", src, client, False, lambda _t: None)
+    again = await source_pull.pull(home, "ws", src, client, False, lambda _t: None)
     assert again.summary.startswith("nothing to pull")
