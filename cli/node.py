@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cli import checks, node_test
 from cli.client import coordinator, request_id
-from cli.output import ago, as_dict, enum_name, err, out, print_json, styled
+from cli.output import ago, as_dict, enum_name, err, out, plain, print_json, styled
 from cli.runner import run
 from common.errors import InvalidArgumentError
 from vendetta.v1 import coordinator_pb2 as pb
@@ -192,7 +192,7 @@ def _watch(json_: bool) -> None:
                     sys.stdout.write(json.dumps(as_dict(ev), sort_keys=True) + "\n")
                 else:
                     when = dt.datetime.fromtimestamp(ev.time_unix_nano / 1e9).strftime("%H:%M:%S")
-                    note = f"  {ev.message}" if ev.message else ""
+                    note = f"  {plain(ev.message)}" if ev.message else ""
                     out.print(f"{when}  {ev.node.name}  {styled(_state(ev.node))}{note}")
                 sys.stdout.flush()
 
@@ -275,10 +275,12 @@ def status(name: NodeName, json_: Json = False) -> None:
         version = f" {p.version}" if p.version else ""
         can = f"; capabilities: {', '.join(p.capabilities)}" if p.capabilities else ""
         out.print(
-            f"  provider   {p.name}{version}: {mark}" + (f" - {p.detail}" if p.detail else "") + can
+            f"  provider   {p.name}{version}: {mark}"
+            + (f" - {plain(p.detail)}" if p.detail else "")
+            + can
         )
     if n.last_error:
-        out.print(f"  last error {n.last_error}")
+        out.print(f"  last error {plain(n.last_error)}")
     if n.state != pb.NODE_STATE_READY:
         raise typer.Exit(1)
 
@@ -343,7 +345,7 @@ def upgrade(
     resp = run(go())
     for u in [] if json_ else resp.nodes:
         if u.error:
-            err.print(f"node {u.name}: {u.old_version or '-'}: not upgraded: {u.error}")
+            err.print(f"node {u.name}: {u.old_version or '-'}: not upgraded: {plain(u.error)}")
         elif u.old_version == u.new_version:
             out.print(f"node {u.name}: agent {u.new_version} (already the coordinator's build)")
         else:

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cli import checks
 from cli.client import coordinator, request_id
-from cli.output import ago, as_dict, enum_name, err, out, print_error, print_json, styled
+from cli.output import ago, as_dict, enum_name, err, out, plain, print_error, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
 from cli.ssh_config import included as ssh_included
@@ -54,7 +54,8 @@ def services_table(ws: pb.Workspace) -> Table:
     table.add_column("DETAIL", ratio=1)
     for name, state, here, note, port, restarts, detail in rows:
         detail = f"{note}; {detail}" if note and detail else note or detail
-        table.add_row(name, styled(state), here, port, restarts, detail)
+        # A detail quotes the service's output: text, not markup ("[/x]" raised).
+        table.add_row(name, styled(state), here, port, restarts, plain(detail))
     return table
 
 
@@ -109,7 +110,7 @@ async def _with_progress(
             if ev.HasField("transfer") and not ev.transfer.done:
                 spinner.update(progress_line(ev.transfer))
             elif ev.message:
-                err.print(f"  {name}: {ev.message}")
+                err.print(f"  {name}: {plain(ev.message)}")
 
     spinner = err.status(what)
     watcher = asyncio.create_task(follow())
@@ -391,7 +392,7 @@ def status(
                     if json_:
                         print_json(as_dict(ev))
                     else:
-                        out.print(f"{styled(state_of(ev.workspace))}: {ev.message}")
+                        out.print(f"{styled(state_of(ev.workspace))}: {plain(ev.message)}")
                     if ev.workspace.state == pb.WORKSPACE_STATE_DESTROYED:
                         return
 
@@ -407,7 +408,7 @@ def _show(ws: pb.Workspace, json_: bool) -> None:
     if ws.environment_id:
         out.print(f"  env id   {ws.environment_id[:12]}")
     if ws.detail:
-        out.print(f"  detail   {ws.detail}")
+        out.print(f"  detail   {plain(ws.detail)}")
     for line in source_lines(ws):
         out.print(line)
     out.print(f"  created  {ago(ws.created_unix_nano)}, updated {ago(ws.updated_unix_nano)}")

@@ -157,3 +157,17 @@ def test_an_unexpected_exception_is_one_line_and_a_log(
     assert str(log) in lines[0]
     assert "Traceback" in log.read_text() and "RuntimeError: boom" in log.read_text()
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+def test_service_output_in_a_status_is_text_not_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    # A detail quotes a service's output or an error: "[/x]" raised MarkupError before.
+    from cli.workspace import _show
+    from vendetta.v1 import common_pb2
+    from vendetta.v1 import coordinator_pb2 as pb
+
+    ws = pb.Workspace(name="w", detail="exited: [/x] \x1b[2J")
+    ws.services.append(common_pb2.ServiceStatus(name="web", detail="[bold]Error[/bold] [/etc]"))
+    _show(ws, False)
+    shown = capsys.readouterr().out
+    assert "exited: [/x] \\x1b[2J" in shown and "\x1b" not in shown
+    assert "[bold]Error[/bold]" in shown and "[/etc]" in shown
