@@ -117,6 +117,9 @@ def test_local_git_source_is_a_live_worktree_at_workspace(local: Env) -> None:
     assert not (Path(src2["path"]) / "wip.txt").exists()
     assert sh("git", "branch", "--show-current", cwd=repo).strip() == "main"
 
+    # Mounted: nothing to push or pull.
+    assert "needs no push" in e.fails("workspace", "push", ws)
+
     # Uncommitted work in the worktree: destroy refuses, --force drops it.
     refused = e.fails("workspace", "destroy", ws)
     assert "uncommitted change" in refused and "--force" in refused
@@ -146,6 +149,11 @@ def test_bad_sources_are_refused_with_nothing_left(local: Env) -> None:
         out = e.fails("workspace", "create", ws, "--config", str(cfg), *args)
         assert message in out, out
         leaves_nothing(e, ws)
+    e.cli("workspace", "create", ws, "--config", str(cfg), "--no-source")
+    assert source(e, ws).get("kind", "") == ""
+    assert "has no source to pull" in e.fails("workspace", "pull", ws)
+    e.cli("workspace", "destroy", ws)
+    leaves_nothing(e, ws)
     clones = Path(e.env["VENDETTA_HOME"]) / "worktrees" / "clones"
     assert not clones.exists() or not list(clones.iterdir())
 
