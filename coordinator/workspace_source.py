@@ -172,6 +172,14 @@ class WorkspaceSources:
             raise FailedPreconditionError(
                 f"workspace {ws.name!r} has no source to {verb}: it was created without one"
             )
+        if src.mode == "copied":
+            workdir = src.workdir or "/workspace"
+            raise FailedPreconditionError(
+                f"workspace {ws.name!r} runs on {ws.provider}, which copied the source in at "
+                f"its first start (`copied` in its status): a {verb} cannot reach what is "
+                f"inside; copy files out with `vendetta workspace connect {ws.name} -- tar -C "
+                f"{workdir} -c . | tar -x`"
+            )
         if src.transport != "shipped":
             raise FailedPreconditionError(
                 f"workspace {ws.name!r} needs no {verb}: its source {src.path} is mounted as it "

@@ -322,6 +322,8 @@ def test_the_source_is_at_workspace_on_lxd_and_qemu(local: Env, provider: str) -
         if src["mode"] == "mounted":  # written inside: here at once
             inside(e, ws, "echo made inside > /workspace/inside.txt")
             assert (Path(src["path"]) / "inside.txt").read_text() == "made inside\n"
+        else:  # copied at the first start: push and pull say they cannot reach it
+            assert "copied the source in at its first start" in e.fails("workspace", "pull", ws)
     finally:
         e.cli("workspace", "destroy", ws, "--force", timeout=300)
     leaves_nothing(e, ws)
