@@ -246,6 +246,22 @@ async def test_a_short_or_long_upload_changes_nothing(
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert words in (info.value.details() or "")
         assert tree(folder) == {"keep.txt": b"K"}
+    # What a failed upload staged goes too (once its extraction has ended).
+    for _ in range(200):
+        if sorted(p.name for p in folder.parent.iterdir()) == ["ws"]:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["ws"]
+
+
+async def test_an_upload_much_larger_than_a_pipe_streams_through(
+    agent: tuple[NodeAgentAsyncStub, Path],
+) -> None:
+    stub, _ = agent
+    files = [file(f"d{i}/f{j}", os.urandom(3000)) for i in range(20) for j in range(50)]
+    receipt = await put(stub, make_tar(*files))
+    assert receipt.files == 1000
+    assert len(tree(Path(receipt.path))) == 1000
 
 
 async def test_a_sparse_file_is_refused(agent: tuple[NodeAgentAsyncStub, Path]) -> None:
