@@ -31,6 +31,24 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 M = TypeVar("M", bound=Message)
 
 
+def _check_address(address: str, port: int) -> None:
+    """A node's address and SSH port, before anything tries them: the resolver and the
+    socket raise ValueError (not OSError) for a NUL, a label over 63 characters or a
+    port beyond 65535 (found by tests/unit/test_fuzz_rpc.py)."""
+    if not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"invalid SSH port {port}: use 1-65535 (0: 22)")
+    if not address:
+        return  # the service says what to give
+    try:
+        valid = address.isprintable() and " " not in address and bool(address.encode("idna"))
+    except UnicodeError:
+        valid = False
+    if not valid or address.startswith("-") or len(address) > 253:
+        raise InvalidArgumentError(
+            f"invalid node address {address[:60]!r}: give a host name or an IP address"
+        )
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self,
@@ -57,7 +75,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             seen = await self.store.get_request(request_id)
             if seen is not None:
                 if seen[0] != method:
-                    raise InvalidArgumentError(f"request id {request_id!r} was used for {seen[0]}")
+                    raise InvalidArgumentError(
+                        f"request id {request_id[:60]!r} was used for {seen[0]}"
+                    )
                 return factory.FromString(seen[1])
         response = await run()
         if request_id:
@@ -77,10 +97,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ScanHostKey(
         self, request: pb.ScanHostKeyRequest, context: Ctx
     ) -> pb.ScanHostKeyResponse:
+        _check_address(request.address, request.port)
         line, fp, kind = await self.node_service.scan(request.address, request.port or 22)
         return pb.ScanHostKeyResponse(host_key=line, fingerprint=fp, key_type=kind)
 
     async def AddNode(self, request: pb.AddNodeRequest, context: Ctx) -> pb.Node:
+        _check_address(request.address, request.port)
+
         async def run() -> pb.Node:
             conn = await self.node_service.add(
                 name=request.name,

@@ -27,7 +27,7 @@ class ProviderSet:
         except KeyError:
             known = ", ".join(sorted(self._providers)) or "none"
             raise InvalidArgumentError(
-                f"provider {name!r} is not available on this node (available: {known})"
+                f"provider {name[:40]!r} is not available on this node (available: {known})"
             ) from None
 
     def all(self) -> list[Provider]:

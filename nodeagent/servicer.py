@@ -183,9 +183,9 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     async def StartServices(
         self, request: nodeagent_pb2.StartServicesRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.ServiceEvent]:
-        specs = [convert.service_from_pb(s) for s in request.services]
-        for s in specs:
+        for s in request.services:  # the names first: the conversion's errors echo them
             validate_name("service", s.name)
+        specs = [convert.service_from_pb(s) for s in request.services]
         env = await self.providers.get(request.provider).inspect(request.workspace)
         if env.state != EnvState.RUNNING:
             raise FailedPreconditionError(
@@ -310,7 +310,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         self, request: nodeagent_pb2.RunHookRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.ExecOutput]:
         if request.name not in ("setup", "teardown"):
-            raise InvalidArgumentError(f"unknown hook {request.name!r} (setup or teardown)")
+            raise InvalidArgumentError(f"unknown hook {request.name[:40]!r} (setup or teardown)")
         async for chunk in self.services.hook(
             request.workspace, request.provider, request.name, request.command
         ):
