@@ -202,6 +202,12 @@ async def test_bad_sources_are_refused(agent: Agent, source: Path) -> None:
         ({"source_path": str(source), "workdir": "/"}, "absolute folder"),
         ({"source_path": str(source), "workdir": "/a/../etc"}, "absolute folder"),
         ({"source_path": str(source), "user": "bad user;"}, "not a user name"),
+        # LXD looks a name up in the image before it maps ids (and removes what it made).
+        *(
+            [({"source_path": str(source), "user": "nosuchuser"}, "not in the image's")]
+            if agent.provider == "lxd"
+            else []
+        ),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await agent.stub.CreateEnvironment(agent.spec(ws, **kw))
