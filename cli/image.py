@@ -122,6 +122,8 @@ def _expand(files: list[Path]) -> list[Path]:
             )
         elif f.is_file():
             found.append(f)
+        elif f.exists():  # /dev/zero, a FIFO: endless or blocking, never an image
+            fail(InvalidArgumentError(f"{f}: not a regular file or a folder"))
         else:
             fail(InvalidArgumentError(f"{f}: no such file"))
     if not found:

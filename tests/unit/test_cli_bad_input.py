@@ -119,6 +119,13 @@ def test_config_paths_that_are_not_config_files(tmp_path: Path) -> None:
         assert expected in one_error(["workspace", "create", "w", "--config", path], code=1)
 
 
+def test_image_import_refuses_devices_and_fifos(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/zero", str(tmp_path / "fifo")):
+        line = one_error(["image", "import", "local", path, "--provider", "docker"], code=1)
+        assert f"{path}: not a regular file or a folder" in line
+
+
 def test_markup_in_a_path_is_printed_as_is(tmp_path: Path) -> None:
     # rich read "[/x]" as a closing tag: MarkupError, a traceback, before
     line = one_error(["config", "validate", str(tmp_path / "[/x]" / "[red]c.yaml")], code=1)
