@@ -62,6 +62,21 @@ MAX_IMAGES = 20
 _UNSAFE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]")
 
 
+def work_user(image_user: str, uid: int, gid: int) -> str:
+    """Who works in a container whose workdir is a folder of ``uid``:``gid`` on the node,
+    when the spec names nobody ("": the image's user).
+
+    A bind mount maps no ids: inside, the files are ``uid``'s. If the image would have
+    root work there, the folder's owner works there instead, so that what is made in
+    it stays theirs on the node (root's files there could not be changed or removed by
+    the node user, nor by the agent running as them). An image with a user of its own
+    keeps it; ``user: root`` in the config asks for root.
+    """
+    if uid == 0 or image_user not in ("", "root", "0", "0:0", "root:root"):
+        return ""
+    return f"{uid}:{gid}"
+
+
 class DockerProvider(Provider):
     """Environments as containers on the local Docker engine, driven with docker-py 7."""
 
@@ -191,9 +206,19 @@ class DockerProvider(Provider):
         command = list(spec.command) if spec.command is not None else list(IDLE_COMMAND)
 
         # The source: the node's folder itself, bind-mounted; commands start there and
-        # run as the spec's user (else the image's), which Docker keeps per container.
+        # run as the spec's user (else see work_user), which Docker keeps per container.
         workdir = spec.source_workdir
         binds = {spec.source_path: {"bind": workdir, "mode": "rw"}} if workdir else None
+        user = spec.user
+        if workdir and not user:
+            owner = await asyncio.to_thread(os.stat, spec.source_path)
+            image_user = await self._engine.call(
+                f"inspecting image {spec.image!r}",
+                lambda api: str(
+                    (api.inspect_image(spec.image).get("Config") or {}).get("User") or ""
+                ),
+            )
+            user = work_user(image_user, owner.st_uid, owner.st_gid)
 
         def create_container(api: Any) -> None:
             host_config = api.create_host_config(
@@ -211,7 +236,7 @@ class DockerProvider(Provider):
                 hostname=workspace,
                 labels=containers.labels(self.agent_id, workspace, workdir),
                 working_dir=workdir or None,
-                user=spec.user or None,
+                user=user or None,
                 environment=dict(spec.env),
                 host_config=host_config,
                 detach=True,

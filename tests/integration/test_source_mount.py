@@ -87,10 +87,9 @@ async def test_the_source_is_at_the_workdir_owned_by_the_user_inside(
 ) -> None:
     ws = agent.ws()
     owner = source.stat()
-    # Docker shows the node's uid as it is (no id mapping of bind mounts): the user who
-    # works inside is then the folder's owner. LXD maps the owner to the image's user.
-    user = f"{owner.st_uid}:{owner.st_gid}" if agent.provider == "docker" else ""
-    env = await agent.stub.CreateEnvironment(agent.spec(ws, source_path=str(source), user=user))
+    # No user given: Docker (which maps no ids) has the folder's owner work there in
+    # place of the image's root; LXD maps the owner to the image's user (root).
+    env = await agent.stub.CreateEnvironment(agent.spec(ws, source_path=str(source)))
     assert (env.workdir, env.source_mode) == ("/workspace", MOUNTED[agent.provider])
     await agent.stub.StartEnvironment(agent.ref(ws))
     inspected = await agent.stub.InspectEnvironment(agent.ref(ws))

@@ -13,6 +13,7 @@ import pytest
 from common.errors import FailedPreconditionError, InvalidArgumentError
 from providers.base import EnvironmentSpec
 from providers.checks import check_spec
+from providers.docker.provider import work_user
 from providers.lxd import source as lxd_source
 from providers.qemu.domain import Meta, guest_argv
 from providers.qemu.source import owner
@@ -37,6 +38,14 @@ def test_spec_source_checks(tmp_path: Path) -> None:
             check_spec("docker", bad)
     for user in ("dev", "1000", "1000:1000", "dev:staff"):
         check_spec("docker", EnvironmentSpec(workspace="ws", image="img", user=user))
+
+
+def test_docker_has_the_folder_owner_work_in_place_of_root() -> None:
+    assert work_user("", 1001, 1002) == "1001:1002"
+    assert work_user("root", 1001, 1002) == "1001:1002"
+    assert work_user("0:0", 1001, 1002) == "1001:1002"
+    assert work_user("", 0, 0) == ""  # a root node user: the image's root
+    assert work_user("vscode", 1001, 1002) == ""  # an image's own user stays
 
 
 def test_lxd_exec_defaults_come_from_the_instance_config() -> None:
