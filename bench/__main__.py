@@ -12,6 +12,8 @@ Sections (--only to pick some):
   logs         `workspace logs -f` vs `ssh node docker logs -f`: lines/s, MB/s, latency
   tunnel       forwarded service port vs `ssh -L`: MB/s
   concurrency  50 workspaces up at once on 3 nodes vs 50 docker-py threads
+  source       a git repository's first upload to a remote workspace vs tar | ssh;
+               `workspace push` of 10 changed files vs rsync -a over ssh
   scale        one coordinator, N simulated nodes: list latency, RSS, heartbeat CPU
 """
 
@@ -35,9 +37,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import concurrency, lifecycle, logs, plots, rpc, scale, tunnel
+from bench import source as source_bench
 from bench.cluster import bench_cluster
 
-SECTIONS = ("rpc", "lifecycle", "logs", "tunnel", "concurrency", "scale")
+SECTIONS = ("rpc", "lifecycle", "logs", "tunnel", "concurrency", "source", "scale")
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
@@ -81,6 +84,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await section("logs", lambda: logs.run(cl, args.quick))
                 await section("tunnel", lambda: tunnel.run(cl, args.quick))
                 await section("concurrency", lambda: concurrency.run(cl, args.quick))
+                await section("source", lambda: source_bench.run(cl, args.quick))
         except Exception as exc:  # setup or teardown: keep what was measured
             results["errors"]["cluster"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -159,6 +163,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for r in results.get("tunnel", {}).get("rows", []):
         if "ratio" in r:
             add("tunnel MB/s vs ssh -L", r["ratio"], "x", ">= 1.0x", r["ratio"] >= 1.0)
+    for r in results.get("source", {}).get("rows", []):
+        if r["name"].startswith("workspace create") and "ratio" in r:
+            add("source upload vs tar | ssh", r["ratio"], "x", "<= 1.2x", r["ratio"] <= 1.2)
+        if r["name"].startswith("workspace push") and "ratio" in r:
+            add("push of 10 files vs rsync", r["ratio"], "x", "<= 1.5x", r["ratio"] <= 1.5)
+            secs = r["median_ms"] / 1e3
+            add("push of 10 files", r["median_ms"], "ms", "< 1 s", secs < 1)
     for p in results.get("scale", {}).get("points", []):
         for key in ("list_nodes_ms", "list_workspaces_ms"):
             p99 = p[key]["p99_ms"]
@@ -198,6 +209,8 @@ def show(results: dict[str, Any]) -> None:
         console.print(t)
     if results.get("tunnel", {}).get("rows"):
         console.print(_table("Tunnel throughput", results["tunnel"]["rows"]))
+    if results.get("source", {}).get("rows"):
+        console.print(_table("Source: upload and push vs OpenSSH tools", results["source"]["rows"]))
     if results.get("concurrency", {}).get("rows"):
         console.print(_table("Concurrency (seconds shown as ms)", results["concurrency"]["rows"]))
     sc = results.get("scale", {})
