@@ -53,7 +53,7 @@ class AgentClient:
     def _transport(self, code: grpc.StatusCode, details: str) -> VendettaError:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return NodeLostError(self.node, "it did not answer in time")
-        return NodeLostError(self.node, f"the connection to its agent broke ({details})")
+        return NodeLostError(self.node, f"the connection to its agent broke: {details}")
 
     @contextmanager
     def _mapped(self) -> Iterator[None]:

@@ -210,7 +210,7 @@ class NodeConnection:
                     self.last_error = ""
                     self._answered()
                 if self.state != NodeState.READY:  # silent past the grace: start afresh
-                    return self.last_error or f"no answer for {self.grace:g} s"
+                    return f"no answer for {self.grace:g} s"
         finally:
             for task in (closed, silent):
                 task.cancel()

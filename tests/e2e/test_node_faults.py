@@ -123,6 +123,7 @@ def test_agent_killed_during_up_node_comes_back_and_up_is_retried(env: Env) -> N
         said = error_of(up)
         assert "'nf'" in said and "workspace up fk1" in said, up.show()
         assert "server start" not in said and "Traceback" not in said, up.show()
+        print(f"up after the agent's SIGKILL: {said.strip()}")
     finally:
         up.stop()
     # The next connect starts the agent again: the node is back, not stuck disconnected.
@@ -160,6 +161,8 @@ def test_silent_node_ends_in_flight_calls_then_converges(env: Env) -> None:
             assert "'nf'" in said, call.show()
             assert "server start" not in said and "Traceback" not in said, call.show()
         assert "workspace up fs1" in error_of(up), up.show()
+        for call in calls:
+            print(f"vendetta {' '.join(call.args)}: {error_of(call).strip()}")
         e.wait_node("nf", "disconnected", within=30)
         assert e.workspace("fs1")["state"] == "WORKSPACE_STATE_UNKNOWN"
         # A call made now says the node is unreachable, not that the coordinator is down.

@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from cli import runner
+from cli import client, runner
 from common import errors as e
 from coordinator.agent_client import AgentClient, NodeLostError
 from coordinator.transports.base import CHANNEL_OPTIONS
@@ -23,7 +23,7 @@ from providers.base import EnvironmentSpec
 from tests.support.fakes import Cluster, FakeProvider, short_tmp_dir
 from tests.unit.conftest import GRACE
 from vendetta.v1 import coordinator_pb2 as pb
-from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
+from vendetta.v1 import coordinator_pb2_grpc, nodeagent_pb2, nodeagent_pb2_grpc
 
 
 @pytest.fixture
@@ -214,3 +214,42 @@ def test_the_cli_says_start_the_coordinator_only_when_it_cannot_reach_it() -> No
     # It was reached, then stopped answering (keepalive): not "not running".
     wedged = runner._error(_rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed (ping timeout)"))
     assert "stopped answering" in str(wedged) and "ping timeout" in str(wedged)
+
+
+class _Stuck(coordinator_pb2_grpc.CoordinatorServicer):
+    """A coordinator whose process answers (pings too) but whose work never ends."""
+
+    async def ListWorkspaces(
+        self, request: pb.ListWorkspacesRequest, context: object
+    ) -> pb.ListWorkspacesResponse:
+        await asyncio.sleep(3600)
+        return pb.ListWorkspacesResponse()
+
+    async def UpWorkspace(self, request: pb.WorkspaceRequest, context: object) -> pb.Workspace:
+        await asyncio.sleep(3600)
+        return pb.Workspace()
+
+
+async def test_quick_cli_calls_have_a_deadline_long_ones_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = short_tmp_dir()
+    monkeypatch.setenv("VENDETTA_HOME", str(root))
+    monkeypatch.setitem(client.QUICK_CALLS, "ListWorkspaces", 0.5)
+    server = grpc.aio.server()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_Stuck(), server)  # type: ignore[abstract]
+    server.add_insecure_port(f"unix:{root / 'coordinator.sock'}")
+    await server.start()
+    try:
+        async with client.coordinator() as c:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.ListWorkspaces(pb.ListWorkspacesRequest())
+            said = str(runner._error(info.value))
+            assert "the coordinator stopped answering" in said and "not running" not in said
+            up = asyncio.ensure_future(c.UpWorkspace(pb.WorkspaceRequest(name="w")))
+            done, _ = await asyncio.wait({up}, timeout=1.5)
+            assert not done  # an `up` takes what its work takes (keepalive guards it)
+            up.cancel()
+    finally:
+        await server.stop(None)
+        shutil.rmtree(root, ignore_errors=True)
