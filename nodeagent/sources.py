@@ -76,9 +76,12 @@ class SourceStore:
                     received, staging, written = await _receive(
                         uploads, out, self.root, folder, start.size_bytes
                     )
-                await asyncio.to_thread(
-                    apply_staged, self.root, folder, staging, start.replace, list(start.deleted)
-                )
+                try:
+                    await asyncio.to_thread(
+                        apply_staged, self.root, folder, staging, start.replace, list(start.deleted)
+                    )
+                except OSError as exc:
+                    raise _not_ours(start.workspace, "change", exc) from exc
                 await self._copy_in(start.workspace, spool, start.replace, list(start.deleted))
             finally:
                 await asyncio.to_thread(spool.unlink, True)
@@ -147,7 +150,18 @@ class SourceStore:
     async def delete(self, workspace: str) -> None:
         folder = self.folder(workspace)
         async with self._lock(workspace):
-            await asyncio.to_thread(remove, folder)
+            try:
+                await asyncio.to_thread(remove, folder)
+            except OSError as exc:
+                raise _not_ours(workspace, "remove", exc) from exc
+
+
+def _not_ours(workspace: str, what: str, exc: OSError) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"cannot {what} the source of workspace {workspace!r} on this node: {exc} (files "
+        "made in it by another user, such as root inside a container, are not the node "
+        "user's to change; remove them from inside the workspace)"
+    )
 
 
 def _temporary(root: Path) -> BinaryIO:

@@ -299,3 +299,26 @@ async def test_delete_removes_the_folder(agent: tuple[NodeAgentAsyncStub, Path])
     await stub.DeleteSource(nodeagent_pb2.DeleteSourceRequest(workspace="ws"))
     assert not folder.exists()
     await stub.DeleteSource(nodeagent_pb2.DeleteSourceRequest(workspace="ws"))  # absent: fine
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a file of another user")
+async def test_files_the_agent_cannot_remove_are_named(
+    agent: tuple[NodeAgentAsyncStub, Path],
+) -> None:
+    """An agent that is not root, with a folder root made inside the source: refused
+    with a message saying why, not a crash. (The agent here is root: an immutable
+    file stands for one it may not remove.)"""
+    stub, _ = agent
+    folder = Path((await put(stub, make_tar(file("d/a", b"A")))).path)
+    os.chmod(folder / "d", 0o500)
+    proc = await asyncio.create_subprocess_exec("chattr", "+i", str(folder / "d" / "a"))
+    if await proc.wait() != 0:
+        pytest.skip("chattr is not available on this filesystem")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.DeleteSource(nodeagent_pb2.DeleteSourceRequest(workspace="ws"))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cannot remove the source" in (info.value.details() or "")
+    finally:
+        await (await asyncio.create_subprocess_exec("chattr", "-i", str(folder / "d" / "a"))).wait()
+        os.chmod(folder / "d", 0o700)
