@@ -56,11 +56,14 @@ class AgentClient:
         return NodeLostError(self.node, f"the connection to its agent broke: {details}")
 
     @contextmanager
-    def _mapped(self) -> Iterator[None]:
+    def _mapped(self, named: bool = True) -> Iterator[None]:
         """The error tree; a call ended by gRPC itself (connection gone, deadline, or the
-        channel closed under it) is a NodeLostError naming the node."""
+        channel closed under it) is a NodeLostError naming the node. Not ``named``
+        (supervision's own calls, whose errors go into the node's status), gRPC's
+        failures keep its words, but a closed channel is still an error, never a
+        cancellation that would end supervision."""
         try:
-            with mapped_rpc_errors(self._transport):
+            with mapped_rpc_errors(self._transport if named else None):
                 yield
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -71,11 +74,11 @@ class AgentClient:
             raise NodeLostError(self.node, why) from None
 
     async def info(self, timeout: float = 15.0) -> nodeagent_pb2.InfoResponse:
-        with mapped_rpc_errors():
+        with self._mapped(named=False):
             return await self._stub.Info(nodeagent_pb2.InfoRequest(), timeout=timeout)
 
     async def heartbeat(self, timeout: float = 5.0) -> nodeagent_pb2.HeartbeatResponse:
-        with mapped_rpc_errors():
+        with self._mapped(named=False):
             return await self._stub.Heartbeat(nodeagent_pb2.HeartbeatRequest(), timeout=timeout)
 
     async def sink(self, total: int, chunk: int = 256 * 1024, timeout: float = 60.0) -> int:
@@ -88,7 +91,7 @@ class AgentClient:
                 yield nodeagent_pb2.SinkChunk(data=block[: min(left, chunk)])
                 left -= chunk
 
-        with mapped_rpc_errors():
+        with self._mapped(named=False):
             resp = await self._stub.Sink(chunks(), timeout=timeout)
         return resp.bytes
 

@@ -216,6 +216,35 @@ def test_the_cli_says_start_the_coordinator_only_when_it_cannot_reach_it() -> No
     assert "stopped answering" in str(wedged) and "ping timeout" in str(wedged)
 
 
+class _SlowHeartbeat(nodeagent_pb2_grpc.NodeAgentServicer):
+    async def Heartbeat(
+        self, request: nodeagent_pb2.HeartbeatRequest, context: object
+    ) -> nodeagent_pb2.HeartbeatResponse:
+        await asyncio.sleep(3600)
+        return nodeagent_pb2.HeartbeatResponse()
+
+
+async def test_a_heartbeat_on_a_channel_closed_under_it_is_an_error_not_a_cancellation() -> None:
+    """Supervision catches VendettaErrors: a bare CancelledError (the channel closed by
+    `node upgrade`'s reconnect during a heartbeat) would have ended it for good."""
+    root = short_tmp_dir()
+    path = str(root / "n.sock")
+    server = grpc.aio.server()
+    nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(_SlowHeartbeat(), server)  # type: ignore[abstract]
+    server.add_insecure_port(f"unix:{path}")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"unix:{path}", options=CHANNEL_OPTIONS)
+    try:
+        beat = asyncio.create_task(AgentClient(channel, "n1").heartbeat(timeout=60))
+        await asyncio.sleep(0.3)
+        await channel.close(None)
+        with pytest.raises(e.VendettaError):
+            await asyncio.wait_for(beat, 5)
+    finally:
+        await server.stop(None)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class _Stuck(coordinator_pb2_grpc.CoordinatorServicer):
     """A coordinator whose process answers (pings too) but whose work never ends."""
 
