@@ -143,7 +143,7 @@ class WorkspaceService:
             )
         node = node or (cfg.remote.node if cfg and cfg.remote else LOCAL_NODE)
         conn = self.nodes.get(node)
-        async with self.lock(name):
+        async with self.lock(name), self._outcome_unknown(name, "create"):
             if (existing := await self.store.get_workspace(name)) is not None:
                 raise AlreadyExistsError(
                     f"workspace {name!r} already exists on node {existing.node!r}: pick another "
@@ -168,6 +168,8 @@ class WorkspaceService:
             self.publish(ws, f"creating {provider} environment on node {node}")
             try:
                 env = await client.create(spec)
+            except NodeLostError:
+                raise  # it may exist on the node: kept `creating`, for the reconciler
             except BaseException as exc:
                 # Nothing half-created: forget the record, and remove whatever the
                 # agent may have made before the failure reached us.
@@ -336,20 +338,27 @@ class WorkspaceService:
         try:
             yield
         except NodeLostError as exc:
-            destroying = op == "destroy"
-            hint = (
-                "the reconciler finishes destroying it once the node is back"
-                if destroying
-                else f"run `vendetta workspace {op} {name}` again once "
+            ws = await self.store.get_workspace(name)
+            # What the reconciler does with it once the node is back, and what is left to do.
+            after = {
+                "destroy": "the reconciler finishes destroying it once the node is back",
+                "create": "the reconciler keeps it if its environment was made, or removes it, "
+                "once the node is back",
+            }
+            hint = after.get(op, "") if ws is not None else ""
+            hint = hint or (
+                f"run `vendetta workspace {op} {name}` again once "
                 f"`vendetta node status {exc.node}` says ready"
             )
             message = (
                 f"node {exc.node!r} stopped answering during `{op}` of workspace {name!r} "
                 f"({exc.why}); what became of it is unknown until the node is back: {hint}"
             )
-            ws = await self.store.get_workspace(name)
             if ws is not None:
-                ws.observed = WorkspaceState.DESTROYING if destroying else WorkspaceState.UNKNOWN
+                if op == "destroy":
+                    ws.observed = WorkspaceState.DESTROYING
+                elif op != "create":  # a create stays `creating`
+                    ws.observed = WorkspaceState.UNKNOWN
                 ws.detail = message
                 await self.save(ws, message)
             raise NodeUnreachableError(message) from exc

@@ -19,8 +19,8 @@ from coordinator.agent_client import AgentClient, NodeLostError
 from coordinator.transports.base import CHANNEL_OPTIONS
 from nodeagent.providers import ProviderSet
 from nodeagent.server import AgentServer
-from providers.base import EnvironmentSpec
-from tests.support.fakes import Cluster, FakeProvider, short_tmp_dir
+from providers.base import EnvironmentSpec, EnvironmentStatus
+from tests.support.fakes import Cluster, FakeProvider, short_tmp_dir, wait_until
 from tests.unit.conftest import GRACE
 from vendetta.v1 import coordinator_pb2 as pb
 from vendetta.v1 import coordinator_pb2_grpc, nodeagent_pb2, nodeagent_pb2_grpc
@@ -166,6 +166,46 @@ async def test_a_stream_on_a_node_that_falls_silent_ends_naming_the_node(
         cluster.transport("node1").silent = False
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "node 'node1' stopped answering" in (info.value.details() or "")
+
+
+async def test_a_create_whose_node_goes_silent_is_kept_for_the_reconciler(
+    fast_reconnect: None, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node made the environment, then fell silent before answering: the record is
+    kept `creating` (no orphan), and the reconciler keeps it once the node is back."""
+    provider = cluster.provider("node1")
+    made = provider._create
+    answer = asyncio.Event()
+
+    async def create_then_fall_silent(spec: EnvironmentSpec) -> EnvironmentStatus:
+        status = await made(spec)
+        cluster.transport("node1").silent = True
+        await answer.wait()
+        return status
+
+    monkeypatch.setattr(provider, "_create", create_then_fall_silent)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(
+                cluster.stub.CreateWorkspace(pb.CreateWorkspaceRequest(name="c1", node="node1")),
+                GRACE + 5,
+            )
+    finally:
+        answer.set()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    said = info.value.details() or ""
+    assert "node 'node1' stopped answering during `create`" in said, said
+    assert "reconciler keeps it" in said, said
+    ws = await cluster.stub.GetWorkspace(pb.GetWorkspaceRequest(name="c1"))
+    assert ws.state == pb.WORKSPACE_STATE_CREATING
+    cluster.transport("node1").silent = False
+
+    async def stopped() -> bool:
+        ws = await cluster.stub.GetWorkspace(pb.GetWorkspaceRequest(name="c1"))
+        return bool(ws.state == pb.WORKSPACE_STATE_STOPPED)
+
+    await wait_until(stopped, "c1 kept by the reconciler", timeout=10)
+    assert list(provider.environments) == ["c1"]
 
 
 def _rpc_error(
