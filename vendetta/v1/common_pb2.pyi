@@ -528,6 +528,256 @@ class AttachInput(_message.Message):
 Global___AttachInput: _TypeAlias = AttachInput  # noqa: Y015
 
 @_typing.final
+class DialStart(_message.Message):
+    """A TCP connection opened from inside a workspace's environment (`ssh -L`, `-D`):
+    `start` first, then the bytes each way; `eof` is a half-close (no more from this side).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    provider: _builtins.str
+    """filled by the coordinator"""
+    host: _builtins.str
+    """as seen from inside, e.g. 127.0.0.1"""
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "port", b"port", "provider", b"provider", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DialStart: _TypeAlias = DialStart  # noqa: Y015
+
+@_typing.final
+class DialInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    eof: _builtins.bool
+    @_builtins.property
+    def start(self) -> Global___DialStart: ...
+    def __init__(
+        self,
+        *,
+        start: Global___DialStart | None = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "input", b"input", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "input", b"input", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["start", "data", "eof"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___DialInput: _TypeAlias = DialInput  # noqa: Y015
+
+@_typing.final
+class DialOutput(_message.Message):
+    """`connected` first (the connection inside is open), then data; a failure to connect
+    is the call's status (UNAVAILABLE: "connection refused inside the workspace ...").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    connected: _builtins.bool
+    data: _builtins.bytes
+    eof: _builtins.bool
+    def __init__(
+        self,
+        *,
+        connected: _builtins.bool = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "data", b"data", "eof", b"eof", "output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "data", b"data", "eof", b"eof", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["connected", "data", "eof"]  # noqa: Y015
+    _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
+
+Global___DialOutput: _TypeAlias = DialOutput  # noqa: Y015
+
+@_typing.final
+class ListenStart(_message.Message):
+    """A listener inside a workspace's environment whose connections reach the client
+    (`ssh -R`; the SSH_AUTH_SOCK socket of `ssh -A`): `start` first, then `listening`
+    back; each connection accepted inside is numbered (from 1), its bytes go both ways.
+    The listener goes when the stream ends.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    provider: _builtins.str
+    """filled by the coordinator"""
+    host: _builtins.str
+    """TCP: the address inside ("": 127.0.0.1)"""
+    port: _builtins.int
+    """TCP: 0 = a free port"""
+    path: _builtins.str
+    """a unix socket inside instead (its folder made 0700)"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "path", b"path", "port", b"port", "provider", b"provider", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListenStart: _TypeAlias = ListenStart  # noqa: Y015
+
+@_typing.final
+class ListenData(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONN_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    conn: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        conn: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn", b"conn", "data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListenData: _TypeAlias = ListenData  # noqa: Y015
+
+@_typing.final
+class ListenAccepted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONN_FIELD_NUMBER: _builtins.int
+    ORIG_HOST_FIELD_NUMBER: _builtins.int
+    ORIG_PORT_FIELD_NUMBER: _builtins.int
+    conn: _builtins.int
+    orig_host: _builtins.str
+    """the peer inside (TCP)"""
+    orig_port: _builtins.int
+    def __init__(
+        self,
+        *,
+        conn: _builtins.int = ...,
+        orig_host: _builtins.str = ...,
+        orig_port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn", b"conn", "orig_host", b"orig_host", "orig_port", b"orig_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListenAccepted: _TypeAlias = ListenAccepted  # noqa: Y015
+
+@_typing.final
+class ListenInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    eof: _builtins.int
+    """no more to this connection (half-close)"""
+    close: _builtins.int
+    """this connection is over"""
+    @_builtins.property
+    def start(self) -> Global___ListenStart: ...
+    @_builtins.property
+    def data(self) -> Global___ListenData: ...
+    def __init__(
+        self,
+        *,
+        start: Global___ListenStart | None = ...,
+        data: Global___ListenData | None = ...,
+        eof: _builtins.int = ...,
+        close: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "eof", b"eof", "input", b"input", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data", "eof", b"eof", "input", b"input", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["start", "data", "eof", "close"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___ListenInput: _TypeAlias = ListenInput  # noqa: Y015
+
+@_typing.final
+class ListenOutput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LISTENING_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    listening: _builtins.int
+    """the port (TCP), 0 for a socket"""
+    eof: _builtins.int
+    """the peer inside sends no more"""
+    @_builtins.property
+    def accepted(self) -> Global___ListenAccepted: ...
+    @_builtins.property
+    def data(self) -> Global___ListenData: ...
+    def __init__(
+        self,
+        *,
+        listening: _builtins.int = ...,
+        accepted: Global___ListenAccepted | None = ...,
+        data: Global___ListenData | None = ...,
+        eof: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "data", b"data", "eof", b"eof", "listening", b"listening", "output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "data", b"data", "eof", b"eof", "listening", b"listening", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["listening", "accepted", "data", "eof"]  # noqa: Y015
+    _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
+
+Global___ListenOutput: _TypeAlias = ListenOutput  # noqa: Y015
+
+@_typing.final
 class ImageInfo(_message.Message):
     """An image on a node's engine, by the name a workspace's config gives as its image."""
 

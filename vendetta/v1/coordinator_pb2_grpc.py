@@ -142,6 +142,16 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
                 _registered_method=True)
+        self.Dial = channel.stream_stream(
+                '/vendetta.v1.Coordinator/Dial',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.DialInput.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.DialOutput.FromString,
+                _registered_method=True)
+        self.Listen = channel.stream_stream(
+                '/vendetta.v1.Coordinator/Listen',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.ListenInput.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ListenOutput.FromString,
+                _registered_method=True)
         self.ListImages = channel.unary_unary(
                 '/vendetta.v1.Coordinator/ListImages',
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.ListImagesRequest.SerializeToString,
@@ -161,6 +171,21 @@ class CoordinatorStub:
                 '/vendetta.v1.Coordinator/PullWorkspace',
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/vendetta.v1.Coordinator/CreateToken',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/vendetta.v1.Coordinator/ListTokens',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/vendetta.v1.Coordinator/RevokeToken',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.Token.FromString,
                 _registered_method=True)
 
 
@@ -303,6 +328,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Dial(self, request_iterator, context):
+        """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
+        relayed to the agent's Dial. start.workspace names the workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Listen(self, request_iterator, context):
+        """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListImages(self, request, context):
         """Images on a node's engines, and importing one there from files the client
         streams (start.node names the node), relayed to the node's agent.
@@ -327,6 +367,26 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullWorkspace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """Bearer tokens for the TLS listener (`vendetta token`). The secret is in
+        CreateToken's answer only; the coordinator keeps its SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -440,6 +500,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=vendetta_dot_v1_dot_common__pb2.AttachInput.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
             ),
+            'Dial': grpc.stream_stream_rpc_method_handler(
+                    servicer.Dial,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.DialInput.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.DialOutput.SerializeToString,
+            ),
+            'Listen': grpc.stream_stream_rpc_method_handler(
+                    servicer.Listen,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.ListenInput.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ListenOutput.SerializeToString,
+            ),
             'ListImages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListImages,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.ListImagesRequest.FromString,
@@ -459,6 +529,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.PullWorkspace,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.CreateTokenRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.ListTokensRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.Token.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1041,6 +1126,60 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def Dial(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vendetta.v1.Coordinator/Dial',
+            vendetta_dot_v1_dot_common__pb2.DialInput.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.DialOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Listen(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vendetta.v1.Coordinator/Listen',
+            vendetta_dot_v1_dot_common__pb2.ListenInput.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ListenOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListImages(request,
             target,
             options=(),
@@ -1138,6 +1277,87 @@ class Coordinator:
             '/vendetta.v1.Coordinator/PullWorkspace',
             vendetta_dot_v1_dot_coordinator__pb2.SourceTransferRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.SourceTransfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/CreateToken',
+            vendetta_dot_v1_dot_coordinator__pb2.CreateTokenRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/ListTokens',
+            vendetta_dot_v1_dot_coordinator__pb2.ListTokensRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/RevokeToken',
+            vendetta_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.Token.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,12 @@ class CoordinatorStub:
     """`workspace connect`: a shell or command inside, through coordinator and
     agent (no new SSH session per call). start.workspace names the workspace.
     """
+    Dial: _grpc.StreamStreamMultiCallable[_common_pb2.DialInput, _common_pb2.DialOutput]
+    """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
+    relayed to the agent's Dial. start.workspace names the workspace.
+    """
+    Listen: _grpc.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]
+    """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
     ListImages: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListImagesRequest, _common_pb2.ListImagesResponse]
     """Images on a node's engines, and importing one there from files the client
     streams (start.node names the node), relayed to the node's agent.
@@ -79,6 +85,12 @@ class CoordinatorStub:
     changed files (a folder). Progress as it goes, then one message with done set.
     """
     PullWorkspace: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.SourceTransferRequest, _coordinator_pb2.SourceTransfer]
+    CreateToken: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CreateTokenRequest, _coordinator_pb2.CreateTokenResponse]
+    """Bearer tokens for the TLS listener (`vendetta token`). The secret is in
+    CreateToken's answer only; the coordinator keeps its SHA-256.
+    """
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.Token]
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -119,6 +131,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """`workspace connect`: a shell or command inside, through coordinator and
     agent (no new SSH session per call). start.workspace names the workspace.
     """
+    Dial: _aio.StreamStreamMultiCallable[_common_pb2.DialInput, _common_pb2.DialOutput]  # type: ignore[assignment]
+    """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
+    relayed to the agent's Dial. start.workspace names the workspace.
+    """
+    Listen: _aio.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]  # type: ignore[assignment]
+    """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
     ListImages: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListImagesRequest, _common_pb2.ListImagesResponse]  # type: ignore[assignment]
     """Images on a node's engines, and importing one there from files the client
     streams (start.node names the node), relayed to the node's agent.
@@ -130,6 +148,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     changed files (a folder). Progress as it goes, then one message with done set.
     """
     PullWorkspace: _aio.UnaryStreamMultiCallable[_coordinator_pb2.SourceTransferRequest, _coordinator_pb2.SourceTransfer]  # type: ignore[assignment]
+    CreateToken: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CreateTokenRequest, _coordinator_pb2.CreateTokenResponse]  # type: ignore[assignment]
+    """Bearer tokens for the TLS listener (`vendetta token`). The secret is in
+    CreateToken's answer only; the coordinator keeps its SHA-256.
+    """
+    ListTokens: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]  # type: ignore[assignment]
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.Token]  # type: ignore[assignment]
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator owns the truth: nodes, workspaces, desired vs observed
@@ -295,6 +319,24 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def Dial(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.DialInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.DialOutput], _abc.AsyncIterator[_common_pb2.DialOutput]]:
+        """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
+        relayed to the agent's Dial. start.workspace names the workspace.
+        """
+
+    @_abc_1.abstractmethod
+    def Listen(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.ListenInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ListenOutput], _abc.AsyncIterator[_common_pb2.ListenOutput]]:
+        """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
+
+    @_abc_1.abstractmethod
     def ListImages(
         self,
         request: _coordinator_pb2.ListImagesRequest,
@@ -328,5 +370,29 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.SourceTransferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.SourceTransfer], _abc.AsyncIterator[_coordinator_pb2.SourceTransfer]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateToken(
+        self,
+        request: _coordinator_pb2.CreateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CreateTokenResponse, _abc.Awaitable[_coordinator_pb2.CreateTokenResponse]]:
+        """Bearer tokens for the TLS listener (`vendetta token`). The secret is in
+        CreateToken's answer only; the coordinator keeps its SHA-256.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _coordinator_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListTokensResponse, _abc.Awaitable[_coordinator_pb2.ListTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _coordinator_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.Token, _abc.Awaitable[_coordinator_pb2.Token]]: ...
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

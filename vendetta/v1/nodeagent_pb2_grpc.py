@@ -122,6 +122,16 @@ class NodeAgentStub:
                 request_serializer=vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
                 _registered_method=True)
+        self.Dial = channel.stream_stream(
+                '/vendetta.v1.NodeAgent/Dial',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.DialInput.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.DialOutput.FromString,
+                _registered_method=True)
+        self.Listen = channel.stream_stream(
+                '/vendetta.v1.NodeAgent/Listen',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.ListenInput.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_common__pb2.ListenOutput.FromString,
+                _registered_method=True)
         self.ListImages = channel.unary_unary(
                 '/vendetta.v1.NodeAgent/ListImages',
                 request_serializer=vendetta_dot_v1_dot_nodeagent__pb2.AgentListImagesRequest.SerializeToString,
@@ -263,6 +273,21 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Dial(self, request_iterator, context):
+        """A TCP connection to a host and port as seen from inside the environment (a relay
+        run inside through the engine's exec; see nodeagent/dial.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Listen(self, request_iterator, context):
+        """A listener inside the environment (see nodeagent/listen.py), for as long as the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListImages(self, request, context):
         """Images on the node's engines, and importing one from files the client sends
         (for nodes without a registry). Nothing is imported unless all of it is.
@@ -387,6 +412,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=vendetta_dot_v1_dot_common__pb2.AttachInput.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.ExecOutput.SerializeToString,
+            ),
+            'Dial': grpc.stream_stream_rpc_method_handler(
+                    servicer.Dial,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.DialInput.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.DialOutput.SerializeToString,
+            ),
+            'Listen': grpc.stream_stream_rpc_method_handler(
+                    servicer.Listen,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.ListenInput.FromString,
+                    response_serializer=vendetta_dot_v1_dot_common__pb2.ListenOutput.SerializeToString,
             ),
             'ListImages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListImages,
@@ -875,6 +910,60 @@ class NodeAgent:
             '/vendetta.v1.NodeAgent/Attach',
             vendetta_dot_v1_dot_common__pb2.AttachInput.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dial(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vendetta.v1.NodeAgent/Dial',
+            vendetta_dot_v1_dot_common__pb2.DialInput.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.DialOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Listen(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vendetta.v1.NodeAgent/Listen',
+            vendetta_dot_v1_dot_common__pb2.ListenInput.SerializeToString,
+            vendetta_dot_v1_dot_common__pb2.ListenOutput.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,12 @@ class NodeAgentStub:
     """A session inside the environment: stdin, terminal resizes in; output and
     finally the exit code out.
     """
+    Dial: _grpc.StreamStreamMultiCallable[_common_pb2.DialInput, _common_pb2.DialOutput]
+    """A TCP connection to a host and port as seen from inside the environment (a relay
+    run inside through the engine's exec; see nodeagent/dial.py).
+    """
+    Listen: _grpc.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]
+    """A listener inside the environment (see nodeagent/listen.py), for as long as the stream."""
     ListImages: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.AgentListImagesRequest, _common_pb2.ListImagesResponse]
     """Images on the node's engines, and importing one from files the client sends
     (for nodes without a registry). Nothing is imported unless all of it is.
@@ -113,6 +119,12 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """A session inside the environment: stdin, terminal resizes in; output and
     finally the exit code out.
     """
+    Dial: _aio.StreamStreamMultiCallable[_common_pb2.DialInput, _common_pb2.DialOutput]  # type: ignore[assignment]
+    """A TCP connection to a host and port as seen from inside the environment (a relay
+    run inside through the engine's exec; see nodeagent/dial.py).
+    """
+    Listen: _aio.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]  # type: ignore[assignment]
+    """A listener inside the environment (see nodeagent/listen.py), for as long as the stream."""
     ListImages: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.AgentListImagesRequest, _common_pb2.ListImagesResponse]  # type: ignore[assignment]
     """Images on the node's engines, and importing one from files the client sends
     (for nodes without a registry). Nothing is imported unless all of it is.
@@ -262,6 +274,24 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         """A session inside the environment: stdin, terminal resizes in; output and
         finally the exit code out.
         """
+
+    @_abc_1.abstractmethod
+    def Dial(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.DialInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.DialOutput], _abc.AsyncIterator[_common_pb2.DialOutput]]:
+        """A TCP connection to a host and port as seen from inside the environment (a relay
+        run inside through the engine's exec; see nodeagent/dial.py).
+        """
+
+    @_abc_1.abstractmethod
+    def Listen(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.ListenInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.ListenOutput], _abc.AsyncIterator[_common_pb2.ListenOutput]]:
+        """A listener inside the environment (see nodeagent/listen.py), for as long as the stream."""
 
     @_abc_1.abstractmethod
     def ListImages(
