@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cli import checks
 from cli.output import ago, as_dict, out, print_json
-from cli.runner import run
+from cli.runner import fail, run
+from common.errors import FailedPreconditionError, VendettaError
 from common.paths import coordinator_log, vendetta_home
 from coordinator import daemon
+from vendetta.v1 import coordinator_pb2 as pb
 
 app = typer.Typer(help="Run the coordinator (the service the CLI talks to).", no_args_is_help=True)
 
@@ -33,22 +36,59 @@ def start(
             callback=checks.node_grace,
         ),
     ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve over TLS on HOST:PORT for other machines, with tokens "
+            "(`vendetta token create`); 127.0.0.1:PORT for this machine only. Default: none.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate for --listen (default: a self-signed one, kept)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="Its PEM key, mode 0600.", show_default=False)
+    ] = None,
 ) -> None:
     """Start the coordinator (in the background unless --foreground)."""
     home = vendetta_home().absolute()
     args = ["--docker-host", docker_host] if docker_host else []
+    try:
+        config = daemon.listen_config(listen, tls_cert, tls_key)
+    except VendettaError as exc:
+        fail(exc)
     if foreground:
         out.print(f"coordinator: serving on {home / 'coordinator.sock'} (Ctrl-C stops)")
         from coordinator.server import serve  # the whole coordinator: only when serving
 
-        asyncio.run(serve(home, args, node_grace))
+        asyncio.run(serve(home, args, node_grace, config))
         return
     if node_grace is not None:
         args += ["--node-grace", str(node_grace)]
-    info, started = run(daemon.start(home, args))
+    info, started = run(daemon.start(home, args + daemon.listen_args(config)))
     verb = "started" if started else "already running"
     out.print(f"coordinator {verb}: pid {info.pid}, socket {info.socket_path}")
     out.print(f"  state {info.state_path}, log {coordinator_log(home)}")
+    if info.listen:
+        _print_listener(info)
+    if listen and not started and not info.listen:
+        fail(
+            FailedPreconditionError(
+                "the coordinator already runs without --listen: `vendetta server stop`, then "
+                "start it again with --listen"
+            )
+        )
+
+
+def _print_listener(info: pb.ServerInfo) -> None:
+    out.print(f"  TLS listener {info.listen} (tokens: `vendetta token create`)")
+    out.print(f"  certificate SHA-256 {info.tls_fingerprint}")
+    out.print(
+        f"  clients: VENDETTA_URL=vendetta://{info.listen} "
+        f"VENDETTA_TLS_FINGERPRINT={info.tls_fingerprint.replace(':', '')} VENDETTA_TOKEN=..."
+    )
 
 
 @app.command()
@@ -75,5 +115,7 @@ def status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
             f"up since {ago(info.started_unix_nano)}\n  socket {info.socket_path}\n"
             f"  state {info.state_path}\n  log {coordinator_log(home)}"
         )
+        if info.listen:
+            _print_listener(info)
     if info is None:
         raise typer.Exit(3)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc.aio
 
@@ -15,6 +16,9 @@ from common.process import read_pid, start_detached, terminate
 from common.version import build_id
 from vendetta.v1 import coordinator_pb2 as pb
 from vendetta.v1 import coordinator_pb2_grpc
+
+if TYPE_CHECKING:
+    from coordinator.listener import ListenConfig
 
 
 async def probe(home: Path, timeout: float = 2.0) -> pb.ServerInfo | None:
@@ -28,6 +32,28 @@ async def probe(home: Path, timeout: float = 2.0) -> pb.ServerInfo | None:
             )
         except grpc.aio.AioRpcError:
             return None
+
+
+def listen_config(listen: str | None, cert: Path | None, key: Path | None) -> ListenConfig | None:
+    """The TLS listener's settings, checked here first so that bad input is one line,
+    not a failed start and a log to read."""
+    if listen is None and cert is None and key is None:
+        return None
+    from coordinator.listener import check_config  # loads TLS and gRPC extras: only here
+
+    return check_config(listen, cert, key)
+
+
+def listen_args(config: ListenConfig | None) -> list[str]:
+    """The coordinator process's arguments for ``config``."""
+    if config is None:
+        return []
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    args = ["--listen", f"{host}:{config.port}"]
+    if config.cert_file is not None and config.key_file is not None:
+        args += ["--tls-cert", str(config.cert_file.absolute())]
+        args += ["--tls-key", str(config.key_file.absolute())]
+    return args
 
 
 async def start(

@@ -7,7 +7,9 @@ import asyncio
 import logging
 from pathlib import Path
 
+from common.errors import InvalidArgumentError
 from common.paths import vendetta_home
+from coordinator.listener import check_config
 from coordinator.server import serve
 
 
@@ -21,12 +23,20 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="seconds without an answer before a node is disconnected (default 15)",
     )
+    p.add_argument("--listen", default=None, help="also serve over TLS on HOST:PORT (tokens)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (chain)")
+    p.add_argument("--tls-key", type=Path, default=None, help="its PEM key (mode 0600)")
     args = p.parse_args(argv)
+    try:
+        listen = check_config(args.listen, args.tls_cert, args.tls_key)
+    except InvalidArgumentError as exc:
+        p.error(exc.message)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     agent_args = ["--docker-host", args.docker_host] if args.docker_host else []
-    asyncio.run(serve((args.home or vendetta_home()).absolute(), agent_args, args.node_grace))
+    home = (args.home or vendetta_home()).absolute()
+    asyncio.run(serve(home, agent_args, args.node_grace, listen))
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from common.paths import (
     write_private,
 )
 from common.rpc_errors import ErrorMappingInterceptor
+from coordinator.listener import ListenConfig, Listener, add_standard_services
 from coordinator.models import NodeRecord, WorkspaceState
 from coordinator.nodes import NodeRegistry
 from coordinator.reconciler import Reconciler
 from coordinator.service_nodes import NodeService, make_transport_factory
-from coordinator.servicer import CoordinatorServicer
 from coordinator.ssh_entries import SshEntries
 from coordinator.store import SqliteStore
+from coordinator.token_rpcs import ApiServicer
 from coordinator.transports import Transport
 from coordinator.workspaces import WorkspaceService
 from vendetta.v1 import coordinator_pb2_grpc
@@ -46,6 +47,7 @@ class Coordinator:
         transport_factory: Callable[[NodeRecord], Transport] | None = None,
         reconcile_interval: float | None = None,
         node_grace: float | None = None,
+        listen: ListenConfig | None = None,
     ) -> None:
         self.home = private_dir(home)
         self.socket = check_socket_path(coordinator_socket(home))
@@ -65,19 +67,26 @@ class Coordinator:
         self.server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()], options=keepalive.SERVER_OPTIONS
         )
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(
-                self.store,
-                self.nodes,
-                self.node_service,
-                self.workspaces,
-                str(self.socket),
-                str(self.store.path),
-            ),
-            self.server,
+        self.servicer = ApiServicer(
+            self.store,
+            self.nodes,
+            self.node_service,
+            self.workspaces,
+            str(self.socket),
+            str(self.store.path),
+        )
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
+        add_standard_services(self.server)
+        # TLS on TCP with tokens, only when asked for (coordinator/listener.py)
+        self.listener = (
+            Listener(self.home, listen, self.servicer, self.servicer.tokens) if listen else None
         )
 
     async def start(self) -> None:
+        if self.listener:  # first: once the socket answers, ServerInfo says where it is
+            await self.listener.start()
+            self.servicer.listen = self.listener.address
+            self.servicer.tls_fingerprint = self.listener.fingerprint
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         old_umask = os.umask(0o177)
@@ -112,6 +121,8 @@ class Coordinator:
             task.cancel()
         await self.reconciler.stop()
         self.workspaces.relays.close()
+        if self.listener:
+            await self.listener.stop(grace)
         await self.server.stop(grace)
         await self.nodes.close()
         await self.store.close()
@@ -120,9 +131,12 @@ class Coordinator:
 
 
 async def serve(
-    home: Path, local_agent_args: list[str] | None = None, node_grace: float | None = None
+    home: Path,
+    local_agent_args: list[str] | None = None,
+    node_grace: float | None = None,
+    listen: ListenConfig | None = None,
 ) -> None:
-    coordinator = Coordinator(home, local_agent_args, node_grace=node_grace)
+    coordinator = Coordinator(home, local_agent_args, node_grace=node_grace, listen=listen)
     await coordinator.start()
     write_private(coordinator_pid(home), f"{os.getpid()}\n")
     stop = asyncio.Event()

@@ -26,6 +26,7 @@ from coordinator.models import (
     WorkspaceSource,
     WorkspaceState,
 )
+from coordinator.tokens import TokenRecord, astuple
 
 T = TypeVar("T")
 
@@ -69,6 +70,16 @@ class Store(abc.ABC):
     async def get_request(self, request_id: str) -> tuple[str, bytes] | None: ...
     @abc.abstractmethod
     async def put_request(self, request_id: str, method: str, response: bytes) -> None: ...
+
+    # bearer tokens (coordinator/tokens.py): rows keyed by the token's public id
+    @abc.abstractmethod
+    async def add_token(self, token: TokenRecord) -> None: ...
+    @abc.abstractmethod
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+    @abc.abstractmethod
+    async def list_tokens(self) -> list[TokenRecord]: ...
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str, when_unix_nano: int) -> None: ...
 
     async def close(self) -> None:
         return None
@@ -116,6 +127,17 @@ CREATE TABLE IF NOT EXISTS requests (
     method TEXT NOT NULL,
     response BLOB NOT NULL,
     created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    secret_hash TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    workspaces TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    revoked INTEGER NOT NULL,
+    created_by TEXT NOT NULL
 );
 """
 
@@ -295,8 +317,45 @@ class SqliteStore(Store):
 
         await self._run(op)
 
+    # tokens
+    async def add_token(self, token: TokenRecord) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            try:
+                row = [json.dumps(v) if isinstance(v, list) else v for v in astuple(token)]
+                db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?)", row)
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExistsError(f"a token named {token.name!r} exists") from exc
+
+        await self._run(op)
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM tokens WHERE id=?", (token_id,)).fetchall()
+        )
+        return _token(rows[0]) if rows else None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM tokens ORDER BY created").fetchall()
+        )
+        return [_token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, when_unix_nano: int) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE tokens SET revoked=? WHERE id=?", (when_unix_nano, token_id)
+            )
+        )
+
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+
+def _token(r: sqlite3.Row) -> TokenRecord:
+    # The table's columns are TokenRecord's fields, in order; lists are JSON.
+    values = list(r)
+    values[3:5] = json.loads(r["scopes"]), json.loads(r["workspaces"])
+    return TokenRecord(*values)
 
 
 def _node(r: sqlite3.Row) -> NodeRecord:
