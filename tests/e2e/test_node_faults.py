@@ -3,8 +3,9 @@
 - The node's agent is SIGKILLed during an `up`: the `up` ends with a clear error,
   the node is `ready` again within a deadline (the agent restarted by the next
   connect), and a retried `up` succeeds.
-- The node falls silent (sshd and its connections SIGSTOPped: the traffic is
-  dropped, the TCP connections stay open) while an `up`, an `exec` and a
+- The node falls silent (sshd and its connections SIGSTOPped; or, for another
+  node, a proxy in front of its sshd stops forwarding either way, as behind
+  iptables DROP: the TCP connections stay open) while an `up`, an `exec` and a
   `logs -f` are in flight: each ends within about the node's grace with an error
   naming the node (never the coordinator's "start it" hint), the workspace shows
   `unknown`, and once the node is back it converges (reconciler) and `up` works.
@@ -18,13 +19,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TEST_IMAGE
 from tests.support.cli import BIN, Env, cli_env, wait_for
+from tests.support.fault_proxy import PausableProxy
 from tests.support.sshd import SshServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
@@ -93,11 +95,44 @@ SLOW_ONCE = "test -f /tmp/once || { touch /tmp/once; sleep 60; }"
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
+    """nf: a node behind sshd; np: another behind a pausable proxy in front of its sshd."""
     with cli_env(prefix="vd-fault-") as e:
         e.nodes["nf"] = SshServer.start(e.home / "sshd", host="127.0.0.31")
-        e.cli("server", "start")
-        e.add_node("nf", e.nodes["nf"], "--grace", str(GRACE))
-        yield e
+        e.nodes["np"] = behind = SshServer.start(e.home / "sshd-p", host="127.0.0.33")
+        PROXIES["np"] = proxy = PausableProxy.start("127.0.0.32", behind.host, behind.port)
+        try:
+            e.cli("server", "start")
+            e.add_node("nf", e.nodes["nf"], "--grace", str(GRACE))
+            e.cli(
+                "node",
+                "add",
+                "np",
+                proxy.host,
+                "--port",
+                str(proxy.port),
+                "--user",
+                behind.user,
+                "--identity",
+                str(behind.client_key_path),
+                "--yes",
+                "--agent-command",
+                e.agent_command("np"),
+                "--grace",
+                str(GRACE),
+            )
+            yield e
+        finally:
+            proxy.stop()
+
+
+PROXIES: dict[str, PausableProxy] = {}
+# How a node falls silent, and how it comes back.
+SILENCES: dict[str, tuple[Callable[[Env], None], Callable[[Env], None]]] = {
+    # sshd and its connections SIGSTOPped: the kernel still takes what is sent.
+    "nf": (lambda e: e.nodes["nf"].freeze(), lambda e: e.nodes["nf"].thaw()),
+    # Nothing forwarded either way: buffers fill, writes stall, as behind iptables DROP.
+    "np": (lambda e: PROXIES["np"].pause(), lambda e: PROXIES["np"].resume()),
+}
 
 
 def agent_pid(e: Env) -> int:
@@ -137,51 +172,55 @@ def test_agent_killed_during_up_node_comes_back_and_up_is_retried(env: Env) -> N
     assert e.workspace("fk1")["state"] == "WORKSPACE_STATE_RUNNING"
 
 
-def test_silent_node_ends_in_flight_calls_then_converges(env: Env) -> None:
+@pytest.mark.parametrize("node", list(SILENCES))
+def test_silent_node_ends_in_flight_calls_then_converges(env: Env, node: str) -> None:
     e = env
+    slow, quick = f"{node}s1", f"{node}s2"
+    cut_off, back = SILENCES[node]
     e.cli(
-        "workspace", "create", "fs1", "--remote", "nf", "--config", str(config(e, "fs", SLOW_ONCE))
+        "workspace", "create", slow, "--remote", node, "--config", str(config(e, slow, SLOW_ONCE))
     )
-    e.cli("workspace", "create", "fs2", "--remote", "nf", "--config", str(config(e, "ft", "true")))
-    e.cli("workspace", "up", "fs2")
-    e.wait_node("nf", "ready", within=60)
-    node = e.nodes["nf"]
-    up = Bg(e, "silent-up", "workspace", "up", "fs1")
-    ex = Bg(e, "silent-exec", "workspace", "exec", "fs2", "--", "sh", "-c", "echo hi; sleep 120")
-    logs = Bg(e, "silent-logs", "workspace", "logs", "fs2", "-f")
+    e.cli("workspace", "create", quick, "--remote", node, "--config", str(config(e, quick, "true")))
+    e.cli("workspace", "up", quick)
+    e.wait_node(node, "ready", within=60)
+    up = Bg(e, f"silent-up-{node}", "workspace", "up", slow)
+    ex = Bg(
+        e, f"silent-exec-{node}", "workspace", "exec", quick, "--", "sh", "-c", "echo hi; sleep 120"
+    )
+    logs = Bg(e, f"silent-logs-{node}", "workspace", "logs", quick, "-f")
     calls = (up, ex, logs)
     try:
         wait_for("the setup hook to run", lambda: "setup hook" in up.output(), 60, up.show)
         wait_for("exec's first line", lambda: "hi" in ex.output(), 30, ex.show)
-        node.freeze()
+        cut_off(e)
         for call in calls:
             wait_for("the call to end", call.ended, ENDS_WITHIN, call.show)
             assert call.proc.returncode != 0, call.show()
             said = error_of(call)
-            assert "'nf'" in said, call.show()
+            assert f"'{node}'" in said, call.show()
             assert "server start" not in said and "Traceback" not in said, call.show()
-        assert "workspace up fs1" in error_of(up), up.show()
+        assert f"workspace up {slow}" in error_of(up), up.show()
         for call in calls:
             print(f"vendetta {' '.join(call.args)}: {error_of(call).strip()}")
-        e.wait_node("nf", "disconnected", within=30)
-        assert e.workspace("fs1")["state"] == "WORKSPACE_STATE_UNKNOWN"
+        e.wait_node(node, "disconnected", within=30)
+        assert e.workspace(slow)["state"] == "WORKSPACE_STATE_UNKNOWN"
         # A call made now says the node is unreachable, not that the coordinator is down.
-        said = e.fails("workspace", "up", "fs2")
-        assert "nf" in said and "server start" not in said, said
+        said = e.fails("workspace", "up", quick)
+        assert node in said and "server start" not in said, said
     finally:
         for call in calls:
             call.stop()
-        node.thaw()
-    e.wait_node("nf", "ready", within=60)
+        back(e)
+    e.wait_node(node, "ready", within=60)
     # The reconciler finds out what became of the interrupted `up`: the environment runs.
     wait_for(
-        "fs1 to converge",
-        lambda: e.workspace("fs1")["state"] == "WORKSPACE_STATE_RUNNING",
+        f"{slow} to converge",
+        lambda: e.workspace(slow)["state"] == "WORKSPACE_STATE_RUNNING",
         within=60,
-        show=lambda: e.workspace("fs1"),
+        show=lambda: e.workspace(slow),
     )
-    e.cli("workspace", "up", "fs1")
-    assert e.cli("workspace", "exec", "fs1", "--", "echo", "back").stdout == "back\n"
+    e.cli("workspace", "up", slow)
+    assert e.cli("workspace", "exec", slow, "--", "echo", "back").stdout == "back\n"
 
 
 def test_a_wedged_coordinator_does_not_hang_the_cli(env: Env) -> None:
