@@ -97,7 +97,8 @@ async def test_the_source_is_at_the_workdir_owned_by_the_user_inside(
 
     # Commands start in the workdir: exec, a terminal, pipes.
     assert await agent.exec(ws, "pwd") == (b"/workspace\n", b"", 0)
-    out, code = await attach(agent, ws, ["pwd"], tty=True)
+    # (A moment before exiting: LXD may drop a terminal's last output otherwise.)
+    out, code = await attach(agent, ws, ["sh", "-c", "pwd; sleep 0.5"], tty=True)
     assert code == 0 and b"/workspace" in out, out
     out, code = await attach(agent, ws, ["pwd"], tty=False)
     assert (out, code) == (b"/workspace\n", 0)
