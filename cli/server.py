@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from pathlib import Path
 from typing import Annotated
 
@@ -73,17 +74,32 @@ def start(
     out.print(f"  state {info.state_path}, log {coordinator_log(home)}")
     if info.listen:
         _print_listener(info)
-    if listen and not started and not info.listen:
+    wanted = daemon.listen_args(config)[1:2]
+    if wanted and not started and not _same_address(info.listen, wanted[0]):
+        now = f"with its listener on {info.listen}" if info.listen else "without --listen"
         fail(
             FailedPreconditionError(
-                "the coordinator already runs without --listen: `vendetta server stop`, then "
-                "start it again with --listen"
+                f"the coordinator already runs {now}: `vendetta server stop`, then start it "
+                f"again with --listen {wanted[0]}"
             )
         )
 
 
+def _same_address(running: str, wanted: str) -> bool:
+    """Whether the running listener is the one asked for (port 0: any port)."""
+    host, _, port = running.rpartition(":")
+    want_host, _, want_port = wanted.rpartition(":")
+    return bool(running) and host == want_host and want_port in ("0", port)
+
+
 def _print_listener(info: pb.ServerInfo) -> None:
-    out.print(f"  TLS listener {info.listen} (tokens: `vendetta token create`)")
+    host = info.listen.rpartition(":")[0].strip("[]")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    reach = "this machine only" if local else "reachable from other machines: see the README"
+    out.print(f"  TLS listener {info.listen}, {reach} (tokens: `vendetta token create`)")
     out.print(f"  certificate SHA-256 {info.tls_fingerprint}")
     out.print(
         f"  clients: VENDETTA_URL=vendetta://{info.listen} "

@@ -328,3 +328,13 @@ def test_the_cli_elsewhere_drives_a_docker_workspace(shared: Shared) -> None:
     key = home / "tls" / "key.pem"
     assert os.stat(key).st_mode & 0o777 == 0o600
     assert os.stat(home / "state.db").st_mode & 0o777 == 0o600
+
+
+def test_server_start_says_what_it_listens_on(shared: Shared) -> None:
+    e = shared.env
+    again = e.cli("server", "start", "--listen", "127.0.0.1:0").stdout
+    assert "already running" in again and f"TLS listener {shared.address}, this machine" in again
+    out = e.fails("server", "start", "--listen", "127.0.0.2:0")
+    assert f"already runs with its listener on {shared.address}" in out
+    assert "give HOST:PORT" in e.fails("server", "start", "--listen", "7443")
+    assert "--tls-cert and --tls-key" in e.fails("server", "start", "--tls-cert", "/nonexistent")
