@@ -180,7 +180,8 @@ def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
     services = "services:\n  sleeper:\n    command: 'while :; do sleep 1; done'\n"
     ws = "upg1"
     cfg = write_config(env.home / ws / ".vendetta" / "config.yaml", ws, extra=services)
-    env.cli("workspace", "create", ws, "--remote", "n1", "--config", str(cfg))
+    # No code inside: this test is about the agent, not about shipping sources.
+    env.cli("workspace", "create", ws, "--remote", "n1", "--config", str(cfg), "--no-source")
     env.cli("workspace", "up", ws)
     (service,) = env.workspace(ws)["services"]
     assert service["pid"], service
