@@ -7,6 +7,8 @@ Servers install :class:`ErrorMappingInterceptor`, so servicers just raise
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -116,14 +118,34 @@ def mapped_rpc_errors(transport: TransportFailure | None = None) -> Iterator[Non
         raise from_rpc_error(exc, transport) from exc
 
 
+# A status is a line or two for a person. What a handler echoes of its input (a name, a
+# host, a path) may be huge: over 16 KiB gRPC drops the status and the client gets
+# RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead (found by fuzzing).
+MAX_MESSAGE = 2000
+
+
+def wire_message(message: str) -> str:
+    """``message`` as it may travel: control and format characters (terminal escapes,
+    right-to-left overrides) escaped, newlines and tabs kept; cut to MAX_MESSAGE."""
+    if not message.isprintable():
+        message = "".join(
+            ch if ch.isprintable() or ch in "\n\t" else repr(ch)[1:-1] for ch in message
+        )
+    if len(message) > MAX_MESSAGE:
+        return f"{message[:MAX_MESSAGE]}... ({len(message)} characters)"
+    return message
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     if isinstance(exc, e.VendettaError):
         # Every error is tagged (clients tell it from gRPC's own failures); the kinds
         # in _KINDS are also rebuilt as such on the other side.
         context.set_trailing_metadata(((_KIND_KEY, type(exc).__name__),))
-        await context.abort(status_code_for(exc), exc.message)
+        await context.abort(status_code_for(exc), wire_message(exc.message))
     log.exception("unexpected error in RPC handler", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r} (this is a bug)")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, wire_message(f"internal error: {exc!r} (this is a bug)")
+    )
 
 
 _T = TypeVar("_T")
@@ -138,10 +160,29 @@ def _wrap_unary(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            if hasattr(request, "__aiter__"):  # client-streaming: see _drain
+                await _drain(request)
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
 
     return wrapper
+
+
+# How long a failed client-streaming call still reads what the client sends.
+DRAIN_SECONDS = 2.0
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read (and drop) the rest of a client's stream before sending the error: a client
+    still writing when the call ends gets grpc's own INTERNAL "Internal error from Core"
+    instead of our status (grpc/aio/_call.py, _write). Bounded: a huge upload still races."""
+
+    async def rest() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(rest(), DRAIN_SECONDS)
 
 
 def _wrap_stream(
