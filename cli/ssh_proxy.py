@@ -12,13 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 
 import asyncssh
 import grpc
+from asyncssh import SSHTCPSession
 
-from cli.client import coordinator
+from cli import ssh_session
+from cli.ssh_forward import Link, open_direct
+from cli.ssh_listen import Inside, listen, say
+from cli.ssh_session import Workdir
 from cli.terminal import stream
 from common.errors import FailedPreconditionError
 from common.paths import vendetta_home
@@ -26,31 +32,86 @@ from common.rpc_errors import from_rpc_error
 from common.ssh_hosts import host_key_path
 from vendetta.v1 import common_pb2
 
+Opened = Awaitable[tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]]
+
 # OpenSSH's code for "the connection or the remote side failed".
 SSH_FAILURE = 255
 
 
-class _NoAuth(asyncssh.SSHServer):
+class _Server(asyncssh.SSHServer):
+    """No authentication (see above); forwarding channels go to the workspace."""
+
+    def __init__(
+        self,
+        workspace: str,
+        link: Link,
+        handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]],
+    ) -> None:
+        self.workspace = workspace
+        self.link = link
+        self.handler = handler
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def session_requested(self) -> ssh_session.Process:
+        return ssh_session.Process(self.handler)
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
     def begin_auth(self, username: str) -> bool:
         return False
 
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Awaitable[SSHTCPSession[bytes]]:
+        return open_direct(self.link, self.workspace, dest_host, dest_port)
 
-def _argv(process: asyncssh.SSHServerProcess[bytes]) -> list[str]:
-    # OpenSSH sends a command line for the remote shell to parse, as sshd does.
-    command = process.command
-    return ["/bin/sh", "-c", command] if command else []
+    def server_requested(self, listen_host: str, listen_port: int) -> Awaitable[Inside | bool]:
+        return self._remote(listen_host, listen_port)
+
+    async def _remote(self, host: str, port: int) -> Inside | bool:
+        """`ssh -R`: a port on loopback inside, each connection back to the client."""
+        conn = self.conn
+        if conn is None:
+            return False
+        bound = [port]
+
+        def opener(orig_host: str, orig_port: int) -> Opened:
+            return conn.open_connection(host, bound[0], orig_host, orig_port)
+
+        try:
+            inside = await listen(self.link, self.workspace, opener, port=port)
+        except Exception as exc:  # the client says the forward failed; this says why
+            say(f"cannot listen on port {port} inside workspace {self.workspace!r}: {exc}")
+            return False
+        bound[0] = inside.get_port()
+        return inside
+
+    async def agent_socket(self) -> tuple[str, Inside] | None:
+        """`ssh -A`: a socket inside, private to the session's user, reaching the
+        client's ssh-agent; None when the client did not ask for it."""
+        conn = self.conn
+        if conn is None or conn.get_agent_path() is None:
+            return None
+        path = f"/tmp/vendetta-ssh-{secrets.token_hex(8)}/agent"
+
+        def opener(orig_host: str, orig_port: int) -> Opened:
+            return conn.open_agent_connection()
+
+        try:
+            return path, await listen(self.link, self.workspace, opener, path=path)
+        except Exception as exc:
+            say(f"no agent forwarding in workspace {self.workspace!r}: {exc}")
+            return None
 
 
-async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) -> None:
+async def _session(
+    server: _Server, workdir: Workdir, process: asyncssh.SSHServerProcess[bytes]
+) -> None:
+    workspace, link = server.workspace, server.link
+    agent: tuple[str, Inside] | None = None
     term = process.get_terminal_type()
     cols, rows, _, _ = process.get_terminal_size()
-    start = common_pb2.AttachStart(
-        workspace=workspace,
-        argv=_argv(process),
-        tty=term is not None,
-        size=common_pb2.TerminalSize(rows=rows or 24, cols=cols or 80),
-        env={"TERM": term} if term else {},
-    )
     # Bounded: a large upload waits for the stream instead of filling memory.
     inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue(maxsize=64)
 
@@ -71,8 +132,19 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
 
     reader = asyncio.create_task(pump_stdin())
     try:
-        async with coordinator() as c:
-            code = await stream(c, start, inputs, process.stdout.write, process.stderr.write)
+        env = ssh_session.env(process)
+        argv = ssh_session.argv(process, await workdir.get())
+        if not process.subsystem and (agent := await server.agent_socket()) is not None:
+            env["SSH_AUTH_SOCK"] = agent[0]
+        start = common_pb2.AttachStart(
+            workspace=workspace,
+            argv=argv,
+            tty=term is not None,
+            size=common_pb2.TerminalSize(rows=rows or 24, cols=cols or 80),
+            env=env,
+        )
+        c = await link.stub()
+        code = await stream(c, start, inputs, process.stdout.write, process.stderr.write)
     except grpc.aio.AioRpcError as exc:
         process.stderr.write(f"vendetta: {from_rpc_error(exc)}\r\n".encode())
         code = SSH_FAILURE
@@ -81,6 +153,8 @@ async def _session(workspace: str, process: asyncssh.SSHServerProcess[bytes]) ->
         code = SSH_FAILURE
     finally:
         reader.cancel()
+        if agent is not None:
+            agent[1].close()
     with contextlib.suppress(Exception):
         await process.stdout.drain()
     process.exit(code)
@@ -118,12 +192,15 @@ async def serve(workspace: str) -> None:
             f"no host key for the SSH proxy at {path} ({exc.strerror}): start the "
             "coordinator (`vendetta server start`), which makes it"
         ) from exc
+    link = Link()
+    workdir = Workdir(link, workspace)
+    server = _Server(workspace, link, lambda p: _session(server, workdir, p))
     try:
         conn = await asyncssh.run_server(
             ours,
-            server_factory=_NoAuth,
+            server_factory=lambda: server,
             server_host_keys=[key],
-            process_factory=lambda p: _session(workspace, p),
+            agent_forwarding=True,
             encoding=None,
             line_editor=False,
             allow_scp=False,
@@ -135,4 +212,7 @@ async def serve(workspace: str) -> None:
             f"`vendetta ssh-proxy` speaks SSH on stdin/stdout for `ssh {workspace}.vendetta` "
             f"(see `vendetta ssh-config`); the connection ended: {exc}"
         ) from exc
-    await conn.wait_closed()
+    try:
+        await conn.wait_closed()
+    finally:
+        await link.close()

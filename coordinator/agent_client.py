@@ -212,6 +212,20 @@ class AgentClient:
             async for out in self._stub.Attach(requests):
                 yield out
 
+    async def dial(
+        self, requests: AsyncIterator[common_pb2.DialInput]
+    ) -> AsyncIterator[common_pb2.DialOutput]:
+        with self._mapped():
+            async for out in self._stub.Dial(requests):
+                yield out
+
+    async def listen(
+        self, requests: AsyncIterator[common_pb2.ListenInput]
+    ) -> AsyncIterator[common_pb2.ListenOutput]:
+        with self._mapped():
+            async for out in self._stub.Listen(requests):
+                yield out
+
     async def put_source(
         self,
         workspace: str,

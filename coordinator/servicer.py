@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from common.errors import InvalidArgumentError, NotFoundError
 from common.names import validate_name
 from common.version import build_id
-from coordinator import images
+from coordinator import dial, images
 from coordinator.convert import (
     node_to_pb,
     service_status_to_pb,
@@ -316,6 +316,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request_iterator: AsyncIterator[common_pb2.AttachInput], context: Ctx
     ) -> AsyncIterator[common_pb2.ExecOutput]:
         async for out in self.workspaces.connect(request_iterator):
+            yield out
+
+    async def Dial(
+        self, request_iterator: AsyncIterator[common_pb2.DialInput], context: Ctx
+    ) -> AsyncIterator[common_pb2.DialOutput]:
+        async for out in dial.relay(self.workspaces, self.nodes, request_iterator):
+            yield out
+
+    async def Listen(
+        self, request_iterator: AsyncIterator[common_pb2.ListenInput], context: Ctx
+    ) -> AsyncIterator[common_pb2.ListenOutput]:
+        async for out in dial.relay_listen(self.workspaces, self.nodes, request_iterator):
             yield out
 
     async def GetConnectionInfo(

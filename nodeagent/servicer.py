@@ -17,7 +17,7 @@ from common.batching import batched
 from common.errors import FailedPreconditionError, InvalidArgumentError
 from common.names import validate_name
 from common.version import build_id
-from nodeagent import convert, images
+from nodeagent import convert, dial, images, listen
 from nodeagent.providers import ProviderSet
 from nodeagent.services.manager import ServiceManager
 from nodeagent.sources import SourceStore
@@ -274,6 +274,18 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             inputs.cancel()
             await asyncio.gather(inputs, return_exceptions=True)
             await terminal.close()
+
+    async def Dial(
+        self, request_iterator: AsyncIterator[common_pb2.DialInput], context: Ctx
+    ) -> AsyncIterator[common_pb2.DialOutput]:
+        async for out in dial.dial(self.providers, request_iterator):
+            yield out
+
+    async def Listen(
+        self, request_iterator: AsyncIterator[common_pb2.ListenInput], context: Ctx
+    ) -> AsyncIterator[common_pb2.ListenOutput]:
+        async for out in listen.listen(self.providers, request_iterator):
+            yield out
 
     async def ListImages(
         self, request: nodeagent_pb2.AgentListImagesRequest, context: Ctx

@@ -1,0 +1,105 @@
+"""`ssh -L` and `ssh -D` through `NAME.vendetta`: each direct-tcpip channel the
+client opens becomes one Dial stream through the coordinator to the
+workspace's agent, which connects from inside the environment.
+
+The channel is confirmed only once the connection inside is open, so a port
+nothing listens on fails that channel with the reason ("connect failed:
+cannot connect to 127.0.0.1:9 inside workspace 'api': connection refused
+inside the workspace"), as sshd does, and the session goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import asyncssh
+import grpc
+from asyncssh.stream import SSHTCPStreamSession
+
+from cli.client import coordinator
+from common.rpc_errors import from_rpc_error
+from vendetta.v1 import common_pb2, coordinator_pb2_grpc
+
+# Bytes read from the channel at once; what waits for the stream to take it.
+CHUNK = 256 * 1024
+BACKLOG = 8
+
+
+class Link:
+    """One gRPC channel to the coordinator for all of a connection's channels,
+    opened at the first need (a coordinator that is down fails that channel)."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self._stub: coordinator_pb2_grpc.CoordinatorAsyncStub | None = None
+        self._lock = asyncio.Lock()
+
+    async def stub(self) -> coordinator_pb2_grpc.CoordinatorAsyncStub:
+        async with self._lock:
+            if self._stub is None:
+                self._stub = await self._stack.enter_async_context(coordinator())
+            return self._stub
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+def _refused(reason: str) -> asyncssh.ChannelOpenError:
+    return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason)
+
+
+async def open_direct(
+    link: Link, workspace: str, host: str, port: int
+) -> SSHTCPStreamSession[bytes]:
+    """Connect inside, then hand the channel a session that relays both ways."""
+    inputs: asyncio.Queue[common_pb2.DialInput | None] = asyncio.Queue(maxsize=BACKLOG)
+    start = common_pb2.DialStart(workspace=workspace, host=host, port=port)
+
+    async def requests() -> AsyncIterator[common_pb2.DialInput]:
+        yield common_pb2.DialInput(start=start)
+        while (msg := await inputs.get()) is not None:
+            yield msg
+
+    try:
+        call = (await link.stub()).Dial(requests())
+    except Exception as exc:  # no coordinator: this channel fails, the session goes on
+        raise _refused(str(exc)) from exc
+    responses = aiter(call)
+    try:
+        first = await anext(responses)
+    except grpc.aio.AioRpcError as exc:
+        raise _refused(str(from_rpc_error(exc))) from exc
+    except StopAsyncIteration as exc:
+        raise _refused(f"the connection to {host}:{port} inside ended at once") from exc
+    if first.WhichOneof("output") != "connected":
+        call.cancel()
+        raise _refused(f"the connection to {host}:{port} inside did not open")
+
+    async def relay(reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]) -> None:
+        async def upstream() -> None:
+            while data := await reader.read(CHUNK):
+                await inputs.put(common_pb2.DialInput(data=data))
+            await inputs.put(common_pb2.DialInput(eof=True))
+
+        up = asyncio.create_task(upstream())
+        try:
+            async for out in responses:
+                kind = out.WhichOneof("output")
+                if kind == "data":
+                    writer.write(out.data)
+                    await writer.drain()
+                elif kind == "eof":
+                    writer.write_eof()
+        except (grpc.aio.AioRpcError, asyncssh.Error, OSError):
+            pass  # the connection inside failed, or the client went: close the channel
+        finally:
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
+            call.cancel()
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    return SSHTCPStreamSession[bytes](relay)

@@ -1,0 +1,115 @@
+"""What a session of `ssh NAME.vendetta` runs inside: the command line, the
+subsystem (sftp), the environment the client sends, and the folder it starts in.
+
+As sshd does: a command is a line for the shell; no command is a login shell;
+`SetEnv`/`SendEnv` of LANG, LC_* and TERM are taken (sshd's usual AcceptEnv),
+others dropped. Sessions start in the workspace's working folder (its source,
+/workspace by default) where it exists, else where the engine starts them.
+The sftp subsystem is the image's own sftp-server, run like any command.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shlex
+from collections.abc import Awaitable, Callable
+
+import asyncssh
+from asyncssh.constants import EXTENDED_DATA_STDERR
+
+from cli.ssh_forward import Link
+from vendetta.v1 import coordinator_pb2 as pb
+
+DEFAULT_WORKDIR = "/workspace"
+ACCEPT_ENV = re.compile(r"^(LANG|LANGUAGE|LC_[A-Z_]+|TERM|COLORTERM)$")
+
+# Where Debian, Fedora, Alpine and Arch put OpenSSH's sftp-server.
+SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/lib/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+)
+NO_SFTP = (
+    "vendetta: this workspace's image has no sftp-server (OpenSSH's; Debian: "
+    "openssh-sftp-server), so sftp and scp cannot reach it: add it to the image, or "
+    "use `scp -O` (needs scp inside) or `ssh NAME.vendetta cat FILE`"
+)
+LOGIN = "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"
+
+
+def _sftp_line() -> str:
+    tries = " ".join(SFTP_SERVERS)
+    return (
+        f'for s in {tries}; do [ -x "$s" ] && exec "$s"; done; '
+        f"echo {shlex.quote(NO_SFTP)} >&2; exit 127"
+    )
+
+
+def argv(process: asyncssh.SSHServerProcess[bytes], workdir: str) -> list[str]:
+    """The argv inside for this session (a line for /bin/sh, as sshd runs it)."""
+    if process.subsystem == "sftp":
+        line = _sftp_line()
+    elif process.subsystem:
+        line = f"echo 'vendetta: no subsystem {process.subsystem}' >&2; exit 127"
+    else:
+        line = process.command or LOGIN
+    if workdir:
+        # Not there (no source, another image layout): where the engine starts.
+        line = f"cd {shlex.quote(workdir)} 2>/dev/null; {line}"
+    return ["/bin/sh", "-c", line]
+
+
+def env(process: asyncssh.SSHServerProcess[bytes]) -> dict[str, str]:
+    sent = {
+        str(k): str(v)
+        for k, v in process.env.items()
+        if isinstance(k, str) and isinstance(v, str) and ACCEPT_ENV.match(k)
+    }
+    term = process.get_terminal_type()
+    if term:
+        sent["TERM"] = term
+    return sent
+
+
+class Workdir:
+    """The workspace's working folder, asked of the coordinator once per connection."""
+
+    def __init__(self, link: Link, workspace: str) -> None:
+        self.link = link
+        self.workspace = workspace
+        self._value: str | None = None
+
+    async def get(self) -> str:
+        if self._value is None:
+            stub = await self.link.stub()
+            ws = await stub.GetWorkspace(pb.GetWorkspaceRequest(name=self.workspace))
+            self._value = ws.source.workdir or DEFAULT_WORKDIR
+        return self._value
+
+
+class Process(asyncssh.SSHServerProcess[bytes]):
+    """A session whose every request, subsystems too, runs through ``handler``.
+
+    asyncssh answers the sftp subsystem with its own SFTP server (on the proxy's
+    machine): here it is the workspace's sftp-server, run as any command.
+    """
+
+    def __init__(
+        self, handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]]
+    ) -> None:
+        super().__init__(handler, None, 0, False)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True  # an unknown one gets a message and exit 127 from `argv`
+
+    def session_started(self) -> None:
+        chan = self._chan
+        stdin = asyncssh.SSHReader[bytes](self, chan)
+        stdout = asyncssh.SSHWriter[bytes](self, chan)
+        stderr = asyncssh.SSHWriter[bytes](self, chan, EXTENDED_DATA_STDERR)
+        handler = self._start_process(stdin, stdout, stderr)
+        if inspect.isawaitable(handler) and self._conn is not None:
+            self._conn.create_task(handler, stdin.logger)

@@ -1,0 +1,149 @@
+"""Dial: a TCP connection to a host and port as seen from inside an environment.
+
+What `ssh -L`/`-D` through `NAME.vendetta` reach. Dev servers mostly listen on
+127.0.0.1 inside, which the node cannot reach through the environment's
+address (and a QEMU guest has none), and entering the environment's network
+namespace needs privileges a non-root agent lacks. So the connection is made
+by a small relay run inside through the engine's exec with stdin (the same
+pipe sessions use): the first of python3, bash (/dev/tcp) or nc the image
+has. It writes one NUL byte once connected, then relays; a failure to connect
+is its stderr and exit code. nc gives no such signal: with it, a refused
+connection shows as a channel that closes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from common.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from nodeagent.providers import ProviderSet
+from providers.base import ExecChunk, Terminal
+from vendetta.v1 import common_pb2
+
+CONNECTED = b"\0"
+
+# python3: half-closes both ways and says why a connect failed. Ends when the
+# far side closes (the SSH channel then closes, as with sshd).
+_PYTHON = r"""
+import os, socket, sys, threading
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
+except OSError as e:
+    sys.stderr.write(e.strerror or str(e)); sys.exit(1)
+s.settimeout(None)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+os.write(1, b"\0")
+def up():
+    try:
+        while True:
+            d = os.read(0, 262144)
+            if not d: break
+            s.sendall(d)
+    except OSError: pass
+    try: s.shutdown(socket.SHUT_WR)
+    except OSError: pass
+threading.Thread(target=up, daemon=True).start()
+out = os.fdopen(1, "wb", buffering=0)
+try:
+    while True:
+        d = s.recv(262144)
+        if not d: break
+        out.write(d)
+except OSError: pass
+"""
+
+# The relay: argv is [sh, -c, RELAY, vendetta-dial, HOST, PORT]. bash: our stdin to
+# the socket in the background (its own copy: a background job's stdin is /dev/null),
+# the socket to our stdout until the far side closes.
+RELAY = f"""
+if command -v python3 >/dev/null 2>&1; then exec python3 -c '{_PYTHON}' "$1" "$2"; fi
+if command -v bash >/dev/null 2>&1; then
+  exec bash -c 'exec 3<>"/dev/tcp/$1/$2" || exit 1; printf "\\0"; exec 4<&0
+    cat <&4 >&3 & w=$!; cat <&3; kill $w 2>/dev/null; exit 0' vendetta-dial "$1" "$2"
+fi
+if command -v nc >/dev/null 2>&1; then printf '\\0'; exec nc "$1" "$2"; fi
+echo "no python3, bash or nc in the image to connect with" >&2; exit 127
+"""
+
+
+def relay_argv(host: str, port: int) -> list[str]:
+    return ["/bin/sh", "-c", RELAY, "vendetta-dial", host, str(port)]
+
+
+def _reason(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace").strip().splitlines()
+    # bash: "bash: connect: Connection refused" then "bash: /dev/tcp/...: Connection refused"
+    last = text[-1] if text else "the relay inside ended"
+    return last.rsplit(": ", 1)[-1] if ": " in last else last
+
+
+async def dial(
+    providers: ProviderSet, requests: AsyncIterator[common_pb2.DialInput]
+) -> AsyncIterator[common_pb2.DialOutput]:
+    first = await anext(aiter(requests), None)
+    if first is None or first.WhichOneof("input") != "start":
+        raise InvalidArgumentError("a dial stream starts with a `start` message")
+    start = first.start
+    if not start.host or not 0 < start.port < 65536:
+        raise InvalidArgumentError(f"cannot connect to {start.host!r} port {start.port}")
+    provider = providers.get(start.provider)
+    if not provider.capabilities.stdin:
+        raise FailedPreconditionError(
+            f"connections into {provider.name} environments are not available yet (its "
+            "engine runs commands without input); publish the port in the workspace's config"
+        )
+    where = f"{start.host}:{start.port} inside workspace {start.workspace!r}"
+    relay = await provider.pipe(start.workspace, relay_argv(start.host, start.port), {})
+    try:
+        output = aiter(relay.output())
+        first_data = await _connected(output, where)
+        yield common_pb2.DialOutput(connected=True)
+        inputs = asyncio.create_task(_pump(requests, relay))
+        try:
+            if first_data:
+                yield common_pb2.DialOutput(data=first_data)
+            async for chunk in output:
+                if chunk.stdout:
+                    yield common_pb2.DialOutput(data=chunk.stdout)
+            yield common_pb2.DialOutput(eof=True)
+        finally:
+            inputs.cancel()
+            await asyncio.gather(inputs, return_exceptions=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await relay.close()
+
+
+async def _connected(output: AsyncIterator[ExecChunk], where: str) -> bytes:
+    """Wait for the relay's NUL; what came after it in the same chunk."""
+    stderr = b""
+    async for chunk in output:
+        stderr += chunk.stderr
+        if chunk.stdout:
+            if chunk.stdout[:1] != CONNECTED:
+                raise UnavailableError(f"cannot connect to {where}: the relay inside misbehaved")
+            return chunk.stdout[1:]
+        code = chunk.exit_code
+        if code is not None:
+            if code == 127 and b"no python3" in stderr:
+                raise FailedPreconditionError(
+                    f"cannot connect to {where}: the image has no python3, bash or nc to "
+                    "connect with"
+                )
+            raise UnavailableError(
+                f"cannot connect to {where}: {_reason(stderr).lower()} inside the workspace"
+            )
+    raise UnavailableError(f"cannot connect to {where}: the relay inside ended")
+
+
+async def _pump(requests: AsyncIterator[common_pb2.DialInput], relay: Terminal) -> None:
+    async for msg in requests:
+        kind = msg.WhichOneof("input")
+        if kind == "data":
+            await relay.write(msg.data)
+        elif kind == "eof":
+            await relay.close_stdin()
+            return
+    await relay.close_stdin()

@@ -1,0 +1,332 @@
+"""What editors need of `ssh NAME.vendetta`, with the real OpenSSH client and the
+generated `Host NAME.vendetta` entries, against workspaces on a node that logs
+in as a user who is not root (vdnode) behind a real sshd, on Docker and LXD,
+in the Debian test image (scripts/build-test-image.sh): `-L` and `-D` to a
+server listening on 127.0.0.1 inside, a refused forward that leaves the
+session working, and a large download through the forward, intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import Env, cli_env, wait_for
+from tests.support.node_user import MEMBER, agent_python, open_dir, remove_as_root, users_problem
+from tests.support.sshd import SshServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.sshd]
+
+DEBIAN = "vendetta/debian12"
+SECTIONS = {
+    "docker": f"docker: {{image: '{DEBIAN}'}}",
+    "lxd": f"lxd: {{image: '{DEBIAN}', cpu: 1, memory: 512M}}",
+}
+# Inside: a web server on 127.0.0.1 only (as dev servers listen), with a page and a
+# file big enough to span many messages (made once: the service may be restarted).
+WEB_PORT = 8080
+SERVICES = (
+    "services:\n  web:\n    command: >-\n"
+    "      sh -c 'mkdir -p /tmp/www && echo hello from inside > /tmp/www/index.html"
+    " && { test -e /tmp/www/big || { head -c 20000000 /dev/urandom > /tmp/www/.big"
+    " && mv /tmp/www/.big /tmp/www/big; }; }"
+    f" && exec python3 -m http.server {WEB_PORT} --bind 127.0.0.1 --directory /tmp/www'\n"
+)
+
+
+def _images_problem() -> str:
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.images.get(f"{DEBIAN}:latest")
+    except Exception:
+        return f"Docker image {DEBIAN} missing (bash scripts/build-test-image.sh)"
+    finally:
+        client.close()
+    lxd = subprocess.run(["lxc", "image", "info", DEBIAN], capture_output=True, check=False)
+    if lxd.returncode != 0:
+        return f"LXD image {DEBIAN} missing (bash scripts/build-test-image.sh)"
+    return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Editor:
+    env: Env
+    config: Path  # the user's ssh config: includes the generated entries
+
+    def ssh(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ssh", "-F", str(self.config), "-o", "BatchMode=yes", *args],
+            env=self.env.env, input=input, capture_output=True, text=True, timeout=120,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def background(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["ssh", "-F", str(self.config), "-o", "BatchMode=yes", "-N", *args],
+            env=self.env.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def editor() -> Iterator[Editor]:
+    problem = users_problem() or _images_problem()
+    if problem:
+        pytest.skip(problem)
+    scratch = open_dir("vd-editor-")
+    agent_dir = scratch / "agent"
+    agent_dir.mkdir()
+    shutil.chown(agent_dir, MEMBER, MEMBER)
+    server: SshServer | None = None
+    try:
+        with cli_env(prefix="vd-editor-") as e:
+            server = SshServer.start(open_dir("vd-editor-sshd-"), host="127.0.0.41")
+            server.user = MEMBER
+            server.authorized_keys_path.chmod(0o644)
+            e.nodes["n1"] = server
+            e.agent_dirs.append(agent_dir)
+            e.cli("server", "start")
+            python = agent_python(MEMBER, scratch)
+            e.cli(
+                "node", "add", "n1", server.host, "--port", str(server.port), "--user", MEMBER,
+                "--identity", str(server.client_key_path), "--yes",
+                "--agent-command", f"{python} -m nodeagent.main --dir {agent_dir}",
+            )  # fmt: skip
+            for provider, section in SECTIONS.items():
+                cfg = e.home / provider / ".vendetta" / "config.yaml"
+                cfg.parent.mkdir(parents=True)
+                cfg.write_text(f"name: ed\nprovider: {provider}\n{section}\n{SERVICES}")
+                name = f"ed-{provider}"
+                e.cli(
+                    "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
+                    "--no-source",
+                )  # fmt: skip
+                e.cli("workspace", "up", name, timeout=300)
+            config = e.home / "dot-ssh" / "config"
+            config.parent.mkdir()
+            config.write_text("")
+            e.cli("ssh-config", "--file", str(config), "--yes")
+            yield Editor(e, config)
+    finally:
+        remove_as_root(scratch, *([server.root] if server else []))
+
+
+@pytest.fixture(params=sorted(SECTIONS))
+def ws(request: pytest.FixtureRequest, editor: Editor) -> str:
+    return f"ed-{request.param}.vendetta"
+
+
+def _get(url: str, proxy: str = "") -> bytes:
+    cmd = ["curl", "-sS", "--max-time", "60", url]
+    if proxy:
+        cmd[1:1] = ["--socks5-hostname", proxy]
+    run = subprocess.run(cmd, capture_output=True, timeout=90, check=False)
+    return run.stdout if run.returncode == 0 else b""
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+def test_local_forward_reaches_a_server_on_loopback_inside(editor: Editor, ws: str) -> None:
+    good, refused = free_port(), free_port()
+    # LogLevel INFO: OpenSSH logs a failed channel at INFO (the entries say ERROR).
+    forwards = ["-L", f"{good}:127.0.0.1:{WEB_PORT}", "-L", f"{refused}:127.0.0.1:9"]
+    proc = editor.background("-o", "LogLevel=INFO", *forwards, ws)
+    try:
+        page = wait_for("the page through -L", lambda: _get(f"http://127.0.0.1:{good}/"), within=90)
+        assert page.decode().strip() == "hello from inside"
+        # Nothing listens on port 9 inside: that channel fails, saying why...
+        with socket.create_connection(("127.0.0.1", refused), timeout=30) as s:
+            s.settimeout(30)
+            assert s.recv(1) == b""  # closed, nothing sent
+        # ...and the session goes on: a 20 MB download, intact.
+        big = _get(f"http://127.0.0.1:{good}/big")
+        inside = editor.ssh(ws, "md5sum /tmp/www/big")
+        assert inside.returncode == 0, inside.stderr
+        assert hashlib.md5(big).hexdigest() == inside.stdout.split()[0]
+    finally:
+        err = _stop(proc)
+    assert "open failed" in err and "connection refused inside the workspace" in err, err
+
+
+def test_dynamic_forward_with_a_socks_client(editor: Editor, ws: str) -> None:
+    port = free_port()
+    proc = editor.background("-D", f"127.0.0.1:{port}", ws)
+    try:
+        # "localhost" is resolved inside the workspace (--socks5-hostname).
+        page = wait_for(
+            "the page through -D",
+            lambda: _get(f"http://localhost:{WEB_PORT}/", proxy=f"127.0.0.1:{port}"),
+            within=60,
+        )
+        assert page.decode().strip() == "hello from inside"
+    finally:
+        _stop(proc)
+
+
+def test_stdio_forward_half_closes(editor: Editor, ws: str) -> None:
+    """`ssh -W`: our end-of-file reaches the server inside, its answer comes back."""
+    run = editor.ssh("-W", f"127.0.0.1:{WEB_PORT}", ws, input="GET / HTTP/1.0\r\n\r\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("HTTP/1.0 200") and "hello from" in run.stdout
+
+
+def test_forward_to_a_port_nothing_listens_on(editor: Editor, ws: str) -> None:
+    run = editor.ssh("-o", "LogLevel=INFO", "-W", "127.0.0.1:9", ws)
+    assert run.returncode != 0
+    assert "connection refused inside the workspace" in run.stderr, run.stderr
+    assert editor.ssh(ws, "true").returncode == 0  # the workspace is still reachable
+
+
+# -- sessions: environment, working folder, sftp and scp ----------------------------
+
+
+def test_setenv_and_the_working_folder(editor: Editor, ws: str) -> None:
+    # No source here (--no-source): the default workdir, once it exists, is where
+    # sessions start.
+    assert editor.ssh(ws, "mkdir -p /workspace").returncode == 0
+    run = editor.ssh(
+        "-o", "SetEnv=LANG=C.UTF-8 LC_TIME=C.UTF-8 SECRET=no", ws,
+        'echo "$LANG|$LC_TIME|${SECRET:-unset}"; pwd',
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lang, cwd = run.stdout.splitlines()
+    assert lang == "C.UTF-8|C.UTF-8|unset"  # LANG and LC_* taken, others dropped (as sshd)
+    assert cwd == "/workspace"
+
+
+def test_sftp_and_scp_roundtrip(editor: Editor, ws: str, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    want = hashlib.md5(data).hexdigest()
+    base = ["-F", str(editor.config), "-o", "BatchMode=yes"]
+    batch = tmp_path / "batch"
+    batch.write_text(
+        f"put {src} /tmp/sftp.bin\nrename /tmp/sftp.bin /tmp/sftp2.bin\nls -l /tmp/sftp2.bin\n"
+        f"get /tmp/sftp2.bin {tmp_path}/down.bin\nrm /tmp/sftp2.bin\n"
+    )
+    sftp = subprocess.run(
+        ["sftp", *base, "-b", str(batch), ws],
+        env=editor.env.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert sftp.returncode == 0, sftp.stderr
+    assert hashlib.md5((tmp_path / "down.bin").read_bytes()).hexdigest() == want
+    assert editor.ssh(ws, "test ! -e /tmp/sftp2.bin").returncode == 0  # rm went through
+    for mode in ([], ["-O"]):  # SFTP (OpenSSH's default), then the old scp protocol
+        up = subprocess.run(
+            ["scp", *base, *mode, str(src), f"{ws}:/tmp/scp.bin"],
+            env=editor.env.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert up.returncode == 0, (mode, up.stderr)
+        inside = editor.ssh(ws, "md5sum /tmp/scp.bin")
+        assert inside.stdout.split()[0] == want, mode
+        back = tmp_path / f"back{len(mode)}.bin"
+        down = subprocess.run(
+            ["scp", *base, *mode, f"{ws}:/tmp/scp.bin", str(back)],
+            env=editor.env.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert down.returncode == 0, (mode, down.stderr)
+        assert hashlib.md5(back.read_bytes()).hexdigest() == want, mode
+
+
+# -- -R and -A: listeners inside that reach this side -----------------------------------
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello from the test machine\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_remote_forward_reaches_this_side_until_the_session_ends(editor: Editor, ws: str) -> None:
+    here = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=here.serve_forever, daemon=True).start()
+    inside = random.randint(20000, 30000)
+    fetch = f"curl -sS --max-time 10 http://127.0.0.1:{inside}/"
+    proc = editor.background("-R", f"{inside}:127.0.0.1:{here.server_address[1]}", ws)
+    try:
+        got = wait_for(
+            "the test machine through -R", lambda: editor.ssh(ws, fetch).stdout, within=60
+        )
+        assert got == "hello from the test machine\n"
+    finally:
+        _stop(proc)
+        here.shutdown()
+    # The session ended: so did the listener inside.
+    wait_for("the port inside to close", lambda: editor.ssh(ws, fetch).returncode != 0)
+
+
+@pytest.fixture(scope="module")
+def ssh_agent(editor: Editor) -> Iterator[tuple[dict[str, str], str]]:
+    folder = editor.env.home / "agent"
+    folder.mkdir(mode=0o700)
+    sock = folder / "sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for("ssh-agent", sock.exists, within=10)
+        key = folder / "id"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vd-editor-test", "-f", str(key)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        env = {**editor.env.env, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", str(key)], env=env, check=True, capture_output=True)
+        listed = subprocess.run(["ssh-add", "-l"], env=env, capture_output=True, text=True)
+        yield env, listed.stdout.split()[1]  # the key's fingerprint
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+def test_agent_forwarding_only_when_asked(
+    editor: Editor, ws: str, ssh_agent: tuple[dict[str, str], str]
+) -> None:
+    env, fingerprint = ssh_agent
+    base = ["ssh", "-F", str(editor.config), "-o", "BatchMode=yes"]
+    script = 'ssh-add -l; stat -c "%a %U" "$(dirname "$SSH_AUTH_SOCK")"; id -un'
+    asked = subprocess.run(
+        [*base, "-A", ws, script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert asked.returncode == 0, asked.stderr
+    lines = asked.stdout.splitlines()
+    assert fingerprint in lines[0] and "vd-editor-test" in lines[0]
+    mode, owner = lines[1].split()
+    assert mode == "700" and owner == lines[2]  # private to the session's user
+    plain = subprocess.run(
+        [*base, ws, "echo ${SSH_AUTH_SOCK:-none}"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert plain.stdout.strip() == "none", plain.stderr

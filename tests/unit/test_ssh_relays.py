@@ -1,0 +1,219 @@
+"""The relays the agent runs inside environments for `ssh -L/-D` (nodeagent/dial.py)
+and `ssh -R/-A` (nodeagent/listen.py), run here as local processes: each program
+the dial relay may pick (python3, bash's /dev/tcp, busybox nc), its half-close and
+its refusals; the listener's frames, TCP and a private unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import stat
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from common.errors import FailedPreconditionError, UnavailableError
+from nodeagent import dial, listen
+from nodeagent.providers import ProviderSet
+from providers.base import Capabilities, ExecChunk, Terminal
+from vendetta.v1 import common_pb2
+
+
+class _Local(Terminal):
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def output(self) -> AsyncIterator[ExecChunk]:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        err = asyncio.create_task(self.proc.stderr.read())
+        while data := await self.proc.stdout.read(65536):
+            yield ExecChunk(stdout=data)
+        yield ExecChunk(stderr=await err, exit_code=await self.proc.wait())
+
+    async def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        await self.proc.stdin.drain()
+
+    async def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class _Provider:
+    """Runs what the agent would run inside as a process here, with ``path`` as PATH."""
+
+    name = "local"
+    capabilities = Capabilities(stdin=True)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get(self, name: str) -> _Provider:
+        return self
+
+    async def pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Terminal:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={"PATH": self.path, **(env or {})},
+        )
+        return _Local(proc)
+
+
+def _only(tmp: Path, tools: dict[str, str]) -> str:
+    """A PATH holding only ``tools`` (name -> the program it is)."""
+    folder = tmp / "bin"
+    folder.mkdir()
+    for name, target in tools.items():
+        (folder / name).symlink_to(target)
+    return str(folder)
+
+
+@pytest.fixture(params=["python3", "bash", "nc"])
+def inside(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, ProviderSet]:
+    busybox = shutil.which("busybox")
+    if request.param == "python3":
+        path = os.environ["PATH"]
+    elif request.param == "bash":
+        path = _only(tmp_path, {t: shutil.which(t) or t for t in ("sh", "bash", "cat", "kill")})
+    else:
+        if busybox is None:
+            pytest.skip("busybox not installed")
+        path = _only(tmp_path, {"sh": busybox, "nc": busybox})
+    return request.param, cast(ProviderSet, _Provider(path))
+
+
+async def _echo_server(size: int | None) -> tuple[asyncio.Server, int, list[bytes]]:
+    """Echoes in upper case once it has ``size`` bytes, or (None) once the client has
+    half-closed: then half-close must work."""
+    got: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await (reader.read() if size is None else reader.readexactly(size))
+        got.append(data)
+        writer.write(data.upper())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], got
+
+
+async def _dial(providers: ProviderSet, port: int, send: list[bytes]) -> list[Any]:
+    async def requests() -> AsyncIterator[common_pb2.DialInput]:
+        start = common_pb2.DialStart(workspace="w", host="127.0.0.1", port=port)
+        yield common_pb2.DialInput(start=start)
+        for data in send:
+            yield common_pb2.DialInput(data=data)
+        yield common_pb2.DialInput(eof=True)
+        await asyncio.sleep(30)  # the client stays until the far side is done
+
+    out = []
+    async for msg in dial.dial(providers, requests()):
+        out.append(msg)
+        if msg.WhichOneof("output") == "eof":
+            break
+    return out
+
+
+async def test_dial_relays_both_ways(inside: tuple[str, ProviderSet]) -> None:
+    tool, providers = inside
+    payload = [b"hello ", os.urandom(300_000).hex().encode()]
+    whole = b"".join(payload)
+    # Only python3 passes a half-close on (bash and nc cannot shut a socket half).
+    server, port, got = await _echo_server(None if tool == "python3" else len(whole))
+    async with server:
+        out = await asyncio.wait_for(_dial(providers, port, payload), 60)
+    assert out[0].WhichOneof("output") == "connected"
+    assert got == [whole]
+    assert b"".join(m.data for m in out if m.WhichOneof("output") == "data") == whole.upper()
+
+
+async def test_dial_refused_says_so(inside: tuple[str, ProviderSet]) -> None:
+    tool, providers = inside
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    if tool == "nc":
+        # nc gives no "connected" signal: the channel opens and closes at once.
+        out = await asyncio.wait_for(_dial(providers, port, []), 30)
+        assert [m.WhichOneof("output") for m in out] == ["connected", "eof"]
+        return
+    with pytest.raises(UnavailableError, match="connection refused inside the workspace"):
+        await asyncio.wait_for(_dial(providers, port, []), 30)
+
+
+async def test_dial_without_any_tool(tmp_path: Path) -> None:
+    path = _only(tmp_path, {"sh": shutil.which("sh") or "sh"})
+    with pytest.raises(FailedPreconditionError, match="no python3, bash or nc"):
+        await _dial(cast(ProviderSet, _Provider(path)), 1, [])
+
+
+def test_frames_cut_anywhere() -> None:
+    stream = b"".join(
+        listen.FRAME.pack(k, n, len(d)) + d
+        for k, n, d in [(listen.ACCEPTED, 1, b"1.2.3.4 5"), (listen.DATA, 1, b"x" * 1000)]
+    )
+    frames = listen.Frames()
+    out = []
+    for i in range(0, len(stream), 7):
+        out += frames.feed(stream[i : i + 7])
+    assert out == [(listen.ACCEPTED, 1, b"1.2.3.4 5"), (listen.DATA, 1, b"x" * 1000)]
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_listener_inside(kind: str, tmp_path: Path) -> None:
+    providers = cast(ProviderSet, _Provider(os.environ["PATH"]))
+    path = str(tmp_path / "private" / "agent") if kind == "unix" else ""
+    inputs: asyncio.Queue[common_pb2.ListenInput | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[common_pb2.ListenInput]:
+        yield common_pb2.ListenInput(start=common_pb2.ListenStart(workspace="w", path=path))
+        while (msg := await inputs.get()) is not None:
+            yield msg
+
+    outputs = aiter(listen.listen(providers, requests()))
+    first = await anext(outputs)
+    port = first.listening
+    if kind == "unix":
+        assert port == 0
+        assert stat.S_IMODE(os.stat(Path(path).parent).st_mode) == 0o700
+        reader, writer = await asyncio.open_unix_connection(path)
+    else:
+        assert port > 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    accepted = await anext(outputs)
+    n = accepted.accepted.conn
+    assert n == 1
+    writer.write(b"ping")
+    await writer.drain()
+    got = await anext(outputs)
+    assert (got.data.conn, got.data.data) == (n, b"ping")
+    inputs.put_nowait(common_pb2.ListenInput(data=common_pb2.ListenData(conn=n, data=b"pong")))
+    inputs.put_nowait(common_pb2.ListenInput(eof=n))
+    assert await reader.read() == b"pong"  # then end-of-file
+    writer.close()
+    assert (await anext(outputs)).eof == n
+    inputs.put_nowait(None)  # the session ends: so does the listener
+    async for _ in outputs:
+        pass
+    if kind == "unix":
+        assert not Path(path).exists()
