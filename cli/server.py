@@ -62,6 +62,8 @@ def start(
         fail(exc)
     if foreground:
         out.print(f"coordinator: serving on {home / 'coordinator.sock'} (Ctrl-C stops)")
+        if config is not None:
+            out.print("  and over TLS: `vendetta server status` shows its address and fingerprint")
         from coordinator.server import serve  # the whole coordinator: only when serving
 
         asyncio.run(serve(home, args, node_grace, config))
@@ -99,11 +101,13 @@ def _print_listener(info: pb.ServerInfo) -> None:
     except ValueError:
         local = False
     reach = "this machine only" if local else "reachable from other machines: see the README"
+    # emoji=False: rich would turn a fingerprint's ":CD:" into an emoji
     out.print(f"  TLS listener {info.listen}, {reach} (tokens: `vendetta token create`)")
-    out.print(f"  certificate SHA-256 {info.tls_fingerprint}")
+    out.print(f"  certificate SHA-256 {info.tls_fingerprint}", emoji=False)
     out.print(
         f"  clients: VENDETTA_URL=vendetta://{info.listen} "
-        f"VENDETTA_TLS_FINGERPRINT={info.tls_fingerprint.replace(':', '')} VENDETTA_TOKEN=..."
+        f"VENDETTA_TLS_FINGERPRINT={info.tls_fingerprint.replace(':', '')} VENDETTA_TOKEN=...",
+        emoji=False,
     )
 
 

@@ -95,7 +95,7 @@ def create(
         + (f" on {', '.join(t.workspaces)}" if t.workspaces else "")
         + f", expires {_when(t.expires_unix_nano)}); it is shown only now:"
     )
-    out.print(made.secret)  # alone on stdout: `export VENDETTA_TOKEN=$(vendetta token create)`
+    typer.echo(made.secret)  # alone on stdout: `export VENDETTA_TOKEN=$(vendetta token create)`
 
 
 @app.command("list")

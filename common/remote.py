@@ -136,11 +136,12 @@ async def channel_credentials(
         pinned = normalize_fingerprint(fingerprint)
         der = await server_certificate(target)
         got = fingerprint_of_der(der)
-        if got != pinned:
+        if got != pinned:  # shown without colons: the CLI's rich reads ":CD:" as an emoji
             raise FailedPreconditionError(
-                f"the coordinator at {target} presented a certificate with SHA-256 {got}, not "
-                f"the pinned {pinned}: someone may be in between; if its owner replaced the "
-                "certificate, pin the new one (VENDETTA_TLS_FINGERPRINT)"
+                f"the coordinator at {target} presented a certificate with SHA-256 "
+                f"{got.replace(':', '')}, not the pinned {pinned.replace(':', '')}: someone "
+                "may be in between; if its owner replaced the certificate, pin the new one "
+                "(VENDETTA_TLS_FINGERPRINT)"
             )
         # The pinned certificate is the only root: gRPC's own handshake then accepts
         # nothing else, whatever happens between this check and it.
@@ -153,7 +154,7 @@ async def channel_credentials(
     try:
         await _handshake(target, context, target.host)
     except ssl.SSLCertVerificationError as exc:
-        got = fingerprint_of_der(await server_certificate(target))
+        got = fingerprint_of_der(await server_certificate(target)).replace(":", "")
         raise FailedPreconditionError(
             f"the coordinator at {target} presented a certificate this machine does not "
             f"trust ({exc.verify_message}), SHA-256 {got}: if the coordinator's owner confirms "
