@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -92,7 +94,10 @@ async def _handshake(target: Target, context: ssl.SSLContext, name: str | None) 
     except ssl.SSLCertVerificationError:
         raise
     except (OSError, TimeoutError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        errno = getattr(exc, "errno", None)
+        reason = os.strerror(errno) if errno else str(exc) or "no answer"
+        if isinstance(exc, socket.gaierror):
+            reason = exc.strerror or reason
         raise UnavailableError(
             f"cannot reach the coordinator at {target}: {reason}; check VENDETTA_URL and that "
             "it runs with `vendetta server start --listen` there"
