@@ -77,12 +77,16 @@ class SourceStore:
                         uploads, out, self.root, folder, start.size_bytes
                     )
                 try:
+                    # An environment's copy first: refused there (a guest stopped), the
+                    # folder stays as it was too, and the same push is tried again.
+                    await self._copy_in(start.workspace, spool, start.replace, list(start.deleted))
                     await asyncio.to_thread(
                         apply_staged, self.root, folder, staging, start.replace, list(start.deleted)
                     )
                 except OSError as exc:
                     raise _not_ours(start.workspace, "change", exc) from exc
-                await self._copy_in(start.workspace, spool, start.replace, list(start.deleted))
+                finally:
+                    await asyncio.to_thread(shutil.rmtree, staging, True)
             finally:
                 await asyncio.to_thread(spool.unlink, True)
         return nodeagent_pb2.SourceReceipt(path=str(folder), bytes=received, files=written.files)
@@ -120,9 +124,8 @@ class SourceStore:
                 if not (await provider.readiness()).ready:
                     continue  # its engine is down: none of its environments runs
                 raise FailedPreconditionError(
-                    f"the source of {workspace!r} reached this node, but not its "
-                    f"{provider.name} environment: {exc.message}; send it again with "
-                    f"`vendetta workspace push {workspace}`"
+                    f"the source of {workspace!r} was not taken (nothing changed): its "
+                    f"{provider.name} environment could not take it: {exc.message}"
                 ) from exc
 
     async def _copy_out(self, workspace: str, folder: Path) -> None:

@@ -365,15 +365,28 @@ class QemuProvider(Provider):
 
     # -- the source's copy -----------------------------------------------------
 
-    async def _copied_guest(self, workspace: str, action: str) -> guests.Guest | None:
-        """The running guest of ``workspace`` if it holds its copy of a source."""
+    async def _copied_guest(
+        self, workspace: str, action: str, *, running: bool = False
+    ) -> guests.Guest | None:
+        """The running guest of ``workspace`` if it holds its copy of a source. With
+        ``running``, one that has run but is stopped is refused: its copy cannot take
+        an upload now, and its next start would not copy the folder again."""
 
         def look(conn: libvirt.virConnect) -> guests.Guest | None:
             found = self._find(conn, workspace)
-            if found is None or not found[1].source_path or not found[0].isActive():
+            if found is None or not found[1].source_path:
                 return None
-            with guest_running(found[0]):
-                return found if source.copied(found[0]) else None
+            dom, meta = found
+            if not dom.isActive():
+                if running and guests.status(dom, meta, self.name).state is EnvState.STOPPED:
+                    raise FailedPreconditionError(
+                        f"workspace {workspace} runs in a guest that holds a copy of its "
+                        f"source and is stopped: start it (`vendetta workspace up "
+                        f"{workspace}`), then send the changes again"
+                    )
+                return None  # never started: its first start copies the folder
+            with guest_running(dom):
+                return found if source.copied(dom) else None
 
         return await self._libvirt.call(action, look)
 
@@ -381,7 +394,7 @@ class QemuProvider(Provider):
         self, workspace: str, tar: Path, replace: bool, deleted: Sequence[str]
     ) -> bool:
         action = f"copying an upload into the guest of {workspace!r}"
-        found = await self._copied_guest(workspace, action)
+        found = await self._copied_guest(workspace, action, running=True)
         if found is None:
             return False  # not running, or its first start copies the folder as it is now
         dom, meta = found

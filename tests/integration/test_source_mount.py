@@ -268,3 +268,21 @@ async def test_a_shipped_source_stays_in_step_both_ways(agent: Agent) -> None:
         "b.txt",
         "inside.txt",
     }
+    if MOUNTED[agent.provider] == "copied":
+        # A stopped guest cannot take a push, and its next start would not copy again:
+        # refused, with the node's folder left as it was (the same push works once up).
+        await agent.stub.StopEnvironment(
+            nodeagent_pb2.StopEnvironmentRequest(
+                workspace=ws, provider=agent.provider, timeout_seconds=10
+            )
+        )
+        delta = make_tar(file("c.txt", b"C\n"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await put(agent.stub, delta, ws=ws, replace=False)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "vendetta workspace up" in (info.value.details() or "")
+        assert not (Path(receipt.path) / "c.txt").exists()
+        await agent.stub.StartEnvironment(agent.ref(ws))
+        await put(agent.stub, delta, ws=ws, replace=False)
+        assert (await agent.exec(ws, "cat", "c.txt"))[0] == b"C\n"
+        assert (Path(receipt.path) / "c.txt").read_bytes() == b"C\n"
