@@ -219,6 +219,16 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+async def git_dir(src: WorkspaceSource) -> str:
+    """The repository's git directory a worktree's .git file points into ("" for a
+    clone or a folder, whose .git, if any, is inside): mounted beside the worktree so
+    git works inside the environment too."""
+    if src.kind != "git" or not src.repo:
+        return ""
+    out = await git("rev-parse", "--path-format=absolute", "--git-common-dir", cwd=Path(src.path))
+    return out.strip()
+
+
 async def unkept(src: WorkspaceSource) -> str:
     """What removing the workspace's copy on this machine would lose; "" when nothing."""
     if src.kind != "git" or not Path(src.path).is_dir():

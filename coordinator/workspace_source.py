@@ -59,6 +59,8 @@ class WorkspaceSources:
         try:
             if live:
                 src.transport, src.node_path = "live", src.path
+                # A worktree's .git points into its repository: that goes in too.
+                spec.git_dir = await source_git.git_dir(src)
             else:
                 limits = self.limits(cfg)
                 self.publish(ws, f"sending the source to node {ws.node}", None)

@@ -51,6 +51,7 @@ def spec_from_pb(pb: nodeagent_pb2.EnvironmentSpec) -> EnvironmentSpec:
         source_path=pb.source_path,
         workdir=pb.workdir,
         user=pb.user,
+        git_dir=pb.git_dir,
     )
 
 

@@ -126,6 +126,9 @@ class EnvironmentSpec:
     workdir: str = ""
     # Who works inside (name, uid or uid:gid) and owns workdir's files; "": the image's.
     user: str = ""
+    # The git directory the source's .git file points into (a worktree's repository on
+    # the node), mounted at the same path inside so git works there; "": none.
+    git_dir: str = ""
 
     @property
     def source_workdir(self) -> str:

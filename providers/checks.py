@@ -78,6 +78,29 @@ def check_source(spec: EnvironmentSpec) -> None:
                 f"{spec.source_path!r}; send it again (`vendetta workspace push "
                 f"{spec.workspace}`)"
             )
+    if spec.git_dir:
+        check_git_dir(spec)
+
+
+def check_git_dir(spec: EnvironmentSpec) -> None:
+    """The repository's git directory of a worktree source: a folder on the node, put at
+    the same path inside, which must not cover or sit in the workdir."""
+    git_dir = Path(spec.git_dir)
+    workdir = Path(spec.source_workdir or "/")
+    if (
+        not spec.source_path
+        or not git_dir.is_absolute()
+        or ".." in git_dir.parts
+        or git_dir == Path("/")
+        or not git_dir.is_dir()
+        or git_dir == workdir
+        or workdir in git_dir.parents
+        or git_dir in workdir.parents
+    ):
+        raise InvalidArgumentError(
+            f"the git directory of workspace {spec.workspace!r} must be a folder on this node "
+            f"apart from its workdir, with a source: {spec.git_dir!r}"
+        )
 
 
 # An image name as engines take it: a Docker reference, an LXD alias, a QEMU folder.

@@ -209,6 +209,8 @@ class DockerProvider(Provider):
         # run as the spec's user (else see work_user), which Docker keeps per container.
         workdir = spec.source_workdir
         binds = {spec.source_path: {"bind": workdir, "mode": "rw"}} if workdir else None
+        if binds is not None and spec.git_dir:  # where a worktree's .git file points
+            binds[spec.git_dir] = {"bind": spec.git_dir, "mode": "rw"}
         user = spec.user
         if workdir and not user:
             owner = await asyncio.to_thread(os.stat, spec.source_path)

@@ -32,6 +32,7 @@ KEY_SOURCE_MODE = "user.vendetta.source_mode"
 # "UID:GID:HOME" of the user commands run as ("" : root, LXD's default).
 KEY_USER = "user.vendetta.user"
 DEVICE = "vendetta-source"
+GIT_DEVICE = "vendetta-source-git"
 
 SUBUID = Path("/etc/subuid")
 SUBGID = Path("/etc/subgid")
@@ -116,6 +117,8 @@ def create_fields(spec: EnvironmentSpec) -> tuple[dict[str, str], dict[str, dict
         return {}, {}
     config = {KEY_WORKDIR: workdir, KEY_SOURCE_MODE: SOURCE_MOUNTED}
     devices = {DEVICE: {"type": "disk", "source": spec.source_path, "path": workdir}}
+    if spec.git_dir:  # the worktree's repository, where its .git file points; same raw.idmap
+        devices[GIT_DEVICE] = {"type": "disk", "source": spec.git_dir, "path": spec.git_dir}
     return config, devices
 
 

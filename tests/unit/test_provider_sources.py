@@ -40,6 +40,31 @@ def test_spec_source_checks(tmp_path: Path) -> None:
         check_spec("docker", EnvironmentSpec(workspace="ws", image="img", user=user))
 
 
+def test_spec_git_dir_checks(tmp_path: Path) -> None:
+    src, git_dir = tmp_path / "wt", tmp_path / "repo" / ".git"
+    src.mkdir()
+    git_dir.mkdir(parents=True)
+    good = EnvironmentSpec(workspace="ws", image="img", source_path=str(src), git_dir=str(git_dir))
+    check_spec("docker", good)
+    assert lxd_source.create_fields(good)[1][lxd_source.GIT_DEVICE] == {
+        "type": "disk",
+        "source": str(git_dir),
+        "path": str(git_dir),
+    }
+    for kw in (
+        {"git_dir": str(git_dir)},  # no source
+        {"source_path": str(src), "git_dir": "rel/.git"},
+        {"source_path": str(src), "git_dir": str(tmp_path / "absent")},
+        {"source_path": str(src), "git_dir": "/"},
+        {"source_path": str(src), "git_dir": "/workspace"},
+        {"source_path": str(src), "git_dir": "/workspace/.git"},
+        {"source_path": str(src), "git_dir": str(git_dir), "workdir": f"{git_dir}/in"},
+    ):
+        bad = EnvironmentSpec(workspace="ws", image="img", **kw)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="git directory"):
+            check_spec("docker", bad)
+
+
 def test_docker_has_the_folder_owner_work_in_place_of_root() -> None:
     assert work_user("", 1001, 1002) == "1001:1002"
     assert work_user("root", 1001, 1002) == "1001:1002"

@@ -493,6 +493,7 @@ class EnvironmentSpec(_message.Message):
     SOURCE_PATH_FIELD_NUMBER: _builtins.int
     WORKDIR_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    GIT_DIR_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     provider: _builtins.str
     image: _builtins.str
@@ -508,6 +509,10 @@ class EnvironmentSpec(_message.Message):
     """where the source is inside; empty: /workspace"""
     user: _builtins.str
     """who works inside (owns workdir's files); empty: the image's"""
+    git_dir: _builtins.str
+    """The git directory the source's .git file points into (a worktree of a repository
+    on the node), mounted at the same path inside so git works there; empty: none.
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: an idle keep-alive process"""
@@ -533,10 +538,11 @@ class EnvironmentSpec(_message.Message):
         source_path: _builtins.str = ...,
         workdir: _builtins.str = ...,
         user: _builtins.str = ...,
+        git_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "disk_bytes", b"disk_bytes", "env", b"env", "image", b"image", "memory_bytes", b"memory_bytes", "ports", b"ports", "provider", b"provider", "source_path", b"source_path", "user", b"user", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "disk_bytes", b"disk_bytes", "env", b"env", "git_dir", b"git_dir", "image", b"image", "memory_bytes", b"memory_bytes", "ports", b"ports", "provider", b"provider", "source_path", b"source_path", "user", b"user", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
