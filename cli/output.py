@@ -5,14 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 
 from common.display import neutral
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -30,6 +31,8 @@ def print_error(message: str) -> None:
 
 
 def as_dict(msg: Message) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict  # only --json needs it
+
     return MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )

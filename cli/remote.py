@@ -13,13 +13,15 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from common.errors import UnavailableError
-from common.remote import Target, channel_credentials, parse_url
+
+if TYPE_CHECKING:  # common.remote brings ssl and hashlib: loaded only for a remote coordinator
+    from common.remote import Target
 
 URL_ENV = "VENDETTA_URL"
 TOKEN_ENV = "VENDETTA_TOKEN"
@@ -30,7 +32,11 @@ CA_ENV = "VENDETTA_TLS_CA"
 def target() -> Target | None:
     """The remote coordinator the environment names; None: the local socket."""
     url = os.environ.get(URL_ENV, "").strip()
-    return parse_url(url) if url else None
+    if not url:
+        return None
+    from common.remote import parse_url
+
+    return parse_url(url)
 
 
 def not_reachable(where: Target) -> UnavailableError:
@@ -42,6 +48,8 @@ def not_reachable(where: Target) -> UnavailableError:
 
 @asynccontextmanager
 async def channel(where: Target, options: list[tuple[str, Any]]) -> AsyncIterator[grpc.aio.Channel]:
+    from common.remote import channel_credentials
+
     ca = os.environ.get(CA_ENV, "")
     creds, extra = await channel_credentials(
         where, os.environ.get(FINGERPRINT_ENV, ""), Path(ca).expanduser() if ca else None
