@@ -365,12 +365,10 @@ class QemuProvider(Provider):
 
     # -- the source's copy -----------------------------------------------------
 
-    async def _copied_guest(
-        self, workspace: str, action: str, *, running: bool = False
-    ) -> guests.Guest | None:
-        """The running guest of ``workspace`` if it holds its copy of a source. With
-        ``running``, one that has run but is stopped is refused: its copy cannot take
-        an upload now, and its next start would not copy the folder again."""
+    async def _copied_guest(self, workspace: str, action: str, then: str) -> guests.Guest | None:
+        """The running guest of ``workspace`` if it holds its copy of a source. One that
+        has run but is stopped is refused (its copy can neither take an upload, which
+        its next start would not copy again, nor be read): start it, ``then`` ..."""
 
         def look(conn: libvirt.virConnect) -> guests.Guest | None:
             found = self._find(conn, workspace)
@@ -378,11 +376,11 @@ class QemuProvider(Provider):
                 return None
             dom, meta = found
             if not dom.isActive():
-                if running and guests.status(dom, meta, self.name).state is EnvState.STOPPED:
+                if guests.status(dom, meta, self.name).state is EnvState.STOPPED:
                     raise FailedPreconditionError(
                         f"workspace {workspace} runs in a guest that holds a copy of its "
                         f"source and is stopped: start it (`vendetta workspace up "
-                        f"{workspace}`), then send the changes again"
+                        f"{workspace}`), then {then}"
                     )
                 return None  # never started: its first start copies the folder
             with guest_running(dom):
@@ -394,7 +392,7 @@ class QemuProvider(Provider):
         self, workspace: str, tar: Path, replace: bool, deleted: Sequence[str]
     ) -> bool:
         action = f"copying an upload into the guest of {workspace!r}"
-        found = await self._copied_guest(workspace, action, running=True)
+        found = await self._copied_guest(workspace, action, "send the changes again")
         if found is None:
             return False  # not running, or its first start copies the folder as it is now
         dom, meta = found
@@ -408,7 +406,7 @@ class QemuProvider(Provider):
 
     async def _copy_source_out(self, workspace: str, tar: Path) -> bool:
         action = f"copying the source out of the guest of {workspace!r}"
-        found = await self._copied_guest(workspace, action)
+        found = await self._copied_guest(workspace, action, "ask again")
         if found is None:
             return False
         dom, meta = found
