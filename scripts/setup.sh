@@ -75,5 +75,7 @@ fi
 # --- engines -----------------------------------------------------------------
 if ((start_engines)); then
     bash "$ROOT/scripts/engines.sh" start
+    # The Debian image of the editor tests (ssh -L/-R/-A, sftp, rsync, git), once.
+    bash "$ROOT/scripts/build-test-image.sh"
 fi
 log "done"

@@ -330,3 +330,85 @@ def test_agent_forwarding_only_when_asked(
         timeout=60,
     )  # fmt: skip
     assert plain.stdout.strip() == "none", plain.stderr
+
+
+# -- programs of the image through exec: rsync, git; VS Code's own sequence ------------
+
+
+def test_rsync_and_git_over_ssh(editor: Editor, ws: str, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("alpha\n")
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(200_000))
+    rsh = f"ssh -F {editor.config} -o BatchMode=yes"
+    run = subprocess.run(
+        ["rsync", "-a", "-e", rsh, f"{tree}/", f"{ws}:/tmp/tree/"],
+        env=editor.env.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    back = tmp_path / "back"
+    run = subprocess.run(
+        ["rsync", "-a", "-e", rsh, f"{ws}:/tmp/tree/", f"{back}/"],
+        env=editor.env.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (back / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
+
+    # git: a bare repository inside, pushed to and cloned from over `NAME.vendetta`.
+    made = editor.ssh(ws, "rm -rf /tmp/repo.git && git init -q --bare /tmp/repo.git")
+    assert made.returncode == 0, made.stderr
+    ident = (("NAME", "t"), ("EMAIL", "t@e"))
+    who = {f"GIT_{role}_{k}": v for role in ("AUTHOR", "COMMITTER") for k, v in ident}
+    git_env = {**editor.env.env, "GIT_SSH_COMMAND": rsh, **who}
+    work = tmp_path / "work"
+
+    def git(*args: str, cwd: Path = tmp_path) -> None:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, env=git_env, capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+
+    git("init", "-q", "-b", "main", str(work))
+    (work / "README").write_text("pushed over ssh\n")
+    git("add", "README", cwd=work)
+    git("commit", "-q", "-m", "first", cwd=work)
+    git("push", "-q", f"{ws}:/tmp/repo.git", "main", cwd=work)
+    git("clone", "-q", "-b", "main", f"{ws}:/tmp/repo.git", str(tmp_path / "clone"))
+    assert (tmp_path / "clone" / "README").read_text() == "pushed over ssh\n"
+
+
+def test_vscode_remote_ssh_sequence(editor: Editor, ws: str) -> None:
+    """What VS Code's Remote-SSH does, as far as it runs offline: `ssh -T -D PORT HOST
+    bash`, a script on stdin that starts a server inside and prints its port, then
+    connections to that port through the SOCKS forward of the same ssh."""
+    port = free_port()
+    script = (
+        "mkdir -p /tmp/vsc && echo vscode-server-ok > /tmp/vsc/index.html\n"
+        "setsid python3 -u -m http.server 0 --bind 127.0.0.1 --directory /tmp/vsc"
+        " >/tmp/vsc/log 2>&1 </dev/null &\n"
+        "for i in $(seq 100); do p=$(grep -o 'port [0-9]*' /tmp/vsc/log | cut -d' ' -f2);"
+        ' [ -n "$p" ] && break; sleep 0.1; done\n'
+        'echo "listeningOn==$p=="\n'
+    )
+    proc = subprocess.Popen(
+        ["ssh", "-F", str(editor.config), "-o", "BatchMode=yes", "-T", "-D", str(port), ws,
+         "bash"],
+        env=editor.env.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(script)
+        proc.stdin.flush()  # stdin stays open, as VS Code keeps it
+        line = proc.stdout.readline()
+        assert line.startswith("listeningOn=="), line
+        inside = int(line.strip().split("==")[1])
+        page = wait_for(
+            "the server through the SOCKS forward",
+            lambda: _get(f"http://127.0.0.1:{inside}/", proxy=f"127.0.0.1:{port}"),
+            within=60,
+        )
+        assert page == b"vscode-server-ok\n"
+    finally:
+        _stop(proc)
