@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 
 import grpc
@@ -73,7 +74,24 @@ def check_config(
     host, port = parse_listen(listen)
     if cert_file is not None and key_file is not None:
         tls.load_pair(cert_file, key_file)
+    if port:
+        _check_free(host, port)
     return ListenConfig(host, port, cert_file, key_file)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Before the coordinator starts: an address in use, or not this machine's, is one
+    line here rather than a failed start (gRPC only says "Failed to bind")."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another address "
+            "or port (port 0 picks a free one)"
+        ) from None
 
 
 class _Health(HealthServicer):  # type: ignore[misc]  # grpcio-health-checking is untyped
@@ -128,8 +146,8 @@ class Listener:
         credentials = grpc.ssl_server_credentials([(key, cert)])
         try:
             port = self.server.add_secure_port(f"{host}:{c.port}", credentials)
-        except RuntimeError as exc:  # gRPC says "Failed to bind" this way
-            raise InvalidArgumentError(f"cannot listen on {host}:{c.port}: {exc}") from None
+        except RuntimeError:  # gRPC says "Failed to bind" this way
+            port = 0
         if not port:
             raise InvalidArgumentError(
                 f"cannot listen on {host}:{c.port}: the address is in use or not this machine's"

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from common.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError, VendettaError
 from common.paths import vendetta_home
 from coordinator.listener import check_config
 from coordinator.server import serve
@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     agent_args = ["--docker-host", args.docker_host] if args.docker_host else []
     home = (args.home or vendetta_home()).absolute()
-    asyncio.run(serve(home, agent_args, args.node_grace, listen))
+    try:
+        asyncio.run(serve(home, agent_args, args.node_grace, listen))
+    except VendettaError as exc:  # e.g. the listener's address taken since it was checked
+        logging.getLogger("vendetta.coordinator").error("%s", exc.message)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -219,6 +220,12 @@ def test_listen_addresses_must_be_given_whole() -> None:
         check_config("127.0.0.1:0", Path("c"), None)
     with pytest.raises(InvalidArgumentError, match="need --listen"):
         check_config(None, Path("c"), Path("k"))
+    with socket.socket() as taken:  # said before the coordinator starts, in words
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InvalidArgumentError, match="Address already in use"):
+            check_config(f"127.0.0.1:{port}", None, None)
 
 
 async def test_state_from_before_tokens_opens(tmp_path: Path) -> None:
