@@ -58,16 +58,20 @@ def check_call(record: TokenRecord, rule: Rule, method: str) -> None:
         )
 
 
+def check_workspace(record: TokenRecord, name: str) -> None:
+    """An operate token limited to some workspaces acts on those only."""
+    if record.workspaces and not record.grants("admin") and name not in record.workspaces:
+        raise PermissionDeniedError(
+            f"token {record.name!r} may operate only on workspace(s) "
+            f"{', '.join(record.workspaces)}, not {name[:63]!r}"
+        )
+
+
 def check_request(record: TokenRecord, rule: Rule, method: str, request: Any) -> None:
     """What a call asks for, beyond its method: the workspace it names, and nothing
     on the coordinator's own disk."""
-    if rule.workspace and record.workspaces and not record.grants("admin"):
-        name = _field(request, rule.workspace)
-        if name not in record.workspaces:
-            raise PermissionDeniedError(
-                f"token {record.name!r} may operate only on workspace(s) "
-                f"{', '.join(record.workspaces)}, not {name[:63]!r}"
-            )
+    if rule.workspace:
+        check_workspace(record, _field(request, rule.workspace))
     source = getattr(request, "source", "") if method.endswith("/CreateWorkspace") else ""
     if source and not source.startswith("https://"):
         # A folder (or file:// or ssh URL) would be read with the coordinator owner's
@@ -77,6 +81,21 @@ def check_request(record: TokenRecord, rule: Rule, method: str, request: Any) ->
             "folder or another URL on the coordinator's machine: give --source "
             "https://... or --no-source"
         )
+
+
+async def authorize(
+    tokens: TokenService, token: str, scope: str, what: str, workspace: str = ""
+) -> TokenRecord:
+    """The same checks for another front door (e.g. MCP over HTTP): the token's record
+    if it may do ``what`` with ``scope`` (on ``workspace``, for operate), else
+    UnauthenticatedError or PermissionDeniedError saying why."""
+    if not token:
+        raise UnauthenticatedError("no token: send `authorization: Bearer TOKEN`")
+    record = await tokens.authenticate(token)
+    check_call(record, Rule(scope), what)
+    if scope == "operate":
+        check_workspace(record, workspace)
+    return record
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -20,7 +20,7 @@ from common.errors import (
 )
 from common.remote import Target, normalize_fingerprint, parse_url
 from coordinator import scopes, tls
-from coordinator.auth import bearer, check_call, check_request
+from coordinator.auth import authorize, bearer, check_call, check_request
 from coordinator.store import SqliteStore
 from coordinator.tokens import TokenRecord, TokenService, UnauthenticatedError, parse
 from vendetta.v1 import common_pb2, coordinator_pb2
@@ -241,3 +241,15 @@ async def test_state_from_before_tokens_opens(tmp_path: Path) -> None:
     _, token = await service.create("after", ["read"], [], 0, created_by="socket")
     assert (await service.authenticate(token)).name == "after"
     await service.store.close()
+
+
+async def test_authorize_holds_other_front_doors_to_the_same_rules(service: TokenService) -> None:
+    _, limited = await service.create("lim", ["operate"], ["api"], 0, created_by="socket")
+    record = await authorize(service, limited, "operate", "run", "api")
+    assert record.name == "lim"
+    with pytest.raises(PermissionDeniedError, match="only on workspace"):
+        await authorize(service, limited, "operate", "run", "web")
+    with pytest.raises(PermissionDeniedError, match="run needs admin"):
+        await authorize(service, limited, "admin", "run")
+    with pytest.raises(UnauthenticatedError, match="no token"):
+        await authorize(service, "", "read", "list")
