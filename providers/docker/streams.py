@@ -12,6 +12,7 @@ import functools
 import re
 import socket
 import struct
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,6 +137,68 @@ def _record_batches(frames: Iterator[list[tuple[int, bytes]]]) -> Iterator[list[
             yield records
 
 
+def _socket_frames(sock: socket.socket, buf: bytearray) -> Iterator[list[tuple[int, bytes]]]:
+    """Docker's frames from a close-delimited body: every complete frame of each recv."""
+    while True:
+        pos = 0
+        batch: list[tuple[int, bytes]] = []
+        while len(buf) - pos >= _FRAME_HEADER.size:
+            stream_id, length = _FRAME_HEADER.unpack_from(buf, pos)
+            end = pos + _FRAME_HEADER.size + length
+            if end > len(buf):
+                break
+            batch.append((stream_id, bytes(buf[pos + _FRAME_HEADER.size : end])))
+            pos = end
+        del buf[:pos]
+        if batch:
+            yield batch
+        chunk = sock.recv(_RECV)
+        if not chunk:
+            return
+        buf += chunk
+
+
+_RECV = 256 * 1024
+
+
+def _open_raw_logs(
+    api: Any, path: str, params: dict[str, str | int]
+) -> tuple[Iterator[list[tuple[int, bytes]]], Closer] | None:
+    """The logs request over the engine's unix socket as HTTP/1.0, or None to use requests.
+
+    Docker answers a followed log with one HTTP chunk per line; read through
+    urllib3 that is one read (and one hand-over to the loop) per line, which
+    capped `workspace logs -f` near 35,000 lines/s. An HTTP/1.0 request gets a
+    body that simply runs until the connection closes, so one recv takes every
+    line that has arrived. Only for an engine on a unix socket answering 200;
+    anything else goes the requests way (which raises the engine's own errors).
+    """
+    socket_path = getattr(getattr(api, "_custom_adapter", None), "socket_path", None)
+    if not isinstance(socket_path, str) or not api.base_url.startswith("http+docker://"):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+        query = urllib.parse.urlencode(params)
+        sock.sendall(f"GET {path}?{query} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+        head = bytearray()
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(_RECV)
+            if not chunk or len(head) > 65536:
+                sock.close()
+                return None
+            head += chunk
+        header, _, body = bytes(head).partition(b"\r\n\r\n")
+        status = header.split(b"\r\n", 1)[0].split()
+        if len(status) < 2 or status[1] != b"200":
+            sock.close()
+            return None
+    except OSError:
+        sock.close()
+        return None
+    return _socket_frames(sock, bytearray(body)), functools.partial(shutdown_socket, sock)
+
+
 def open_log_records(
     api: Any, container_id: str, *, follow: bool, tail: int | None, since_unix_nano: int
 ) -> tuple[Iterator[list[LogRecord]], Closer]:
@@ -157,7 +220,11 @@ def open_log_records(
     if since_unix_nano > 0:
         seconds, nanos = divmod(since_unix_nano, 1_000_000_000)
         params["since"] = f"{seconds}.{nanos:09d}"
-    url = f"{api.base_url}/v{api.api_version}/containers/{container_id}/logs"
+    path = f"/v{api.api_version}/containers/{container_id}/logs"
+    raw = _open_raw_logs(api, path, params)
+    if raw is not None:
+        return _record_batches(raw[0]), raw[1]
+    url = f"{api.base_url}{path}"
     # timeout=None: a followed log may be silent for hours.
     response = api.get(url, params=params, stream=True, timeout=None)
     _raise_for_status(response)
@@ -183,6 +250,18 @@ def _epoch_seconds(head: str, zone: str) -> int:
 
 def parse_timestamp(text: str) -> tuple[int, str] | None:
     """Split Docker's RFC3339Nano prefix off ``text``: (unix nanoseconds, rest) or None."""
+    # Docker's own form, UTC with a fraction, without the regex (per line, so it counts).
+    end = text.find("Z", 20, 30)
+    if end > 0 and text[19] == "." and text[end + 1 : end + 2] in (" ", ""):
+        fraction = text[20:end]
+        if fraction.isdigit() and text[4] == "-" and text[10] == "T":
+            try:
+                seconds = _epoch_seconds(text[:19], "Z")
+            except ValueError:
+                pass
+            else:
+                nanos = int(fraction) * 10 ** (9 - len(fraction))
+                return seconds * 1_000_000_000 + nanos, text[end + 2 :]
     match = _TIMESTAMP.match(text)
     if match is None:
         return None
