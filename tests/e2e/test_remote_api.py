@@ -88,6 +88,17 @@ def shared() -> Iterator[Shared]:
         )
 
 
+def test_server_start_says_what_it_listens_on(shared: Shared) -> None:
+    # First: a source edit meanwhile (a new build id) would make start replace it.
+    e = shared.env
+    again = e.cli("server", "start", "--listen", "127.0.0.1:0").stdout
+    assert "already running" in again and f"TLS listener {shared.address}, this machine" in again
+    out = e.fails("server", "start", "--listen", "127.0.0.2:0")
+    assert f"already runs with its listener on {shared.address}" in out
+    assert "give HOST:PORT" in e.fails("server", "start", "--listen", "7443")
+    assert "--tls-cert and --tls-key" in e.fails("server", "start", "--tls-cert", "/nonexistent")
+
+
 def _channel(s: Shared, root: bytes | None = None) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(root_certificates=root or s.cert)
     return grpc.secure_channel(
@@ -261,6 +272,8 @@ def test_the_cli_elsewhere_drives_a_docker_workspace(shared: Shared) -> None:
     reader = _remote_env(shared, "read")
     shown += _ok(reader, "workspace", "list")
     shown += _ok(reader, "node", "list", "--json")
+    shown += _ok(reader, "node", "status", "local")  # every read command works with read
+    shown += _ok(reader, "cluster", "status")
     out = _fails(reader, "workspace", "create", OPERATE_ON, "--no-source")
     assert "needs operate" in out and "--scope operate" in out
     shown += out
@@ -328,13 +341,3 @@ def test_the_cli_elsewhere_drives_a_docker_workspace(shared: Shared) -> None:
     key = home / "tls" / "key.pem"
     assert os.stat(key).st_mode & 0o777 == 0o600
     assert os.stat(home / "state.db").st_mode & 0o777 == 0o600
-
-
-def test_server_start_says_what_it_listens_on(shared: Shared) -> None:
-    e = shared.env
-    again = e.cli("server", "start", "--listen", "127.0.0.1:0").stdout
-    assert "already running" in again and f"TLS listener {shared.address}, this machine" in again
-    out = e.fails("server", "start", "--listen", "127.0.0.2:0")
-    assert f"already runs with its listener on {shared.address}" in out
-    assert "give HOST:PORT" in e.fails("server", "start", "--listen", "7443")
-    assert "--tls-cert and --tls-key" in e.fails("server", "start", "--tls-cert", "/nonexistent")
