@@ -122,3 +122,47 @@ def register(app: typer.Typer) -> None:
         (vendetta/NAME) here, or a folder's changed files (refusing to overwrite files
         changed here as well, unless --force)."""
         _transfer(name, pull=True, force=force, json_=json_)
+
+    @app.command()
+    def rebuild(
+        name: Name,
+        force: Annotated[
+            bool,
+            typer.Option(help="QEMU: copy the source in again, losing what changed inside."),
+        ] = False,
+        json_: Json = False,
+    ) -> None:
+        """Recreate the workspace's environment with the config in its source (a new
+        image, provider, resources, ports, workdir or user), keeping /workspace and its
+        branch; a running workspace is started again."""
+        _rebuild(name, force, json_)
+
+
+def _rebuild(name: str, force: bool, json_: bool) -> None:
+    from cli.client import request_id
+    from cli.output import styled
+    from cli.workspace import _with_progress, services_table, state_of
+
+    async def go() -> pb.Workspace:
+        async with coordinator() as c:
+            return await _with_progress(
+                c,
+                name,
+                f"Rebuilding workspace {name}...",
+                lambda: c.RebuildWorkspace(
+                    pb.WorkspaceRequest(name=name, request_id=request_id(), force=force)
+                ),
+            )
+
+    ws = run(go())
+    if json_:
+        print_json(as_dict(ws))
+        return
+    out.print(
+        f"workspace [bold]{ws.name}[/bold] rebuilt on node {ws.node} ({ws.provider}, image "
+        f"{ws.image}): {styled(state_of(ws))}"
+    )
+    if ws.services:
+        out.print(services_table(ws))
+    for line in source_lines(ws):
+        out.print(line)

@@ -153,3 +153,6 @@ class WorkspaceRecord:
     updated_unix_nano: int = field(default_factory=time.time_ns)
     setup_done: bool = False  # the config's setup hook ran (once, at the first up)
     source: WorkspaceSource = field(default_factory=WorkspaceSource)
+    # The config its environment was made from, when `up` took a newer one that needs
+    # a rebuild ("": config_yaml).
+    built_yaml: str = ""

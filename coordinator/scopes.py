@@ -40,6 +40,7 @@ METHODS: dict[str, Rule] = {
     # workspaces
     "CreateWorkspace": _OPERATE_NAME,
     "UpWorkspace": _OPERATE_NAME,
+    "RebuildWorkspace": _OPERATE_NAME,
     "DownWorkspace": _OPERATE_NAME,
     "DestroyWorkspace": _OPERATE_NAME,
     "GetWorkspace": _READ,

@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from common.errors import InvalidArgumentError, NotFoundError
 from common.names import validate_name
 from common.version import build_id
-from coordinator import dial, images
+from coordinator import dial, images, rebuild
 from coordinator.convert import (
     node_to_pb,
     service_status_to_pb,
@@ -222,6 +222,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             return workspace_to_pb(ws, self.workspaces.service_statuses(ws.name))
 
         return await self._once(request.request_id, "UpWorkspace", pb.Workspace, run)
+
+    async def RebuildWorkspace(self, request: pb.WorkspaceRequest, context: Ctx) -> pb.Workspace:
+        async def run() -> pb.Workspace:
+            ws = await rebuild.rebuild(self.workspaces, request.name, request.force)
+            return workspace_to_pb(ws, self.workspaces.service_statuses(ws.name))
+
+        return await self._once(request.request_id, "RebuildWorkspace", pb.Workspace, run)
 
     async def DownWorkspace(self, request: pb.WorkspaceRequest, context: Ctx) -> pb.Workspace:
         async def run() -> pb.Workspace:

@@ -114,7 +114,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL,
     setup_done INTEGER NOT NULL DEFAULT 0,
-    source TEXT NOT NULL DEFAULT ''
+    source TEXT NOT NULL DEFAULT '',
+    built_yaml TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS ports (
     workspace TEXT NOT NULL,
@@ -164,6 +165,10 @@ class SqliteStore(Store):
             if "source" not in columns:  # state from before workspaces had a source
                 self._db.execute(
                     "ALTER TABLE workspaces ADD COLUMN source TEXT NOT NULL DEFAULT ''"
+                )
+            if "built_yaml" not in columns:  # state from before rebuild
+                self._db.execute(
+                    "ALTER TABLE workspaces ADD COLUMN built_yaml TEXT NOT NULL DEFAULT ''"
                 )
             node_columns = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
             if "grace" not in node_columns:  # state from before per-node grace periods
@@ -233,7 +238,8 @@ class SqliteStore(Store):
                 db.execute(
                     "INSERT INTO workspaces (name, node, provider, image, config_yaml, "
                     "config_path, desired, observed, detail, environment_id, addresses, created, "
-                    "updated, setup_done, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "updated, setup_done, source, built_yaml) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _ws_row(ws),
                 )
             except sqlite3.IntegrityError as exc:
@@ -248,7 +254,7 @@ class SqliteStore(Store):
             lambda db: db.execute(
                 "UPDATE workspaces SET node=?, provider=?, image=?, config_yaml=?, config_path=?, "
                 "desired=?, observed=?, detail=?, environment_id=?, addresses=?, created=?, "
-                "updated=?, setup_done=?, source=? WHERE name=?",
+                "updated=?, setup_done=?, source=?, built_yaml=? WHERE name=?",
                 (*row[1:], row[0]),
             )
         )
@@ -391,6 +397,7 @@ def _ws_row(ws: WorkspaceRecord) -> tuple[Any, ...]:
         ws.updated_unix_nano,
         int(ws.setup_done),
         json.dumps(dataclasses.asdict(ws.source)) if ws.source.kind else "",
+        ws.built_yaml,
     )
 
 
@@ -411,6 +418,7 @@ def _ws(r: sqlite3.Row) -> WorkspaceRecord:
         updated_unix_nano=r["updated"],
         setup_done=bool(r["setup_done"]),
         source=_source(r["source"]),
+        built_yaml=r["built_yaml"],
     )
 
 

@@ -27,7 +27,7 @@ from common.errors import (
 from common.events import EventBus
 from common.names import validate_name
 from common.paths import vendetta_home
-from coordinator import services
+from coordinator import rebuild, services
 from coordinator.agent_client import AgentClient, NodeLostError
 from coordinator.models import (
     LOCAL_NODE,
@@ -190,8 +190,17 @@ class WorkspaceService:
             return ws
 
     async def up(self, name: str) -> WorkspaceRecord:
+        try:
+            return await self._up(name)
+        except VendettaError as exc:  # says what applies a fix
+            if (told := rebuild.explained(name, exc)) is exc:
+                raise
+            raise told from exc
+
+    async def _up(self, name: str) -> WorkspaceRecord:
         async with self.lock(name), self._outcome_unknown(name, "up"):
             ws = await self.get(name)
+            await rebuild.refresh(self, ws)  # the config in its source, and what changed
             conn = self.nodes.get(ws.node)
             client = await conn.client()
             self.ports.check_pinned(ws.name, pinned_ports(config_of(ws)))
@@ -429,8 +438,8 @@ def observe(ws: WorkspaceRecord, env: Environment) -> None:
     if env.state == EnvironmentState.ABSENT:
         ws.observed = WorkspaceState.ERROR
         ws.detail = (
-            f"its environment is missing on node {ws.node}: recreate it with "
-            f"`vendetta workspace destroy {ws.name}` then `create`"
+            f"its environment is missing on node {ws.node}: make a new one with "
+            f"`vendetta workspace rebuild {ws.name}` (or `vendetta workspace destroy {ws.name}`)"
         )
         return
     ws.observed = _ENV_STATE.get(env.state, WorkspaceState.UNKNOWN)

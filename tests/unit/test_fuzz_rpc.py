@@ -123,6 +123,7 @@ DRIVERS: dict[str, Driver] = {
         {"source": SOURCE, "config_yaml": CONFIG}, "a git URL would be cloned"
     ),
     "Coordinator/UpWorkspace": _plain(),
+    "Coordinator/RebuildWorkspace": _plain(),
     "Coordinator/DownWorkspace": _plain(),
     "Coordinator/DestroyWorkspace": _plain(),
     "Coordinator/GetWorkspace": _plain(),

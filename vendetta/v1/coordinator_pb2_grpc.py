@@ -97,6 +97,11 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.Workspace.FromString,
                 _registered_method=True)
+        self.RebuildWorkspace = channel.unary_unary(
+                '/vendetta.v1.Coordinator/RebuildWorkspace',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.Workspace.FromString,
+                _registered_method=True)
         self.DownWorkspace = channel.unary_unary(
                 '/vendetta.v1.Coordinator/DownWorkspace',
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.SerializeToString,
@@ -268,6 +273,15 @@ class CoordinatorServicer:
 
     def UpWorkspace(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RebuildWorkspace(self, request, context):
+        """A new environment with the workspace's current config, keeping its source
+        (/workspace and its branch); started again if it was running. force: a source
+        copied into the old environment (QEMU) is copied in again, what changed inside lost.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -452,6 +466,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             ),
             'UpWorkspace': grpc.unary_unary_rpc_method_handler(
                     servicer.UpWorkspace,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.Workspace.SerializeToString,
+            ),
+            'RebuildWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebuildWorkspace,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.Workspace.SerializeToString,
             ),
@@ -870,6 +889,33 @@ class Coordinator:
             request,
             target,
             '/vendetta.v1.Coordinator/UpWorkspace',
+            vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.Workspace.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebuildWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/RebuildWorkspace',
             vendetta_dot_v1_dot_coordinator__pb2.WorkspaceRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.Workspace.FromString,
             options,

@@ -56,6 +56,11 @@ class CoordinatorStub:
     CreateWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CreateWorkspaceRequest, _coordinator_pb2.Workspace]
     """Workspaces. Mutations are idempotent; request_id makes retries take effect once."""
     UpWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.Workspace]
+    RebuildWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.Workspace]
+    """A new environment with the workspace's current config, keeping its source
+    (/workspace and its branch); started again if it was running. force: a source
+    copied into the old environment (QEMU) is copied in again, what changed inside lost.
+    """
     DownWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.Workspace]
     DestroyWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.DestroyWorkspaceResponse]
     GetWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetWorkspaceRequest, _coordinator_pb2.Workspace]
@@ -119,6 +124,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     CreateWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CreateWorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
     """Workspaces. Mutations are idempotent; request_id makes retries take effect once."""
     UpWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
+    RebuildWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
+    """A new environment with the workspace's current config, keeping its source
+    (/workspace and its branch); started again if it was running. force: a source
+    copied into the old environment (QEMU) is copied in again, what changed inside lost.
+    """
     DownWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
     DestroyWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WorkspaceRequest, _coordinator_pb2.DestroyWorkspaceResponse]  # type: ignore[assignment]
     GetWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetWorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
@@ -251,6 +261,17 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.WorkspaceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.Workspace, _abc.Awaitable[_coordinator_pb2.Workspace]]: ...
+
+    @_abc_1.abstractmethod
+    def RebuildWorkspace(
+        self,
+        request: _coordinator_pb2.WorkspaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.Workspace, _abc.Awaitable[_coordinator_pb2.Workspace]]:
+        """A new environment with the workspace's current config, keeping its source
+        (/workspace and its branch); started again if it was running. force: a source
+        copied into the old environment (QEMU) is copied in again, what changed inside lost.
+        """
 
     @_abc_1.abstractmethod
     def DownWorkspace(
