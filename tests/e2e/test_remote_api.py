@@ -11,6 +11,7 @@ token is written or printed anywhere.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import time
@@ -341,3 +342,80 @@ def test_the_cli_elsewhere_drives_a_docker_workspace(shared: Shared) -> None:
     key = home / "tls" / "key.pem"
     assert os.stat(key).st_mode & 0o777 == 0o600
     assert os.stat(home / "state.db").st_mode & 0o777 == 0o600
+
+
+def _ca_signed(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate and key it signed for 127.0.0.1: the user's own pair."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test CA"))
+        .issuer_name(name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name("coordinator"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    paths[2].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    os.chmod(paths[2], 0o600)
+    return paths
+
+
+def test_the_users_own_certificate_verified_by_its_ca() -> None:
+    with cli_env(prefix="vd-tlsca-") as e:
+        ca, cert, key = _ca_signed(e.home)
+        e.cli(
+            "server",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+        )
+        info = e.json("server", "status")
+        assert not (Path(e.env["VENDETTA_HOME"]) / "tls").exists()  # no self-signed pair made
+        env = dict(e.env)
+        env["VENDETTA_HOME"] = str(e.home / "elsewhere")
+        env["VENDETTA_URL"] = f"vendetta://{info['listen']}"
+        env["VENDETTA_TOKEN"] = e.cli("token", "create").stdout.strip()
+        assert "does not trust" in _fails(env, "workspace", "list")  # not a CA of this machine
+        env["VENDETTA_TLS_CA"] = str(ca)
+        assert "no workspaces" in _ok(env, "workspace", "list")
+        env.pop("VENDETTA_TLS_CA")
+        env["VENDETTA_TLS_FINGERPRINT"] = info["tls_fingerprint"]  # or pinned, without the CA
+        assert "no workspaces" in _ok(env, "workspace", "list")
