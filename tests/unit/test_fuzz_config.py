@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+import pytest
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from hypothesis import HealthCheck, example, given, settings
@@ -35,6 +36,8 @@ from common.errors import ConfigError
 from tests.support.proto_strategies import odd_text
 
 EXAMPLES = int(os.environ.get("VENDETTA_FUZZ_EXAMPLES", "10"))
+# The 20,000-character strings are meant; hypothesis warns about their repr.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 VENDETTA = Path(sys.executable).parent / "vendetta"
 MAX_MESSAGE = 4000  # characters: up to 20 problems, each a line
 

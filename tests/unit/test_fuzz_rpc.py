@@ -17,10 +17,14 @@ Budget: VENDETTA_FUZZ_EXAMPLES examples per method (default 10); e.g.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,6 +46,8 @@ from vendetta.v1 import common_pb2, coordinator_pb2, nodeagent_pb2
 from vendetta.v1 import coordinator_pb2 as pb
 
 EXAMPLES = int(os.environ.get("VENDETTA_FUZZ_EXAMPLES", "10"))
+# The 20,000-character strings are meant; hypothesis warns about their repr.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 COORDINATOR = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
 AGENT = nodeagent_pb2.DESCRIPTOR.services_by_name["NodeAgent"]
 NODES = ("local", "node1", "node2")
@@ -52,9 +58,13 @@ HOST_KEY = ssh_public_key_line()
 
 # Loopback only, or strings that fail before any lookup (no DNS query leaves the machine).
 LOOPBACK = st.sampled_from(["127.0.0.1", "::1", "", "a\x00b", "x" * 20_000, "-oProxyCommand=id"])
-# Never a git URL (a clone would reach the network); folders that do not exist, or /tmp.
+# Never a git URL (a clone would reach the network); folders that do not exist, or a
+# small one of our own (a folder is copied to the node: never /tmp or the like).
+SOURCE_DIR = tempfile.mkdtemp(prefix="vd-fuzz-src-")
+Path(SOURCE_DIR, "README").write_text("a workspace's source\n")
+atexit.register(shutil.rmtree, SOURCE_DIR, True)
 SOURCE = st.one_of(
-    st.sampled_from(["", "/tmp", "/nonexistent-vd-fuzz", "file:///nonexistent-vd-fuzz"]),
+    st.sampled_from(["", SOURCE_DIR, "/nonexistent-vd-fuzz", "file:///nonexistent-vd-fuzz"]),
     TEXT.filter(lambda s: not is_url(s)),
 )
 KEY = st.one_of(st.just(HOST_KEY), TEXT)
@@ -142,6 +152,9 @@ DRIVERS: dict[str, Driver] = {
     "Coordinator/CreateToken": _plain("kept in the coordinator's state"),
     "Coordinator/ListTokens": _plain(),
     "Coordinator/RevokeToken": _plain(),
+    "Coordinator/ListOrphans": _plain(),
+    "Coordinator/AdoptWorkspace": _plain("takes over an environment no record owns"),
+    "Coordinator/CleanNode": _plain("removes only environments no record owns"),
     "NodeAgent/Info": _plain(),
     "NodeAgent/Heartbeat": _plain(),
     "NodeAgent/Sink": _plain(),
