@@ -130,6 +130,7 @@ class Reconciler:
             # (commands hold the lock throughout): they are what a crash left behind.
             if ws.observed == WorkspaceState.DESTROYING:
                 await client.destroy(ws.name, ws.provider)
+                await self.workspaces.sources.remove(ws, client)  # the node's copy too
                 await self.workspaces.forget(ws, "destroyed (finished by the reconciler)")
                 return
             env = await client.inspect(ws.name, ws.provider)
@@ -137,6 +138,7 @@ class Reconciler:
                 if env.state == EnvironmentState.ABSENT:
                     # Whatever the agent may still be making for it goes too.
                     await client.destroy(ws.name, ws.provider)
+                    await self.workspaces.sources.remove(ws, client)
                     await self.workspaces.forget(ws, "create rolled back by the reconciler")
                     return
                 observe(ws, env)
