@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import tempfile
@@ -104,7 +105,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         self, request: nodeagent_pb2.StopEnvironmentRequest, context: Ctx
     ) -> nodeagent_pb2.Environment:
         provider = self.providers.get(request.provider)
-        timeout = request.timeout_seconds or 10.0
+        timeout = _stop_timeout(request.timeout_seconds)
         await self.services.stop(request.workspace, timeout)
         return convert.status_to_pb(await provider.stop(request.workspace, timeout))
 
@@ -199,7 +200,8 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         self, request: nodeagent_pb2.StopServicesRequest, context: Ctx
     ) -> nodeagent_pb2.ServicesStatus:
         sup = self.services.existing(request.workspace)
-        statuses = await sup.stop(request.timeout_seconds or 10.0) if sup else []
+        timeout = _stop_timeout(request.timeout_seconds)
+        statuses = await sup.stop(timeout) if sup else []
         return nodeagent_pb2.ServicesStatus(
             workspace=request.workspace,
             services=[convert.service_status_to_pb(s) for s in statuses],
@@ -328,6 +330,14 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         ):
             for out in _exec_outputs(chunk):
                 yield out
+
+
+def _stop_timeout(seconds: float) -> float:
+    """A stop's grace period (0: the default). NaN and infinity passed the providers'
+    `timeout < 0` check, then Docker's math.ceil raised ValueError (found by fuzzing)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"a stop timeout is 0 or more seconds, not {seconds}")
+    return seconds or 10.0
 
 
 # How long a session that has ended waits for its client to end its input.

@@ -320,6 +320,21 @@ REGRESSIONS: list[tuple[ServiceDescriptor, str, Message, grpc.StatusCode]] = [
         nodeagent_pb2.EnvironmentRequest(workspace="ws1", provider="x" * 20_000),
         INVALID,
     ),
+    # NaN and infinity passed `timeout < 0`; Docker's math.ceil then raised ValueError.
+    (
+        AGENT,
+        "StopEnvironment",
+        nodeagent_pb2.StopEnvironmentRequest(
+            workspace="ws1", provider="docker", timeout_seconds=float("nan")
+        ),
+        INVALID,
+    ),
+    (
+        AGENT,
+        "StopServices",
+        nodeagent_pb2.StopServicesRequest(workspace="ws1", timeout_seconds=float("inf")),
+        INVALID,
+    ),
     # Any handler that echoes its input: cut on the wire (common/rpc_errors.wire_message).
     (
         AGENT,
