@@ -146,19 +146,24 @@ def test_a_lingering_user_gets_a_unit_that_outlives_its_sessions(
     assert _user_systemctl(m, "is-active", UNIT) == "active"
     assert int(_user_systemctl(m, "show", "-p", "MainPID", "--value", UNIT)) == main
 
-    # Something the agent started outside environments (as QEMU under a session libvirt)
-    # lives in the unit's cgroup: stopping and starting the agent leaves it running.
+    # Something the agent's unit started outside environments (as QEMU under a session
+    # libvirt): a process of the node user in the unit's cgroup, from a drop-in's
+    # ExecStartPost. Stopping the agent, and starting it again, leaves it running.
+    dropin = f"/home/{USER}/.config/systemd/user/{UNIT}.d"
+    spawn = "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! >/tmp/child"
+    subprocess.run(
+        ["lxc", "file", "push", "-", f"{m.name}{dropin}/child.conf", "--create-dirs",
+         "--uid", "1000", "--gid", "1000"],
+        input=f"[Service]\nExecStartPost=/bin/sh -c '{spawn}'\n", text=True, check=True,
+        timeout=60,
+    )  # fmt: skip
+    m.exec("chown", f"{USER}:", dropin)
+    _user_systemctl(m, "daemon-reload")
+    _user_systemctl(m, "restart", UNIT)
+    child = m.exec("cat", "/tmp/child").strip()
     cgroup = _user_systemctl(m, "show", "-p", "ControlGroup", "--value", UNIT)
-    child = m.exec(
-        "sh", "-c",
-        "setsid sleep 1000 >/dev/null 2>&1 </dev/null & echo $!",
-    ).strip()  # fmt: skip
-    procs = m.exec(
-        "sh", "-c", f"ls -d /sys/fs/cgroup{cgroup} /sys/fs/cgroup/*{cgroup} 2>/dev/null; true"
-    )
-    for folder in procs.split():
-        m.exec("sh", "-c", f"echo {child} > {folder}/cgroup.procs")
-    assert cgroup in m.exec("cat", f"/proc/{child}/cgroup")
+    assert cgroup.endswith(f"/{UNIT}") and cgroup in m.exec("cat", f"/proc/{child}/cgroup")
+    wait_for("node sd2 ready", lambda: e.node("sd2")["state"] == "NODE_STATE_READY", within=120)
     stopped = _ssh(m, ".local/share/vendetta/agent/*/bin/python -m nodeagent.main stop")
     assert stopped.stdout.strip() == "stopped", stopped
     assert _agents(m) == []
@@ -173,6 +178,7 @@ def test_a_lingering_user_gets_a_unit_that_outlives_its_sessions(
     wait_for("node sd2 ready", lambda: e.node("sd2")["state"] == "NODE_STATE_READY", within=120)
     assert m.exec("sh", "-c", f"test -d /proc/{child} && echo alive").strip() == "alive"
     m.exec("kill", child)
+    m.exec("rm", "-r", dropin)
 
     removed = e.cli("node", "remove", "sd2", "--purge")
     assert "its agent and its state deleted" in removed.stdout, removed.stdout
