@@ -15,7 +15,7 @@ import grpc.aio
 import typer
 from rich.table import Table
 
-from cli import checks, node_test
+from cli import checks, node_test, orphans
 from cli.client import coordinator, request_id
 from cli.output import ago, as_dict, enum_name, err, out, plain, print_json, styled
 from cli.runner import run
@@ -251,13 +251,17 @@ def list_(
 def status(name: NodeName, json_: Json = False) -> None:
     """One node: state, agent, providers and their readiness."""
 
-    async def go() -> pb.Node:
+    async def go() -> tuple[pb.Node, list[pb.Orphan]]:
         async with coordinator() as c:
-            return await c.GetNode(pb.GetNodeRequest(name=name))
+            node = await c.GetNode(pb.GetNodeRequest(name=name))
+            ready = node.state == pb.NODE_STATE_READY
+            return node, (await orphans.list_orphans(c, name) if ready else [])
 
-    n = run(go())
+    n, found = run(go())
     if json_:
-        print_json(as_dict(n))
+        print_json(as_dict(n) | {"orphans": [as_dict(o) for o in found]})
+        if n.state != pb.NODE_STATE_READY:
+            raise typer.Exit(1)
         return
     out.print(f"[bold]{n.name}[/bold]: {styled(_state(n))}")
     out.print(
@@ -281,6 +285,8 @@ def status(name: NodeName, json_: Json = False) -> None:
         )
     if n.last_error:
         out.print(f"  last error {plain(n.last_error)}")
+    for line in orphans.orphan_lines(found, name):
+        out.print(line)
     if n.state != pb.NODE_STATE_READY:
         raise typer.Exit(1)
 
@@ -302,7 +308,10 @@ def remove(
     name: NodeName,
     force: Annotated[
         bool,
-        typer.Option(help="Also forget the node's workspaces (their environments stay)."),
+        typer.Option(
+            help="Also forget the node's workspaces (their environments stay: add the node "
+            "again and `vendetta node clean` removes them)."
+        ),
     ] = False,
     purge: Annotated[
         bool,
@@ -354,3 +363,6 @@ def upgrade(
         print_json([as_dict(u) for u in resp.nodes])
     if any(u.error for u in resp.nodes):
         raise typer.Exit(1)
+
+
+orphans.register_node(app)  # clean

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from cli import checks
 from cli.client import coordinator, request_id
+from cli.orphans import register_workspace as register_orphans
 from cli.output import ago, as_dict, enum_name, err, out, plain, print_error, print_json, styled
 from cli.project import DEFAULT_CONFIG
 from cli.runner import run
@@ -584,3 +585,4 @@ def exec_(
 
 
 register(app)  # push, pull
+register_orphans(app)  # adopt

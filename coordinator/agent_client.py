@@ -137,6 +137,14 @@ class AgentClient:
             )
         return environment_from_pb(env)
 
+    async def list_environments(self) -> list[Environment]:
+        """Every environment the agent has, on every ready provider."""
+        with self._mapped():
+            resp = await self._stub.ListEnvironments(
+                nodeagent_pb2.ListEnvironmentsRequest(), timeout=30.0
+            )
+        return [environment_from_pb(env) for env in resp.environments]
+
     async def exec(
         self, workspace: str, provider: str, argv: list[str], env: dict[str, str], workdir: str
     ) -> AsyncIterator[common_pb2.ExecOutput]:

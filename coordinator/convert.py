@@ -136,6 +136,7 @@ def environment_from_pb(env: nodeagent_pb2.Environment) -> Environment:
         detail=env.detail,
         source_mode=env.source_mode,
         workdir=env.workdir,
+        owner=env.owner,
     )
 
 

@@ -59,6 +59,7 @@ class Environment:
     detail: str = ""
     source_mode: str = ""  # "mounted" | "copied" | "": how the source is inside
     workdir: str = ""
+    owner: str = ""  # the coordinator that made it (its id); "": not labelled
 
 
 @dataclass

@@ -37,6 +37,11 @@ METHODS: dict[str, Rule] = {
     "UpgradeNodes": _ADMIN,
     "TrustNode": _ADMIN,
     "WatchNodes": _READ,
+    # orphans: environments on a node no workspace owns (maybe another coordinator's);
+    # `node status` lists them
+    "ListOrphans": _READ,
+    "AdoptWorkspace": _ADMIN,
+    "CleanNode": _ADMIN,
     # workspaces
     "CreateWorkspace": _OPERATE_NAME,
     "UpWorkspace": _OPERATE_NAME,

@@ -21,6 +21,7 @@ from coordinator.convert import (
     workspace_to_pb,
 )
 from coordinator.nodes import NodeRegistry
+from coordinator.orphans import OrphanRpcs
 from coordinator.service_nodes import NodeService
 from coordinator.store import Store
 from coordinator.workspaces import WorkspaceService
@@ -49,7 +50,7 @@ def _check_address(address: str, port: int) -> None:
         )
 
 
-class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+class CoordinatorServicer(OrphanRpcs, coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self,
         store: Store,

@@ -42,6 +42,7 @@ from coordinator.models import (
     WorkspaceState,
 )
 from coordinator.nodes import NodeRegistry
+from coordinator.orphans import coordinator_id, taken_advice
 from coordinator.ports import PortManager
 from coordinator.relays import ServiceRelays
 from coordinator.store import Store
@@ -75,6 +76,8 @@ class WorkspaceService:
         self.ports = PortManager(store, nodes)
         self.events: EventBus[WorkspaceEvent] = EventBus()
         self.relays = ServiceRelays(self.ports, self.publish)
+        # Labelled on every environment made, to tell this coordinator's from another's.
+        self.owner = coordinator_id(home or vendetta_home())
         # One operation at a time per workspace: up during destroy must not race.
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -150,6 +153,7 @@ class WorkspaceService:
                     f"name, or remove it first with `vendetta workspace destroy {name}`"
                 )
             spec = services.environment_spec(name, provider, cfg)
+            spec.owner = self.owner
             ws = WorkspaceRecord(
                 name=name,
                 node=node,
@@ -180,6 +184,8 @@ class WorkspaceService:
                 await self.sources.discard(ws, client)
                 ws.observed = WorkspaceState.DESTROYED
                 self.publish(ws, f"create failed: {exc}")
+                if isinstance(exc, AlreadyExistsError) and "already has an environment" in str(exc):
+                    raise AlreadyExistsError(taken_advice(name, node)) from exc  # no record here
                 raise
             ws.observed = WorkspaceState.STOPPED
             ws.environment_id = env.id

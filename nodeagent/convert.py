@@ -52,6 +52,7 @@ def spec_from_pb(pb: nodeagent_pb2.EnvironmentSpec) -> EnvironmentSpec:
         workdir=pb.workdir,
         user=pb.user,
         git_dir=pb.git_dir,
+        owner=pb.owner,
     )
 
 
@@ -67,6 +68,7 @@ def status_to_pb(st: EnvironmentStatus) -> nodeagent_pb2.Environment:
         ports=dict(st.ports),
         source_mode=st.source_mode,
         workdir=st.workdir,
+        owner=st.owner,
     )
 
 

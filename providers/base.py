@@ -33,6 +33,9 @@ LABEL_WORKSPACE = "vendetta.workspace"
 # got there: remembered by the provider so that ``inspect`` and later commands know.
 LABEL_WORKDIR = "vendetta.workdir"
 LABEL_SOURCE_MODE = "vendetta.source_mode"
+# The coordinator that asked for the environment (its id), so that one coordinator
+# tells its own leftovers from another's that shares the node's user.
+LABEL_OWNER = "vendetta.coordinator"
 
 # Where the source is inside when the spec names no workdir.
 DEFAULT_WORKDIR = "/workspace"
@@ -129,6 +132,8 @@ class EnvironmentSpec:
     # The git directory the source's .git file points into (a worktree's repository on
     # the node), mounted at the same path inside so git works there; "": none.
     git_dir: str = ""
+    # The id of the coordinator asking for it (LABEL_OWNER); "": not labelled.
+    owner: str = ""
 
     @property
     def source_workdir(self) -> str:
@@ -150,6 +155,7 @@ class EnvironmentStatus:
     # SOURCE_MOUNTED | SOURCE_COPIED | "" (no source), and where it is inside
     source_mode: str = ""
     workdir: str = ""
+    owner: str = ""  # LABEL_OWNER: the coordinator that made it ("": not labelled)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import docker.errors
 from providers.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
+    LABEL_OWNER,
     LABEL_SOURCE_MODE,
     LABEL_WORKDIR,
     LABEL_WORKSPACE,
@@ -30,8 +31,10 @@ ACTIVE_STATES = frozenset({"running", "paused", "restarting"})
 Info = dict[str, Any]  # what `docker inspect` says of a container
 
 
-def labels(agent_id: str, workspace: str, workdir: str = "") -> dict[str, str]:
+def labels(agent_id: str, workspace: str, workdir: str = "", owner: str = "") -> dict[str, str]:
     found = {LABEL_MANAGED: "true", LABEL_AGENT: agent_id, LABEL_WORKSPACE: workspace}
+    if owner:
+        found[LABEL_OWNER] = owner
     if workdir:  # the source is bind-mounted there
         found |= {LABEL_WORKDIR: workdir, LABEL_SOURCE_MODE: SOURCE_MOUNTED}
     return found
@@ -102,6 +105,7 @@ def status_of(provider: str, workspace: str, info: Mapping[str, Any]) -> Environ
         ports=_ports(info),
         source_mode=_label(info, LABEL_SOURCE_MODE),
         workdir=_label(info, LABEL_WORKDIR),
+        owner=_label(info, LABEL_OWNER),
     )
 
 

@@ -236,7 +236,7 @@ class DockerProvider(Provider):
                 command=command,
                 name=name,
                 hostname=workspace,
-                labels=containers.labels(self.agent_id, workspace, workdir),
+                labels=containers.labels(self.agent_id, workspace, workdir, spec.owner),
                 working_dir=workdir or None,
                 user=user or None,
                 environment=dict(spec.env),

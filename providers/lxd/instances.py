@@ -22,6 +22,7 @@ from common.errors import NotRunningError, VendettaError
 from providers.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
+    LABEL_OWNER,
     LABEL_WORKSPACE,
     EnvironmentSpec,
     EnvironmentStatus,
@@ -36,6 +37,7 @@ KEY_MANAGED = f"user.{LABEL_MANAGED}"
 KEY_AGENT = f"user.{LABEL_AGENT}"
 KEY_WORKSPACE = f"user.{LABEL_WORKSPACE}"
 KEY_COMMAND = "user.vendetta.command"
+KEY_OWNER = f"user.{LABEL_OWNER}"
 
 MAX_NAME = 63  # LXD instance names are hostnames
 # How long to retry an operation LXD refuses because another one runs on the instance.
@@ -152,6 +154,7 @@ def status_of(provider: str, workspace: str, info: Mapping[str, Any]) -> Environ
         ports=ports.published(info.get("devices") or {}) if status == "Running" else {},
         source_mode=str(config.get(KEY_SOURCE_MODE) or ""),
         workdir=str(config.get(KEY_WORKDIR) or ""),
+        owner=str(config.get(KEY_OWNER) or ""),
     )
 
 

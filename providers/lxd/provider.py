@@ -188,6 +188,8 @@ class LxdProvider(Provider):
         }
         if spec.command is not None:
             config[KEY_COMMAND] = json.dumps(list(spec.command))
+        if spec.owner:
+            config[instances.KEY_OWNER] = spec.owner
         name = self.instance_name(workspace)
         source_config, source_devices = source.create_fields(spec)
         host_ids = None

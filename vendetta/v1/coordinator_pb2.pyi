@@ -92,6 +92,159 @@ DESIRED_STATE_RUNNING: DesiredState.ValueType  # 2
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
 
 @_typing.final
+class Orphan(_message.Message):
+    """An environment on a node without a workspace of this coordinator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    MINE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    workspace: _builtins.str
+    """the workspace name it was made for"""
+    provider: _builtins.str
+    state: _builtins.str
+    """running | stopped | created | ..."""
+    id: _builtins.str
+    """the engine's id"""
+    image: _builtins.str
+    owner: _builtins.str
+    """the coordinator that made it ("": not labelled)"""
+    mine: _builtins.bool
+    """made by this coordinator"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        workspace: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        state: _builtins.str = ...,
+        id: _builtins.str = ...,
+        image: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        mine: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "image", b"image", "mine", b"mine", "node", b"node", "owner", b"owner", "provider", b"provider", "state", b"state", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Orphan: _TypeAlias = Orphan  # noqa: Y015
+
+@_typing.final
+class ListOrphansResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORPHANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def orphans(self) -> _containers.RepeatedCompositeFieldContainer[Global___Orphan]: ...
+    def __init__(
+        self,
+        *,
+        orphans: _abc.Iterable[Global___Orphan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orphans", b"orphans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOrphansResponse: _TypeAlias = ListOrphansResponse  # noqa: Y015
+
+@_typing.final
+class AdoptWorkspaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the orphan's workspace name"""
+    node: _builtins.str
+    provider: _builtins.str
+    """"": whichever provider has it"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node: _builtins.str = ...,
+        provider: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node", b"node", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdoptWorkspaceRequest: _TypeAlias = AdoptWorkspaceRequest  # noqa: Y015
+
+@_typing.final
+class CleanNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    WORKSPACES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    dry_run: _builtins.bool
+    """say what would go, remove nothing"""
+    @_builtins.property
+    def workspaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which orphans to remove; empty: every orphan this coordinator made (or unlabelled).
+        Another coordinator's is removed only when named here.
+        """
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        workspaces: _abc.Iterable[_builtins.str] | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "node", b"node", "workspaces", b"workspaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CleanNodeRequest: _TypeAlias = CleanNodeRequest  # noqa: Y015
+
+@_typing.final
+class CleanNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedCompositeFieldContainer[Global___Orphan]:
+        """(dry_run: would be removed)"""
+
+    @_builtins.property
+    def kept(self) -> _containers.RepeatedCompositeFieldContainer[Global___Orphan]:
+        """other orphans, left alone"""
+
+    def __init__(
+        self,
+        *,
+        removed: _abc.Iterable[Global___Orphan] | None = ...,
+        kept: _abc.Iterable[Global___Orphan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CleanNodeResponse: _TypeAlias = CleanNodeResponse  # noqa: Y015
+
+@_typing.final
 class Token(_message.Message):
     """A bearer token, never with its secret."""
 

@@ -192,6 +192,21 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.Token.FromString,
                 _registered_method=True)
+        self.ListOrphans = channel.unary_unary(
+                '/vendetta.v1.Coordinator/ListOrphans',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.ListOrphansResponse.FromString,
+                _registered_method=True)
+        self.AdoptWorkspace = channel.unary_unary(
+                '/vendetta.v1.Coordinator/AdoptWorkspace',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.AdoptWorkspaceRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.Workspace.FromString,
+                _registered_method=True)
+        self.CleanNode = channel.unary_unary(
+                '/vendetta.v1.Coordinator/CleanNode',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -406,6 +421,28 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOrphans(self, request, context):
+        """Orphans: environments on a node that no workspace of this coordinator owns (left by
+        `destroy --force` or `node remove --force` while the node was away, or made by
+        another coordinator sharing the node's user). Adopt takes one over as a workspace;
+        CleanNode removes them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptWorkspace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CleanNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -563,6 +600,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.Token.SerializeToString,
+            ),
+            'ListOrphans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrphans,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.GetNodeRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.ListOrphansResponse.SerializeToString,
+            ),
+            'AdoptWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptWorkspace,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.AdoptWorkspaceRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.Workspace.SerializeToString,
+            ),
+            'CleanNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CleanNode,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1404,6 +1456,87 @@ class Coordinator:
             '/vendetta.v1.Coordinator/RevokeToken',
             vendetta_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrphans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/ListOrphans',
+            vendetta_dot_v1_dot_coordinator__pb2.GetNodeRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.ListOrphansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/AdoptWorkspace',
+            vendetta_dot_v1_dot_coordinator__pb2.AdoptWorkspaceRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.Workspace.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CleanNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/CleanNode',
+            vendetta_dot_v1_dot_coordinator__pb2.CleanNodeRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.CleanNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

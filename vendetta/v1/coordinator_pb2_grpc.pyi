@@ -96,6 +96,14 @@ class CoordinatorStub:
     """
     ListTokens: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.Token]
+    ListOrphans: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.ListOrphansResponse]
+    """Orphans: environments on a node that no workspace of this coordinator owns (left by
+    `destroy --force` or `node remove --force` while the node was away, or made by
+    another coordinator sharing the node's user). Adopt takes one over as a workspace;
+    CleanNode removes them.
+    """
+    AdoptWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AdoptWorkspaceRequest, _coordinator_pb2.Workspace]
+    CleanNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CleanNodeRequest, _coordinator_pb2.CleanNodeResponse]
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -164,6 +172,14 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """
     ListTokens: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]  # type: ignore[assignment]
     RevokeToken: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.Token]  # type: ignore[assignment]
+    ListOrphans: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetNodeRequest, _coordinator_pb2.ListOrphansResponse]  # type: ignore[assignment]
+    """Orphans: environments on a node that no workspace of this coordinator owns (left by
+    `destroy --force` or `node remove --force` while the node was away, or made by
+    another coordinator sharing the node's user). Adopt takes one over as a workspace;
+    CleanNode removes them.
+    """
+    AdoptWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AdoptWorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
+    CleanNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CleanNodeRequest, _coordinator_pb2.CleanNodeResponse]  # type: ignore[assignment]
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator owns the truth: nodes, workspaces, desired vs observed
@@ -415,5 +431,31 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RevokeTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.Token, _abc.Awaitable[_coordinator_pb2.Token]]: ...
+
+    @_abc_1.abstractmethod
+    def ListOrphans(
+        self,
+        request: _coordinator_pb2.GetNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListOrphansResponse, _abc.Awaitable[_coordinator_pb2.ListOrphansResponse]]:
+        """Orphans: environments on a node that no workspace of this coordinator owns (left by
+        `destroy --force` or `node remove --force` while the node was away, or made by
+        another coordinator sharing the node's user). Adopt takes one over as a workspace;
+        CleanNode removes them.
+        """
+
+    @_abc_1.abstractmethod
+    def AdoptWorkspace(
+        self,
+        request: _coordinator_pb2.AdoptWorkspaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.Workspace, _abc.Awaitable[_coordinator_pb2.Workspace]]: ...
+
+    @_abc_1.abstractmethod
+    def CleanNode(
+        self,
+        request: _coordinator_pb2.CleanNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CleanNodeResponse, _abc.Awaitable[_coordinator_pb2.CleanNodeResponse]]: ...
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

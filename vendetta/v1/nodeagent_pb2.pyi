@@ -494,6 +494,7 @@ class EnvironmentSpec(_message.Message):
     WORKDIR_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     GIT_DIR_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     provider: _builtins.str
     image: _builtins.str
@@ -512,6 +513,10 @@ class EnvironmentSpec(_message.Message):
     git_dir: _builtins.str
     """The git directory the source's .git file points into (a worktree of a repository
     on the node), mounted at the same path inside so git works there; empty: none.
+    """
+    owner: _builtins.str
+    """The coordinator that asks for it (its id): labelled on the environment, so a
+    coordinator tells its own leftovers from another's on a shared node user.
     """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -539,10 +544,11 @@ class EnvironmentSpec(_message.Message):
         workdir: _builtins.str = ...,
         user: _builtins.str = ...,
         git_dir: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "disk_bytes", b"disk_bytes", "env", b"env", "git_dir", b"git_dir", "image", b"image", "memory_bytes", b"memory_bytes", "ports", b"ports", "provider", b"provider", "source_path", b"source_path", "user", b"user", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "disk_bytes", b"disk_bytes", "env", b"env", "git_dir", b"git_dir", "image", b"image", "memory_bytes", b"memory_bytes", "owner", b"owner", "ports", b"ports", "provider", b"provider", "source_path", b"source_path", "user", b"user", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -650,6 +656,7 @@ class Environment(_message.Message):
     PORTS_FIELD_NUMBER: _builtins.int
     SOURCE_MODE_FIELD_NUMBER: _builtins.int
     WORKDIR_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     provider: _builtins.str
     state: _common_pb2.EnvironmentState.ValueType
@@ -659,6 +666,8 @@ class Environment(_message.Message):
     source_mode: _builtins.str
     """"mounted" | "copied" | "": how the source is inside"""
     workdir: _builtins.str
+    owner: _builtins.str
+    """the coordinator that made it (its id); "": not labelled"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -678,10 +687,11 @@ class Environment(_message.Message):
         ports: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
         source_mode: _builtins.str = ...,
         workdir: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "detail", b"detail", "id", b"id", "image", b"image", "ports", b"ports", "provider", b"provider", "source_mode", b"source_mode", "state", b"state", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "detail", b"detail", "id", b"id", "image", b"image", "owner", b"owner", "ports", b"ports", "provider", b"provider", "source_mode", b"source_mode", "state", b"state", "workdir", b"workdir", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
