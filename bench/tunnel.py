@@ -4,8 +4,10 @@ A Docker workspace runs a service that sends SIZE bytes to each connection
 (busybox `nc -ll -e` running `dd` from /dev/zero). After `up`, the coordinator
 forwards localhost:PORT to the service's node endpoint over its SSH connection
 (`workspace ports`: local_address); the baseline is OpenSSH's client,
-`ssh -N -L LOCAL:NODE_ENDPOINT`, against the same sshd, host key pinned. Pulls
-alternate between the two; MB/s = SIZE / (connect -> EOF).
+`ssh -N -L LOCAL:NODE_ENDPOINT`, against the same sshd, host key pinned. A third
+path is `ssh -L LOCAL:127.0.0.1:PORT NAME.vendetta` through the generated entries
+(the ProxyCommand's Dial stream to a relay inside). Pulls alternate between the
+paths; MB/s = SIZE / (connect -> EOF).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ async def run(
     rounds = rounds or (3 if quick else 8)
     node = cl.nodes["n1"]
     ssh: asyncio.subprocess.Process | None = None
+    editor: asyncio.subprocess.Process | None = None
     try:
         await cl.stub.CreateWorkspace(
             pb.CreateWorkspaceRequest(name=ws, node="n1", config_yaml=_config(ws, size_mb))
@@ -109,34 +112,46 @@ async def run(
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
+        # `ssh -L` through the generated `Host NAME.vendetta` entry (issue 13): the
+        # proxy's Dial stream, the agent's relay inside (busybox nc here) to 127.0.0.1.
+        editor_port = _free_port()
+        editor = await asyncio.create_subprocess_exec(
+            "ssh", "-F", str(cl.home / "ssh" / "config"), "-N",
+            "-o", "ExitOnForwardFailure=yes",
+            "-L", f"127.0.0.1:{editor_port}:127.0.0.1:{SERVICE_PORT}", f"{ws}.vendetta",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
         v = Series(f"forwarded service port (coordinator), {size_mb} MB: MB/s", unit="MB/s")
         s = Series(f"ssh -L (OpenSSH), {size_mb} MB: MB/s", unit="MB/s")
+        e = Series(f"ssh -L {ws}.vendetta to 127.0.0.1 inside, {size_mb} MB: MB/s", unit="MB/s")
+        paths = ((v, local_host, int(local_port)), (s, "127.0.0.1", ssh_port))
+        paths += ((e, "127.0.0.1", editor_port),)
         # Warm-up: the first pull of each side also proves both paths work end to end.
-        for host, port in ((local_host, int(local_port)), ("127.0.0.1", ssh_port)):
+        for _, host, port in paths:
             _, n = await asyncio.to_thread(_pull, host, port)
             if n != size_mb * MB:
                 raise RuntimeError(f"pulled {n} bytes through {host}:{port}, wanted {size_mb} MB")
         for _ in range(rounds):
-            for series, host, port in (
-                (v, local_host, int(local_port)),
-                (s, "127.0.0.1", ssh_port),
-            ):
+            for series, host, port in paths:
                 secs, n = await asyncio.to_thread(_pull, host, port)
                 if n != size_mb * MB:
                     raise RuntimeError(f"{series.name}: pulled {n} bytes")
                 series.seconds.append(n / secs / MB)
         return {
-            "rows": [row(s), row(v, s)],
+            "rows": [row(s), row(v, s), row(e, s)],
             "node_endpoint": svc.node_endpoint,
             "local_address": svc.local_address,
         }
     finally:
-        if ssh is not None and ssh.returncode is None:
-            ssh.terminate()
-            try:
-                await asyncio.wait_for(ssh.wait(), 10)
-            except TimeoutError:
-                ssh.kill()
-                await ssh.wait()
+        for proc in (ssh, editor):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
         with contextlib.suppress(Exception):
             await cl.stub.DestroyWorkspace(pb.WorkspaceRequest(name=ws, force=True))

@@ -104,9 +104,8 @@ async def dial(
         try:
             if first_data:
                 yield common_pb2.DialOutput(data=first_data)
-            async for chunk in output:
-                if chunk.stdout:
-                    yield common_pb2.DialOutput(data=chunk.stdout)
+            async for data in coalesced(output):
+                yield common_pb2.DialOutput(data=data)
             yield common_pb2.DialOutput(eof=True)
         finally:
             inputs.cancel()
@@ -114,6 +113,47 @@ async def dial(
     finally:
         with contextlib.suppress(Exception):
             await relay.close()
+
+
+# Output read ahead of the stream, and joined into messages of at most this much.
+READ_AHEAD = 64
+MESSAGE = 1024 * 1024
+
+
+async def coalesced(output: AsyncIterator[ExecChunk]) -> AsyncIterator[bytes]:
+    """The relay's stdout, what has arrived joined into one message: engines hand
+    over what the relay writes in small frames (busybox nc: 8 KiB), and each gRPC
+    message costs more than its bytes."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=READ_AHEAD)
+
+    async def read() -> None:
+        try:
+            async for chunk in output:
+                if chunk.stdout:
+                    await queue.put(chunk.stdout)
+        finally:
+            await queue.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (data := await queue.get()) is not None:
+            parts = [data]
+            size = len(data)
+            ended = False
+            while size < MESSAGE and not queue.empty():
+                more = queue.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                parts.append(more)
+                size += len(more)
+            yield b"".join(parts)
+            if ended:
+                break
+        await reader  # its error, if the output failed
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 async def _connected(output: AsyncIterator[ExecChunk], where: str) -> bytes:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_IMAGE
 from tests.support.cli import Env, cli_env, wait_for
 from tests.support.node_user import MEMBER, agent_python, open_dir, remove_as_root, users_problem
 from tests.support.sshd import SshServer
@@ -116,6 +117,19 @@ def editor() -> Iterator[Editor]:
                 cfg.parent.mkdir(parents=True)
                 cfg.write_text(f"name: ed\nprovider: {provider}\n{section}\n{SERVICES}")
                 name = f"ed-{provider}"
+                e.cli(
+                    "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
+                    "--no-source",
+                )  # fmt: skip
+                e.cli("workspace", "up", name, timeout=300)
+            # Two more on Docker: the Debian image as its user `dev`, and busybox (no
+            # sftp-server, no python3 or bash).
+            extra = {"ed-dev": f"user: dev\ndocker: {{image: '{DEBIAN}'}}\n",
+                     "ed-plain": f"docker: {{image: '{TEST_IMAGE}'}}\n"}  # fmt: skip
+            for name, body in extra.items():
+                cfg = e.home / name / ".vendetta" / "config.yaml"
+                cfg.parent.mkdir(parents=True)
+                cfg.write_text(f"name: {name}\nprovider: docker\n{body}")
                 e.cli(
                     "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
                     "--no-source",
@@ -412,3 +426,44 @@ def test_vscode_remote_ssh_sequence(editor: Editor, ws: str) -> None:
         assert page == b"vscode-server-ok\n"
     finally:
         _stop(proc)
+
+
+# -- what the image lacks, what the user may not touch ---------------------------------
+
+
+def test_an_image_without_sftp_server_says_so(editor: Editor, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_text("x")
+    base = ["-F", str(editor.config), "-o", "BatchMode=yes"]
+    scp = subprocess.run(
+        ["scp", *base, str(src), "ed-plain.vendetta:/tmp/f"],
+        env=editor.env.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert scp.returncode != 0
+    assert "image has no sftp-server" in scp.stderr and "scp -O" in scp.stderr, scp.stderr
+    # Forwarding needs python3 inside for -R: refused with the reason, the session goes on.
+    port = random.randint(20000, 30000)
+    run = editor.ssh(
+        "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9", "ed-plain.vendetta", "true"
+    )  # fmt: skip
+    assert run.returncode != 0 and "no python3" in run.stderr, run.stderr
+    assert editor.ssh("ed-plain.vendetta", "true").returncode == 0
+
+
+def test_sftp_outside_what_the_user_may_touch(editor: Editor, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_text("x")
+    who = editor.ssh("ed-dev.vendetta", "id -un")
+    assert who.stdout.strip() == "dev", who.stderr
+    batch = tmp_path / "batch"
+    batch.write_text(f"-put {src} /root/f\nput {src} /tmp/mine\nls -l /tmp/mine\n")
+    sftp = subprocess.run(
+        ["sftp", "-F", str(editor.config), "-o", "BatchMode=yes", "-b", str(batch),
+         "ed-dev.vendetta"],
+        env=editor.env.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    # The environment's own permissions refuse it; the session goes on to the next.
+    assert "Permission denied" in sftp.stderr, sftp.stderr
+    assert sftp.returncode == 0 and "/tmp/mine" in sftp.stdout, sftp.stderr
+    owner = editor.ssh("ed-dev.vendetta", "stat -c %U /tmp/mine")
+    assert owner.stdout.strip() == "dev"

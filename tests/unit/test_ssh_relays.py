@@ -217,3 +217,21 @@ async def test_listener_inside(kind: str, tmp_path: Path) -> None:
         pass
     if kind == "unix":
         assert not Path(path).exists()
+
+
+async def test_engines_without_streamed_stdin_refuse_with_a_reason() -> None:
+    """QEMU's guest agent takes no streamed input: forwarding says so, up front."""
+
+    class _NoStdin(_Provider):
+        name = "qemu"
+        capabilities = Capabilities(stdin=False)
+
+    providers = cast(ProviderSet, _NoStdin(os.environ["PATH"]))
+    with pytest.raises(FailedPreconditionError, match="not available yet"):
+        await _dial(providers, 1, [])
+
+    async def start() -> AsyncIterator[common_pb2.ListenInput]:
+        yield common_pb2.ListenInput(start=common_pb2.ListenStart(workspace="w", port=0))
+
+    with pytest.raises(FailedPreconditionError, match="not available yet"):
+        await anext(aiter(listen.listen(providers, start())))
