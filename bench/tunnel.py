@@ -126,8 +126,11 @@ async def run(
         v = Series(f"forwarded service port (coordinator), {size_mb} MB: MB/s", unit="MB/s")
         s = Series(f"ssh -L (OpenSSH), {size_mb} MB: MB/s", unit="MB/s")
         e = Series(f"ssh -L {ws}.vendetta to 127.0.0.1 inside, {size_mb} MB: MB/s", unit="MB/s")
-        paths = ((v, local_host, int(local_port)), (s, "127.0.0.1", ssh_port))
-        paths += ((e, "127.0.0.1", editor_port),)
+        paths = [
+            (v, local_host, int(local_port)),
+            (s, "127.0.0.1", ssh_port),
+            (e, "127.0.0.1", editor_port),
+        ]
         # Warm-up: the first pull of each side also proves both paths work end to end.
         for _, host, port in paths:
             _, n = await asyncio.to_thread(_pull, host, port)
