@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -253,3 +254,13 @@ async def test_authorize_holds_other_front_doors_to_the_same_rules(service: Toke
         await authorize(service, limited, "admin", "run")
     with pytest.raises(UnauthenticatedError, match="no token"):
         await authorize(service, "", "read", "list")
+
+
+def test_docs_list_each_method_under_its_scope() -> None:
+    """docs/api.md's scope table is the table's own (a new method is documented too)."""
+    doc = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    for scope in ("read", "operate", "admin"):
+        row = re.search(rf"^\| {scope} \| (.*) \|$", doc, re.MULTILINE)
+        assert row is not None, scope
+        listed = {m.strip() for m in row.group(1).split(",")}
+        assert listed == {m for m, r in scopes.METHODS.items() if r.scope == scope}, scope
