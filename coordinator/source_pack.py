@@ -345,10 +345,15 @@ def walk_all(root: Path) -> list[Entry]:
     return _stat_all(root, sorted(rels))
 
 
-def extract(data: IO[bytes], dest: Path, keep: Callable[[str], str | None]) -> list[str]:
+def extract(
+    data: IO[bytes],
+    dest: Path,
+    keep: Callable[[str], str | None],
+    headers: dict[str, str] | None = None,
+) -> list[str]:
     """Extract regular files and links of a tar read from ``data`` into ``dest``;
     ``keep(name)`` maps a member's name to where it goes (None: skip). Names that
-    would leave ``dest`` are refused."""
+    would leave ``dest`` are refused. ``headers`` gets the tar's pax global headers."""
     written = []
     with tarfile.open(fileobj=data, mode="r|") as tar:
         for m in tar:
@@ -372,4 +377,6 @@ def extract(data: IO[bytes], dest: Path, keep: Callable[[str], str | None]) -> l
                 os.chmod(target, stat.S_IMODE(m.mode) | 0o600)
                 os.utime(target, (m.mtime, m.mtime))
             written.append(rel)
+        if headers is not None:
+            headers.update(tar.pax_headers)
     return written

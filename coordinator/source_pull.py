@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -34,6 +35,10 @@ from coordinator.source_transfer import (
     mirror_dir,
     state_dir,
 )
+
+# What the node's agent lists every file it has under, in a changes-only tar's pax
+# global header (nodeagent/source_tar.py).
+PRESENT_KEY = "VENDETTA.present"
 
 
 async def _receive(
@@ -237,9 +242,12 @@ def _apply_folder(
 ) -> Transfer:
     path = manifest_path(home, name)
     sent = pack.Manifest.load(path)
+    headers: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=spool.parent) as tmp:
         with spool.open("rb") as f:
-            got = pack.extract(f, Path(tmp), lambda n: n if pack.not_ignored(root, n) else None)
+            got = pack.extract(
+                f, Path(tmp), lambda n: n if pack.not_ignored(root, n) else None, headers
+            )
         incoming = {
             rel: pack.hash_file(Path(tmp) / rel)
             for rel in got
@@ -255,6 +263,7 @@ def _apply_folder(
             was = sent.files.get(rel)
             if local is not None and (was is None or was[2] != local):
                 conflicts.append(rel)  # changed here since it was last sent or received
+        deleted = _deleted(root, sent, headers.get(PRESENT_KEY), conflicts)
         if conflicts and not force:
             shown = ", ".join(conflicts[:10]) + (" ..." if len(conflicts) > 10 else "")
             raise FailedPreconditionError(
@@ -268,12 +277,36 @@ def _apply_folder(
             shutil.copy2(Path(tmp) / rel, dest)
             st = dest.stat()
             sent.files[rel] = (st.st_size, st.st_mtime_ns, incoming[rel])
+        for rel in deleted:
+            (root / rel).unlink(missing_ok=True)
+            sent.files.pop(rel, None)
     sent.save(path)
-    t.files, t.done = len(changed), True
-    t.paths = sorted(changed)[:MAX_PATHS]
+    t.files, t.done = len(changed) + len(deleted), True
+    t.paths = sorted(changed + deleted)[:MAX_PATHS]
+    gone = f", {len(deleted)} deleted" if deleted else ""
     t.summary = (
-        f"pulled {len(changed)} changed file(s) ({human(t.bytes)} received)"
-        if changed
+        f"pulled {len(changed)} changed file(s){gone} ({human(t.bytes)} received)"
+        if changed or deleted
         else "nothing to pull: no file changed in the workspace"
     )
     return t
+
+
+def _deleted(
+    root: Path, sent: pack.Manifest, present: str | None, conflicts: list[str]
+) -> list[str]:
+    """Files last sent or received that the workspace no longer has (the node lists what
+    it has; an agent that does not: none). One changed here since is a conflict."""
+    if present is None:
+        return []
+    there = set(json.loads(present))
+    deleted = []
+    for rel, (_size, _mtime, digest) in sent.files.items():
+        here = root / rel
+        if rel in there or not (here.is_file() or here.is_symlink()):
+            continue
+        local = os.readlink(here) if here.is_symlink() else pack.hash_file(here)
+        if local != digest:
+            conflicts.append(rel)  # changed here, deleted there
+        deleted.append(rel)
+    return sorted(deleted)

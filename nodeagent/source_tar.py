@@ -10,6 +10,7 @@ running environment's mount holds.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -212,11 +213,17 @@ def apply(
     return written
 
 
+# A changes-only tar ends with a pax global header listing every file and link present
+# (a JSON list), so the coordinator can tell which were deleted; tar readers skip it.
+PRESENT_KEY = "VENDETTA.present"
+
+
 def pack(folder: Path, since_unix_nano: int, out: BinaryIO) -> int:
     """A tar of ``folder``'s files and links changed after ``since_unix_nano`` (0: all
     of it, folders too) into ``out``; how many entries. Blocking."""
     count = 0
-    with tarfile.open(fileobj=out, mode="w|") as tar:
+    present: list[str] = []
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for base, dirs, files in os.walk(folder):
             dirs.sort()
             here = Path(base)
@@ -230,10 +237,20 @@ def pack(folder: Path, since_unix_nano: int, out: BinaryIO) -> int:
                     info = path.lstat()
                 except FileNotFoundError:
                     continue  # removed while we walked
-                if since_unix_nano and info.st_mtime_ns <= since_unix_nano:
-                    continue
                 if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
                     continue  # sockets, fifos: not source
+                present.append((rel / name).as_posix())
+                if since_unix_nano and info.st_mtime_ns <= since_unix_nano:
+                    continue
                 tar.add(path, arcname=(rel / name).as_posix(), recursive=False)
                 count += 1
+        if since_unix_nano:
+            listing = tarfile.TarInfo.create_pax_global_header(
+                {PRESENT_KEY: json.dumps(present, ensure_ascii=True)}
+            )
+            tar.fileobj.write(listing)  # as addfile writes a member's header
+            tar.offset += len(listing)
+            end = tarfile.TarInfo(".")  # a global header needs a member after it
+            end.type, end.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(end)
     return count

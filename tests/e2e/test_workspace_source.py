@@ -9,8 +9,9 @@ uncommitted work and --force drops it. Bad sources are refused with nothing left
 Remote node as a user who is not root, behind its own sshd: the source is shipped
 (ignored files stay home), a commit made in the node's copy comes back with `pull`
 (destroy refuses until then), local changes reach the workspace with `push`, a plain
-folder's pull refuses to overwrite local changes without --force, and a source over
-the configured limit is refused naming what is large.
+folder's pull refuses to overwrite local changes without --force and deletes here what
+was deleted there, and a source over the configured limit is refused naming what is
+large.
 """
 
 from __future__ import annotations
@@ -273,6 +274,18 @@ def test_remote_folder_pull_refuses_to_overwrite_local_changes(remote: Env) -> N
     refused = e.fails("workspace", "destroy", ws)
     assert "1 changed file(s) that are nowhere else (late.txt)" in refused, refused
     e.cli("workspace", "pull", ws)
+    # Deleted in the workspace: deleted here at the next pull, unless changed here since.
+    inside(e, ws, "rm /workspace/new.txt /workspace/hello.txt")
+    (folder / "hello.txt").write_text("mine again\n")
+    refused = e.fails("workspace", "pull", ws)
+    assert "changed both here and in the workspace: hello.txt" in refused, refused
+    assert (folder / "new.txt").exists()  # nothing was written
+    (folder / "hello.txt").write_text("theirs\n")  # as last received: unchanged here
+    pulled = e.json("workspace", "pull", ws)
+    assert sorted(pulled["paths"]) == ["hello.txt", "new.txt"], pulled
+    assert "2 deleted" in pulled["summary"]
+    assert not (folder / "hello.txt").exists() and not (folder / "new.txt").exists()
+    assert "nothing to pull" in e.cli("workspace", "pull", ws).stdout
     e.cli("workspace", "destroy", ws)
     wait_for("the node's copy removed", lambda: not node_copy.exists())
     assert folder.exists()  # a plain folder is the user's: never removed

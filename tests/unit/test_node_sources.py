@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -88,10 +89,14 @@ async def get(stub: NodeAgentAsyncStub, since: int = 0, ws: str = "ws") -> dict[
         ]
     )
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return {
+        got = {
             m.name: (tar.extractfile(m).read() if m.isfile() else b"")  # type: ignore[union-attr]
             for m in tar.getmembers()
         }
+        if listing := tar.pax_headers.get("VENDETTA.present"):  # what is there, after the rest
+            assert got.pop(".") == b""
+            got["(present)"] = ",".join(sorted(json.loads(listing))).encode()
+        return got
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -190,7 +195,11 @@ async def test_get_sends_everything_or_what_changed_since(
     os.utime(folder / "d" / "b.txt", ns=(future, future))
     os.utime(folder / "new.txt", ns=(future, future))
     os.utime(folder / "a.txt", ns=(since - 10**9, since - 10**9))
-    assert await get(stub, since) == {"d/b.txt": b"changed inside", "new.txt": b"N"}
+    assert await get(stub, since) == {
+        "d/b.txt": b"changed inside",
+        "new.txt": b"N",
+        "(present)": b"a.txt,d/b.txt,new.txt",  # a.txt unchanged; deleted ones not listed
+    }
 
 
 UNSAFE = {
