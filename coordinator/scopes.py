@@ -58,7 +58,9 @@ METHODS: dict[str, Rule] = {
     "Dial": _OPERATE_START,
     "Listen": _OPERATE_START,
     "PushWorkspace": _OPERATE_NAME,
-    "PullWorkspace": _OPERATE_NAME,
+    # Pull writes into the workspace's source on the coordinator's own disk (the owner's
+    # folder or worktree): over the network, only for admin.
+    "PullWorkspace": _ADMIN,
     # images
     "ListImages": _READ,
     "ImportImage": _ADMIN,
