@@ -18,12 +18,18 @@ show vendetta node status local
 
 step "Create and start a Docker workspace with three services on the local node"
 if vendetta workspace status demo >/dev/null 2>&1; then
-  vendetta workspace destroy demo
+  vendetta workspace destroy demo --force  # a previous run's
 fi
 show vendetta workspace create demo --config "$CONFIG"
 show vendetta workspace up demo
 show vendetta workspace list
 show vendetta workspace exec demo -- sh -c 'echo "hello from $(hostname), inside the workspace"'
+
+step "The project's code is at /workspace (in a git checkout: a worktree of its own, branch vendetta/demo)"
+show vendetta workspace status demo
+# examples/demo in a git checkout: the worktree holds the whole repository; else the folder itself.
+show vendetta workspace exec demo -- sh -c \
+  'cd /workspace && pwd && cat examples/demo/hello.txt 2>/dev/null || cat hello.txt'
 
 step "Reach the web service on this machine: the coordinator forwards localhost:PORT"
 show vendetta workspace ports demo
