@@ -8,8 +8,10 @@ import contextlib
 import logging
 import threading
 import unicodedata
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -18,7 +20,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from tests.support.fakes import Cluster, running_cluster
+from tests.support.fakes import Cluster
 from vendetta.v1 import coordinator_pb2 as pb
 from vendetta.v1 import nodeagent_pb2
 
@@ -69,17 +71,25 @@ class _Errors(logging.Handler):
 
 
 class World:
-    """A cluster on an event loop of its own thread, so hypothesis drives it from sync
-    tests (examples share it: state a call leaves is the next one's starting point)."""
+    """Servers on an event loop of their own thread, so hypothesis drives them from sync
+    tests (examples share them: state a call leaves is the next one's starting point).
+    ``servers`` is entered on that loop: a cluster (running_cluster) or anything that
+    serves an agent, whose socket ``open_agent_channel`` is then given."""
 
-    def __init__(self, nodes: Sequence[str]) -> None:
+    def __init__(self, servers: AbstractAsyncContextManager[Any]) -> None:
         self.errors = _Errors()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self._cm = running_cluster(nodes)
-        self.cluster: Cluster = self.run(self._cm.__aenter__())
+        self._cm = servers
+        self.target: Any = self.run(self._cm.__aenter__())
+        self._agent_channel: grpc.aio.Channel | None = None
         logging.getLogger().addHandler(self.errors)
+
+    @property
+    def cluster(self) -> Cluster:
+        assert isinstance(self.target, Cluster), "not a cluster"
+        return self.target
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -87,6 +97,8 @@ class World:
     def close(self) -> None:
         logging.getLogger().removeHandler(self.errors)
         try:
+            if self._agent_channel is not None:
+                self.run(self._agent_channel.close(None))
             self.run(self._cm.__aexit__(None, None, None))
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -96,11 +108,11 @@ class World:
     def channel(self, method: MethodDescriptor) -> grpc.aio.Channel:
         if method.containing_service.name == "Coordinator":
             return self.cluster._channel  # type: ignore[return-value]
+        assert self._agent_channel is not None, "open_agent_channel first"
         return self._agent_channel
 
-    async def open_agent_channel(self, node: str) -> None:
-        sock = self.cluster.agents[node].server.socket
-        self._agent_channel = grpc.aio.insecure_channel(f"unix:{sock}")
+    async def open_agent_channel(self, socket: str | Path) -> None:
+        self._agent_channel = grpc.aio.insecure_channel(f"unix:{socket}")
 
 
 @dataclass(frozen=True)
@@ -204,7 +216,10 @@ def check(
 
 
 async def healthy(world: World) -> None:
-    await world.cluster.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    """Both servers still answer (the coordinator's, if there is one)."""
+    if isinstance(world.target, Cluster):
+        await world.cluster.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    assert world._agent_channel is not None
     agent = world._agent_channel.unary_unary(
         "/vendetta.v1.NodeAgent/Heartbeat",
         request_serializer=lambda m: m.SerializeToString(),

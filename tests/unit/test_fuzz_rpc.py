@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from common.rpc_errors import wire_message
 from coordinator.source_git import is_url
-from tests.support.fakes import Cluster, ssh_public_key_line
+from tests.support.fakes import Cluster, running_cluster, ssh_public_key_line
 from tests.support.proto_strategies import ODD_STRINGS, messages, odd_text
 from tests.support.rpc_fuzz import World, call_method, check, healthy, key
 from vendetta.v1 import common_pb2, coordinator_pb2, nodeagent_pb2
@@ -197,14 +197,12 @@ ALL = [*_methods(COORDINATOR), *_methods(AGENT)]
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    w = World(NODES)
+    w = World(running_cluster(NODES))
     try:
-        w.run(w.open_agent_channel("node1"))
+        w.run(w.open_agent_channel(w.cluster.agents["node1"].server.socket))
         w.run(_restore(w.cluster))
         yield w
     finally:
-        with contextlib.suppress(Exception):
-            w.run(w._agent_channel.close(None))
         w.close()
 
 
