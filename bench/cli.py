@@ -12,6 +12,9 @@ alternate round by round (bench.stats.interleaved):
   are stopped again between rounds, outside the timing.
 - `vendetta --help` alone: what the interpreter and the CLI's imports cost.
 
+Each command's CPU seconds (its own and its waited-for children's, e.g. the
+ssh docker runs) are rows too: on a busy machine they vary less than wall time.
+
 Docker's ssh transport runs `ssh` from PATH; a wrapper first in PATH adds the
 node's key and pinned host key (BatchMode), as bench/logs.py's baseline does.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shlex
 import sys
 from pathlib import Path
@@ -47,7 +51,15 @@ def _ssh_wrapper(node: Node, folder: Path) -> dict[str, str]:
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
-async def _run(argv: list[str], env: dict[str, str]) -> None:
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+async def _run(argv: list[str], env: dict[str, str], cpu: Series | None = None) -> None:
+    """Run a command to its end; with ``cpu``, record the CPU seconds it (and what it
+    waited for, e.g. docker's ssh) used: less bent by a busy machine than wall time."""
+    before = _children_cpu()
     proc = await asyncio.create_subprocess_exec(
         *argv,
         env=env,
@@ -56,6 +68,8 @@ async def _run(argv: list[str], env: dict[str, str]) -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     _, err = await proc.communicate()
+    if cpu is not None:
+        cpu.seconds.append(_children_cpu() - before)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(argv)}: exit {proc.returncode}: {err.decode()[-500:]}")
 
@@ -84,19 +98,25 @@ async def run(cl: Cluster, quick: bool) -> dict[str, Any]:
             labels={"vendetta.bench-cli": "1"},
         )
 
-        def vd(*args: str) -> Any:
-            return lambda: _run([VENDETTA, *args], env)
+        cpu: dict[str, Series] = {}
+
+        def cpu_of(name: str) -> Series:
+            return cpu.setdefault(name, Series(f"CPU of the process: {name}"))
+
+        def vd(name: str, *args: str) -> Any:
+            return lambda: _run([VENDETTA, *args], env, cpu_of(name))
 
         rounds = 8 if quick else 25
         ps = Series("docker -H ssh://node ps")
         reads = [
-            (Series("vendetta workspace list"), vd("workspace", "list")),
-            (Series("vendetta workspace status W"), vd("workspace", "status", ws)),
-            (Series("vendetta node list"), vd("node", "list")),
-            (Series("vendetta --help (start + imports)"), vd("--help")),
-            (ps, lambda: _run([*dock, "ps"], docker_env)),
+            (Series("vendetta workspace list"), vd("list", "workspace", "list")),
+            (Series("vendetta workspace status W"), vd("status", "workspace", "status", ws)),
+            (Series("vendetta node list"), vd("node list", "node", "list")),
+            (Series("vendetta --help (start + imports)"), vd("--help", "--help")),
+            (ps, lambda: _run([*dock, "ps"], docker_env, cpu_of("ps"))),
         ]
         await interleaved(2, [(Series("warm-up"), f) for _, f in reads])
+        cpu.clear()
         await interleaved(rounds, reads)
 
         # up of a stopped workspace vs start of a stopped container: stop both
@@ -106,11 +126,12 @@ async def run(cl: Cluster, quick: bool) -> dict[str, Any]:
 
         async def vd_up() -> None:
             await cl.stub.DownWorkspace(pb.WorkspaceRequest(name=ws), timeout=300)
-            await interleaved(1, [(v_up, vd("workspace", "up", ws))])
+            await interleaved(1, [(v_up, vd("up", "workspace", "up", ws))])
 
         async def docker_start() -> None:
             await asyncio.to_thread(container.stop, timeout=0)
-            await interleaved(1, [(d_up, lambda: _run([*dock, "start", container.id], docker_env))])
+            start = [*dock, "start", container.id]
+            await interleaved(1, [(d_up, lambda: _run(start, docker_env, cpu_of("start")))])
 
         for _ in range(4 if quick else 10):
             await vd_up()
@@ -121,6 +142,11 @@ async def run(cl: Cluster, quick: bool) -> dict[str, Any]:
         rows.append(row(reads[3][0], ps))
         rows.append(row(d_up))
         rows.append(row(v_up, d_up, goal="<= 0.8x", met=v_up.median <= 0.8 * d_up.median))
+        rows.append(row(cpu["ps"]))
+        for name in ("list", "status", "node list", "--help"):
+            rows.append(row(cpu[name], cpu["ps"]))
+        rows.append(row(cpu["start"]))
+        rows.append(row(cpu["up"], cpu["start"]))
         return {"rows": rows}
     finally:
         if container is not None:
