@@ -164,7 +164,9 @@ class WorkspaceService:
             )
             client = await conn.client()
             # The source first: a bad one stops here, before anything else is made.
-            live = conn.record.transport == "local"
+            # QEMU copies the source into its guest, where a worktree's .git would point at
+            # a repository it lacks: the local node gets a shipped copy too (standalone .git).
+            live = conn.record.transport == "local" and provider != "qemu"
             await self.sources.prepare(ws, cfg, live, client, spec, source, branch, with_changes)
             # Recorded as `creating` first: should the coordinator die before the agent
             # answers, the reconciler finishes or rolls back the record.

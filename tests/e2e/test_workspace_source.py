@@ -331,12 +331,17 @@ def test_the_source_is_at_workspace_on_lxd_and_qemu(local: Env, provider: str) -
         got = inside(e, ws, "cat /workspace/hello.txt /workspace/wip.txt")
         assert got == "hello from before create\nuncommitted\n"
         src = source(e, ws)
-        assert src["mode"] in ("mounted", "copied") and src["transport"] == "live"
+        assert src["mode"] in ("mounted", "copied")
         if src["mode"] == "mounted":  # written inside: here at once
+            assert src["transport"] == "live"
             inside(e, ws, "echo made inside > /workspace/inside.txt")
             assert (Path(src["path"]) / "inside.txt").read_text() == "made inside\n"
         else:  # copied at the first start: push and pull say they cannot reach it
             assert "copied the source in at its first start" in e.fails("workspace", "pull", ws)
+            # Shipped to the local agent first: a .git of its own, not a worktree's
+            # pointer to a repository the guest lacks.
+            assert src["transport"] == "shipped"
+            assert inside(e, ws, "test -d /workspace/.git && echo own") == "own\n"
     finally:
         e.cli("workspace", "destroy", ws, "--force", timeout=300)
     leaves_nothing(e, ws)
