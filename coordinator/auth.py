@@ -73,13 +73,22 @@ def check_request(record: TokenRecord, rule: Rule, method: str, request: Any) ->
     if rule.workspace:
         check_workspace(record, _field(request, rule.workspace))
     source = getattr(request, "source", "") if method.endswith("/CreateWorkspace") else ""
-    if source and not source.startswith("https://"):
-        # A folder (or file:// or ssh URL) would be read with the coordinator owner's
-        # rights and keys on the coordinator's machine.
+    if not source:
+        return
+    # A folder (or a file:// or ssh URL) would be read with the coordinator owner's rights
+    # and keys on the coordinator's machine; even an https:// clone uses its network and
+    # git credentials, so only admin (the owner's equal) may ask for one.
+    if not source.startswith("https://"):
         raise PermissionDeniedError(
             "over the network a workspace's source can only be an https:// git URL, not a "
-            "folder or another URL on the coordinator's machine: give --source "
-            "https://... or --no-source"
+            "folder or another URL on the coordinator's machine: give --no-source (and "
+            "clone inside), or --source https://... with an admin token"
+        )
+    if not record.grants("admin"):
+        raise PermissionDeniedError(
+            f"token {record.name!r} cannot have the coordinator fetch a source (it would "
+            "use the coordinator machine's network and git credentials): give --no-source "
+            "and clone inside the workspace, or ask for an admin token"
         )
 
 

@@ -294,6 +294,8 @@ def test_the_cli_elsewhere_drives_a_docker_workspace(shared: Shared) -> None:
     assert "only on workspace(s) mine" in out
     out = _fails(limited, "workspace", "create", OPERATE_ON, "--config", str(cfg))
     assert "https:// git URL" in out  # the project folder is this machine's, not the server's
+    url = _fails(limited, "workspace", "create", OPERATE_ON, "--source", "https://x.org/r.git")
+    assert "network and git credentials" in url  # an operate token: no fetch by the server
     shown += out
     shown += _ok(limited, "workspace", "create", OPERATE_ON, "--config", str(cfg), "--no-source")
     shown += _ok(limited, "workspace", "up", OPERATE_ON)

@@ -150,12 +150,15 @@ def test_scopes_include_the_narrower_ones_and_workspace_limits_hold() -> None:
                 path + "CreateWorkspace",
                 coordinator_pb2.CreateWorkspaceRequest(name="a", source=source),
             )
-    check_request(
-        limited,
-        create,
-        path + "CreateWorkspace",
-        coordinator_pb2.CreateWorkspaceRequest(name="api", source="https://example.com/r.git"),
-    )
+    https = coordinator_pb2.CreateWorkspaceRequest(name="api", source="https://x.org/r.git")
+    with pytest.raises(PermissionDeniedError, match="machine's network and git credentials"):
+        check_request(limited, create, path + "CreateWorkspace", https)
+    check_request(_record(["admin"]), create, path + "CreateWorkspace", https)
+    check_request(limited, create, path + "CreateWorkspace", _no_source("api"))
+
+
+def _no_source(name: str) -> coordinator_pb2.CreateWorkspaceRequest:
+    return coordinator_pb2.CreateWorkspaceRequest(name=name)
 
 
 def test_bearer_reads_only_the_authorization_header() -> None:
