@@ -267,3 +267,18 @@ def test_docs_list_each_method_under_its_scope() -> None:
         assert row is not None, scope
         listed = {m.strip() for m in row.group(1).split(",")}
         assert listed == {m for m, r in scopes.METHODS.items() if r.scope == scope}, scope
+
+
+def test_token_expiry_as_people_write_it(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from cli.token import parse_expires
+
+    assert parse_expires("30d") == 30 * 86400
+    assert parse_expires("24h") == parse_expires("1440m") == 86400
+    assert parse_expires("1h30m") == 5400
+    assert parse_expires("never") == parse_expires("0") == 0
+    for bad in ("soon", "-1h", "1y"):
+        with pytest.raises(typer.Exit):
+            parse_expires(bad)
+        assert "use e.g. 24h, 30d" in capsys.readouterr().err
