@@ -197,6 +197,7 @@ async def rebuild(svc: WorkspaceService, name: str, force: bool = False) -> Work
             )
         client = await svc.nodes.get(ws.node).client()
         spec = services.environment_spec(name, provider, cfg)
+        spec.owner = svc.owner  # labelled as this coordinator's, as at create
         spec.workdir = cfg.workdir if cfg else "/workspace"
         spec.user = (cfg.user or "") if cfg else ""
         src = ws.source
