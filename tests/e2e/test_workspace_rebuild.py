@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from providers.base import LABEL_OWNER
 from tests.conftest import TEST_IMAGE, require
 from tests.e2e.test_workspace_git import DEBIAN, _has_image
 from tests.e2e.test_workspace_source import git_commit, inside, leaves_nothing, sh, source
-from tests.support.cli import Env, cli_env
+from tests.support.cli import Env, cli_env, containers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -88,11 +89,15 @@ def test_up_rereads_the_config_and_rebuild_makes_a_new_environment(local: Env) -
         assert e.workspace(ws)["image"] == TEST_IMAGE
         assert "debian" not in inside(e, ws, "cat /etc/os-release 2>/dev/null; echo")
 
+        (before,) = containers(ws)
         rebuilt = said(e.cli("workspace", "rebuild", ws, timeout=300))
         assert f"rebuilt on node local (docker, image {DEBIAN}:latest)" in rebuilt, rebuilt
         after = e.workspace(ws)
         assert after["image"] == f"{DEBIAN}:latest" and after["state"] == "WORKSPACE_STATE_RUNNING"
         assert "Debian" in inside(e, ws, "cat /etc/os-release")
+        (now,) = containers(ws)  # a new one, labelled as this coordinator's like the old
+        assert now.id != before.id and before.labels[LABEL_OWNER]
+        assert now.labels[LABEL_OWNER] == before.labels[LABEL_OWNER]
         # /workspace and its branch stay; the services are back.
         assert inside(e, ws, "cat /workspace/kept.txt") == "kept\n"
         assert source(e, ws)["path"] == str(worktree)
