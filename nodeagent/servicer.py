@@ -146,6 +146,9 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     async def StreamLogs(
         self, request: nodeagent_pb2.AgentLogsRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.LogBatch]:
+        # The name first: the services' logs are files named after it (a 300-character
+        # one raised OSError "File name too long"; found by fuzzing).
+        validate_name("workspace", request.workspace)
         provider = self.providers.get(request.provider)
         tail = request.tail or None
         ws = request.workspace
@@ -220,6 +223,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     async def WatchServices(
         self, request: nodeagent_pb2.EnvironmentRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.ServiceEvent]:
+        validate_name("workspace", request.workspace)  # a supervisor's files bear it
         sup = self.services.supervisor(request.workspace, request.provider)
         with sup.events.subscribe() as events:
             async for ev in events:
@@ -325,6 +329,7 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     ) -> AsyncIterator[common_pb2.ExecOutput]:
         if request.name not in ("setup", "teardown"):
             raise InvalidArgumentError(f"unknown hook {request.name[:40]!r} (setup or teardown)")
+        validate_name("workspace", request.workspace)  # its log is a file named after it
         async for chunk in self.services.hook(
             request.workspace, request.provider, request.name, request.command
         ):

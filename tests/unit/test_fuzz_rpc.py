@@ -333,6 +333,19 @@ REGRESSIONS: list[tuple[ServiceDescriptor, str, Message, grpc.StatusCode]] = [
         nodeagent_pb2.StopServicesRequest(workspace="ws1", timeout_seconds=float("inf")),
         INVALID,
     ),
+    # The services' log files are named after the workspace: OSError "File name too long".
+    (
+        AGENT,
+        "StreamLogs",
+        nodeagent_pb2.AgentLogsRequest(workspace="a" * 300, provider="docker"),
+        INVALID,
+    ),
+    (
+        AGENT,
+        "RunHook",
+        nodeagent_pb2.RunHookRequest(workspace="a" * 300, provider="docker", name="setup"),
+        INVALID,
+    ),
     # Any handler that echoes its input: cut on the wire (common/rpc_errors.wire_message).
     (
         AGENT,
