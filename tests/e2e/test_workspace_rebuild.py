@@ -2,7 +2,8 @@
 and says what changed, applying services and hooks; a new image waits for `rebuild`,
 which makes a new environment keeping /workspace and its branch, services back.
 A config that does not parse and a failing setup hook each say what to fix and that
-`up` applies it. Local node, Docker: the busybox test image, rebuilt onto Debian's.
+`up` applies it. Docker: the busybox test image, rebuilt onto Debian's, on the local
+node and on a remote one as a user who is not root (the node's copy stays).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import pytest
 from providers.base import LABEL_OWNER
 from tests.conftest import TEST_IMAGE, require
 from tests.e2e.test_workspace_git import DEBIAN, _has_image
-from tests.e2e.test_workspace_source import git_commit, inside, leaves_nothing, sh, source
+from tests.e2e.test_workspace_source import (  # noqa: F401 (remote: a fixture)
+    git_commit,
+    inside,
+    leaves_nothing,
+    remote,
+    sh,
+    source,
+)
 from tests.support.cli import Env, cli_env, containers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
@@ -113,3 +121,33 @@ def test_up_rereads_the_config_and_rebuild_makes_a_new_environment(local: Env) -
 
 def test_rebuild_of_an_unknown_workspace_names_it(local: Env) -> None:
     assert "unknown workspace 'nope-rb'" in local.fails("workspace", "rebuild", "nope-rb")
+
+
+def test_rebuild_on_a_remote_node_keeps_the_nodes_copy(remote: Env) -> None:  # noqa: F811
+    require("docker", _has_image("docker"), f"no {DEBIAN} image (scripts/build-test-image.sh)")
+    e = remote
+    repo = e.home / "rrb"
+    (repo / ".vendetta").mkdir(parents=True)
+    (repo / ".vendetta" / "config.yaml").write_text(config(TEST_IMAGE, ["a"]))
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    git_commit(repo, "first")
+    ws = f"rrb-{RUN}"
+    cfg = repo / ".vendetta" / "config.yaml"
+    e.cli("workspace", "create", ws, "--remote", "n1", "--config", str(cfg))
+    try:
+        e.cli("workspace", "up", ws)
+        src = source(e, ws)
+        inside(e, ws, "echo made inside > /workspace/inside.txt")
+        # The config is re-read from the workspace's worktree here (what push sends).
+        (Path(src["path"]) / ".vendetta" / "config.yaml").write_text(
+            config(f"{DEBIAN}:latest", ["a"])
+        )
+        rebuilt = said(e.cli("workspace", "rebuild", ws, timeout=300))
+        assert f"rebuilt on node n1 (docker, image {DEBIAN}:latest)" in rebuilt, rebuilt
+        assert "Debian" in inside(e, ws, "cat /etc/os-release")
+        assert inside(e, ws, "cat /workspace/inside.txt") == "made inside\n"
+        assert source(e, ws)["node_path"] == src["node_path"]
+        assert states(e, ws) == {"a": "SERVICE_STATE_HEALTHY"}
+    finally:
+        e.cli("workspace", "destroy", ws, "--force", check=False)
+    leaves_nothing(e, ws)
