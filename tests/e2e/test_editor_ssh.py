@@ -124,15 +124,18 @@ def editor() -> Iterator[Editor]:
                 e.cli("workspace", "up", name, timeout=300)
             # Two more on Docker: the Debian image as its user `dev`, and busybox (no
             # sftp-server, no python3 or bash).
-            extra = {"ed-dev": f"user: dev\ndocker: {{image: '{DEBIAN}'}}\n",
+            extra = {"ed-dev": f"user: dev\nworkdir: /srv/code\ndocker: {{image: '{DEBIAN}'}}\n",
                      "ed-plain": f"docker: {{image: '{TEST_IMAGE}'}}\n"}  # fmt: skip
             for name, body in extra.items():
                 cfg = e.home / name / ".vendetta" / "config.yaml"
                 cfg.parent.mkdir(parents=True)
                 cfg.write_text(f"name: {name}\nprovider: docker\n{body}")
+                (cfg.parent.parent / "marker.txt").write_text(f"source of {name}\n")
+                # ed-dev has its folder as its source, at its workdir /srv/code.
+                source = ["--source", str(cfg.parent.parent)] if name == "ed-dev" else []
                 e.cli(
                     "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
-                    "--no-source",
+                    *(source or ["--no-source"]),
                 )  # fmt: skip
                 e.cli("workspace", "up", name, timeout=300)
             config = e.home / "dot-ssh" / "config"
@@ -443,8 +446,10 @@ def test_an_image_without_sftp_server_says_so(editor: Editor, tmp_path: Path) ->
     assert "image has no sftp-server" in scp.stderr and "scp -O" in scp.stderr, scp.stderr
     # Forwarding needs python3 inside for -R: refused with the reason, the session goes on.
     port = random.randint(20000, 30000)
+    # -N: ssh waits for the forward's answer (with a command that ends at once, ssh may
+    # end before the answer comes).
     run = editor.ssh(
-        "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9", "ed-plain.vendetta", "true"
+        "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:9", "ed-plain.vendetta"
     )  # fmt: skip
     assert run.returncode != 0 and "no python3" in run.stderr, run.stderr
     assert editor.ssh("ed-plain.vendetta", "true").returncode == 0
@@ -467,3 +472,19 @@ def test_sftp_outside_what_the_user_may_touch(editor: Editor, tmp_path: Path) ->
     assert sftp.returncode == 0 and "/tmp/mine" in sftp.stdout, sftp.stderr
     owner = editor.ssh("ed-dev.vendetta", "stat -c %U /tmp/mine")
     assert owner.stdout.strip() == "dev"
+
+
+def test_sessions_start_in_the_workdir_of_the_source(editor: Editor, tmp_path: Path) -> None:
+    run = editor.ssh("ed-dev.vendetta", "pwd; cat marker.txt")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "/srv/code\nsource of ed-dev\n"
+    # sftp's relative paths start there too.
+    batch = tmp_path / "batch"
+    batch.write_text(f"get marker.txt {tmp_path}/m\n")
+    sftp = subprocess.run(
+        ["sftp", "-F", str(editor.config), "-o", "BatchMode=yes", "-b", str(batch),
+         "ed-dev.vendetta"],
+        env=editor.env.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sftp.returncode == 0, sftp.stderr
+    assert (tmp_path / "m").read_text() == "source of ed-dev\n"
