@@ -446,13 +446,18 @@ def logs(
                     name=name, follow=follow, tail=tail, service=service, since_unix_nano=since_ns
                 )
             )
+            # One write of bytes per batch (a busy log brings hundreds of lines at a time).
+            sys.stdout.flush()
+            raw = sys.stdout.buffer
+            prefix = not service
             async for batch in stream:
-                text = "".join(
-                    (f"{ln.service} | " if ln.service and not service else "") + ln.text + "\n"
+                parts = [
+                    f"{ln.service} | {ln.text}" if prefix and ln.service else ln.text
                     for ln in batch.lines
-                )
-                sys.stdout.write(text)
-                sys.stdout.flush()
+                ]
+                parts.append("")
+                raw.write("\n".join(parts).encode("utf-8", "replace"))
+                raw.flush()
 
     run(go())
 
