@@ -18,12 +18,13 @@ demo: setup ## Run the demo: coordinator, local agent, a Docker workspace, logs,
 test: setup ## Run all tests against the real engines (unit, integration, e2e)
 	bash scripts/test.sh
 
-lint: ## ruff + mypy strict on hand-written code; import-linter keeps the layers; generated code must match protos/
+lint: ## ruff + mypy strict on hand-written code; import-linter keeps the layers; generated code must match protos/; protos/ must stay wire compatible
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	bash scripts/gen_protos.sh --check
+	$(PY) scripts/check_proto_compat.py
 
 fmt: ## Format the code with ruff
 	$(VENV)/bin/ruff format .
