@@ -2,12 +2,13 @@
 what changed; what needs a new environment is applied by `rebuild`, which recreates
 the environment and keeps its source (/workspace and its branch).
 
-Which file: the workspace's own copy of the config it was created with, at the same
-place in its source (its worktree, the folder itself, a clone's .vendetta/config.yaml);
-for a worktree whose branch lacks it (never committed), the file given at create.
-A workspace without a source keeps the config it was created with: a path sent by a
-client elsewhere must not make the coordinator read its own machine's files (a source
-folder only ever comes from a client on this machine).
+Which file: the one it was created with, for a folder or a git checkout's worktree
+(the project's config, where you edit it; create read that file, not the worktree's
+copy, which lacks uncommitted edits), else the copy at the same place in the
+worktree or folder; a clone's .vendetta/config.yaml. A workspace without a source
+keeps the config it was created with: a path sent by a client elsewhere must not make
+the coordinator read its own machine's files (a source folder or worktree only ever
+comes from a client on this machine; over the network only URLs are taken).
 """
 
 from __future__ import annotations
@@ -42,17 +43,19 @@ def config_file(ws: WorkspaceRecord) -> Path | None:
     src = ws.source
     if not src.kind or not src.path:
         return None
-    base = Path(src.origin) if src.kind == "folder" else Path(src.repo) if src.repo else None
-    given = Path(ws.config_path) if ws.config_path and base is not None else None
-    if given is not None and base is not None and given.is_relative_to(base):
-        candidate = Path(src.path) / given.relative_to(base)
-    elif given is not None:  # given outside the source: that file itself
-        return given if given.is_file() else None
-    else:
+    if src.kind == "git" and not src.repo:  # a clone of a URL
         candidate = Path(src.path) / DEFAULT_CONFIG
-    if candidate.is_file():
-        return candidate
-    return given if given is not None and given.is_file() else None
+        return candidate if candidate.is_file() else None
+    if not ws.config_path:
+        return None
+    given = Path(ws.config_path)
+    if given.is_file():
+        return given
+    base = Path(src.origin if src.kind == "folder" else src.repo)
+    if not given.is_relative_to(base):
+        return None
+    candidate = Path(src.path) / given.relative_to(base)  # the project moved: its copy
+    return candidate if candidate.is_file() else None
 
 
 def _parse(text: str, where: str) -> ProjectConfig | None:

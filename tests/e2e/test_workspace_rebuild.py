@@ -70,7 +70,7 @@ def test_up_rereads_the_config_and_rebuild_makes_a_new_environment(local: Env) -
         e.cli("workspace", "up", ws)
         worktree = Path(source(e, ws)["path"])
         inside(e, ws, "echo kept > /workspace/kept.txt")
-        cfg = worktree / ".vendetta" / "config.yaml"  # the workspace's own copy
+        cfg = repo / ".vendetta" / "config.yaml"  # the project's, as at create
 
         # A new service: applied by `up`, which says so.
         cfg.write_text(config(TEST_IMAGE, ["a", "b"]))
@@ -138,10 +138,7 @@ def test_rebuild_on_a_remote_node_keeps_the_nodes_copy(remote: Env) -> None:  # 
         e.cli("workspace", "up", ws)
         src = source(e, ws)
         inside(e, ws, "echo made inside > /workspace/inside.txt")
-        # The config is re-read from the workspace's worktree here (what push sends).
-        (Path(src["path"]) / ".vendetta" / "config.yaml").write_text(
-            config(f"{DEBIAN}:latest", ["a"])
-        )
+        cfg.write_text(config(f"{DEBIAN}:latest", ["a"]))  # re-read here, not on the node
         rebuilt = said(e.cli("workspace", "rebuild", ws, timeout=300))
         assert f"rebuilt on node n1 (docker, image {DEBIAN}:latest)" in rebuilt, rebuilt
         assert "Debian" in inside(e, ws, "cat /etc/os-release")

@@ -41,20 +41,23 @@ def test_services_and_hooks_apply_at_up_the_environment_waits_for_rebuild() -> N
     assert at_up(base, base) == [] and needs_rebuild(base, base, "docker") == []
 
 
-def test_the_config_is_reread_from_the_workspaces_own_source(tmp_path: Path) -> None:
+def test_the_config_is_reread_from_where_it_came(tmp_path: Path) -> None:
     repo, worktree = tmp_path / "repo", tmp_path / "wt"
     for d in (repo, worktree):
         (d / ".vendetta").mkdir(parents=True)
     given = repo / ".vendetta" / "config.yaml"
     given.write_text("name: p\n")
+    (worktree / ".vendetta" / "config.yaml").write_text("name: p\n")
     ws = WorkspaceRecord(name="w", node="local", provider="docker", image="i")
     ws.config_path = str(given)
     assert config_file(ws) is None  # no source: the config it was created with
     ws.source = WorkspaceSource(kind="git", origin=str(repo), repo=str(repo), path=str(worktree))
-    assert config_file(ws) == given  # not on its branch (never committed): the one given
-    (worktree / ".vendetta" / "config.yaml").write_text("name: p\n")
-    assert config_file(ws) == worktree / ".vendetta" / "config.yaml"
+    assert config_file(ws) == given  # the project's, where it is edited
+    given.unlink()
+    assert config_file(ws) == worktree / ".vendetta" / "config.yaml"  # gone: the copy
     ws.source = WorkspaceSource(kind="folder", origin=str(repo), path=str(repo))
+    assert config_file(ws) is None
+    given.write_text("name: p\n")
     assert config_file(ws) == given
     clone = tmp_path / "clone"
     ws.source = WorkspaceSource(kind="git", origin="https://x/y.git", path=str(clone))
