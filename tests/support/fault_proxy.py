@@ -4,6 +4,8 @@
     ...connect to proxy.host:proxy.port...
     proxy.pause()    # nothing goes through any more, either way; connections stay open
     proxy.resume()
+    proxy.delay = 0.1  # each chunk waits 100 ms before it goes on, either way (latency)
+    proxy.drop()     # every open connection reset (RST); new ones are served
     proxy.stop()
 
 While paused nothing is read from either side: the kernels' buffers fill and the
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+import time
 
 CHUNK = 64 * 1024
 
@@ -28,6 +32,7 @@ class PausableProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._stopped = False
+        self.delay = 0.0  # seconds each chunk waits before it is forwarded
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
@@ -45,6 +50,17 @@ class PausableProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def drop(self) -> None:
+        """Reset every open connection (as a network that drops them would, seen from
+        both ends); the listener stays, so new connections go through."""
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    # Linger 0: close sends RST, not FIN.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+            self._sockets.clear()
 
     def stop(self) -> None:
         self._stopped = True
@@ -85,6 +101,8 @@ class PausableProxy:
                 data = src.recv(CHUNK)
                 if not data or self._stopped:
                     break
+                if self.delay:
+                    time.sleep(self.delay)
                 self._flowing.wait()  # what was read while pausing waits too
                 dst.sendall(data)
         except OSError:
