@@ -78,7 +78,13 @@ def source_lines(ws: pb.Workspace) -> list[str]:
         if s.transport == "live"
         else f"shipped to node {ws.node} at {s.node_path}: `vendetta workspace push|pull {ws.name}`"
     )
-    return [f"  source   {where}", f"  inside   {s.workdir or '/workspace'}, {mode}; {how}"]
+    lines = [f"  source   {where}", f"  inside   {s.workdir or '/workspace'}, {mode}; {how}"]
+    if ws.rebuild_pending:
+        lines.append(
+            f"  config   changed since its environment was made: `vendetta workspace rebuild "
+            f"{ws.name}` applies it"
+        )
+    return lines
 
 
 def _transfer(name: str, pull: bool, force: bool, json_: bool) -> None:

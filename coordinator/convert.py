@@ -80,6 +80,7 @@ def workspace_to_pb(
         updated_unix_nano=ws.updated_unix_nano,
         config_path=ws.config_path,
         source=source_to_pb(ws.source),
+        rebuild_pending=bool(ws.built_yaml),
     )
 
 

@@ -95,6 +95,9 @@ def test_up_rereads_the_config_and_rebuild_makes_a_new_environment(local: Env) -
         assert f"docker.image {TEST_IMAGE} -> {DEBIAN}:latest" in up, up
         assert f"vendetta workspace rebuild {ws}" in up
         assert e.workspace(ws)["image"] == TEST_IMAGE
+        assert f"`vendetta workspace rebuild {ws}` applies it" in said(
+            e.cli("workspace", "status", ws)
+        )
         assert "debian" not in inside(e, ws, "cat /etc/os-release 2>/dev/null; echo")
 
         (before,) = containers(ws)
@@ -102,6 +105,7 @@ def test_up_rereads_the_config_and_rebuild_makes_a_new_environment(local: Env) -
         assert f"rebuilt on node local (docker, image {DEBIAN}:latest)" in rebuilt, rebuilt
         after = e.workspace(ws)
         assert after["image"] == f"{DEBIAN}:latest" and after["state"] == "WORKSPACE_STATE_RUNNING"
+        assert not after.get("rebuild_pending")
         assert "Debian" in inside(e, ws, "cat /etc/os-release")
         (now,) = containers(ws)  # a new one, labelled as this coordinator's like the old
         assert now.id != before.id and before.labels[LABEL_OWNER]

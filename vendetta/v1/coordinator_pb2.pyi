@@ -410,6 +410,54 @@ class RevokeTokenRequest(_message.Message):
 Global___RevokeTokenRequest: _TypeAlias = RevokeTokenRequest  # noqa: Y015
 
 @_typing.final
+class RecordWorkspaceEventRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the workspace"""
+    source: _builtins.str
+    """what sends it, e.g. "mcp" """
+    message: _builtins.str
+    """what was done, e.g. "run_command ls -la" """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordWorkspaceEventRequest: _TypeAlias = RecordWorkspaceEventRequest  # noqa: Y015
+
+@_typing.final
+class RecordWorkspaceEventResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WHO_FIELD_NUMBER: _builtins.int
+    who: _builtins.str
+    """who it was recorded as"""
+    def __init__(
+        self,
+        *,
+        who: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["who", b"who"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordWorkspaceEventResponse: _TypeAlias = RecordWorkspaceEventResponse  # noqa: Y015
+
+@_typing.final
 class WorkspaceSource(_message.Message):
     """Where a workspace's code comes from and where it is."""
 
@@ -1239,6 +1287,7 @@ class Workspace(_message.Message):
     CONFIG_PATH_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    REBUILD_PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     node: _builtins.str
     provider: _builtins.str
@@ -1250,6 +1299,8 @@ class Workspace(_message.Message):
     created_unix_nano: _builtins.int
     updated_unix_nano: _builtins.int
     config_path: _builtins.str
+    rebuild_pending: _builtins.bool
+    """Its config changed in a way only a new environment applies (`workspace rebuild`)."""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1273,10 +1324,11 @@ class Workspace(_message.Message):
         config_path: _builtins.str = ...,
         services: _abc.Iterable[_common_pb2.ServiceStatus] | None = ...,
         source: Global___WorkspaceSource | None = ...,
+        rebuild_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "config_path", b"config_path", "created_unix_nano", b"created_unix_nano", "desired", b"desired", "detail", b"detail", "environment_id", b"environment_id", "image", b"image", "name", b"name", "node", b"node", "provider", b"provider", "services", b"services", "source", b"source", "state", b"state", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "config_path", b"config_path", "created_unix_nano", b"created_unix_nano", "desired", b"desired", "detail", b"detail", "environment_id", b"environment_id", "image", b"image", "name", b"name", "node", b"node", "provider", b"provider", "rebuild_pending", b"rebuild_pending", "services", b"services", "source", b"source", "state", b"state", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
