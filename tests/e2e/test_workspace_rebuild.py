@@ -2,8 +2,9 @@
 and says what changed, applying services and hooks; a new image waits for `rebuild`,
 which makes a new environment keeping /workspace and its branch, services back.
 A config that does not parse and a failing setup hook each say what to fix and that
-`up` applies it. Docker: the busybox test image, rebuilt onto Debian's, on the local
-node and on a remote one as a user who is not root (the node's copy stays).
+`up` applies it. The busybox test image rebuilt onto Debian's: Docker on the local
+node and on a remote one as a user who is not root (the node's copy stays), LXD on
+the local node (mounted again with the same id mapping).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from providers.base import LABEL_OWNER
-from tests.conftest import TEST_IMAGE, require
+from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE, require
 from tests.e2e.test_workspace_git import DEBIAN, _has_image
 from tests.e2e.test_workspace_source import (  # noqa: F401 (remote: a fixture)
     git_commit,
@@ -27,7 +28,7 @@ from tests.e2e.test_workspace_source import (  # noqa: F401 (remote: a fixture)
 )
 from tests.support.cli import Env, cli_env, containers
 
-pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+pytestmark = [pytest.mark.e2e]
 
 RUN = uuid.uuid4().hex[:6]
 SERVICE = """
@@ -56,6 +57,7 @@ def states(e: Env, ws: str) -> dict[str, str]:
     return {s["name"]: s["state"] for s in e.workspace(ws).get("services", [])}
 
 
+@pytest.mark.docker
 def test_up_rereads_the_config_and_rebuild_makes_a_new_environment(local: Env) -> None:
     require("docker", _has_image("docker"), f"no {DEBIAN} image (scripts/build-test-image.sh)")
     e = local
@@ -127,6 +129,7 @@ def test_rebuild_of_an_unknown_workspace_names_it(local: Env) -> None:
     assert "unknown workspace 'nope-rb'" in local.fails("workspace", "rebuild", "nope-rb")
 
 
+@pytest.mark.docker
 def test_rebuild_on_a_remote_node_keeps_the_nodes_copy(remote: Env) -> None:  # noqa: F811
     require("docker", _has_image("docker"), f"no {DEBIAN} image (scripts/build-test-image.sh)")
     e = remote
@@ -151,4 +154,31 @@ def test_rebuild_on_a_remote_node_keeps_the_nodes_copy(remote: Env) -> None:  # 
         assert states(e, ws) == {"a": "SERVICE_STATE_HEALTHY"}
     finally:
         e.cli("workspace", "destroy", ws, "--force", check=False)
+    leaves_nothing(e, ws)
+
+
+@pytest.mark.lxd
+def test_rebuild_on_lxd_keeps_the_mounted_source(local: Env, lxd_engine: None) -> None:
+    require("lxd", _has_image("lxd"), f"no LXD {DEBIAN} image (scripts/build-test-image.sh)")
+    e = local
+    folder = e.home / "lrb"
+    (folder / ".vendetta").mkdir(parents=True)
+    lxd = "provider: lxd\nlxd: {{image: '{}', cpu: 1, memory: 256M}}\n"
+    cfg = folder / ".vendetta" / "config.yaml"
+    cfg.write_text(f"name: lrb\n{lxd.format(LXD_TEST_IMAGE)}")
+    ws = f"lrb-{RUN}"
+    e.cli("workspace", "create", ws, "--config", str(cfg), timeout=300)
+    try:
+        e.cli("workspace", "up", ws, timeout=300)
+        inside(e, ws, "echo made inside > /workspace/inside.txt")
+        cfg.write_text(f"name: lrb\n{lxd.format(DEBIAN)}")
+        assert f"lxd.image {LXD_TEST_IMAGE} -> {DEBIAN}" in said(e.cli("workspace", "up", ws))
+        e.cli("workspace", "rebuild", ws, timeout=300)
+        assert "Debian" in inside(e, ws, "cat /etc/os-release")
+        # Mounted again with the same id mapping: readable and writable inside.
+        assert inside(e, ws, "cat /workspace/inside.txt; echo again >> /workspace/inside.txt")
+        assert (folder / "inside.txt").read_text() == "made inside\nagain\n"
+        assert (folder / "inside.txt").stat().st_uid == folder.stat().st_uid
+    finally:
+        e.cli("workspace", "destroy", ws, "--force", timeout=300, check=False)
     leaves_nothing(e, ws)
