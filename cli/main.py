@@ -52,6 +52,12 @@ NOUNS.extend(
             "app",
             "Tokens for other machines and services (`vendetta server start --listen`).",
         ),
+        Lazy(
+            "mcp",
+            "cli.mcp",
+            "mcp",
+            "Run an MCP server for AI coding agents (stdio, or HTTPS with --http).",
+        ),
     ]
 )
 

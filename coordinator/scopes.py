@@ -68,6 +68,9 @@ METHODS: dict[str, Rule] = {
     "CreateToken": _ADMIN,
     "ListTokens": _ADMIN,
     "RevokeToken": _ADMIN,
+    # a line in a workspace's events (the MCP server's record of its calls): anyone who
+    # may read, held to a limited token's workspaces
+    "RecordWorkspaceEvent": Rule("read", "name"),
 }
 
 # Served on the listener besides the Coordinator: health needs no token (a load

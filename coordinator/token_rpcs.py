@@ -3,6 +3,7 @@ listener, on top of the servicer of coordinator/servicer.py."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc.aio
@@ -13,6 +14,8 @@ from coordinator.tokens import TokenRecord, TokenService
 from vendetta.v1 import coordinator_pb2 as pb
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("vendetta.events")
+EVENT_MAX = 500
 
 
 def token_to_pb(t: TokenRecord) -> pb.Token:
@@ -62,3 +65,16 @@ class ApiServicer(CoordinatorServicer):
 
     async def RevokeToken(self, request: pb.RevokeTokenRequest, context: Ctx) -> pb.Token:
         return token_to_pb(await self.tokens.revoke(request.token))
+
+    async def RecordWorkspaceEvent(
+        self, request: pb.RecordWorkspaceEventRequest, context: Ctx
+    ) -> pb.RecordWorkspaceEventResponse:
+        ws = await self.workspaces.get(request.name)
+        token = caller.get()
+        who = f"token {token.name}" if token else "the local user"
+        # One printable line, bounded: shown by `workspace status --watch` and in the log.
+        what = " ".join(request.message.split())[:EVENT_MAX]
+        source = " ".join(request.source.split())[:40] or "api"
+        self.workspaces.publish(ws, f"{source}: {who}: {what}")
+        log.info("workspace %s: %s: %s: %s", ws.name, source, who, what)
+        return pb.RecordWorkspaceEventResponse(who=who)

@@ -155,6 +155,7 @@ DRIVERS: dict[str, Driver] = {
     "Coordinator/ListOrphans": _plain(),
     "Coordinator/AdoptWorkspace": _plain("takes over an environment no record owns"),
     "Coordinator/CleanNode": _plain("removes only environments no record owns"),
+    "Coordinator/RecordWorkspaceEvent": _plain("a line in a workspace's events"),
     "NodeAgent/Info": _plain(),
     "NodeAgent/Heartbeat": _plain(),
     "NodeAgent/Sink": _plain(),

@@ -207,6 +207,11 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeRequest.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeResponse.FromString,
                 _registered_method=True)
+        self.RecordWorkspaceEvent = channel.unary_unary(
+                '/vendetta.v1.Coordinator/RecordWorkspaceEvent',
+                request_serializer=vendetta_dot_v1_dot_coordinator__pb2.RecordWorkspaceEventRequest.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RecordWorkspaceEventResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -443,6 +448,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordWorkspaceEvent(self, request, context):
+        """Puts a line in a workspace's events (WatchWorkspace) and the coordinator's log,
+        stamped with who sent it (the token's name, or the local user): what a front door
+        such as `vendetta mcp` did on a caller's behalf.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -615,6 +629,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CleanNode,
                     request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeRequest.FromString,
                     response_serializer=vendetta_dot_v1_dot_coordinator__pb2.CleanNodeResponse.SerializeToString,
+            ),
+            'RecordWorkspaceEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordWorkspaceEvent,
+                    request_deserializer=vendetta_dot_v1_dot_coordinator__pb2.RecordWorkspaceEventRequest.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.RecordWorkspaceEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1537,6 +1556,33 @@ class Coordinator:
             '/vendetta.v1.Coordinator/CleanNode',
             vendetta_dot_v1_dot_coordinator__pb2.CleanNodeRequest.SerializeToString,
             vendetta_dot_v1_dot_coordinator__pb2.CleanNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordWorkspaceEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/RecordWorkspaceEvent',
+            vendetta_dot_v1_dot_coordinator__pb2.RecordWorkspaceEventRequest.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.RecordWorkspaceEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

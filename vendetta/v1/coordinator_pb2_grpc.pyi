@@ -104,6 +104,11 @@ class CoordinatorStub:
     """
     AdoptWorkspace: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AdoptWorkspaceRequest, _coordinator_pb2.Workspace]
     CleanNode: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CleanNodeRequest, _coordinator_pb2.CleanNodeResponse]
+    RecordWorkspaceEvent: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RecordWorkspaceEventRequest, _coordinator_pb2.RecordWorkspaceEventResponse]
+    """Puts a line in a workspace's events (WatchWorkspace) and the coordinator's log,
+    stamped with who sent it (the token's name, or the local user): what a front door
+    such as `vendetta mcp` did on a caller's behalf.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -180,6 +185,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """
     AdoptWorkspace: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AdoptWorkspaceRequest, _coordinator_pb2.Workspace]  # type: ignore[assignment]
     CleanNode: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CleanNodeRequest, _coordinator_pb2.CleanNodeResponse]  # type: ignore[assignment]
+    RecordWorkspaceEvent: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RecordWorkspaceEventRequest, _coordinator_pb2.RecordWorkspaceEventResponse]  # type: ignore[assignment]
+    """Puts a line in a workspace's events (WatchWorkspace) and the coordinator's log,
+    stamped with who sent it (the token's name, or the local user): what a front door
+    such as `vendetta mcp` did on a caller's behalf.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator owns the truth: nodes, workspaces, desired vs observed
@@ -457,5 +467,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.CleanNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.CleanNodeResponse, _abc.Awaitable[_coordinator_pb2.CleanNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RecordWorkspaceEvent(
+        self,
+        request: _coordinator_pb2.RecordWorkspaceEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RecordWorkspaceEventResponse, _abc.Awaitable[_coordinator_pb2.RecordWorkspaceEventResponse]]:
+        """Puts a line in a workspace's events (WatchWorkspace) and the coordinator's log,
+        stamped with who sent it (the token's name, or the local user): what a front door
+        such as `vendetta mcp` did on a caller's behalf.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
