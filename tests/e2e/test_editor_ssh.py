@@ -1,15 +1,20 @@
 """What editors need of `ssh NAME.vendetta`, with the real OpenSSH client and the
 generated `Host NAME.vendetta` entries, against workspaces on a node that logs
 in as a user who is not root (vdnode) behind a real sshd, on Docker and LXD,
-in the Debian test image (scripts/build-test-image.sh): `-L` and `-D` to a
-server listening on 127.0.0.1 inside, a refused forward that leaves the
-session working, and a large download through the forward, intact.
+in the Debian test image (scripts/build-test-image.sh): `-L`, `-D` and `-W` to a
+server listening on 127.0.0.1 inside (a large download intact), a refused forward
+that leaves the session working, `-R` to a server here (gone with the session),
+`-A` (only when asked, a socket private to the user inside), SetEnv and the
+working folder, sftp/scp (both protocols), rsync, git push/clone, VS Code's
+`ssh -T -D` sequence; and what an image without sftp-server or python3 says, and
+sftp refused by the environment's own permissions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import random
 import shutil
@@ -23,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_IMAGE
-from tests.support.cli import Env, cli_env, wait_for
+from tests.support.cli import Env, agent_id, cli_env, wait_for
 from tests.support.node_user import MEMBER, agent_python, open_dir, remove_as_root, users_problem
 from tests.support.sshd import SshServer
 
@@ -144,7 +149,18 @@ def editor() -> Iterator[Editor]:
             e.cli("ssh-config", "--file", str(config), "--yes")
             yield Editor(e, config)
     finally:
+        _remove_lxd_leftovers(agent_id(agent_dir))
         remove_as_root(scratch, *([server.root] if server else []))
+
+
+def _remove_lxd_leftovers(agent: str) -> None:
+    """LXD instances of our agent that a failed destroy left (cli_env removes Docker's)."""
+    listed = subprocess.run(
+        ["lxc", "list", "--format", "json"], capture_output=True, text=True, check=False
+    )
+    for inst in json.loads(listed.stdout or "[]"):
+        if inst.get("config", {}).get("user.vendetta.agent") == agent:
+            subprocess.run(["lxc", "delete", "--force", inst["name"]], capture_output=True)
 
 
 @pytest.fixture(params=sorted(SECTIONS))
