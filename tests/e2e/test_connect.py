@@ -132,7 +132,7 @@ def test_interactive_terminal_through_a_pty(remote: Env) -> None:
     shell = f"env {' '.join(env_args)} {connect}; echo EXITED=$?; sleep 60"
     tmux("new-session", "-d", "-s", "s", "-x", "120", "-y", "30", shell)
     try:
-        tmux.wait_for("/ #")  # the shell's prompt, inside the workspace
+        tmux.wait_for("/workspace #")  # the shell's prompt, in the workspace's workdir
         tmux("send-keys", "-t", "s", "echo hello-$((6*7)); hostname; stty size", "Enter")
         screen = tmux.wait_for("30 120")  # our terminal's size reached the PTY inside
         assert "hello-42\nterm\n30 120" in screen  # output, then the container's hostname
@@ -317,7 +317,7 @@ def test_interactive_ssh_session(remote: Env, ssh_config: Path) -> None:
     shell = f"ssh -F {shlex.quote(str(ssh_config))} term.vendetta; echo EXITED=$?; sleep 60"
     tmux("new-session", "-d", "-s", "s", "-x", "120", "-y", "30", shell)
     try:
-        tmux.wait_for("/ #")
+        tmux.wait_for("/workspace #")  # sessions start in the workdir
         tmux("send-keys", "-t", "s", "echo hello-$((6*7)); stty size; echo TERM=$TERM", "Enter")
         screen = tmux.wait_for("30 120")
         assert "hello-42\n30 120\n" in screen  # a PTY of tmux's size, inside
