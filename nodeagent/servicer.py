@@ -164,12 +164,18 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
                 )
             )
         else:
+            names = self.services.service_names(ws)
+            if not names:  # the environment's own output alone: the provider's batches as they come
+                async for chunk in provider.log_batches(
+                    ws, follow=request.follow, tail=tail, since_unix_nano=request.since_unix_nano
+                ):
+                    yield common_pb2.LogBatch(lines=[convert.log_to_pb(r) for r in chunk])
+                return
             sources.append(
                 provider.logs(
                     ws, follow=request.follow, tail=tail, since_unix_nano=request.since_unix_nano
                 )
             )
-            names = self.services.service_names(ws)
             if names:
                 sources.append(
                     self.services.records(

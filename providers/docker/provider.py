@@ -387,7 +387,19 @@ class DockerProvider(Provider):
     async def _logs(
         self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int
     ) -> AsyncGenerator[LogRecord, None]:
-        """The container's stdout/stderr as records, in Docker's order.
+        batches = self._log_batches(
+            workspace, follow=follow, tail=tail, since_unix_nano=since_unix_nano
+        )
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for record in batch:
+                    yield record
+
+    async def _log_batches(
+        self, workspace: str, *, follow: bool, tail: int | None, since_unix_nano: int
+    ) -> AsyncGenerator[builtins.list[LogRecord], None]:
+        """The container's stdout/stderr as records, in Docker's order, in the batches
+        one read brought.
 
         With ``follow`` it ends when the container stops (or the caller cancels,
         which closes the HTTP stream and so ends the reader thread); if the
@@ -407,8 +419,7 @@ class DockerProvider(Provider):
         )
         try:
             async for batch in stream:
-                for record in batch:
-                    yield record
+                yield batch
         finally:
             await stream.aclose()
         if follow:
