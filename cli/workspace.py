@@ -221,16 +221,22 @@ def load_config_or_exit(path: Path) -> str:
 def up(name: Name, json_: Json = False) -> None:
     """Start the workspace (a running one stays as it is)."""
 
-    async def go() -> pb.Workspace:
+    async def go() -> tuple[pb.Workspace, list[str]]:
+        from cli import agent_rules  # rule files for AI agents (config agents.rules)
+
         async with coordinator() as c:
-            return await _with_progress(
+            # Templates read and checked before anything starts: a wrong one changes nothing.
+            got = await c.GetWorkspace(pb.GetWorkspaceRequest(name=name))
+            rules = agent_rules.read_rules(Path(got.config_path)) if got.config_path else []
+            ws = await _with_progress(
                 c,
                 name,
                 f"Starting workspace {name}...",
                 lambda: c.UpWorkspace(pb.WorkspaceRequest(name=name, request_id=request_id())),
             )
+            return ws, await agent_rules.install(c, ws, rules)
 
-    ws = run(go())
+    ws, rules_written = run(go())
     if json_:
         print_json(as_dict(ws))
         return
@@ -246,6 +252,8 @@ def up(name: Name, json_: Json = False) -> None:
     out.print(f"  ssh       ssh {ws.name}{SUFFIX}{ssh_hint}")
     out.print(f"  logs      vendetta workspace logs {ws.name} -f")
     out.print(f"  run       vendetta workspace exec {ws.name} -- CMD ...")
+    for written in rules_written:
+        out.print(f"  agents    {written}")
 
 
 @app.command()

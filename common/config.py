@@ -205,6 +205,23 @@ class Hooks(_Strict):
     teardown: str | None = None
 
 
+class AgentsSection(_Strict):
+    """Rule files for AI coding agents: templates (paths from the project folder) that
+    `workspace up` renders with the workspace's facts into its workdir (cli/agent_rules.py)."""
+
+    rules: list[str] = Field(default_factory=list, max_length=20)
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not path.strip() or "\0" in path or path.endswith("/"):
+                raise ValueError(
+                    f"{path[:80]!r}: give a template file, e.g. .vendetta/AGENTS.md.tmpl"
+                )
+        return v
+
+
 class ProjectConfig(_Strict):
     name: str
     provider: Literal["docker", "lxd", "qemu"] = "docker"
@@ -219,6 +236,7 @@ class ProjectConfig(_Strict):
     # Who works inside (owns workdir's files); absent: the image's default user.
     user: str | None = None
     source: SourceSection = Field(default_factory=SourceSection)
+    agents: AgentsSection = Field(default_factory=AgentsSection)
 
     @field_validator("workdir")
     @classmethod
