@@ -24,6 +24,7 @@ OPTIONS: list[tuple[str, Any]] = [
     *keepalive.CLIENT_OPTIONS,
 ]
 SCOPES = ("read", "operate", "admin")
+MAX_CHANNELS = 64  # callers' tokens with a channel open at once (HTTP)
 
 
 class Backend(Protocol):
@@ -98,6 +99,8 @@ class TokenBackend:
         if not token:
             raise PermissionDeniedError("no token: send `Authorization: Bearer TOKEN`")
         if token not in self._channels:
+            if len(self._channels) >= MAX_CHANNELS:  # the oldest goes (dicts keep order)
+                await self.forget(next(iter(self._channels)))
             if self._base is None:
                 self._base = await channel_credentials(self.target, self.fingerprint)
             creds, extra = self._base
@@ -111,6 +114,12 @@ class TokenBackend:
 
     def check(self, scope: str, workspace: str) -> None:
         """The coordinator checks each call's token itself."""
+
+    async def forget(self, token: str) -> None:
+        """Close the channel of a token (refused, or the oldest of too many)."""
+        channel = self._channels.pop(token, None)
+        if channel is not None:
+            await channel.close(None)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -85,6 +85,7 @@ class BearerGate:
             await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=15)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                await self.backend.forget(token)
                 return exc.details() or "token refused"
             raise
         if len(self._accepted) > 1000:
