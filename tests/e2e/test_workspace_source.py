@@ -342,6 +342,10 @@ def test_the_source_is_at_workspace_on_lxd_and_qemu(local: Env, provider: str) -
             # pointer to a repository the guest lacks.
             assert src["transport"] == "shipped"
             assert inside(e, ws, "test -d /workspace/.git && echo own") == "own\n"
+            # A rebuild would copy it in again, losing what changed inside: --force.
+            refused = e.fails("workspace", "rebuild", ws)
+            assert "what changed inside is lost" in refused and "--force" in refused
+            assert source(e, ws)["mode"] == "copied"  # nothing was done
     finally:
         e.cli("workspace", "destroy", ws, "--force", timeout=300)
     leaves_nothing(e, ws)
