@@ -138,9 +138,9 @@ def register(app: typer.Typer) -> None:
         ] = False,
         json_: Json = False,
     ) -> None:
-        """Recreate the workspace's environment with the config in its source (a new
-        image, provider, resources, ports, workdir or user), keeping /workspace and its
-        branch; a running workspace is started again."""
+        """Recreate the workspace's environment with its config read again, as `up`
+        does (a new image, provider, resources, ports, workdir or user), keeping
+        /workspace and its branch; a running workspace is started again."""
         _rebuild(name, force, json_)
 
 
