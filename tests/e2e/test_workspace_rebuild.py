@@ -1,4 +1,4 @@
-"""A changed config takes effect (issue 17): `up` re-reads it from the workspace's source
+"""A changed config takes effect (issue 17): `up` re-reads it (the project's file)
 and says what changed, applying services and hooks; a new image waits for `rebuild`,
 which makes a new environment keeping /workspace and its branch, services back.
 A config that does not parse and a failing setup hook each say what to fix and that
