@@ -20,7 +20,8 @@ else
   target=${VENDETTA_URL#vendetta://}
   pem=$(mktemp --suffix=.pem)
   trap 'rm -f "$pem"' EXIT
-  openssl s_client -connect "$target" </dev/null 2>/dev/null | openssl x509 >"$pem"
+  # (-alpn h2: gRPC servers end a TLS handshake that does not offer HTTP/2)
+  openssl s_client -alpn h2 -connect "$target" </dev/null 2>/dev/null | openssl x509 >"$pem"
   got=$(openssl x509 -in "$pem" -noout -fingerprint -sha256 | cut -d= -f2 | tr -d : | tr a-f A-F)
   want=$(tr -d ': ' <<<"${VENDETTA_TLS_FINGERPRINT:?pin the fingerprint server start printed}" | tr a-f A-F)
   [[ "$got" == "$want" ]] || { echo "certificate $got is not the pinned $want" >&2; exit 1; }
@@ -33,14 +34,14 @@ fi
 
 # Health needs no token (load balancers, probes).
 call "$target" grpc.health.v1.Health/Check
-# What the coordinator serves (reflection), and one method's request type.
+# What the coordinator serves (reflection), and one request type.
 call "$target" list
-call "$target" describe vendetta.v1.Coordinator.StreamLogs
+call "$target" describe vendetta.v1.StreamLogsRequest
 # Reads (scope read): who runs where.
 call "$target" vendetta.v1.Coordinator/ListWorkspaces
 call -d "{\"name\": \"$WORKSPACE\"}" "$target" vendetta.v1.Coordinator/GetWorkspace
 # A server stream: the last 5 lines of its logs (add "follow": true to keep reading).
 call -d "{\"name\": \"$WORKSPACE\", \"tail\": 5}" "$target" vendetta.v1.Coordinator/StreamLogs
-# A command inside (scope operate): output arrives base64-encoded (bytes), then exitCode.
+# A command inside (scope operate): output arrives base64-encoded (bytes), then exit_code.
 call -d "{\"name\": \"$WORKSPACE\", \"argv\": [\"uname\", \"-a\"]}" \
   "$target" vendetta.v1.Coordinator/ExecWorkspace
