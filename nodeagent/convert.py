@@ -3,6 +3,8 @@ supervisor never see protos."""
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf.message import DecodeError
 
 from common.errors import InvalidArgumentError
@@ -95,6 +97,7 @@ def service_from_pb(pb: common_pb2.ServiceSpec) -> ServiceDef:
     health = None
     if pb.HasField("health"):
         h = pb.health
+        _check_health(pb.name, h)
         health = Health(
             http=h.http,
             tcp=h.tcp,
@@ -115,6 +118,27 @@ def service_from_pb(pb: common_pb2.ServiceSpec) -> ServiceDef:
         env=dict(pb.env),
         restart=pb.restart or "on-failure",
     )
+
+
+DAY = 86400.0
+
+
+def _check_health(service: str, h: common_pb2.HealthCheck) -> None:
+    """The config checks these too; an agent also gets messages from other clients,
+    and a NaN interval or negative retries would make a health loop spin."""
+    for what, seconds in (
+        ("interval", h.interval_seconds),
+        ("timeout", h.timeout_seconds),
+        ("start_period", h.start_period_seconds),
+    ):
+        if not math.isfinite(seconds) or not 0 <= seconds <= DAY:
+            raise InvalidArgumentError(
+                f"service {service!r}: health-check {what} must be 0 to {DAY:.0f} seconds"
+            )
+    if not 0 <= h.retries <= 1_000_000:
+        raise InvalidArgumentError(
+            f"service {service!r}: health-check retries must be 0 to 1,000,000"
+        )
 
 
 def service_from_saved_pb(data: bytes) -> ServiceDef:
