@@ -107,7 +107,7 @@ class NodeService:
         grace_seconds: float = 0.0,
     ) -> NodeConnection:
         validate_name("node", name)
-        if grace_seconds < 0 or grace_seconds > MAX_GRACE:
+        if not 0 <= grace_seconds <= MAX_GRACE:  # NaN too
             raise InvalidArgumentError(
                 f"--grace must be between 0 (the coordinator's default) and {MAX_GRACE:g} "
                 f"seconds, not {grace_seconds:g}"

@@ -712,6 +712,11 @@ async def test_add_node_refusals(cluster: Cluster) -> None:
         (pb.AddNodeRequest(name="n2", host_key=key), "no address"),
         (pb.AddNodeRequest(name="n2", address="x"), "no host key"),
         (pb.AddNodeRequest(name="n2", address="x", host_key="junk"), "not an OpenSSH public key"),
+        (pb.AddNodeRequest(name="n2", address="x", host_key=key, grace_seconds=-1), "--grace"),
+        (
+            pb.AddNodeRequest(name="n2", address="x", host_key=key, grace_seconds=float("nan")),
+            "--grace",
+        ),
     ]
     for request, expected in cases:
         err = await rpc_error(cluster.stub.AddNode(request))
