@@ -222,7 +222,7 @@ def up(name: Name, json_: Json = False) -> None:
     """Start the workspace (a running one stays as it is)."""
 
     async def go() -> tuple[pb.Workspace, list[str]]:
-        from cli import agent_rules  # rule files for AI agents (config agents.rules)
+        from common import agent_rules  # rule files for AI agents (config agents.rules)
 
         async with coordinator() as c:
             # Templates read and checked before anything starts: a wrong one changes nothing.

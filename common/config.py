@@ -207,7 +207,7 @@ class Hooks(_Strict):
 
 class AgentsSection(_Strict):
     """Rule files for AI coding agents: templates (paths from the project folder) that
-    `workspace up` renders with the workspace's facts into its workdir (cli/agent_rules.py)."""
+    `workspace up` renders with the workspace's facts into its workdir (common/agent_rules.py)."""
 
     rules: list[str] = Field(default_factory=list, max_length=20)
 

@@ -9,11 +9,13 @@ import asyncio
 import base64
 import posixpath
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
 
+from common import agent_rules
 from common.errors import InvalidArgumentError
 from common.rpc_errors import mapped_rpc_errors
 from mcp_server.backend import Backend
@@ -120,10 +122,16 @@ def build(
 
     @server.tool()
     async def up_workspace(ctx: Context[Any, Any, Any], name: str) -> dict[str, Any]:
-        """Start a workspace and its services; waits until they are up."""
+        """Start a workspace and its services; waits until they are up. The project's
+        agent rule files (config agents.rules) are written into its workdir."""
         stub = await begin(ctx, "operate", name, "up_workspace")
         with mapped_rpc_errors():
-            return _summary(await stub.UpWorkspace(pb.WorkspaceRequest(name=name), timeout=900))
+            got = await stub.GetWorkspace(pb.GetWorkspaceRequest(name=name), timeout=30)
+        # As `workspace up`: read where this server runs, checked before anything starts.
+        rules = agent_rules.read_rules(Path(got.config_path)) if got.config_path else []
+        with mapped_rpc_errors():
+            ws = await stub.UpWorkspace(pb.WorkspaceRequest(name=name), timeout=900)
+        return {**_summary(ws), "agent_rules": await agent_rules.install(stub, ws, rules)}
 
     @server.tool()
     async def down_workspace(ctx: Context[Any, Any, Any], name: str) -> dict[str, Any]:

@@ -59,11 +59,14 @@ class World:
 def world() -> Iterator[World]:
     with cli_env(prefix="vd-mcp-") as e:
         e.cli("server", "start", "--listen", "127.0.0.1:0")
-        cfg = e.home / "config.yaml"
+        cfg = e.home / "proj" / ".vendetta" / "config.yaml"
+        cfg.parent.mkdir(parents=True)
         cfg.write_text(
             f"name: mcp\nprovider: docker\ndocker:\n  image: {TEST_IMAGE}\n  command: "
             "[/bin/sh, -c, 'echo started-$((20+3)); while :; do sleep 1; done']\n"
+            "agents: {rules: [.vendetta/AGENTS.md.tmpl]}\n"
         )
+        (cfg.parent / "AGENTS.md.tmpl").write_text("You are in {{ workspace }}: {{ mcp }}\n")
         for name in (MINE, OTHER):
             e.cli("workspace", "create", name, "--config", str(cfg), "--no-source")
             e.cli("workspace", "up", name)
@@ -152,6 +155,14 @@ async def _drive(session: ClientSession, who: str) -> None:
     assert text == f"hello from {who}\n"
     assert "relative to the workspace folder" in await _refused(
         session, "read_file", name=MINE, path="../../etc/shadow"
+    )
+    up = await _call(session, "up_workspace", name=MINE)
+    assert up["state"] == "running" and up["agent_rules"], up
+    rules = await _call(session, "read_file", name=MINE, path="AGENTS.md")
+    rendered = rules["result"] if isinstance(rules, dict) else rules
+    assert (
+        rendered == f"You are in {MINE}: `vendetta mcp --workspace {MINE}` (stdio), or "
+        "`vendetta mcp --http HOST:PORT` with a token\n"
     )
     logs = await _call(session, "read_logs", name=MINE, tail=50)
     lines = logs["result"] if isinstance(logs, dict) else logs

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import agent_rules
+from common import agent_rules
 from common.config import parse_config
 from common.errors import ConfigError
 from vendetta.v1 import common_pb2 as cpb
