@@ -197,3 +197,16 @@ def test_the_example_watcher_reacts_to_an_up(installed: Installed, shared: Share
             watcher.kill()
             watcher.wait()
         e.cli("workspace", "destroy", name, "--force", check=False)
+
+
+def test_the_local_socket_needs_no_token(installed: Installed, shared: Shared) -> None:
+    """No target and no VENDETTA_URL: the coordinator's socket under VENDETTA_HOME."""
+    probe = (
+        "import json; from vendetta_client import Client\n"
+        "with Client() as vd:\n"
+        "    print(json.dumps([vd.settings.endpoint.address, vd.server_info().listen]))"
+    )
+    home = shared.env.env["VENDETTA_HOME"]
+    got = _run(installed, "-c", probe, env={"VENDETTA_HOME": home})
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == [f"unix:{home}/coordinator.sock", shared.url[11:]]

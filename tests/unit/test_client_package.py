@@ -5,6 +5,7 @@ it reads a target, a pin and the environment."""
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -86,3 +87,40 @@ def test_fingerprints() -> None:
     assert connect.normalize_fingerprint("SHA256:" + pin.lower()) == pin
     with pytest.raises(client_errors.InvalidArgumentError, match="64 digits"):
         connect.normalize_fingerprint("abcd")
+
+
+class _Flaky:
+    """A unary method that fails like a lost connection ``failures`` times, then answers;
+    it keeps each request it was sent."""
+
+    def __init__(self, failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.failures, self.code = failures, code
+        self.sent: list[Any] = []
+
+    def __call__(self, request: Any, timeout: float | None = None) -> str:
+        self.sent.append(request)
+        if len(self.sent) <= self.failures:
+            raise _failed(self.code, "Connection reset")
+        return "answer"
+
+
+def test_retries_resend_the_same_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vendetta_client import client as sync_client
+    from vendetta_client import pb
+
+    monkeypatch.setattr(sync_client, "BACKOFF", (0.0,))
+    with sync_client.Client("unix:/nonexistent/c.sock", retries=3) as vd:
+        flaky = _Flaky(2)
+        request = pb.WorkspaceRequest(name="w", request_id="r1")
+        assert vd._unary(flaky, request, 5, True) == "answer"  # type: ignore[arg-type]
+        assert [r.request_id for r in flaky.sent] == ["r1", "r1", "r1"]
+        with pytest.raises(client_errors.UnavailableError):  # retries run out
+            vd._unary(_Flaky(9), request, 5, True)  # type: ignore[arg-type]
+        # What the coordinator itself said is not retried; nor is a call marked so.
+        tagged = _Flaky(1, grpc.StatusCode.NOT_FOUND)
+        with pytest.raises(client_errors.NotFoundError):
+            vd._unary(tagged, request, 5, True)  # type: ignore[arg-type]
+        once = _Flaky(1)
+        with pytest.raises(client_errors.UnavailableError):
+            vd._unary(once, request, 5, False)  # type: ignore[arg-type]
+        assert len(tagged.sent) == len(once.sent) == 1
