@@ -239,7 +239,9 @@ class NodeConnection:
         if self._client is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), wait)
-        if self._client is None:
+        # Declared silent, its connection not yet torn down (that waits for the watch to
+        # wake): a call through it would only hang until then.
+        if self._client is None or self.state == NodeState.DISCONNECTED:
             why = f": {self.last_error}" if self.last_error else ""
             raise NodeUnreachableError(
                 f"node {self.name!r} is disconnected{why}. Its workspaces are untouched; "

@@ -163,6 +163,11 @@ class WorkspaceService:
                 config_path=config_path,
             )
             client = await conn.client()
+            # An environment of that name no workspace here owns (another coordinator's
+            # on the same node user, or an orphan): refused before its source, which the
+            # agent keeps by name, is overwritten or discarded.
+            if (await client.inspect(name, provider)).state != EnvironmentState.ABSENT:
+                raise AlreadyExistsError(taken_advice(name, node))
             # The source first: a bad one stops here, before anything else is made.
             # QEMU copies the source into its guest, where a worktree's .git would point at
             # a repository it lacks: the local node gets a shipped copy too (standalone .git).

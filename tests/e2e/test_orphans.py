@@ -159,19 +159,20 @@ def test_node_remove_force_then_clean(env: Env) -> None:
 
 def test_second_coordinator_gets_advice_it_can_follow(env: Env) -> None:
     e = env
-    cfg = str(config(e, "orw3"))
-    e.cli("workspace", "create", "orw3", "--remote", "oa", "--config", cfg, "--no-source")
+    cfg = config(e, "orw3")
+    (cfg.parent.parent / "marker.txt").write_text("first coordinator's\n")
+    e.cli("workspace", "create", "orw3", "--remote", "oa", "--config", str(cfg))  # its folder
     server, proxy = e.nodes["oa"], PROXY["oa"]
     shared_agent = f"{BIN / 'vendetta-agent'} --dir {e.home / 'agent-oa'}"
     with cli_env(prefix="vd-orph2-") as other:
         other.cli("server", "start")
         add_node(other, "oa", proxy, server, shared_agent)
         other.wait_node("oa", "ready", within=60)
-        # No source: the agent keeps one folder per workspace name (see the report).
-        cfg = str(config(other, "orw3"))
-        said = other.fails(
-            "workspace", "create", "orw3", "--remote", "oa", "--config", cfg, "--no-source"
-        )
+        # With a source of its own: the agent keeps one source folder per workspace
+        # name, which must not be overwritten or discarded by this refused create.
+        cfg2 = config(other, "orw3")
+        (cfg2.parent.parent / "marker.txt").write_text("second coordinator's\n")
+        said = other.fails("workspace", "create", "orw3", "--remote", "oa", "--config", str(cfg2))
         assert "workspace adopt orw3 --node oa" in said and "node clean oa orw3" in said, said
         assert "workspace up orw3" not in said and "workspace destroy orw3" not in said, said
         found = orphans(other, "oa")
@@ -180,6 +181,8 @@ def test_second_coordinator_gets_advice_it_can_follow(env: Env) -> None:
         kept = json.loads(other.cli("node", "clean", "oa", "--yes", "--json").stdout)
         assert "orw3" in [o["workspace"] for o in kept.get("kept", [])], kept
         assert containers("orw3"), "another coordinator's environment must stay"
-    # the first coordinator still has it
+    # the first coordinator still has it, and its source
     e.cli("workspace", "up", "orw3")
-    e.cli("workspace", "destroy", "orw3")
+    out = e.cli("workspace", "exec", "orw3", "--", "cat", "/workspace/marker.txt").stdout
+    assert out.strip() == "first coordinator's", out
+    e.cli("workspace", "destroy", "orw3", "--force")
