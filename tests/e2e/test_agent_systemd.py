@@ -8,6 +8,8 @@ the agent falls back to a detached process and says why. Once root lets it linge
 the agent is a unit of its user manager: it outlives every SSH session of the user,
 and its KillMode=process keeps what it started (a process put into its cgroup, as a
 libvirt session daemon's QEMU would be) running when the agent stops and starts.
+root may turn its own lingering on: the agent does, and `node remove --purge` turns
+it off again.
 """
 
 from __future__ import annotations
@@ -189,3 +191,22 @@ def test_a_lingering_user_gets_a_unit_that_outlives_its_sessions(
     )
     # Root turned lingering on, not vendetta: it stays on.
     assert _lingers(m)
+
+
+def test_a_user_who_may_linger_gets_it_turned_on_and_off_again_by_purge(
+    machine: tuple[Env, NodeMachine],
+) -> None:
+    e, m = machine
+    linger = "test -e /var/lib/systemd/linger/root && echo yes; true"
+    assert m.exec("sh", "-c", linger) == ""
+    added = e.cli(
+        "node", "add", "sd3", m.host, "--port", str(m.port), "--user", "root",
+        "--identity", str(m.client_key_path), "--yes", timeout=600,
+    )  # fmt: skip
+    assert "ready" in added.stdout, added.stdout
+    row = _rows(e, "sd3")["agent runs as"]
+    assert row["value"] == f"systemd --user unit {UNIT} (lingering turned on by vendetta)", row
+    assert m.exec("sh", "-c", linger).strip() == "yes"
+    e.cli("node", "remove", "sd3", "--purge")
+    assert m.exec("sh", "-c", linger) == ""
+    assert "No such file" in m.exec("sh", "-c", f"ls /root/.config/systemd/user/{UNIT} 2>&1; true")
