@@ -166,10 +166,14 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         else:
             names = self.services.service_names(ws)
             if not names:  # the environment's own output alone: the provider's batches as they come
-                async for chunk in provider.log_batches(
+                chunks = provider.log_batches(
                     ws, follow=request.follow, tail=tail, since_unix_nano=request.since_unix_nano
-                ):
-                    yield common_pb2.LogBatch(lines=[convert.log_to_pb(r) for r in chunk])
+                )
+                # Batches that queued up while a message was being sent go out as one.
+                async for group in batched(chunks, max_items=64, size=_chunk_size):
+                    yield common_pb2.LogBatch(
+                        lines=[convert.log_to_pb(r) for chunk in group for r in chunk]
+                    )
                 return
             sources.append(
                 provider.logs(
@@ -406,3 +410,7 @@ async def merge(
 
 def _record_size(rec: LogRecord) -> int:
     return len(rec.text) + 32
+
+
+def _chunk_size(chunk: list[LogRecord]) -> int:
+    return sum(len(r.text) for r in chunk) + 32 * len(chunk)
