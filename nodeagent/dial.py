@@ -57,13 +57,20 @@ except OSError: pass
 # The relay: argv is [sh, -c, RELAY, vendetta-dial, HOST, PORT]. bash: our stdin to
 # the socket in the background (its own copy: a background job's stdin is /dev/null),
 # the socket to our stdout until the far side closes.
+# nc: busybox's writes 8 KiB at a time, each a frame through the engine and the
+# agent; dd passes on whatever has gathered in the pipe (no wait for a full block),
+# which took `ssh -L` through it from 20-37 to 51-78 MB/s.
 RELAY = f"""
 if command -v python3 >/dev/null 2>&1; then exec python3 -c '{_PYTHON}' "$1" "$2"; fi
 if command -v bash >/dev/null 2>&1; then
   exec bash -c 'exec 3<>"/dev/tcp/$1/$2" || exit 1; printf "\\0"; exec 4<&0
     cat <&4 >&3 & w=$!; cat <&3; kill $w 2>/dev/null; exit 0' vendetta-dial "$1" "$2"
 fi
-if command -v nc >/dev/null 2>&1; then printf '\\0'; exec nc "$1" "$2"; fi
+if command -v nc >/dev/null 2>&1; then
+  printf '\\0'
+  if command -v dd >/dev/null 2>&1; then nc "$1" "$2" | dd bs=262144 2>/dev/null; exit; fi
+  exec nc "$1" "$2"
+fi
 echo "no python3, bash or nc in the image to connect with" >&2; exit 127
 """
 
