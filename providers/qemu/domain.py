@@ -89,6 +89,8 @@ class Meta:
     source_path: str = ""
     workdir: str = ""
     user: str = ""
+    # The coordinator that made it (orphans tell another coordinator's guest by it).
+    owner: str = ""
 
     def to_xml(self) -> str:
         def q(tag: str) -> str:
@@ -102,7 +104,7 @@ class Meta:
         ET.SubElement(root, q("environment")).text = json.dumps(dict(self.env))
         if self.ports:
             ET.SubElement(root, q("ports")).text = json.dumps(list(self.ports))
-        for key in ("source_path", "workdir", "user"):
+        for key in ("source_path", "workdir", "user", "owner"):
             if getattr(self, key):
                 ET.SubElement(root, q(key)).text = str(getattr(self, key))
         return ET.tostring(root, encoding="unicode")
@@ -124,6 +126,7 @@ class Meta:
             source_path=values.get("source_path", ""),
             workdir=values.get("workdir", ""),
             user=values.get("user", ""),
+            owner=values.get("owner", ""),
         )
 
 

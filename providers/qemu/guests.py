@@ -156,6 +156,7 @@ def status(dom: libvirt.virDomain, meta: Meta, provider: str) -> EnvironmentStat
         ports=ports,
         source_mode=SOURCE_COPIED if meta.source_path else "",
         workdir=meta.workdir if meta.source_path else "",
+        owner=meta.owner,
     )
 
 

@@ -221,6 +221,7 @@ class QemuProvider(Provider):
             source_path=spec.source_path,
             workdir=spec.source_workdir,
             user=spec.user,
+            owner=spec.owner,
         )
         xml = domain_xml(
             name=name,

@@ -504,3 +504,14 @@ async def test_a_terminal_needs_a_running_environment(agent: Agent) -> None:
             pass
     assert stopped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"vendetta workspace up {ws}" in (stopped.value.details() or "")
+
+
+async def test_the_coordinator_that_made_it_is_kept(agent: Agent) -> None:
+    """Orphans (`node status`, `node clean`) tell one coordinator's environments from
+    another's on a shared node user by this label, on every engine."""
+    ws = agent.ws()
+    made = await agent.stub.CreateEnvironment(agent.spec(ws, owner="coord-1234abcd"))
+    assert made.owner == "coord-1234abcd"
+    assert (await agent.stub.InspectEnvironment(agent.ref(ws))).owner == "coord-1234abcd"
+    listed = await agent.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
+    assert [e.owner for e in listed.environments if e.workspace == ws] == ["coord-1234abcd"]
