@@ -24,6 +24,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -263,6 +264,8 @@ class QemuProvider(Provider):
             return guests.boot(conn, dom, meta), meta, True
 
         dom, meta, booted = await self._libvirt.call(f"starting workspace {workspace!r}", start)
+        # What the last stop brought out is stale once the guest runs again.
+        await asyncio.to_thread(self._at_stop(workspace).unlink, True)
         await self._wait_for_agent(workspace, dom, meta)
         if meta.source_path:
             # Once (the guest marks it): later starts keep what was changed inside.
@@ -315,6 +318,7 @@ class QemuProvider(Provider):
             return await self._libvirt.call(action, lambda _c: bool(dom.isActive()))
 
         if await active():
+            await self._keep_copy_at_stop(workspace, action)
             # The guest agent shuts down cleanly; ACPI is the fallback for other guests.
             try:
                 await self._libvirt.call(
@@ -348,6 +352,7 @@ class QemuProvider(Provider):
         files = await self._libvirt.call(f"removing workspace {workspace!r}", remove)
         if files is not None:
             await asyncio.to_thread(files.remove)
+        await asyncio.to_thread(self._at_stop(workspace).unlink, True)
 
     async def _inspect(self, workspace: str) -> EnvironmentStatus:
         def look(conn: libvirt.virConnect) -> EnvironmentStatus | None:
@@ -365,6 +370,29 @@ class QemuProvider(Provider):
         )
 
     # -- the source's copy -----------------------------------------------------
+
+    async def _guest_active(self, workspace: str, action: str) -> bool:
+        def active(conn: libvirt.virConnect) -> bool:
+            found = self._find(conn, workspace)
+            return found is not None and bool(found[0].isActive())
+
+        return await self._libvirt.call(action, active)
+
+    def _at_stop(self, workspace: str) -> Path:
+        return self.state_dir / f"{workspace}.source-at-stop.tar"
+
+    async def _keep_copy_at_stop(self, workspace: str, action: str) -> None:
+        """A stopped guest's copy can be neither read nor changed: what it holds is
+        brought out as the guest stops, so that pull and destroy's check read it then.
+        A guest that stopped by itself has none, and those are refused as before."""
+        with contextlib.suppress(VendettaError):  # no agent answering: stop anyway
+            found = await self._copied_guest(workspace, action, "stop it again")
+            if found is not None:
+                dom, meta = found
+                path = self._at_stop(workspace)
+                await self._libvirt.call(
+                    action, lambda _c: source.copy_out(dom, meta.workdir, path)
+                )
 
     async def _copied_guest(self, workspace: str, action: str, then: str) -> guests.Guest | None:
         """The running guest of ``workspace`` if it holds its copy of a source. One that
@@ -407,6 +435,10 @@ class QemuProvider(Provider):
 
     async def _copy_source_out(self, workspace: str, tar: Path) -> bool:
         action = f"copying the source out of the guest of {workspace!r}"
+        kept = self._at_stop(workspace)
+        if await asyncio.to_thread(kept.exists) and not await self._guest_active(workspace, action):
+            await asyncio.to_thread(shutil.copyfile, kept, tar)
+            return True
         found = await self._copied_guest(workspace, action, "ask again")
         if found is None:
             return False
