@@ -41,7 +41,8 @@ class ServiceRelays:
 
     def record(self, ws: WorkspaceRecord, ev: ServiceEvent) -> None:
         self.update(ws.name, [ev.service])
-        self._publish(ws, ev.message, ev.service)
+        if ev.message:  # none: the agent's state at the start of a watch, not news
+            self._publish(ws, ev.message, ev.service)
 
     def start(self, ws: WorkspaceRecord, client: AgentClient) -> None:
         """Keep service state and events flowing while the workspace runs."""

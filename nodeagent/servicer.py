@@ -21,6 +21,7 @@ from common.version import build_id
 from nodeagent import convert, dial, images, listen
 from nodeagent.providers import ProviderSet
 from nodeagent.services.manager import ServiceManager
+from nodeagent.services.model import ServiceEvent
 from nodeagent.sources import SourceStore
 from providers.base import EnvState, ExecChunk, LogRecord
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
@@ -236,6 +237,11 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         validate_name("workspace", request.workspace)  # a supervisor's files bear it
         sup = self.services.supervisor(request.workspace, request.provider)
         with sup.events.subscribe() as events:
+            # The state now first (no message: nothing happened), once subscribed, so a
+            # watcher that started while this agent resumes its services misses nothing.
+            now = time.time_ns()
+            for status in sup.statuses():
+                yield convert.service_event_to_pb(ServiceEvent(request.workspace, status, "", now))
             async for ev in events:
                 yield convert.service_event_to_pb(ev)
 

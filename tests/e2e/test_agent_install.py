@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from common.version import PACKAGES, build_id_of, source_root
 from tests.conftest import require
 from tests.e2e.test_cli import write_config
-from tests.support.cli import BIN, Env, cli_env, containers
+from tests.support.cli import BIN, Env, cli_env, containers, wait_for
 from tests.support.node_machine import NodeMachine, image_problem
 from tests.support.sshd import SshServer
 from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
@@ -133,12 +132,13 @@ def test_node_without_a_supported_python3_is_refused(
     assert not (home / ".local" / "share" / "vendetta").exists()
 
 
-def _wait(what: str, check: Callable[[], object], within: float = 120) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+def _wait(
+    what: str,
+    check: Callable[[], object],
+    within: float = 120,
+    show: Callable[[], object] | None = None,
+) -> None:
+    wait_for(what, check, within=within, show=show)
 
 
 def _other_build(root: Path) -> tuple[Path, str]:
@@ -235,6 +235,7 @@ def test_connect_replaces_an_agent_of_another_build_and_services_keep_running(
             == [("sleeper", service["pid"])]
         ),
         within=120,
+        show=lambda: (env.workspace(ws), env.node("n1"), _agent_services(state, ws)),
     )
     env.cli("workspace", "destroy", ws)
 

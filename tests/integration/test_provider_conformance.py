@@ -515,3 +515,26 @@ async def test_the_coordinator_that_made_it_is_kept(agent: Agent) -> None:
     assert (await agent.stub.InspectEnvironment(agent.ref(ws))).owner == "coord-1234abcd"
     listed = await agent.stub.ListEnvironments(nodeagent_pb2.ListEnvironmentsRequest())
     assert [e.owner for e in listed.environments if e.workspace == ws] == ["coord-1234abcd"]
+
+
+@pytest.mark.docker
+async def test_a_watch_of_services_starts_with_their_state() -> None:
+    """A watcher that starts after the services did (the coordinator's relay, set up
+    while a restarted agent resumes them) gets their state first, not only later news."""
+    async with running_agent(CASES[0]) as agent:
+        ws = agent.ws()
+        await agent.stub.CreateEnvironment(agent.spec(ws))
+        await agent.stub.StartEnvironment(agent.ref(ws))
+        start = nodeagent_pb2.StartServicesRequest(
+            workspace=ws,
+            provider=agent.provider,
+            services=[common_pb2.ServiceSpec(name="sleeper", command=["sleep", "300"])],
+        )
+        async for _ in agent.stub.StartServices(start):
+            pass
+        watch = agent.stub.WatchServices(agent.ref(ws))
+        first = await asyncio.wait_for(watch.read(), 30)
+        watch.cancel()
+        assert isinstance(first, common_pb2.ServiceEvent)
+        assert (first.service.name, first.message) == ("sleeper", "")
+        assert first.service.pid > 0
