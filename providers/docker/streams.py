@@ -108,18 +108,23 @@ def _log_frames(response: Any, *, follow: bool) -> Iterator[list[tuple[int, byte
         if not chunk:
             return
         buf += chunk
-        pos = 0
-        batch: list[tuple[int, bytes]] = []
-        while len(buf) - pos >= _FRAME_HEADER.size:
-            stream_id, length = _FRAME_HEADER.unpack_from(buf, pos)
-            end = pos + _FRAME_HEADER.size + length
-            if end > len(buf):
-                break
-            batch.append((stream_id, bytes(buf[pos + _FRAME_HEADER.size : end])))
-            pos = end
-        del buf[:pos]
-        if batch:
+        if batch := _whole_frames(buf):
             yield batch
+
+
+def _whole_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Take every complete frame off the front of ``buf``; a partial one stays."""
+    pos = 0
+    batch: list[tuple[int, bytes]] = []
+    while len(buf) - pos >= _FRAME_HEADER.size:
+        stream_id, length = _FRAME_HEADER.unpack_from(buf, pos)
+        end = pos + _FRAME_HEADER.size + length
+        if end > len(buf):
+            break
+        batch.append((stream_id, bytes(buf[pos + _FRAME_HEADER.size : end])))
+        pos = end
+    del buf[:pos]
+    return batch
 
 
 def _record_batches(frames: Iterator[list[tuple[int, bytes]]]) -> Iterator[list[LogRecord]]:
@@ -140,17 +145,7 @@ def _record_batches(frames: Iterator[list[tuple[int, bytes]]]) -> Iterator[list[
 def _socket_frames(sock: socket.socket, buf: bytearray) -> Iterator[list[tuple[int, bytes]]]:
     """Docker's frames from a close-delimited body: every complete frame of each recv."""
     while True:
-        pos = 0
-        batch: list[tuple[int, bytes]] = []
-        while len(buf) - pos >= _FRAME_HEADER.size:
-            stream_id, length = _FRAME_HEADER.unpack_from(buf, pos)
-            end = pos + _FRAME_HEADER.size + length
-            if end > len(buf):
-                break
-            batch.append((stream_id, bytes(buf[pos + _FRAME_HEADER.size : end])))
-            pos = end
-        del buf[:pos]
-        if batch:
+        if batch := _whole_frames(buf):
             yield batch
         chunk = sock.recv(_RECV)
         if not chunk:
