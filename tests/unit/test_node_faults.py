@@ -21,6 +21,7 @@ from nodeagent.providers import ProviderSet
 from nodeagent.server import AgentServer
 from providers.base import EnvironmentSpec, EnvironmentStatus
 from tests.support.fakes import Cluster, FakeProvider, short_tmp_dir, wait_until
+from tests.support.rpc import rpc_error
 from tests.unit.conftest import GRACE
 from vendetta.v1 import coordinator_pb2 as pb
 from vendetta.v1 import coordinator_pb2_grpc, nodeagent_pb2, nodeagent_pb2_grpc
@@ -208,23 +209,11 @@ async def test_a_create_whose_node_goes_silent_is_kept_for_the_reconciler(
     assert list(provider.environments) == ["c1"]
 
 
-def _rpc_error(
-    code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
-) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        code,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(*trailing),
-        details=details,
-        debug_error_string="",
-    )
-
-
 def test_the_cli_says_start_the_coordinator_only_when_it_cannot_reach_it() -> None:
     """Defect 5a: any UNAVAILABLE used to be "the coordinator is not running"."""
     # The coordinator's own word about a node, whose text mentions a refused connection.
     node = runner._error(
-        _rpc_error(
+        rpc_error(
             grpc.StatusCode.UNAVAILABLE,
             "cannot reach node 'n1' (root@10.0.0.5:22): Connection refused; check that the "
             "node is up",
@@ -235,7 +224,7 @@ def test_the_cli_says_start_the_coordinator_only_when_it_cannot_reach_it() -> No
     assert "n1" in str(node) and "server start" not in str(node)
     # A plain UnavailableError of the coordinator is tagged too.
     plain = runner._error(
-        _rpc_error(
+        rpc_error(
             grpc.StatusCode.UNAVAILABLE,
             "failed to connect to the engine",
             (("vendetta-error", "UnavailableError"),),
@@ -244,7 +233,7 @@ def test_the_cli_says_start_the_coordinator_only_when_it_cannot_reach_it() -> No
     assert "server start" not in str(plain)
     # gRPC could not reach the socket: the coordinator is not running.
     down = runner._error(
-        _rpc_error(
+        rpc_error(
             grpc.StatusCode.UNAVAILABLE,
             "failed to connect to all addresses; last error: UNAVAILABLE: unix:/x/c.sock: "
             "Connection refused",
@@ -252,7 +241,7 @@ def test_the_cli_says_start_the_coordinator_only_when_it_cannot_reach_it() -> No
     )
     assert "vendetta server start" in str(down)
     # It was reached, then stopped answering (keepalive): not "not running".
-    wedged = runner._error(_rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed (ping timeout)"))
+    wedged = runner._error(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed (ping timeout)"))
     assert "stopped answering" in str(wedged) and "ping timeout" in str(wedged)
 
 

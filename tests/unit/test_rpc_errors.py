@@ -18,6 +18,7 @@ from nodeagent.providers import ProviderSet
 from nodeagent.server import AgentServer
 from providers.base import EnvironmentStatus, ExecChunk, LogRecord
 from tests.support.fakes import FakeProvider, short_tmp_dir
+from tests.support.rpc import rpc_error
 from vendetta.v1 import nodeagent_pb2, nodeagent_pb2_grpc
 
 CASES: list[tuple[type[e.VendettaError], grpc.StatusCode]] = [
@@ -208,40 +209,28 @@ async def test_agent_validation_errors(agent: Agent) -> None:
     assert "available: docker" in (info.value.details() or "")
 
 
-def _rpc_error(
-    code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
-) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        code,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(*trailing),
-        details=details,
-        debug_error_string="",
-    )
-
-
 def test_from_rpc_error_without_details_or_with_unknown_codes() -> None:
-    unavailable = from_rpc_error(_rpc_error(grpc.StatusCode.UNAVAILABLE, ""))
+    unavailable = from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, ""))
     assert type(unavailable) is e.UnavailableError
     assert "not answering" in unavailable.message
 
-    cancelled = from_rpc_error(_rpc_error(grpc.StatusCode.CANCELLED, "client went away"))
+    cancelled = from_rpc_error(rpc_error(grpc.StatusCode.CANCELLED, "client went away"))
     assert type(cancelled) is e.UnavailableError
     assert "cancelled" in cancelled.message
 
-    unknown = from_rpc_error(_rpc_error(grpc.StatusCode.DATA_LOSS, "lost"))
+    unknown = from_rpc_error(rpc_error(grpc.StatusCode.DATA_LOSS, "lost"))
     assert type(unknown) is e.InternalError
     assert unknown.message == "lost"
 
     # An unknown kind tag falls back to the status code's class.
     tagged = from_rpc_error(
-        _rpc_error(grpc.StatusCode.NOT_FOUND, "gone", (("vendetta-error", "SomethingNew"),))
+        rpc_error(grpc.StatusCode.NOT_FOUND, "gone", (("vendetta-error", "SomethingNew"),))
     )
     assert type(tagged) is e.NotFoundError
 
 
 def test_mapped_rpc_errors_keeps_the_cause() -> None:
-    original = _rpc_error(grpc.StatusCode.ALREADY_EXISTS, "taken")
+    original = rpc_error(grpc.StatusCode.ALREADY_EXISTS, "taken")
     with pytest.raises(e.AlreadyExistsError) as info, mapped_rpc_errors():
         raise original
     assert info.value.__cause__ is original
