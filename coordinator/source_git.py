@@ -136,9 +136,9 @@ async def resolve(
 
 async def _clone(home: Path, name: str, url: str, branch: str) -> WorkspaceSource:
     dest = worktrees_dir(home) / "clones" / name
-    if dest.exists():
-        shutil.rmtree(dest)  # a leftover of a create that died half way
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A leftover of a create that died half way goes first (off the loop: it may be big).
+    await asyncio.to_thread(shutil.rmtree, dest, True)
+    await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
     try:
         await git("clone", "--quiet", "--", url, str(dest), timeout=CLONE_TIMEOUT)
         await git("checkout", "--quiet", "-B", branch, cwd=dest)
