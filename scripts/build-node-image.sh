@@ -2,8 +2,9 @@
 # Build the LXD image of a test node that is a machine of its own, offline from
 # Debian's packages, once:
 #
-#   bash scripts/build-node-image.sh           # -> LXD image vendetta/node-debian12
-#   bash scripts/build-node-image.sh --force   # rebuild
+#   bash scripts/build-node-image.sh             # -> LXD image vendetta/node-debian12
+#   bash scripts/build-node-image.sh --systemd   # -> vendetta/node-debian12-systemd
+#   bash scripts/build-node-image.sh --force     # rebuild
 #
 # A Debian 12 minbase (debootstrap) with sshd and python3 (and python3-venv,
 # iproute2) and nothing of vendetta, for tests of `node add` against a node
@@ -16,6 +17,12 @@
 # Runs as root after scripts/engine-lxd.sh. Cached: the image carries
 # IMAGE_VERSION and is rebuilt only when that changes (~45 s for debootstrap
 # from deb.debian.org, ~10 s to pack and import).
+#
+# --systemd: the same node, but systemd is PID 1 with logind and PAM sessions
+# (libpam-systemd), so an SSH login gets a user manager and `loginctl
+# enable-linger` keeps it running: the tests of the agent's `systemd --user`
+# unit use it. No polkit: a user other than root cannot enable its own lingering
+# (the tests of the fallback to a detached agent rely on that).
 set -euo pipefail
 
 IMAGE_ALIAS=vendetta/node-debian12
@@ -25,19 +32,27 @@ SUITE=bookworm
 PACKAGES=openssh-server,python3,python3-venv,iproute2
 NODE_USER=vdnode
 force=0
+systemd=0
 
 log() { printf 'build-node-image: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=scripts/debian-rootfs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/debian-rootfs.sh"
 
 for arg in "$@"; do
     case $arg in
         --force) force=1 ;;
-        -h|--help) sed -n '2,6p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --systemd) systemd=1 ;;
+        -h|--help) sed -n '2,7p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown option: $arg (try --help)" ;;
     esac
 done
 
 [[ $(id -u) == 0 ]] || die "run as root"
+if ((systemd)); then
+    IMAGE_ALIAS=vendetta/node-debian12-systemd
+    PACKAGES=$PACKAGES,systemd,systemd-sysv,dbus,libpam-systemd
+fi
 timeout 10 lxc info >/dev/null 2>&1 || die "LXD does not answer: run scripts/engine-lxd.sh first"
 
 if ((force == 0)) && lxc image info "$IMAGE_ALIAS" 2>/dev/null \
@@ -46,33 +61,12 @@ if ((force == 0)) && lxc image info "$IMAGE_ALIAS" 2>/dev/null \
     exit 0
 fi
 
-if ! command -v debootstrap >/dev/null; then
-    log "installing debootstrap"
-    apt=(apt-get -o DPkg::Lock::Timeout=600)
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends debootstrap >/dev/null \
-        || { "${apt[@]}" update >/dev/null && DEBIAN_FRONTEND=noninteractive \
-            "${apt[@]}" install -y --no-install-recommends debootstrap >/dev/null; } \
-        || die "apt-get install debootstrap failed"
-fi
-
-# The Debian mirror apt uses here (deb822 or one-line sources), else deb.debian.org.
-mirror=$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources \
-    /etc/apt/sources.list 2>/dev/null | head -n1 | tr -d ' ' || true)
-mirror=${mirror:-http://deb.debian.org/debian}
-
 start=$SECONDS
 work=$(mktemp -d /tmp/vd-node-image-XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
 
-log "debootstrap --variant=minbase $SUITE from $mirror (with $PACKAGES)"
-debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root" "$mirror" \
-    >"$work/debootstrap.log" 2>&1 || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
-log "debootstrap done in $((SECONDS - start))s"
-
-# Nothing of the build host's identity: keys are made at first boot.
-rm -f "$root"/etc/ssh/ssh_host_*
-rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+debian_rootfs "$SUITE" "$PACKAGES" "$root"
 chroot "$root" useradd --create-home --shell /bin/bash --password '*' "$NODE_USER"
 mkdir -p "$root/root/.ssh" "$root/home/$NODE_USER/.ssh"
 chmod 700 "$root/root/.ssh" "$root/home/$NODE_USER/.ssh"
@@ -85,7 +79,20 @@ AllowTcpForwarding yes
 AllowStreamLocalForwarding yes
 StreamLocalBindUnlink yes
 CONF
-cat >"$root/sbin/init" <<'INIT'
+if ((systemd)); then
+    echo vd-node-systemd >"$root/etc/hostname"
+    # Host keys are made at first boot, not baked into the image.
+    mkdir -p "$root/etc/systemd/system/ssh.service.d"
+    cat >"$root/etc/systemd/system/ssh.service.d/vendetta-keys.conf" <<'CONF'
+[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+CONF
+    # Nothing a container can do or needs.
+    chroot "$root" systemctl mask systemd-binfmt.service >/dev/null 2>&1 || true
+else
+    cat >"$root/sbin/init" <<'INIT'
 #!/bin/sh
 # PID 1 of the vendetta test node: loopback up (the LXD proxy device connects
 # to 127.0.0.1:22), host keys once, then sshd in the foreground.
@@ -95,13 +102,14 @@ mkdir -p /run/sshd
 chmod 0755 /run/sshd
 exec /usr/sbin/sshd -D -e
 INIT
-chmod 0755 "$root/sbin/init"
+    chmod 0755 "$root/sbin/init"
+fi
 
 cat >"$work/metadata.yaml" <<YAML
 architecture: x86_64
 creation_date: $(date +%s)
 properties:
-  description: vendetta test node (Debian 12 minbase, sshd, python3; no vendetta)
+  description: vendetta test node$( ((systemd)) && echo ' with systemd') (Debian 12 minbase, sshd, python3; no vendetta)
   os: debian
   release: $SUITE
   vendetta_version: "$IMAGE_VERSION"

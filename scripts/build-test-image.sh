@@ -26,6 +26,8 @@ force=0
 
 log() { printf 'build-test-image: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=scripts/debian-rootfs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/debian-rootfs.sh"
 
 for arg in "$@"; do
     case $arg in
@@ -36,31 +38,19 @@ for arg in "$@"; do
 done
 [[ $(id -u) == 0 ]] || die "run as root"
 
+built=0
 build_rootfs() {
-    if ((force == 0)) && [[ -s $CACHE ]]; then
+    # Once per run, also with --force (the Docker and the LXD image share it).
+    if [[ -s $CACHE ]] && ((force == 0 || built)); then
         return 0
     fi
-    if ! command -v debootstrap >/dev/null; then
-        log "installing debootstrap"
-        local apt=(apt-get -o DPkg::Lock::Timeout=600)
-        DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends debootstrap >/dev/null \
-            || { "${apt[@]}" update >/dev/null && DEBIAN_FRONTEND=noninteractive \
-                "${apt[@]}" install -y --no-install-recommends debootstrap >/dev/null; } \
-            || die "apt-get install debootstrap failed"
-    fi
-    local mirror work root start=$SECONDS
-    mirror=$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources \
-        /etc/apt/sources.list 2>/dev/null | head -n1 | tr -d ' ' || true)
-    mirror=${mirror:-http://deb.debian.org/debian}
+    built=1
+    local work root start=$SECONDS
     work=$(mktemp -d /tmp/vd-test-image-XXXXXX)
     # shellcheck disable=SC2064  # expand $work now
     trap "rm -rf '$work'" RETURN
     root=$work/rootfs
-    log "debootstrap --variant=minbase $SUITE from $mirror (with $PACKAGES)"
-    debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root" "$mirror" \
-        >"$work/debootstrap.log" 2>&1 || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
-    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-    rm -f "$root"/etc/ssh/ssh_host_*
+    debian_rootfs "$SUITE" "$PACKAGES" "$root"
     # debootstrap writes no /etc/hosts (the installer does): "localhost" must resolve
     # inside (LXD keeps the image's; Docker writes its own).
     printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"

@@ -131,7 +131,7 @@ cmd_start() {
     here=$(dirname "${BASH_SOURCE[0]}")
     bash "$here/engine-lxd.sh"
     bash "$here/build-node-image.sh"
-    bash "$here/build-node-image-systemd.sh"
+    bash "$here/build-node-image.sh" --systemd
     bash "$here/engine-qemu.sh"
     bash "$here/build-guest-image.sh"
     # After the engines: their groups exist, the node users join them.

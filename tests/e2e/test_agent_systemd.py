@@ -1,7 +1,7 @@
 """How the agent runs on a node that boots systemd: a `systemd --user` unit when the
 node user lingers, else a detached process with a pid file.
 
-The node is a separate machine (scripts/build-node-image-systemd.sh: Debian 12 with
+The node is a separate machine (scripts/build-node-image.sh --systemd: Debian 12 with
 systemd as init, logind, PAM sessions, no polkit), reached as the non-root user
 vdnode over its own sshd. Without polkit vdnode cannot turn lingering on itself:
 the agent falls back to a detached process and says why. Once root lets it linger,
@@ -35,7 +35,7 @@ STATE = f"/home/{USER}/.local/state/vendetta-agent"
 
 @pytest.fixture(scope="module")
 def machine() -> Iterator[tuple[Env, NodeMachine]]:
-    problem = image_problem(IMAGE, "build-node-image-systemd.sh")
+    problem = image_problem(IMAGE, "build-node-image.sh --systemd")
     require("the systemd node image", not problem, problem)
     with cli_env("vd-sd-") as e:
         e.cli("server", "start")
