@@ -40,6 +40,7 @@ class ServiceLog:
         self._seq = 0
         # One feed or flush at a time: records keep the order of the output.
         self._writing = asyncio.Lock()
+        self._inflight: set[asyncio.Task[None]] = set()
         self._load()
 
     def _jsonl(self, generation: str = "") -> Path:
@@ -86,7 +87,21 @@ class ServiceLog:
         return self._fed[stream]
 
     async def feed(self, stream: str, data: bytes) -> None:
-        """Bytes read from the environment; complete lines become records."""
+        """Bytes read from the environment; complete lines become records.
+
+        A feed runs to its end even when its tail is cancelled (the agent shutting
+        down): records saved without their position would be read again next time.
+        """
+        task = asyncio.ensure_future(self._feed(stream, data))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        await asyncio.shield(task)
+
+    async def settle(self) -> None:
+        """Wait for feeds still running after their tail was cancelled."""
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _feed(self, stream: str, data: bytes) -> None:
         async with self._writing:
             buf = self._partial[stream] + data
             *lines, self._partial[stream] = buf.split(b"\n")

@@ -231,6 +231,7 @@ class ServiceRunner:
             t.cancel()
         await asyncio.gather(*self._tails, return_exceptions=True)
         self._tails = []
+        await self.sup.logs.get(self.svc.name).settle()
 
 
 class WorkspaceSupervisor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -236,3 +237,27 @@ async def test_follow_yields_lines_added_later(tmp_path: Path) -> None:
             assert [(await anext(it)).text for _ in range(2)] == ["a", "b"]
     finally:
         await it.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_feed_cut_short_by_shutdown_still_saves_its_position(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent closing mid-feed must not leave records without their position:
+    the next agent would read those lines again (seen in CI as a doubled line)."""
+    save = ServiceLog._save_pos
+
+    def slow_save(self: ServiceLog, stream: str, fed: int, partial: bytes) -> None:
+        time.sleep(0.2)  # the window between the records and their position
+        save(self, stream, fed, partial)
+
+    monkeypatch.setattr(ServiceLog, "_save_pos", slow_save)
+    log = ServiceLog(tmp_path, "db")
+    tail = asyncio.create_task(log.feed("stdout", b"db ready\n"))
+    while not log.last_lines():
+        await asyncio.sleep(0.01)
+    tail.cancel()  # what Supervisor.close() does to every tail
+    await asyncio.gather(tail, return_exceptions=True)
+    await log.settle()
+    again = ServiceLog(tmp_path, "db")
+    assert again.offset("stdout") == len(b"db ready\n")
+    assert again.last_lines() == ["db ready"]
