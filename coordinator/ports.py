@@ -29,6 +29,9 @@ class PortManager:
         self.nodes = nodes
         # (workspace, service) -> (forward, node endpoint it reaches)
         self._forwards: dict[tuple[str, str], tuple[Forward, str]] = {}
+        # Why a service's local port differs from its own, kept here rather than on a
+        # status: the next service event replaces the status and would drop it.
+        self._notes: dict[tuple[str, str], str] = {}
 
     def holder(self, port: int) -> str:
         """Who listens on ``port`` here: one of our forwards, else the process."""
@@ -85,10 +88,12 @@ class PortManager:
                     continue
                 if st.name in pinned:
                     st.local_note = f"local_port {wanted} is held by {self.holder(wanted)}"
+                    self._notes[key] = st.local_note
                     notes.append(f"{st.name}: not forwarded: {st.local_note}")
                     continue
                 fwd = await transport.forward(0, host, int(port))
                 st.local_note = f"port {wanted} is taken on this machine"
+                self._notes[key] = st.local_note
                 notes.append(
                     f"{st.name}: port {wanted} is taken on this machine, "
                     f"using localhost:{fwd.port} instead"
@@ -105,10 +110,11 @@ class PortManager:
     def annotate(self, workspace: str, statuses: list[ServiceStatus]) -> None:
         for st in statuses:
             current = self._forwards.get((workspace, st.name))
-            if current is not None:
-                st.local_address = f"localhost:{current[0].port}"
+            st.local_address = f"localhost:{current[0].port}" if current is not None else ""
+            st.local_note = self._notes.get((workspace, st.name), "")
 
     def _close(self, key: tuple[str, str]) -> None:
+        self._notes.pop(key, None)
         current = self._forwards.pop(key, None)
         if current is not None:
             with contextlib.suppress(Exception):

@@ -253,8 +253,7 @@ async def test_a_feed_cut_short_by_shutdown_still_saves_its_position(
     monkeypatch.setattr(ServiceLog, "_save_pos", slow_save)
     log = ServiceLog(tmp_path, "db")
     tail = asyncio.create_task(log.feed("stdout", b"db ready\n"))
-    while not log.last_lines():
-        await asyncio.sleep(0.01)
+    await log.wait_after(0)  # the record is in; its position is being saved
     tail.cancel()  # what Supervisor.close() does to every tail
     await asyncio.gather(tail, return_exceptions=True)
     await log.settle()
