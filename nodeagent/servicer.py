@@ -23,7 +23,7 @@ from nodeagent.providers import ProviderSet
 from nodeagent.services.manager import ServiceManager
 from nodeagent.services.model import ServiceEvent
 from nodeagent.sources import SourceStore
-from providers.base import EnvState, ExecChunk, LogRecord
+from providers.base import EnvState, ExecChunk, LogRecord, Provider
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -126,11 +126,15 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
     async def ListEnvironments(
         self, request: nodeagent_pb2.ListEnvironmentsRequest, context: Ctx
     ) -> nodeagent_pb2.ListEnvironmentsResponse:
-        envs: list[nodeagent_pb2.Environment] = []
-        for provider, ready in await self.providers.readiness():
-            if ready.ready:
-                envs.extend(convert.status_to_pb(s) for s in await provider.list())
-        return nodeagent_pb2.ListEnvironmentsResponse(environments=envs)
+        # Providers side by side: as long as the slowest engine takes, not their sum
+        # (`node status` under load waited for every readiness check, then each list).
+        async def listed(provider: Provider) -> list[nodeagent_pb2.Environment]:
+            if not (await provider.readiness()).ready:
+                return []
+            return [convert.status_to_pb(s) for s in await provider.list()]
+
+        found = await asyncio.gather(*(listed(p) for p in self.providers.all()))
+        return nodeagent_pb2.ListEnvironmentsResponse(environments=[e for f in found for e in f])
 
     async def Exec(
         self, request: nodeagent_pb2.ExecRequest, context: Ctx
