@@ -18,8 +18,9 @@ workspace's `workspace logs` without --service), one at a time, alternating:
   Starting a `docker exec` per line would add its ~50 ms start to each sample,
   so the per-line stamp is Docker's rather than one taken before an exec.
 
-The vendetta side is the coordinator's StreamLogs stub (what `workspace logs -f`
-calls), through the coordinator and the SSH tunnel; the baseline is OpenSSH's
+The vendetta side is the coordinator's StreamLogs stub asked as `workspace logs -f`
+asks (compact: lines as blocks of text), turned into the bytes the CLI would print
+(cli.log_text), through the coordinator and the SSH tunnel; the baseline is OpenSSH's
 client running `docker logs -f` on the node, host key pinned.
 """
 
@@ -29,12 +30,14 @@ import asyncio
 import contextlib
 import datetime
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import docker
 
 from bench.cluster import IMAGE, Cluster, Node
 from bench.stats import Series, row
+from cli.log_text import log_text
 from vendetta.v1 import coordinator_pb2 as pb
 
 IDLE_MAIN = '["sh", "-c", "echo ready; exec sleep 2147483647"]'
@@ -65,29 +68,38 @@ async def _exec_write(container: Any, script: str) -> None:
     )
 
 
+async def _read_until_end(
+    chunks: AsyncIterator[bytes], k: int, synced: asyncio.Event
+) -> tuple[float, int]:
+    """Read printed output until END-k: its arrival time and the payload bytes
+    between SYNC-k and END-k (a SYNC written again while connecting is not payload)."""
+    sync, end = _Marker(f"SYNC-{k}"), _Marker(f"END-{k}")
+    nbytes = 0
+    async for chunk in chunks:
+        if not synced.is_set():
+            if sync.feed(chunk):
+                synced.set()
+            continue
+        nbytes += len(chunk) - chunk.count(sync.needle) * len(sync.needle)
+        if end.feed(chunk):
+            return time.perf_counter(), nbytes - len(end.needle)
+    raise RuntimeError("the log stream ended before END")
+
+
 async def _vendetta_round(
     cl: Cluster, ws: str, container: Any, k: int, script: str
 ) -> tuple[float, int]:
     """Seconds from trigger to END on the user's side, and text bytes received."""
     call = cl.stub.StreamLogs(
-        pb.StreamLogsRequest(name=ws, follow=True, since_unix_nano=time.time_ns())
+        pb.StreamLogsRequest(name=ws, follow=True, since_unix_nano=time.time_ns(), compact=True)
     )
     synced = asyncio.Event()
-    nbytes = 0
 
-    async def read() -> float:
-        nonlocal nbytes
+    async def printed() -> AsyncIterator[bytes]:
         async for batch in call:
-            for ln in batch.lines:
-                if ln.text == f"SYNC-{k}":
-                    synced.set()
-                elif ln.text == f"END-{k}":
-                    return time.perf_counter()
-                elif synced.is_set():
-                    nbytes += len(ln.text) + 1
-        raise RuntimeError("the log stream ended before END")
+            yield log_text(batch, prefix=True)
 
-    reader = asyncio.create_task(read())
+    reader = asyncio.create_task(_read_until_end(printed(), k, synced))
     try:
         while not synced.is_set():
             await _exec_write(container, f"echo SYNC-{k}")
@@ -95,7 +107,7 @@ async def _vendetta_round(
                 await asyncio.wait_for(synced.wait(), 5)
         t0 = time.perf_counter()
         await _exec_write(container, f"{script}; echo END-{k}")
-        t_end = await asyncio.wait_for(reader, 120)
+        t_end, nbytes = await asyncio.wait_for(reader, 120)
         return t_end - t0, nbytes
     finally:
         reader.cancel()
@@ -122,25 +134,12 @@ async def _ssh_round(node: Node, container: Any, k: int, script: str) -> tuple[f
     assert proc.stdout is not None
     stdout = proc.stdout
     synced = asyncio.Event()
-    nbytes = 0
 
-    async def read() -> float:
-        nonlocal nbytes
-        sync, end = _Marker(f"SYNC-{k}"), _Marker(f"END-{k}")
-        while True:
-            chunk = await stdout.read(1 << 20)
-            if not chunk:
-                raise RuntimeError("ssh docker logs ended before END")
-            if not synced.is_set():
-                if sync.feed(chunk):
-                    synced.set()
-                continue
-            # A SYNC written again while this follower was still connecting is not payload.
-            nbytes += len(chunk) - chunk.count(sync.needle) * len(sync.needle)
-            if end.feed(chunk):
-                return time.perf_counter()
+    async def printed() -> AsyncIterator[bytes]:
+        while chunk := await stdout.read(1 << 20):
+            yield chunk
 
-    reader = asyncio.create_task(read())
+    reader = asyncio.create_task(_read_until_end(printed(), k, synced))
     try:
         while not synced.is_set():
             await _exec_write(container, f"echo SYNC-{k}")
@@ -148,8 +147,8 @@ async def _ssh_round(node: Node, container: Any, k: int, script: str) -> tuple[f
                 await asyncio.wait_for(synced.wait(), 5)
         t0 = time.perf_counter()
         await _exec_write(container, f"{script}; echo END-{k}")
-        t_end = await asyncio.wait_for(reader, 120)
-        return t_end - t0, nbytes - len(f"END-{k}\n")
+        t_end, nbytes = await asyncio.wait_for(reader, 120)
+        return t_end - t0, nbytes
     finally:
         reader.cancel()
         with contextlib.suppress(BaseException):
@@ -168,7 +167,7 @@ def _docker_stamp_ns(stamp: str) -> int:
 
 async def _vendetta_latency(cl: Cluster, ws: str, seconds: float, out: Series) -> None:
     call = cl.stub.StreamLogs(
-        pb.StreamLogsRequest(name=ws, follow=True, since_unix_nano=time.time_ns())
+        pb.StreamLogsRequest(name=ws, follow=True, since_unix_nano=time.time_ns(), compact=True)
     )
 
     async def read() -> None:
@@ -176,9 +175,11 @@ async def _vendetta_latency(cl: Cluster, ws: str, seconds: float, out: Series) -
         async for batch in call:
             now = time.time_ns()
             live = live or now
-            for ln in batch.lines:
-                if ln.text.startswith("tick-") and ln.time_unix_nano > live:
-                    out.seconds.append((now - ln.time_unix_nano) / 1e9)
+            stamped = [(ln.time_unix_nano, ln.text.encode()) for ln in batch.lines]
+            stamped += zip(batch.times_unix_nano, batch.text.split(b"\n"), strict=False)
+            for stamp, text in stamped:
+                if text.startswith(b"tick-") and stamp > live:
+                    out.seconds.append((now - stamp) / 1e9)
 
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(read(), seconds)

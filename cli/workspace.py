@@ -18,6 +18,7 @@ from rich.table import Table
 
 from cli import checks
 from cli.client import coordinator, request_id
+from cli.log_text import log_text
 from cli.orphans import register_workspace as register_orphans
 from cli.output import ago, as_dict, enum_name, err, out, plain, print_error, print_json, styled
 from cli.project import DEFAULT_CONFIG
@@ -451,7 +452,12 @@ def logs(
         async with coordinator() as c:
             stream = c.StreamLogs(
                 pb.StreamLogsRequest(
-                    name=name, follow=follow, tail=tail, service=service, since_unix_nano=since_ns
+                    name=name,
+                    follow=follow,
+                    tail=tail,
+                    service=service,
+                    since_unix_nano=since_ns,
+                    compact=True,
                 )
             )
             # One write of bytes per batch (a busy log brings hundreds of lines at a time).
@@ -459,12 +465,7 @@ def logs(
             raw = sys.stdout.buffer
             prefix = not service
             async for batch in stream:
-                parts = [
-                    f"{ln.service} | {ln.text}" if prefix and ln.service else ln.text
-                    for ln in batch.lines
-                ]
-                parts.append("")
-                raw.write("\n".join(parts).encode("utf-8", "replace"))
+                raw.write(log_text(batch, prefix=prefix))
                 raw.flush()
 
     run(go())

@@ -164,6 +164,7 @@ class AgentClient:
         tail: int,
         since_unix_nano: int,
         service: str,
+        compact: bool = False,
     ) -> AsyncIterator[common_pb2.LogBatch]:
         request = nodeagent_pb2.AgentLogsRequest(
             workspace=workspace,
@@ -172,6 +173,7 @@ class AgentClient:
             tail=tail,
             since_unix_nano=since_unix_nano,
             service=service,
+            compact=compact,
         )
         with self._mapped():
             async for batch in self._stub.StreamLogs(request):

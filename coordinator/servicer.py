@@ -305,6 +305,7 @@ class CoordinatorServicer(OrphanRpcs, coordinator_pb2_grpc.CoordinatorServicer):
             tail=request.tail,
             since_unix_nano=request.since_unix_nano,
             service=request.service,
+            compact=request.compact,
         ):
             yield batch
 

@@ -399,10 +399,18 @@ class WorkspaceService:
         self._locks.pop(ws.name, None)
 
     async def logs(
-        self, name: str, *, follow: bool, tail: int, since_unix_nano: int, service: str
+        self,
+        name: str,
+        *,
+        follow: bool,
+        tail: int,
+        since_unix_nano: int,
+        service: str,
+        compact: bool = False,
     ) -> AsyncIterator[common_pb2.LogBatch]:
         ws = await self.get(name)
         client = await self.nodes.get(ws.node).client()
+        # The agent's batches pass through as they are: no work per line here.
         async for batch in client.logs(
             name,
             ws.provider,
@@ -410,6 +418,7 @@ class WorkspaceService:
             tail=tail,
             since_unix_nano=since_unix_nano,
             service=service,
+            compact=compact,
         ):
             yield batch
 

@@ -3,7 +3,10 @@ supervisor never see protos."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
+from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
@@ -91,6 +94,28 @@ def log_to_pb(rec: LogRecord) -> common_pb2.LogLine:
     return common_pb2.LogLine(
         time_unix_nano=rec.time_unix_nano, stream=rec.stream, service=rec.service, text=rec.text
     )
+
+
+_STREAM_SERVICE = operator.attrgetter("stream", "service")
+_TEXT = operator.attrgetter("text")
+_TIME = operator.attrgetter("time_unix_nano")
+
+
+def log_blocks(records: Iterable[LogRecord]) -> Iterator[common_pb2.LogBatch]:
+    """Records in LogBatch's compact form: a batch per run of one stream and service,
+    its text joined once (C-level maps, no message per line)."""
+    for (stream, service), run in itertools.groupby(records, _STREAM_SERVICE):
+        recs = list(run)
+        text = "\n".join(map(_TEXT, recs)) + "\n"
+        if text.count("\n") != len(recs):  # a record holding a newline: would misalign times
+            yield common_pb2.LogBatch(lines=[log_to_pb(r) for r in recs])
+            continue
+        yield common_pb2.LogBatch(
+            text=text.encode("utf-8", "replace"),
+            times_unix_nano=list(map(_TIME, recs)),
+            stream=stream,
+            service=service,
+        )
 
 
 def service_from_pb(pb: common_pb2.ServiceSpec) -> ServiceDef:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import socket
@@ -176,9 +177,13 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
                 )
                 # Batches that queued up while a message was being sent go out as one.
                 async for group in batched(chunks, max_items=64, size=_chunk_size):
-                    yield common_pb2.LogBatch(
-                        lines=[convert.log_to_pb(r) for chunk in group for r in chunk]
-                    )
+                    if request.compact:
+                        for block in convert.log_blocks(itertools.chain.from_iterable(group)):
+                            yield block
+                    else:
+                        yield common_pb2.LogBatch(
+                            lines=[convert.log_to_pb(r) for chunk in group for r in chunk]
+                        )
                 return
             sources.append(
                 provider.logs(

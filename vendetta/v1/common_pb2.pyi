@@ -172,16 +172,34 @@ class LogBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LINES_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TIMES_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    text: _builtins.bytes
+    """The compact form, only for a request that asks for it (`compact`): the lines of one
+    stream and service as one block of text, each line ending in "\\n", and their times
+    (one per line, in order), so a busy log costs per batch, not a message per line.
+    A batch holds lines, or a block, never both.
+    """
+    stream: _builtins.str
+    service: _builtins.str
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogLine]: ...
+    @_builtins.property
+    def times_unix_nano(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         lines: _abc.Iterable[Global___LogLine] | None = ...,
+        text: _builtins.bytes = ...,
+        times_unix_nano: _abc.Iterable[_builtins.int] | None = ...,
+        stream: _builtins.str = ...,
+        service: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines", "service", b"service", "stream", b"stream", "text", b"text", "times_unix_nano", b"times_unix_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1461,12 +1461,17 @@ class StreamLogsRequest(_message.Message):
     TAIL_FIELD_NUMBER: _builtins.int
     SINCE_UNIX_NANO_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     follow: _builtins.bool
     tail: _builtins.int
     """0: all"""
     since_unix_nano: _builtins.int
     service: _builtins.str
+    compact: _builtins.bool
+    """Lines may come as LogBatch's compact block of text (a caller that prints them
+    whole); unset, always as LogLine messages. Either form can come either way.
+    """
     def __init__(
         self,
         *,
@@ -1475,10 +1480,11 @@ class StreamLogsRequest(_message.Message):
         tail: _builtins.int = ...,
         since_unix_nano: _builtins.int = ...,
         service: _builtins.str = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name", "service", b"service", "since_unix_nano", b"since_unix_nano", "tail", b"tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact", b"compact", "follow", b"follow", "name", b"name", "service", b"service", "since_unix_nano", b"since_unix_nano", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -810,6 +810,7 @@ class AgentLogsRequest(_message.Message):
     TAIL_FIELD_NUMBER: _builtins.int
     SINCE_UNIX_NANO_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     provider: _builtins.str
     follow: _builtins.bool
@@ -817,6 +818,8 @@ class AgentLogsRequest(_message.Message):
     """lines from the end; 0: all"""
     since_unix_nano: _builtins.int
     service: _builtins.str
+    compact: _builtins.bool
+    """as StreamLogsRequest.compact"""
     def __init__(
         self,
         *,
@@ -826,10 +829,11 @@ class AgentLogsRequest(_message.Message):
         tail: _builtins.int = ...,
         since_unix_nano: _builtins.int = ...,
         service: _builtins.str = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "provider", b"provider", "service", b"service", "since_unix_nano", b"since_unix_nano", "tail", b"tail", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact", b"compact", "follow", b"follow", "provider", b"provider", "service", b"service", "since_unix_nano", b"since_unix_nano", "tail", b"tail", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
