@@ -251,6 +251,10 @@ class QemuProvider(Provider):
                 f"already exists and is not ours ({exc}); if it is a leftover, remove it "
                 f"with `virsh -c {self.uri} undefine {name}`"
             ) from exc
+        except asyncio.CancelledError:
+            # The define goes on in its thread and may still make the domain: its disk
+            # stays for it. A destroy of the workspace removes both, or the files alone.
+            raise
         except BaseException:
             await asyncio.to_thread(files.remove)
             raise
@@ -340,18 +344,19 @@ class QemuProvider(Provider):
         return await self._inspect(workspace)
 
     async def _destroy(self, workspace: str) -> None:
-        def remove(conn: libvirt.virConnect) -> Files | None:
+        def remove(conn: libvirt.virConnect) -> None:
             found = self._find(conn, workspace)
             if found is None:
-                return None
+                # No guest, but maybe its files: a create or destroy cut short between
+                # the disk and the domain (the agent killed, the call cancelled) left them.
+                self._files(self.domain_name(workspace)).remove()
+                return
             dom, meta = found
-            files = self._files(dom.name(), Path(meta.state_dir))
             guests.remove(dom)
-            return files
+            # In the same thread: a cancelled call cannot leave the disk without its domain.
+            self._files(dom.name(), Path(meta.state_dir)).remove()
 
-        files = await self._libvirt.call(f"removing workspace {workspace!r}", remove)
-        if files is not None:
-            await asyncio.to_thread(files.remove)
+        await self._libvirt.call(f"removing workspace {workspace!r}", remove)
         await asyncio.to_thread(self._at_stop(workspace).unlink, True)
 
     async def _inspect(self, workspace: str) -> EnvironmentStatus:

@@ -13,10 +13,12 @@ import asyncio
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -34,7 +36,7 @@ from common.errors import (
 )
 from nodeagent.servicer import LOGIN_SHELL
 from providers.base import EnvironmentSpec, EnvState, Terminal
-from providers.qemu import QemuProvider, network
+from providers.qemu import QemuProvider, guests, network
 from providers.qemu import provider as qemu_provider
 from providers.qemu.domain import Files
 from providers.qemu.errors import port_taken, translate
@@ -324,6 +326,57 @@ WEB = (
     "echo started; mkdir -p /www; echo hello-$((6*7)) > /www/index.html; "
     "exec httpd -f -p 80 -h /www"
 )
+
+
+@in_module_loop
+async def test_destroy_without_a_guest_removes_what_a_cut_short_create_left(
+    provider: QemuProvider,
+) -> None:
+    # An agent killed between a create's disk and its domain leaves the disk alone; the
+    # reconciler rolls the create back with a destroy, which must take it (issue 15).
+    ws = f"cut-{uuid.uuid4().hex[:6]}"
+    files = Files.for_domain(provider.state_dir, provider.domain_name(ws))
+    for path in (files.overlay, files.console):
+        path.write_bytes(b"left")
+    await provider.destroy(ws)
+    assert not files.overlay.exists() and not files.console.exists()
+
+
+@in_module_loop
+async def test_a_cancelled_destroy_leaves_no_disk(
+    provider: QemuProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The coordinator killed mid-destroy cancels the agent's call while its thread goes on
+    # undefining the domain: the disk went with it, never after the await (issue 15).
+    ws = f"cncl-{uuid.uuid4().hex[:6]}"
+    await provider.create(EnvironmentSpec(workspace=ws, image=DEFAULT_IMAGE))
+    files = Files.for_domain(provider.state_dir, provider.domain_name(ws))
+    assert files.overlay.is_file()
+    real_remove = guests.remove
+    done = threading.Event()  # the thread's whole call, disk included, has returned
+
+    def slow_remove(dom: libvirt.virDomain) -> None:
+        time.sleep(0.5)  # the call is cancelled meanwhile
+        real_remove(dom)
+
+    monkeypatch.setattr(guests, "remove", slow_remove)
+    real_call = provider._libvirt.call_sync
+
+    def call_sync(action: str, fn: Any) -> Any:
+        try:
+            return real_call(action, fn)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(provider._libvirt, "call_sync", call_sync)
+    task = asyncio.create_task(provider.destroy(ws))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(done.wait, 10)
+    assert (await provider.inspect(ws)).state is EnvState.ABSENT
+    assert not files.overlay.exists(), "the disk outlived its domain"
 
 
 @in_module_loop
