@@ -51,6 +51,8 @@ def _cpu_by_pid(root: str) -> dict[int, tuple[str, float]]:
             if not comm.startswith("python") and "vendetta" not in comm
             else " ".join([comm, *(Path(w).name for w in words)])
         )
+        if comm in ("dockerd", "containerd"):  # nested engines (node images) are others'
+            name = f"{comm}[{entry.name}]"
         found[int(entry.name)] = (mine + name[:60], (int(fields[11]) + int(fields[12])) / CLK_TCK)
     return found
 
@@ -110,13 +112,19 @@ async def main(seconds: float, width: int, n: int, sides: list[str]) -> None:
             while time.monotonic() < end:
                 side = sides[k % len(sides)]
                 k += 1
+                w0 = time.monotonic()
                 with CpuWindow(root) as cpu:
                     if side == "ssh":
                         secs, _ = await _ssh_round(cl.nodes["n1"], container, k, script)
                     else:
                         secs, _ = await _vendetta_round(cl, ws, container, k, script)
                 busy = ", ".join(f"{name} {s:.2f}" for name, s in cpu.top() if s >= 0.01)
-                print(f"{side}: {n / secs:,.0f} lines/s in {secs:.2f} s; CPU s: {busy}", flush=True)
+                window = time.monotonic() - w0  # with attaching and SYNC, so more than secs
+                print(
+                    f"{side}: {n / secs:,.0f} lines/s in {secs:.2f} s; "
+                    f"CPU s in the round's {window:.1f} s: {busy}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
