@@ -1,7 +1,8 @@
 """Load (issue 15): 20 concurrent clients, mixed operations, one coordinator, 3 nodes.
 
-Three nodes behind real sshds (agents by --agent-command, real Docker). Twenty gRPC
-clients on the coordinator's socket, as the CLI talks to it, for a bounded time
+Three nodes behind real sshds, reached as the non-root test user MEMBER (agents by
+--agent-command, run as that user; real Docker). Twenty gRPC clients on the
+coordinator's socket, as the CLI talks to it, for a bounded time
 (VENDETTA_LOAD_SECONDS, default 60): most drive a workspace of their own through
 create, up, exec, logs, get, down, up and destroy with reads of everything in
 between; a few only read (list workspaces and nodes, get, node status, orphans).
@@ -26,8 +27,8 @@ import grpc.aio
 import pytest
 
 from tests.conftest import TEST_IMAGE
-from tests.support.cli import Env, agent_id, cli_env
-from tests.support.sshd import SshServer
+from tests.support.cli import Env, agent_id
+from tests.support.member_node import member_env
 from vendetta.v1 import coordinator_pb2 as pb
 from vendetta.v1 import coordinator_pb2_grpc
 
@@ -48,11 +49,10 @@ CALL_TIMEOUT = 180.0  # a stuck call fails the test rather than hanging it
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with cli_env(prefix="vd-load-") as e:
+    with member_env("vd-load-") as (e, m):
         e.cli("server", "start")
         for i, name in enumerate(NODES):
-            e.nodes[name] = SshServer.start(e.home / f"sshd-{name}", host=f"127.0.0.{51 + i}")
-            e.add_node(name, e.nodes[name])
+            m.add(name, m.sshd(name, f"127.0.0.{51 + i}"))
         yield e
 
 
@@ -190,7 +190,8 @@ async def drive(e: Env) -> tuple[Calls, list[int]]:
 
 
 def engine(e: Env) -> dict[str, list[str]]:
-    ids = {agent_id(e.home / f"agent-{n}") for n in NODES}
+    ids = {agent_id(d) for d in e.agent_dirs if d.name in NODES}
+    assert len(ids) == len(NODES) and "-" not in ids, ids
     client = docker.from_env()
     try:
         found: dict[str, list[str]] = defaultdict(list)

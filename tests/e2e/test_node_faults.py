@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_IMAGE
-from tests.support.cli import BIN, Env, cli_env, wait_for
+from tests.support.cli import BIN, Env, wait_for
 from tests.support.fault_proxy import PausableProxy
-from tests.support.sshd import SshServer
+from tests.support.member_node import member_env
+from tests.support.node_user import MEMBER, owner_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
 
@@ -95,31 +96,16 @@ SLOW_ONCE = "test -f /tmp/once || { touch /tmp/once; sleep 60; }"
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    """nf: a node behind sshd; np: another behind a pausable proxy in front of its sshd."""
-    with cli_env(prefix="vd-fault-") as e:
-        e.nodes["nf"] = SshServer.start(e.home / "sshd", host="127.0.0.31")
-        e.nodes["np"] = behind = SshServer.start(e.home / "sshd-p", host="127.0.0.33")
+    """nf: a node behind sshd; np: another behind a pausable proxy in front of its sshd.
+    Both reached as MEMBER (not root), whose agents run as that user."""
+    with member_env("vd-fault-") as (e, m):
+        m.sshd("nf", "127.0.0.31")
+        behind = m.sshd("np", "127.0.0.33")
         PROXIES["np"] = proxy = PausableProxy.start("127.0.0.32", behind.host, behind.port)
         try:
             e.cli("server", "start")
-            e.add_node("nf", e.nodes["nf"], "--grace", str(GRACE))
-            e.cli(
-                "node",
-                "add",
-                "np",
-                proxy.host,
-                "--port",
-                str(proxy.port),
-                "--user",
-                behind.user,
-                "--identity",
-                str(behind.client_key_path),
-                "--yes",
-                "--agent-command",
-                e.agent_command("np"),
-                "--grace",
-                str(GRACE),
-            )
+            m.add("nf", e.nodes["nf"], "--grace", str(GRACE))
+            m.add("np", behind, "--grace", str(GRACE), via=proxy)
             yield e
         finally:
             proxy.stop()
@@ -137,8 +123,9 @@ SILENCES: dict[str, tuple[Callable[[Env], None], Callable[[Env], None]]] = {
 
 def agent_pid(e: Env) -> int:
     """The node's agent's pid (0 while there is none)."""
+    (agent_dir,) = (d for d in e.agent_dirs if d.name == "nf")
     try:
-        return int((e.home / "agent-nf" / "agent.pid").read_text().split()[0])
+        return int((agent_dir / "agent.pid").read_text().split()[0])
     except (FileNotFoundError, IndexError, ValueError):
         return 0
 
@@ -149,6 +136,7 @@ def test_agent_killed_during_up_node_comes_back_and_up_is_retried(env: Env) -> N
         "workspace", "create", "fk1", "--remote", "nf", "--config", str(config(e, "fk", SLOW_ONCE))
     )
     pid = agent_pid(e)
+    assert owner_of(pid) == MEMBER  # the node's SSH user, not root
     up = Bg(e, "kill-up", "workspace", "up", "fk1")
     try:
         wait_for("the setup hook to run", lambda: "setup hook" in up.output(), 60, up.show)
@@ -168,6 +156,7 @@ def test_agent_killed_during_up_node_comes_back_and_up_is_retried(env: Env) -> N
         within=60,
         show=lambda: e.node("nf"),
     )
+    assert owner_of(agent_pid(e)) == MEMBER
     e.cli("workspace", "up", "fk1")
     assert e.workspace("fk1")["state"] == "WORKSPACE_STATE_RUNNING"
 

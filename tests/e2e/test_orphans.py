@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_IMAGE
-from tests.support.cli import BIN, Env, cli_env, containers, wait_for
+from tests.support.cli import Env, cli_env, containers, wait_for
 from tests.support.fault_proxy import PausableProxy
-from tests.support.sshd import SshServer
+from tests.support.member_node import MemberNodes, member_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
 
@@ -46,36 +46,17 @@ PROXY: dict[str, PausableProxy] = {}
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    with cli_env(prefix="vd-orph-") as e:
-        e.nodes["oa"] = server = SshServer.start(e.home / "sshd", host="127.0.0.41")
+def env() -> Iterator[tuple[Env, MemberNodes]]:
+    """oa: a node reached as MEMBER (not root) through a pausable proxy in front of its sshd."""
+    with member_env("vd-orph-") as (e, m):
+        server = m.sshd("oa", "127.0.0.41")
         PROXY["oa"] = proxy = PausableProxy.start("127.0.0.42", server.host, server.port)
         try:
             e.cli("server", "start")
-            add_node(e, "oa", proxy, server)
-            yield e
+            m.add("oa", server, "--grace", str(GRACE), via=proxy)
+            yield e, m
         finally:
             proxy.stop()
-
-
-def add_node(e: Env, name: str, proxy: PausableProxy, server: SshServer, agent: str = "") -> None:
-    e.cli(
-        "node",
-        "add",
-        name,
-        proxy.host,
-        "--port",
-        str(proxy.port),
-        "--user",
-        server.user,
-        "--identity",
-        str(server.client_key_path),
-        "--yes",
-        "--agent-command",
-        agent or e.agent_command(name),
-        "--grace",
-        str(GRACE),
-    )
 
 
 def orphans(e: Env, node: str) -> dict[str, dict[str, object]]:
@@ -87,8 +68,10 @@ def running(name: str) -> bool:
     return any(c.status == "running" for c in containers(name))
 
 
-def test_forced_destroy_while_away_then_status_adopt_and_clean(env: Env) -> None:
-    e = env
+def test_forced_destroy_while_away_then_status_adopt_and_clean(
+    env: tuple[Env, MemberNodes],
+) -> None:
+    e, _ = env
     e.cli("workspace", "create", "orw1", "--remote", "oa", "--config", str(config(e, "orw1")))
     e.cli("workspace", "up", "orw1")
     assert orphans(e, "oa") == {}  # owned by a workspace: not an orphan
@@ -136,18 +119,17 @@ def test_forced_destroy_while_away_then_status_adopt_and_clean(env: Env) -> None
     assert "no orphans" in e.cli("node", "clean", "oa", "--yes").stdout
 
 
-def test_node_remove_force_then_clean(env: Env) -> None:
-    e = env
-    server = e.nodes.setdefault("ob", SshServer.start(e.home / "sshd-b", host="127.0.0.43"))
+def test_node_remove_force_then_clean(env: tuple[Env, MemberNodes]) -> None:
+    e, m = env
+    server = e.nodes.get("ob") or m.sshd("ob", "127.0.0.43")
     PROXY["ob"] = proxy = PausableProxy.start("127.0.0.44", server.host, server.port)
     try:
-        agent = e.agent_command("ob")
-        add_node(e, "ob", proxy, server, agent)
+        m.add("ob", server, "--grace", str(GRACE), via=proxy)
         e.cli("workspace", "create", "orw2", "--remote", "ob", "--config", str(config(e, "orw2")))
         e.cli("workspace", "up", "orw2")
         e.cli("node", "remove", "ob", "--force")
         assert running("orw2")
-        add_node(e, "ob", proxy, server, agent)
+        m.add("ob", server, "--grace", str(GRACE), via=proxy)  # the same agent again
         e.wait_node("ob", "ready", within=60)
         assert set(orphans(e, "ob")) == {"orw2"}
         e.cli("node", "clean", "ob", "orw2", "--yes")
@@ -157,16 +139,17 @@ def test_node_remove_force_then_clean(env: Env) -> None:
         proxy.stop()
 
 
-def test_second_coordinator_gets_advice_it_can_follow(env: Env) -> None:
-    e = env
+def test_second_coordinator_gets_advice_it_can_follow(env: tuple[Env, MemberNodes]) -> None:
+    e, m = env
     cfg = config(e, "orw3")
     (cfg.parent.parent / "marker.txt").write_text("first coordinator's\n")
     e.cli("workspace", "create", "orw3", "--remote", "oa", "--config", str(cfg))  # its folder
     server, proxy = e.nodes["oa"], PROXY["oa"]
-    shared_agent = f"{BIN / 'vendetta-agent'} --dir {e.home / 'agent-oa'}"
     with cli_env(prefix="vd-orph2-") as other:
         other.cli("server", "start")
-        add_node(other, "oa", proxy, server, shared_agent)
+        # The first coordinator's agent of oa (left out of other's: other must not stop it).
+        shared = m.agent_command("oa")
+        m.add("oa", server, "--grace", str(GRACE), via=proxy, agent=shared, into=other)
         other.wait_node("oa", "ready", within=60)
         # With a source of its own: the agent keeps one source folder per workspace
         # name, which must not be overwritten or discarded by this refused create.

@@ -21,9 +21,9 @@ import pytest
 
 from tests.conftest import TEST_IMAGE
 from tests.e2e.test_node_faults import Bg, error_of
-from tests.support.cli import Env, cli_env, containers, wait_for
+from tests.support.cli import Env, agent_id, containers, wait_for
 from tests.support.fault_proxy import PausableProxy
-from tests.support.sshd import SshServer
+from tests.support.member_node import member_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.sshd]
 
@@ -45,17 +45,14 @@ def config(e: Env, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with cli_env(prefix="vd-stream-") as e:
-        server = e.nodes["sf"] = SshServer.start(e.home / "sshd", host="127.0.0.61")
+    """sf: a node reached as MEMBER (not root) through a fault proxy in front of its sshd."""
+    with member_env("vd-stream-") as (e, m):
+        server = m.sshd("sf", "127.0.0.61")
         proxy = PausableProxy.start("127.0.0.62", server.host, server.port)
         PROXY.append(proxy)
         try:
             e.cli("server", "start")
-            e.cli(
-                "node", "add", "sf", proxy.host, "--port", str(proxy.port),
-                "--user", server.user, "--identity", str(server.client_key_path), "--yes",
-                "--agent-command", e.agent_command("sf"), "--grace", str(GRACE),
-            )  # fmt: skip
+            m.add("sf", server, "--grace", str(GRACE), via=proxy)
             for name in ("sfw1", "sfw2", "sfw3"):
                 e.cli("workspace", "create", name, "--remote", "sf", "--no-source",
                       "--config", str(config(e, name)))  # fmt: skip
@@ -129,7 +126,9 @@ def test_partition_loses_and_duplicates_nothing(env: Env) -> None:
         return now == before
 
     wait_for("the workspaces as before", back, 120, lambda: e.json("workspace", "list"))
+    (agent_dir,) = (d for d in e.agent_dirs if d.name == "sf")
+    agent = agent_id(agent_dir)
     for name, state in before.items():
         found = containers(name)
-        assert len(found) == 1, (name, found)
+        assert [c.labels.get("vendetta.agent") for c in found] == [agent], (name, found)
         assert (found[0].status == "running") == (state == "WORKSPACE_STATE_RUNNING"), name
