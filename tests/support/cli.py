@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -104,9 +105,16 @@ class Env:
 def containers(workspace: str) -> list[Any]:
     client = docker.from_env()
     try:
-        return list(
-            client.containers.list(all=True, filters={"label": f"vendetta.workspace={workspace}"})
-        )
+        for _ in range(5):
+            # docker-py inspects each listed container: one removed meanwhile (another
+            # test's cleanup) raises NotFound, so list again.
+            with contextlib.suppress(docker.errors.NotFound):
+                return list(
+                    client.containers.list(
+                        all=True, filters={"label": f"vendetta.workspace={workspace}"}
+                    )
+                )
+        raise AssertionError(f"containers of {workspace!r} kept vanishing while listed")
     finally:
         client.close()
 
@@ -145,9 +153,12 @@ def cli_env(prefix: str = "vd-e2e-") -> Iterator[Env]:
         for server in e.nodes.values():
             server.stop()
         client = docker.from_env()
-        for c in client.containers.list(all=True, filters={"label": "vendetta.managed=true"}):
-            if any(c.labels.get("vendetta.agent") == agent_id(d) for d in e.agent_dirs):
-                c.remove(force=True)
+        ours = {agent_id(d) for d in e.agent_dirs}
+        # The low-level list: no inspect per container, which raced other tests' cleanup.
+        for c in client.api.containers(all=True, filters={"label": "vendetta.managed=true"}):
+            if (c.get("Labels") or {}).get("vendetta.agent") in ours:
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.api.remove_container(c["Id"], force=True)
         client.close()
         shutil.rmtree(home, ignore_errors=True)
 
