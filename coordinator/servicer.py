@@ -20,6 +20,7 @@ from coordinator.convert import (
     transfer_to_pb,
     workspace_to_pb,
 )
+from coordinator.list_cache import WorkspaceListCache
 from coordinator.nodes import NodeRegistry
 from coordinator.orphans import OrphanRpcs
 from coordinator.service_nodes import NodeService
@@ -67,6 +68,7 @@ class CoordinatorServicer(OrphanRpcs, coordinator_pb2_grpc.CoordinatorServicer):
         self.socket_path = socket_path
         self.state_path = state_path
         self.started = time.time_ns()
+        self.list_cache = WorkspaceListCache(store, nodes)
 
     async def _once(
         self, request_id: str, method: str, factory: type[M], run: Callable[[], Awaitable[M]]
@@ -257,10 +259,14 @@ class CoordinatorServicer(OrphanRpcs, coordinator_pb2_grpc.CoordinatorServicer):
     ) -> pb.ListWorkspacesResponse:
         if request.node:
             self.nodes.get(request.node)
-        items = await self.workspaces.list_all(request.node)
-        return pb.ListWorkspacesResponse(
-            workspaces=[workspace_to_pb(self.workspaces.view(ws)) for ws in items]
-        )
+
+        async def build() -> pb.ListWorkspacesResponse:
+            items = await self.workspaces.list_all(request.node)
+            return pb.ListWorkspacesResponse(
+                workspaces=[workspace_to_pb(self.workspaces.view(ws)) for ws in items]
+            )
+
+        return await self.list_cache.get(request.node, build)
 
     async def WatchWorkspace(
         self, request: pb.WatchWorkspaceRequest, context: Ctx

@@ -32,6 +32,10 @@ T = TypeVar("T")
 
 
 class Store(abc.ABC):
+    # Moves on after every workspace write has landed: caches of workspace lists are
+    # keyed on it (read it before reading the list, so a race can only miss).
+    workspaces_version: int = 0
+
     @abc.abstractmethod
     async def add_node(self, node: NodeRecord) -> None: ...
     @abc.abstractmethod
@@ -181,6 +185,15 @@ class SqliteStore(Store):
 
         return await asyncio.to_thread(locked)
 
+    async def _write_workspaces(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            fn(db)
+            # Under the lock, after the write: a reader that saw this version reads after
+            # it. In the thread, so a caller cancelled meanwhile still moves it on.
+            self.workspaces_version += 1
+
+        await self._run(write)
+
     # nodes
     async def add_node(self, node: NodeRecord) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -245,12 +258,12 @@ class SqliteStore(Store):
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExistsError(f"workspace {ws.name!r} already exists") from exc
 
-        await self._run(op)
+        await self._write_workspaces(op)
 
     async def update_workspace(self, ws: WorkspaceRecord) -> None:
         ws.updated_unix_nano = time.time_ns()
         row = _ws_row(ws)
-        await self._run(
+        await self._write_workspaces(
             lambda db: db.execute(
                 "UPDATE workspaces SET node=?, provider=?, image=?, config_yaml=?, config_path=?, "
                 "desired=?, observed=?, detail=?, environment_id=?, addresses=?, created=?, "
@@ -281,7 +294,9 @@ class SqliteStore(Store):
         return {str(node): int(n) for node, n in rows}
 
     async def delete_workspace(self, name: str) -> None:
-        await self._run(lambda db: db.execute("DELETE FROM workspaces WHERE name=?", (name,)))
+        await self._write_workspaces(
+            lambda db: db.execute("DELETE FROM workspaces WHERE name=?", (name,))
+        )
 
     # ports chosen on the user's machine, reused on the next up
     async def get_ports(self, workspace: str) -> dict[str, int]:
