@@ -26,6 +26,14 @@ class WorkspaceListCache:
         self.store = store
         self.nodes = nodes
         self._answers: dict[str, tuple[Key, pb.ListWorkspacesResponse]] = {}
+        self._counts: tuple[int, dict[str, int]] = (-1, {})
+
+    async def counts(self) -> dict[str, int]:
+        """Workspaces per node (ListNodes), counted again only after a workspace write."""
+        version = self.store.workspaces_version
+        if self._counts[0] != version:
+            self._counts = (version, await self.store.count_workspaces())
+        return self._counts[1]
 
     def _key(self) -> Key:
         # Read before the list is: a write landing meanwhile can only make this entry miss.

@@ -128,7 +128,7 @@ class CoordinatorServicer(OrphanRpcs, coordinator_pb2_grpc.CoordinatorServicer):
         return node_to_pb(conn, len(await self.store.list_workspaces(name)))
 
     async def ListNodes(self, request: pb.ListNodesRequest, context: Ctx) -> pb.ListNodesResponse:
-        counts = await self.store.count_workspaces()
+        counts = await self.list_cache.counts()
         return pb.ListNodesResponse(
             nodes=[node_to_pb(c, counts.get(c.name, 0)) for c in self.nodes.all()]
         )

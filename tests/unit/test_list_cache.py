@@ -44,3 +44,15 @@ async def test_the_answer_is_built_again_only_when_it_could_differ(tmp_path: Pat
     assert await listed() == []
     assert len(builds) == 5
     await store.close()
+
+
+async def test_workspace_counts_are_taken_again_after_a_write(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    await store.add_node(NodeRecord(name="n1", address="h", transport="ssh"))
+    cache = WorkspaceListCache(store, cast(Any, SimpleNamespace(all=list)))
+    assert await cache.counts() == {}
+    await store.add_workspace(WorkspaceRecord(name="w1", node="n1", provider="docker", image="i"))
+    assert await cache.counts() == {"n1": 1}
+    await store.delete_workspace("w1")
+    assert await cache.counts() == {}
+    await store.close()
