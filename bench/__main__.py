@@ -13,6 +13,7 @@ Sections (--only to pick some):
                (docker-py, pylxd, libvirt) on the same image
   logs         `workspace logs -f` vs `ssh node docker logs -f`: lines/s, MB/s, latency
   tunnel       forwarded service port vs `ssh -L`: MB/s
+  editor       `scp` of 100 MB into a workspace through NAME.vendetta vs `scp` to the node
   concurrency  50 workspaces up at once on 3 nodes vs 50 docker-py threads
   source       a git repository's first upload to a remote workspace vs tar | ssh;
                `workspace push` of 10 changed files vs rsync -a over ssh
@@ -39,11 +40,11 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import cli as cli_bench
-from bench import concurrency, lifecycle, logs, plots, rpc, scale, tunnel
+from bench import concurrency, editor, lifecycle, logs, plots, rpc, scale, tunnel
 from bench import source as source_bench
 from bench.cluster import bench_cluster
 
-SECTIONS = ("cli", "rpc", "lifecycle", "logs", "tunnel", "concurrency", "source", "scale")
+SECTIONS = ("cli", "rpc", "lifecycle", "logs", "tunnel", "editor", "concurrency", "source", "scale")
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
@@ -87,6 +88,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 await section("logs", lambda: logs.run(cl, args.quick))
                 await section("tunnel", lambda: tunnel.run(cl, args.quick))
+                await section("editor", lambda: editor.run(cl, args.quick))
                 await section("concurrency", lambda: concurrency.run(cl, args.quick))
                 await section("source", lambda: source_bench.run(cl, args.quick))
         except Exception as exc:  # setup or teardown: keep what was measured
@@ -208,6 +210,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for r in results.get("tunnel", {}).get("rows", []):
         if "ratio" in r:
             add("tunnel MB/s vs ssh -L", r["ratio"], "x", ">= 1.0x", r["ratio"] >= 1.0)
+    for r in results.get("editor", {}).get("rows", []):
+        if "ratio" in r:
+            add("scp into a workspace vs scp to the node", r["ratio"], "x", r["goal"], r["met"])
     for r in results.get("source", {}).get("rows", []):
         if r["name"].startswith("workspace create") and "ratio" in r:
             add("source upload vs tar | ssh", r["ratio"], "x", "<= 1.2x", r["ratio"] <= 1.2)
@@ -263,6 +268,8 @@ def show(results: dict[str, Any]) -> None:
         console.print(t)
     if results.get("tunnel", {}).get("rows"):
         console.print(_table("Tunnel throughput", results["tunnel"]["rows"]))
+    if results.get("editor", {}).get("rows"):
+        console.print(_table("Editor file transfer", results["editor"]["rows"]))
     if results.get("source", {}).get("rows"):
         console.print(_table("Source: upload and push vs OpenSSH tools", results["source"]["rows"]))
     if results.get("concurrency", {}).get("rows"):
@@ -292,7 +299,9 @@ def show(results: dict[str, Any]) -> None:
         console.print(t)
     tg = results.get("targets", [])
     if tg:
-        t = Table(title="Issue 7 and 16 targets (information, not pass/fail)", title_justify="left")
+        t = Table(
+            title="Issue 7, 13 and 16 targets (information, not pass/fail)", title_justify="left"
+        )
         for col in ("target", "this run", "goal", "met"):
             t.add_column(col, justify="left" if col == "target" else "right")
         for x in tg:

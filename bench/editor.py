@@ -1,0 +1,104 @@
+"""Editor file transfer (issue 13): `scp` into a workspace through `NAME.vendetta`
+against `scp` of the same file to the node's own sshd.
+
+A Docker workspace of the Debian test image (`vendetta/debian12`: OpenSSH's
+sftp-server, which current scp speaks) on the bench node; a file of SIZE random
+bytes on this machine. Each round copies it once each way, alternating: through
+the generated `Host NAME.vendetta` entry (ProxyCommand, coordinator, agent, the
+image's sftp-server) and with OpenSSH's scp to the node's sshd (host key
+pinned). MB/s = SIZE / the scp process's wall time, its SSH handshake included
+on both sides, as a user sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.cluster import Cluster, Node
+from bench.stats import Series, row
+from vendetta.v1 import coordinator_pb2 as pb
+
+MB = 1_000_000
+IMAGE = "vendetta/debian12:latest"
+GOAL = 0.8  # issue 13: at least 0.8x scp to the node's own sshd
+
+
+def _node_scp(node: Node) -> list[str]:
+    sshd = node.sshd
+    return [
+        "scp", "-q", "-i", str(sshd.client_key_path), "-P", str(sshd.port),
+        "-o", f"UserKnownHostsFile={node.known_hosts()}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+    ]  # fmt: skip
+
+
+async def _scp(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {err.decode().strip()}")
+    return time.perf_counter() - t0
+
+
+async def _size_inside(cl: Cluster, ws: str, path: str) -> int:
+    out = await asyncio.create_subprocess_exec(
+        "ssh", "-F", str(cl.home / "ssh" / "config"), f"{ws}.vendetta", "stat", "-c", "%s", path,
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    got, _ = await out.communicate()
+    return int(got.strip() or b"-1")
+
+
+async def run(
+    cl: Cluster, quick: bool, size_mb: int | None = None, rounds: int | None = None
+) -> dict[str, Any]:
+    ws = "bench-scp"
+    size_mb = size_mb or 100
+    rounds = rounds or (3 if quick else 6)
+    node = cl.nodes["n1"]
+    blob = Path(cl.home) / "scp-blob"
+    remote = f"/tmp/vd-bench-scp-{os.getpid()}"
+    try:
+        with blob.open("wb") as f:
+            for _ in range(size_mb):
+                f.write(os.urandom(MB))
+        config = yaml.safe_dump({"name": ws, "docker": {"image": IMAGE}})
+        await cl.stub.CreateWorkspace(
+            pb.CreateWorkspaceRequest(name=ws, node="n1", config_yaml=config)
+        )
+        await cl.stub.UpWorkspace(pb.WorkspaceRequest(name=ws), timeout=120)
+        into_ws = ["scp", "-q", "-F", str(cl.home / "ssh" / "config"), str(blob),
+                   f"{ws}.vendetta:/tmp/blob"]  # fmt: skip
+        to_node = [*_node_scp(node), str(blob), f"{node.sshd.user}@{node.sshd.host}:{remote}"]
+        v = Series(f"scp {size_mb} MB into {ws}.vendetta: MB/s", unit="MB/s")
+        s = Series(f"scp {size_mb} MB to the node's sshd (OpenSSH): MB/s", unit="MB/s")
+        # Warm-up, and proof that the copy through vendetta arrives whole.
+        await _scp(into_ws)
+        await _scp(to_node)
+        got = await _size_inside(cl, ws, "/tmp/blob")
+        if got != size_mb * MB:
+            raise RuntimeError(f"scp into the workspace left {got} bytes, wanted {size_mb} MB")
+        for _ in range(rounds):
+            for series, argv in ((v, into_ws), (s, to_node)):
+                series.seconds.append(size_mb / await _scp(argv))
+        ratio = v.median / s.median
+        return {"rows": [row(s), row(v, s, goal=f">= {GOAL}x", met=ratio >= GOAL)]}
+    finally:
+        blob.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            rm = await asyncio.create_subprocess_exec(
+                *node.ssh_argv(), "rm", "-f", remote, stdin=asyncio.subprocess.DEVNULL
+            )
+            await rm.wait()
+        with contextlib.suppress(Exception):
+            await cl.stub.DestroyWorkspace(pb.WorkspaceRequest(name=ws, force=True))
