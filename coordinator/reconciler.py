@@ -5,7 +5,8 @@ periodic tick, one workspace at a time and each on its own: a workspace whose
 reconcile fails is logged and its error recorded on it, and the others go on.
 It also finishes what a coordinator crash left half done: a `destroying`
 workspace is destroyed; a `creating` one is kept if its environment exists on
-the node and forgotten if not. It only acts on nodes it can reach: the
+the node and forgotten if not; a running one that should be stopped (an `up`
+cut off by its node, which went on starting it) is stopped. It only acts on nodes it can reach: the
 workspaces of a disconnected node are left alone (users see them `unknown`)
 until the node returns.
 """
@@ -27,6 +28,8 @@ log = logging.getLogger("vendetta.reconciler")
 
 # Seconds between two passes over every ready node (besides the pass on each reconnect).
 RECONCILE_INTERVAL = 30.0
+# Seconds a stop the reconciler makes gives the processes inside (as `down` does).
+STOP_TIMEOUT = 10.0
 # How a workspace's detail says that its last reconcile failed.
 _FAILED = "the reconciler failed: "
 
@@ -156,6 +159,12 @@ class Reconciler:
                     with contextlib.suppress(VendettaError):
                         await self.workspaces.start_services(ws, client, specs)
                         started = True
+            elif ws.desired == Desired.STOPPED and ws.observed == WorkspaceState.RUNNING:
+                # An `up` whose node went away mid-start (the engine went on: a guest
+                # boots on), or a `down` that failed: the last command's word stands.
+                self.workspaces.relays.detach(ws.name)
+                observe(ws, await client.stop(ws.name, ws.provider, STOP_TIMEOUT))
+                await self.workspaces.save(ws, "stopped by the reconciler (desired: stopped)")
             elif ws.observed != before or recovered:
                 await self.workspaces.save(ws, f"observed {ws.observed.value}")
             relays = self.workspaces.relays

@@ -149,6 +149,27 @@ async def test_tick_leaves_a_workspace_that_should_stay_stopped(ticking: Cluster
     assert (await get(ticking, "keep")).state == pb.WORKSPACE_STATE_STOPPED
 
 
+async def test_tick_stops_a_running_workspace_that_should_be_stopped(ticking: Cluster) -> None:
+    """A `down` whose stop failed leaves the environment running: a later pass stops it."""
+    fake = ticking.provider("node1")
+    await create(ticking, "halt")
+    await up(ticking, "halt")
+    fake.broken["halt"] = EngineUnavailableError("the engine is busy")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await ticking.stub.DownWorkspace(pb.WorkspaceRequest(name="halt"))
+    ws = await get(ticking, "halt")
+    assert ws.desired == pb.DESIRED_STATE_STOPPED and ws.state == pb.WORKSPACE_STATE_ERROR
+    assert fake.state_of("halt") == EnvState.RUNNING
+    del fake.broken["halt"]  # the engine answers again
+
+    async def stopped() -> bool:
+        return (await get(ticking, "halt")).state == pb.WORKSPACE_STATE_STOPPED
+
+    await wait_until(stopped, "halt STOPPED by a tick")
+    assert fake.state_of("halt") == EnvState.STOPPED
+    assert ("start", "halt") not in fake.calls[fake.calls.index(("stop", "halt")) :]
+
+
 async def test_creating_and_destroying_left_by_a_crash_are_finished_after_a_restart(
     cluster: Cluster,
 ) -> None:
