@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,16 @@ def project(request: pytest.FixtureRequest) -> Iterator[tuple[Env, str, Path]]:
 
 def services(e: Env, ws: str) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in e.workspace(ws)["services"]}
+
+
+def wait_for_text(lines: list[str], text: str, within: float) -> bool:
+    """Whether ``text`` shows in the lines a reader thread collects, within ``within`` s."""
+    deadline = time.monotonic() + within
+    while text not in "".join(lines):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_up_starts_services_in_dependency_order(project: tuple[Env, str, Path]) -> None:
@@ -175,7 +186,6 @@ def test_killed_service_restarts_and_the_status_stream_shows_it(
     project: tuple[Env, str, Path],
 ) -> None:
     e, _, _ = project
-    before = services(e, "three")["worker"]
     watch = subprocess.Popen(
         [str(BIN / "vendetta"), "workspace", "status", "three", "--watch"],
         env=e.env,
@@ -183,8 +193,20 @@ def test_killed_service_restarts_and_the_status_stream_shows_it(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []  # the watch's output so far, read as it comes
+    assert watch.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(watch.stdout or []), daemon=True)
+    reader.start()
     try:
-        time.sleep(1.0)  # let the watch subscribe
+        # Subscribed once it shows an event: an `up` of the running workspace (a no-op
+        # for its services) publishes some. A fixed sleep here missed the kill's events
+        # when the CLI took longer than that to start on a busy machine.
+        def subscribed() -> bool:
+            e.cli("workspace", "up", "three")
+            return wait_for_text(lines, "services healthy", within=5)
+
+        wait_for("the watch to subscribe", subscribed, show=lambda: "".join(lines))
+        before = services(e, "three")["worker"]
         e.cli("workspace", "exec", "three", "--", "kill", "-9", str(before["pid"]))
         after = wait_for(
             "worker to restart",
@@ -195,10 +217,20 @@ def test_killed_service_restarts_and_the_status_stream_shows_it(
             ),
         )
         assert after["pid"] != before["pid"]
-        time.sleep(0.5)
+        # The stream may trail the status read above: wait for its healthy event.
+        wait_for(
+            "the watch to show the worker healthy again",
+            lambda: (
+                (text := "".join(lines)).find("restart 1/5") != -1
+                and text.rfind("worker: healthy") > text.find("restart 1/5")
+            ),
+            show=lambda: "".join(lines),
+        )
     finally:
         watch.terminate()
-        text = watch.communicate(timeout=10)[0]
+        watch.wait(timeout=10)
+        reader.join(timeout=10)
+    text = "".join(lines)
     assert "worker: exited (exited with code 137; restart 1/5" in text, text
     assert text.index("restart 1/5") < text.rindex("worker: healthy")
 
