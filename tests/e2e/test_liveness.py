@@ -67,7 +67,9 @@ class Watch:
             )
 
     def events(self) -> list[dict[str, Any]]:
-        lines = self.path.read_text().splitlines()
+        # Complete lines only: the watch may be half way through writing the last one.
+        text = self.path.read_text()
+        lines = text[: text.rfind("\n") + 1].splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
     def of(self, node: str) -> list[dict[str, Any]]:
@@ -167,8 +169,16 @@ def test_a_node_cut_off_is_disconnected_then_back_with_its_workspace_and_ports(
         cut = time.monotonic()
         e.wait_node("n1", "disconnected", within=GRACE + HEARTBEAT + 10)
         took = time.monotonic() - cut
-        gone = [ev for ev in watch.of("n1") if ev["node"]["state"] == "NODE_STATE_DISCONNECTED"]
-        assert gone and gone[0]["message"].startswith(f"no answer for {GRACE} s"), watch.show()
+        # The watch is another process writing to a file: it may trail `node list`.
+        gone = wait_for(
+            "the watch to show n1 disconnected",
+            lambda: [
+                ev for ev in watch.of("n1") if ev["node"]["state"] == "NODE_STATE_DISCONNECTED"
+            ],
+            within=15,
+            show=watch.show,
+        )
+        assert gone[0]["message"].startswith(f"no answer for {GRACE} s"), watch.show()
         ws = e.workspace("live1")
         assert ws["state"] == "WORKSPACE_STATE_UNKNOWN", ws
         assert ws["environment_id"] == before["environment_id"]
