@@ -65,6 +65,28 @@ def remote() -> Iterator[tuple[Env, int]]:
         yield e, port
 
 
+def squat(port: int, within: float = 60) -> socket.socket:
+    """Listen on ``port`` of the node's loopback, as another program would.
+
+    LXD's forkproxy may go on listening for a moment after a stop returns (as
+    tests/integration/test_lxd_provider.py's squat() waits for too): bind once it let go.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", port))
+        except OSError:
+            squatter.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        squatter.listen()
+        return squatter
+
+
 def ports(e: Env, ws: str) -> dict[str, dict[str, object]]:
     return {r["service"]: r for r in json.loads(e.cli("workspace", "ports", ws, "--json").stdout)}
 
@@ -86,10 +108,7 @@ def test_a_restart_with_the_node_port_taken_publishes_it_again(remote: tuple[Env
     e.cli("workspace", "down", "lsite")
     with pytest.raises(OSError):
         fetch(port)  # gone with down
-    with socket.socket() as squatter:  # something on the node takes the node port
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", node_port))
-        squatter.listen()
+    with squat(node_port):  # something on the node takes the node port
         e.cli("workspace", "up", "lsite")
         after = ports(e, "lsite")["web"]
         assert after["node_endpoint"] != before["node_endpoint"]
@@ -161,7 +180,10 @@ async def test_interactive_terminal_through_the_coordinator(remote: tuple[Env, i
                 queue.put_nowait(
                     common_pb2.AttachInput(resize=common_pb2.TerminalSize(rows=rows, cols=cols))
                 )
-                for _ in range(5):  # the resize and the keys travel apart: ask again
+                # The resize and the keys travel apart: ask again, for up to a minute
+                # (five tries of 2 s were short on a busy machine).
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
                     type_("stty size\n")
                     if await shows(f"{rows} {cols}", within=2):
                         break
