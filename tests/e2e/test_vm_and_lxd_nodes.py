@@ -174,7 +174,10 @@ async def _terminal(e: Env, workspace: str) -> tuple[bytes, int]:
         type_(b"echo in-$((2+3)); stty size\n")
         assert await shows(b"in-5") and await shows(b"30 120"), out.decode()
         queue.put_nowait(common_pb2.AttachInput(resize=common_pb2.TerminalSize(rows=20, cols=100)))
-        for _ in range(5):  # the resize and the keys may travel apart
+        # The resize and the keys may travel apart: ask again, for up to a minute (five
+        # tries of 2 s were short for a guest on a busy machine).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             type_(b"stty size\n")
             if await shows(b"20 100", within=2):
                 break
