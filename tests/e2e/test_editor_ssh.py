@@ -420,7 +420,8 @@ def test_vscode_remote_ssh_sequence(editor: Editor, ws: str) -> None:
         "mkdir -p /tmp/vsc && echo vscode-server-ok > /tmp/vsc/index.html\n"
         "setsid python3 -u -m http.server 0 --bind 127.0.0.1 --directory /tmp/vsc"
         " >/tmp/vsc/log 2>&1 </dev/null &\n"
-        "for i in $(seq 100); do p=$(grep -o 'port [0-9]*' /tmp/vsc/log | cut -d' ' -f2);"
+        # Up to a minute for python to start and say its port (10 s was short under load).
+        "for i in $(seq 600); do p=$(grep -o 'port [0-9]*' /tmp/vsc/log | cut -d' ' -f2);"
         ' [ -n "$p" ] && break; sleep 0.1; done\n'
         'echo "listeningOn==$p=="\n'
     )
