@@ -354,8 +354,10 @@ async def test_a_cancelled_destroy_leaves_no_disk(
     assert files.overlay.is_file()
     real_remove = guests.remove
     done = threading.Event()  # the thread's whole call, disk included, has returned
+    removing = threading.Event()  # the thread is in the domain's removal
 
     def slow_remove(dom: libvirt.virDomain) -> None:
+        removing.set()
         time.sleep(0.5)  # the call is cancelled meanwhile
         real_remove(dom)
 
@@ -370,7 +372,9 @@ async def test_a_cancelled_destroy_leaves_no_disk(
 
     monkeypatch.setattr(provider._libvirt, "call_sync", call_sync)
     task = asyncio.create_task(provider.destroy(ws))
-    await asyncio.sleep(0.2)
+    # Cancelled while its thread removes the domain (a fixed 0.2 s could come before the
+    # thread even started on a busy machine: the call then never ran, the guest stayed).
+    assert await asyncio.to_thread(removing.wait, 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
