@@ -21,7 +21,7 @@ import asyncssh
 import grpc
 from asyncssh import SSHTCPSession
 
-from cli import ssh_session
+from cli import sftp_builtin, ssh_session
 from cli.ssh_forward import Link, open_direct
 from cli.ssh_listen import Inside, listen, say
 from cli.ssh_session import Workdir
@@ -138,10 +138,22 @@ async def _session(
                 return
             await inputs.put(common_pb2.AttachInput(stdin=data))
 
-    reader = asyncio.create_task(pump_stdin())
+    # sftp: the client's bytes wait until the image's sftp-server starts (SFTP_READY);
+    # without one, the proxy serves them itself (sftp_builtin).
+    sftp = process.subsystem == "sftp"
+    reader = None if sftp else asyncio.create_task(pump_stdin())
+
+    def sftp_out(data: bytes) -> None:
+        nonlocal reader
+        if reader is None:
+            reader = asyncio.create_task(pump_stdin())
+            data = data[len(ssh_session.SFTP_READY) :]
+        process.stdout.write(data)
+
     try:
         env = ssh_session.env(process)
-        argv = ssh_session.argv(process, await workdir.get())
+        folder = await workdir.get()
+        argv = ssh_session.argv(process, folder)
         if not process.subsystem and (agent := await server.agent_socket()) is not None:
             env["SSH_AUTH_SOCK"] = agent[0]
         start = common_pb2.AttachStart(
@@ -152,7 +164,11 @@ async def _session(
             env=env,
         )
         c = await link.stub()
-        code = await stream(c, start, inputs, process.stdout.write, process.stderr.write)
+        out = sftp_out if sftp else process.stdout.write
+        code = await stream(c, start, inputs, out, process.stderr.write)
+        if sftp and reader is None and code == sftp_builtin.NO_SERVER:
+            run = sftp_builtin.connect_runner(link, workspace, env)
+            code = await sftp_builtin.serve(process, run, folder)
     except grpc.aio.AioRpcError as exc:
         process.stderr.write(f"vendetta: {from_rpc_error(exc)}\r\n".encode())
         code = SSH_FAILURE
@@ -160,7 +176,8 @@ async def _session(
         process.stderr.write(f"vendetta: {exc}\r\n".encode())
         code = SSH_FAILURE
     finally:
-        reader.cancel()
+        if reader is not None:
+            reader.cancel()
         if agent is not None:
             agent[1].close()
     with contextlib.suppress(Exception):

@@ -5,7 +5,8 @@ As sshd does: a command is a line for the shell; no command is a login shell;
 `SetEnv`/`SendEnv` of LANG, LC_* and TERM are taken (sshd's usual AcceptEnv),
 others dropped. Sessions start in the workspace's working folder (its source,
 /workspace by default) where it exists, else where the engine starts them.
-The sftp subsystem is the image's own sftp-server, run like any command.
+The sftp subsystem is the image's own sftp-server, run like any command; an
+image without one gets the proxy's own SFTP server (cli/sftp_builtin.py).
 """
 
 from __future__ import annotations
@@ -32,20 +33,17 @@ SFTP_SERVERS = (
     "/usr/libexec/sftp-server",
     "/usr/lib/ssh/sftp-server",
 )
-NO_SFTP = (
-    "vendetta: this workspace's image has no sftp-server (OpenSSH's; Debian: "
-    "openssh-sftp-server), so sftp and scp cannot reach it: add it to the image, or "
-    "use `scp -O` (needs scp inside) or `ssh NAME.vendetta cat FILE`"
-)
+# Printed just before the image's sftp-server starts: the client's bytes wait for it
+# (ssh_proxy), so an image without one ends the command (exit 127) with them unread,
+# for the proxy's own server.
+SFTP_READY = b"+"
 LOGIN = "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"
 
 
 def _sftp_line() -> str:
     tries = " ".join(SFTP_SERVERS)
-    return (
-        f'for s in {tries}; do [ -x "$s" ] && exec "$s"; done; '
-        f"echo {shlex.quote(NO_SFTP)} >&2; exit 127"
-    )
+    ready = SFTP_READY.decode()
+    return f'for s in {tries}; do [ -x "$s" ] && printf {ready} && exec "$s"; done; exit 127'
 
 
 def argv(process: asyncssh.SSHServerProcess[bytes], workdir: str) -> list[str]:
@@ -94,7 +92,8 @@ class Process(asyncssh.SSHServerProcess[bytes]):
     """A session whose every request, subsystems too, runs through ``handler``.
 
     asyncssh answers the sftp subsystem with its own SFTP server (on the proxy's
-    machine): here it is the workspace's sftp-server, run as any command.
+    machine): here it is the workspace's sftp-server, run as any command (or
+    sftp_builtin's, whose every operation is inside).
     """
 
     def __init__(

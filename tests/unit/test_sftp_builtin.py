@@ -1,0 +1,314 @@
+"""The proxy's own SFTP server (cli/sftp_builtin.py) against a folder here, its
+commands run by busybox's shell and applets (what an image without sftp-server
+has; the system's sh where busybox is missing), as nobody when the tests run as
+root so that refusals are the folder's own permissions: through asyncssh's SFTP
+client and through OpenSSH's sftp and scp over a real SSH connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO
+
+import asyncssh
+import pytest
+
+from cli import sftp_builtin, ssh_session
+from cli.sftp_builtin import Inside, Ran, Runner
+
+BUSYBOX = shutil.which("busybox")
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A folder the runner's user owns (nobody's, when we are root)."""
+    path = Path(tempfile.mkdtemp(prefix="vd-sftp-"))
+    os.chmod(path, 0o755)
+    top = path / "home"
+    top.mkdir()
+    if os.geteuid() == 0:
+        os.chown(top, 65534, 65534)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _bin(folder: Path) -> str:
+    """PATH of busybox's applets only, so `stat`, `cat`, ... are busybox's."""
+    if BUSYBOX is None:
+        return os.environ.get("PATH", "/usr/bin:/bin")
+    bindir = folder / "bin"
+    bindir.mkdir(exist_ok=True)
+    listed = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
+    for applet in listed.stdout.split():
+        with_link = bindir / applet
+        if not with_link.exists():
+            with_link.symlink_to(BUSYBOX)
+    return str(bindir)
+
+
+class LocalRunner:
+    """A Runner that runs the line here (the fake exec behind the interface)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = _bin(folder)
+        self.lines: list[str] = []
+
+    async def __call__(
+        self, line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
+    ) -> Ran:
+        self.lines.append(line)
+        shell = [BUSYBOX, "sh"] if BUSYBOX else ["/bin/sh"]
+        user = [
+            shutil.which("setpriv") or "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+        argv = [*(user if os.geteuid() == 0 else []), *shell, "-c", line]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={"PATH": self.path, "LC_ALL": "C"}, cwd="/",
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+        async def feed() -> None:
+            assert proc.stdin is not None
+            try:
+                while stdin is not None and (data := stdin.read(65536)):
+                    proc.stdin.write(data)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        async def drain() -> bytes:
+            assert proc.stdout is not None
+            out = bytearray()
+            while data := await proc.stdout.read(65536):
+                if stdout is not None:
+                    stdout.write(data)
+                else:
+                    out.extend(data)
+            return bytes(out)
+
+        _, out, err = await asyncio.gather(feed(), drain(), proc.stderr.read())
+        return Ran(await proc.wait(), out, err)
+
+
+class _Ssh(asyncssh.SSHServer):
+    """As the proxy's: no authentication, every session through ssh_session.Process,
+    served by sftp_builtin (what the proxy does once the image has no sftp-server)."""
+
+    def __init__(self, run: Runner, workdir: str) -> None:
+        self.run = run
+        self.workdir = workdir
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def session_requested(self) -> ssh_session.Process:
+        return ssh_session.Process(self.handle)
+
+    async def handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        if process.subsystem != "sftp":
+            process.exit(127)
+            return
+        process.exit(await sftp_builtin.serve(process, self.run, self.workdir))
+
+
+@contextlib.asynccontextmanager
+async def _client(port: int) -> AsyncIterator[asyncssh.SFTPClient]:
+    async with (
+        asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u") as conn,
+        conn.start_sftp_client() as sftp,
+    ):
+        yield sftp
+
+
+@pytest.fixture
+async def server(root: Path) -> AsyncIterator[tuple[int, LocalRunner]]:
+    run = LocalRunner(root.parent)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    listener = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=lambda: _Ssh(run, str(root)), server_host_keys=[key],
+        encoding=None, line_editor=False,
+    )  # fmt: skip
+    try:
+        yield listener.get_port(), run
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_files_folders_and_links_through_an_sftp_client(
+    server: tuple[int, LocalRunner], root: Path, tmp_path: Path
+) -> None:
+    port, _ = server
+    data = os.urandom(700_000)  # several reads and writes
+    local = tmp_path / "up.bin"
+    local.write_bytes(data)
+    async with _client(port) as sftp:
+        # Relative paths start in the session's folder.
+        assert await sftp.realpath(".") == str(root)
+        assert await sftp.getcwd() == str(root)
+        await sftp.put(str(local), "a.bin")
+        assert (root / "a.bin").read_bytes() == data
+        attrs = await sftp.stat("a.bin")
+        assert attrs.size == len(data) and attrs.type == asyncssh.FILEXFER_TYPE_REGULAR
+        await sftp.get("a.bin", str(tmp_path / "down.bin"))
+        assert (tmp_path / "down.bin").read_bytes() == data
+        await sftp.mkdir("sub dir")
+        await sftp.rename("a.bin", "sub dir/it's $(x).bin")
+        assert (root / "sub dir" / "it's $(x).bin").read_bytes() == data
+        names = await sftp.listdir("sub dir")
+        assert sorted(names) == [".", "..", "it's $(x).bin"]
+        entries = {n.filename: n for n in await sftp.readdir("sub dir")}
+        assert entries["it's $(x).bin"].attrs.size == len(data)
+        assert "it's $(x).bin" in str(entries["it's $(x).bin"].longname)
+        # Appending and rewriting in place keep what was there.
+        async with sftp.open("sub dir/it's $(x).bin", "r+b") as f:
+            await f.write(b"HEAD", 0)
+        assert (root / "sub dir" / "it's $(x).bin").read_bytes()[:5] == b"HEAD" + data[4:5]
+        await sftp.symlink("sub dir", "link")
+        assert await sftp.readlink("link") == "sub dir"
+        assert await sftp.realpath("link") == str(root / "sub dir")
+        assert (await sftp.lstat("link")).type == asyncssh.FILEXFER_TYPE_SYMLINK
+        await sftp.chmod("sub dir/it's $(x).bin", 0o600)
+        await sftp.utime("sub dir/it's $(x).bin", (1_000_000_000, 1_100_000_000))
+        st = (root / "sub dir" / "it's $(x).bin").stat()
+        assert st.st_mode & 0o777 == 0o600 and int(st.st_mtime) == 1_100_000_000
+        await sftp.remove("sub dir/it's $(x).bin")
+        await sftp.remove("link")
+        await sftp.rmdir("sub dir")
+        assert sorted(p.name for p in root.iterdir()) == []
+        # Refusals by what the command said.
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.stat("missing")
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.get("missing", str(tmp_path / "m"))
+        (root / "f").write_text("x")
+        # SFTP v3 has no "exists" status: a failure, with the command's words.
+        with pytest.raises(asyncssh.SFTPFailure, match="File exists"):
+            await sftp.rename("f", ".")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root, the runner is nobody")
+async def test_refusals_are_the_environments_own_and_the_session_goes_on(
+    server: tuple[int, LocalRunner], root: Path, tmp_path: Path
+) -> None:
+    port, _ = server
+    (root.parent / "theirs").mkdir(mode=0o755)  # root's: nobody may not write there
+    (root / "secret").write_text("no")
+    (root / "secret").chmod(0)
+    os.chown(root / "secret", 0, 0)
+    local = tmp_path / "f"
+    local.write_text("x")
+    async with _client(port) as sftp:
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.put(str(local), str(root.parent / "theirs" / "f"))
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.get("secret", str(tmp_path / "s"))
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.mkdir(str(root.parent / "theirs" / "d"))
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.chmod("secret", 0o644)
+        await sftp.put(str(local), "mine")  # the session goes on
+    assert (root / "mine").read_text() == "x"
+    assert not (root.parent / "theirs" / "f").exists()
+
+
+@pytest.mark.skipif(not shutil.which("sftp"), reason="needs OpenSSH's sftp and scp")
+async def test_openssh_sftp_and_scp(
+    server: tuple[int, LocalRunner], root: Path, tmp_path: Path
+) -> None:
+    port, _ = server
+    data = os.urandom(300_001)
+    (tmp_path / "up.bin").write_bytes(data)
+    opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
+    batch = tmp_path / "batch"
+    batch.write_text(
+        f"put {tmp_path}/up.bin up.bin\nmkdir d\nrename up.bin d/moved.bin\nls -l d\n"
+        f"get d/moved.bin {tmp_path}/down.bin\nrm d/moved.bin\nrmdir d\n-get gone {tmp_path}/x\n"
+        "pwd\n"
+    )
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return await proc.wait(), out.decode(), err.decode()
+
+    code, out, err = await run("sftp", *opts, "-P", str(port), "-b", str(batch), "u@127.0.0.1")
+    assert code == 0, err
+    assert (tmp_path / "down.bin").read_bytes() == data
+    assert "moved.bin" in out and f"Remote working directory: {root}" in out, out
+    assert "not found" in err, err  # -get gone: refused, the batch went on
+    assert sorted(p.name for p in root.iterdir()) == []
+    # scp in its SFTP mode (OpenSSH's default), both ways.
+    code, _, err = await run(
+        "scp", *opts, "-P", str(port), f"{tmp_path}/up.bin", "u@127.0.0.1:s.bin"
+    )
+    assert code == 0, err
+    assert (root / "s.bin").read_bytes() == data
+    code, _, err = await run(
+        "scp", *opts, "-P", str(port), "u@127.0.0.1:s.bin", f"{tmp_path}/b.bin"
+    )
+    assert code == 0, err
+    assert (tmp_path / "b.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("said", "kind"),
+    [
+        ("cat: can't open '/root/x': Permission denied", asyncssh.SFTPPermissionDenied),
+        ("sh: can't create /etc/x: Permission denied", asyncssh.SFTPPermissionDenied),
+        ("chown: f: Operation not permitted", asyncssh.SFTPPermissionDenied),
+        ("stat: can't stat 'x': No such file or directory", asyncssh.SFTPNoSuchFile),
+        ("rmdir: 'd': Directory not empty", asyncssh.SFTPDirNotEmpty),
+        ("rm: 'd' is a directory", asyncssh.SFTPFileIsADirectory),
+        ("mkdir: can't create directory 'x': File exists", asyncssh.SFTPFileAlreadyExists),
+        ("something else went wrong", asyncssh.SFTPFailure),
+    ],
+)
+def test_messages_become_sftp_statuses(said: str, kind: type[asyncssh.SFTPError]) -> None:
+    err = sftp_builtin.error(Ran(1, b"", f"noise\n{said}\n".encode()))
+    assert type(err) is kind and err.reason == said
+
+
+async def test_a_path_that_is_not_utf8_is_refused_before_any_command() -> None:
+    ran: list[str] = []
+
+    async def run(
+        line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
+    ) -> Ran:
+        ran.append(line)
+        return Ran(0, b"", b"")
+
+    with pytest.raises(asyncssh.SFTPInvalidFilename):
+        await Inside(run, "/w").stat(b"\xff", True, {})
+    assert ran == []
+
+
+async def test_the_command_lines_quote_every_path() -> None:
+    ran: list[str] = []
+
+    async def run(
+        line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
+    ) -> Ran:
+        ran.append(line)
+        return Ran(0, b"81a4 1 0 0 0 0 1 root root\n", b"")
+
+    inside = Inside(run, "/w s")
+    await inside.stat(b"a; rm -rf /", False, {})
+    assert ran == ["cd '/w s' 2>/dev/null; stat -c '%f %s %u %g %X %Y %h %U %G' -- 'a; rm -rf /'"]
