@@ -55,6 +55,16 @@ class ServiceRelays:
 
         self._relays[ws.name] = asyncio.create_task(relay(), name=f"relay-{ws.name}")
 
+    async def settle(self, ws: WorkspaceRecord, client: AgentClient) -> None:
+        """Take the agent's word for where each service stands, before the relay is
+        detached: after a stop its last events may still be on their way (the stop's
+        answer comes on another call), and detaching drops them, which left services
+        `healthy` in a stopped workspace."""
+        if not self._statuses.get(ws.name):
+            return
+        with contextlib.suppress(VendettaError):
+            self.update(ws.name, await client.get_services(ws.name, ws.provider))
+
     def alive(self, name: str) -> bool:
         task = self._relays.get(name)
         return task is not None and not task.done()

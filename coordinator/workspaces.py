@@ -280,6 +280,7 @@ class WorkspaceService:
             await self.save(ws, "stopping environment")
             try:
                 env = await client.stop(name, ws.provider, timeout)
+                await self.relays.settle(ws, client)  # then detached, with no await between
             except VendettaError as exc:
                 ws.observed, ws.detail = WorkspaceState.ERROR, str(exc)
                 await self.save(ws, f"stop failed: {exc}")
