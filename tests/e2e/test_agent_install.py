@@ -95,7 +95,18 @@ def test_node_add_installs_the_agent_and_runs_a_workspace(env: Env) -> None:
 def test_reconnect_of_the_same_build_does_not_reinstall(env: Env) -> None:
     installed = _install_dir(env)
     before = installed.stat().st_mtime_ns, (installed / "pyvenv.cfg").stat().st_mtime_ns
-    env.nodes["n1"].kill_connections()
+    server = env.nodes["n1"]
+    logins = server.log_path.read_text().count("Accepted publickey")
+    server.kill_connections()
+    # The node stays `ready` within its grace while the coordinator reconnects, so
+    # wait_node alone returns at once, and `node test` then waited only 5 s for the
+    # agent: wait for the coordinator's new login first (as test_node_keys does).
+    wait_for(
+        "the coordinator to log in again",
+        lambda: server.log_path.read_text().count("Accepted publickey") > logins,
+        within=90,
+        show=server.log_tail,
+    )
     env.wait_node("n1", "ready", within=90)
     assert env.cli("node", "test", "n1").returncode == 0
     after = installed.stat().st_mtime_ns, (installed / "pyvenv.cfg").stat().st_mtime_ns
