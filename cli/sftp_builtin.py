@@ -82,9 +82,11 @@ def connect_runner(link: Link, workspace: str, env: dict[str, str]) -> Runner:
                 await inputs.put(common_pb2.AttachInput(stdin=data))
             await inputs.put(common_pb2.AttachInput(stdin_eof=True))
 
+        # LC_ALL=C: the messages (mapped to statuses by their words) in English.
         start = common_pb2.AttachStart(
-            workspace=workspace, argv=["/bin/sh", "-c", line], tty=False, env=env
-        )
+            workspace=workspace, argv=["/bin/sh", "-c", line], tty=False,
+            env={**env, "LC_ALL": "C"},
+        )  # fmt: skip
         feeder = asyncio.create_task(feed())
         try:
             sink = stdout.write if stdout is not None else out.extend
@@ -125,8 +127,9 @@ def _mode(perms: int, path: str) -> str:
 def _attrs(fields: list[bytes], names: dict[int, str]) -> SFTPAttrs:
     mode = int(fields[0], 16)
     size, uid, gid, atime, mtime, nlink = (int(f) for f in fields[1:7])
-    names.setdefault(uid, fields[7].decode(errors="replace"))
-    names.setdefault(-1 - gid, fields[8].decode(errors="replace"))
+    for key, name in ((uid, fields[7]), (-1 - gid, fields[8])):
+        if name != b"UNKNOWN":  # busybox's word for an id without a name: show the id
+            names.setdefault(key, name.decode(errors="replace"))
     return SFTPAttrs(size=size, uid=uid, gid=gid, permissions=mode, atime=atime,
                      mtime=mtime, nlink=nlink)  # fmt: skip
 

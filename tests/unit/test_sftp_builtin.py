@@ -14,13 +14,16 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import asyncssh
 import pytest
 
-from cli import sftp_builtin, ssh_session
+from cli import sftp_builtin, ssh_proxy, ssh_session
 from cli.sftp_builtin import Inside, Ran, Runner
+from cli.ssh_forward import Link
+from cli.ssh_session import Workdir
+from vendetta.v1 import common_pb2, coordinator_pb2
 
 BUSYBOX = shutil.which("busybox")
 
@@ -312,3 +315,118 @@ async def test_the_command_lines_quote_every_path() -> None:
     inside = Inside(run, "/w s")
     await inside.stat(b"a; rm -rf /", False, {})
     assert ran == ["cd '/w s' 2>/dev/null; stat -c '%f %s %u %g %X %Y %h %U %G' -- 'a; rm -rf /'"]
+
+
+# -- the proxy's session: the image's sftp-server where it has one, else the builtin ----
+
+
+class _Coordinator:
+    """Connect and GetWorkspace as the coordinator answers them, the line run here
+    as a process (as nobody when we are root), its stdin and output streamed."""
+
+    def __init__(self, root: Path, path: str) -> None:
+        self.root = root
+        self.path = path
+        self.lines: list[str] = []
+
+    async def GetWorkspace(self, request: object) -> coordinator_pb2.Workspace:
+        ws = coordinator_pb2.Workspace()
+        ws.source.workdir = str(self.root)
+        return ws
+
+    async def Connect(
+        self, requests: AsyncIterator[common_pb2.AttachInput]
+    ) -> AsyncIterator[common_pb2.ExecOutput]:
+        inputs = aiter(requests)
+        start = (await anext(inputs)).start
+        self.lines.append(start.argv[-1])
+        user = [shutil.which("setpriv") or "setpriv", "--reuid=65534", "--regid=65534",
+                "--clear-groups"]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *(user if os.geteuid() == 0 else []), *start.argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={"PATH": self.path, **start.env}, cwd="/",
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        yield common_pb2.ExecOutput()  # the session is open
+
+        async def pump() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                async for msg in inputs:
+                    if msg.WhichOneof("input") == "stdin":
+                        proc.stdin.write(msg.stdin)
+                        await proc.stdin.drain()
+                    elif msg.WhichOneof("input") == "stdin_eof":
+                        proc.stdin.close()
+
+        feeder = asyncio.create_task(pump())
+        err = asyncio.create_task(proc.stderr.read())
+        try:
+            while data := await proc.stdout.read(65536):
+                yield common_pb2.ExecOutput(stdout=data)
+            if said := await err:
+                yield common_pb2.ExecOutput(stderr=said)
+            yield common_pb2.ExecOutput(exit_code=await proc.wait())
+        finally:
+            feeder.cancel()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+class _Link:
+    def __init__(self, stub: _Coordinator) -> None:
+        self._stub = stub
+
+    async def stub(self) -> _Coordinator:
+        return self._stub
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.skipif(not shutil.which("sftp"), reason="needs OpenSSH's sftp and scp")
+@pytest.mark.parametrize("image_has_one", [False, True])
+async def test_the_proxy_serves_sftp_where_the_image_has_no_sftp_server(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_has_one: bool
+) -> None:
+    here = [s for s in ssh_session.SFTP_SERVERS if os.access(s, os.X_OK)]
+    if image_has_one and not here:
+        pytest.skip("no OpenSSH sftp-server on this machine")
+    monkeypatch.setattr(
+        ssh_session, "SFTP_SERVERS", tuple(here) if image_has_one else ("/nonexistent/sftp-server",)
+    )
+    coordinator = _Coordinator(root, _bin(root.parent))
+    link = cast(Link, _Link(coordinator))
+    workdir = Workdir(link, "w")
+    proxy = ssh_proxy._Server("w", link, lambda p: ssh_proxy._session(proxy, workdir, p))
+    listener = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=lambda: proxy,
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        encoding=None, line_editor=False, allow_scp=False,
+    )  # fmt: skip
+    data = os.urandom(400_003)
+    (tmp_path / "up.bin").write_bytes(data)
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {tmp_path}/up.bin up.bin\nls\nget up.bin {tmp_path}/down.bin\n")
+    opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+            "BatchMode=yes", "-o", "LogLevel=ERROR", "-P", str(listener.get_port())]  # fmt: skip
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "sftp", *opts, "-b", str(batch), "u@127.0.0.1", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert await proc.wait() == 0, err.decode()
+        assert (root / "up.bin").read_bytes() == data  # relative: the workdir
+        assert (tmp_path / "down.bin").read_bytes() == data
+        assert b"up.bin" in out
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    sftp_line, *others = coordinator.lines
+    assert "sftp-server" in sftp_line
+    # The builtin: each operation a command of its own; the image's server: none.
+    assert bool(others) is not image_has_one
+    assert not others or any(f"exec cat > {root}/up.bin" in line for line in others), others
