@@ -188,9 +188,12 @@ class Inside:
 
     async def realpath(self, path: bytes) -> bytes:
         p = _q(path)
+        # A folder: its physical path; a link: where it ends; else (maybe not there
+        # yet, as sftp-server allows) the folder's path and the name.
         out = await self.sh(
-            f'if [ -d {p} ]; then cd -P -- {p} && pwd -P; else cd -P -- "$(dirname -- {p})" '
-            f"&& pwd -P && basename -- {p}; fi"
+            f"if [ -d {p} ]; then cd -P -- {p} && pwd -P; elif [ -L {p} ] && readlink -f -- {p}"
+            f' 2>/dev/null; then :; else cd -P -- "$(dirname -- {p})" && pwd -P && basename -- '
+            f"{p}; fi"
         )
         parts = out.decode(errors="surrogateescape").rstrip("\n").split("\n", 1)
         return posixpath.normpath(posixpath.join(*parts)).encode(errors="surrogateescape")

@@ -183,6 +183,10 @@ async def test_files_folders_and_links_through_an_sftp_client(
         await sftp.symlink("sub dir", "link")
         assert await sftp.readlink("link") == "sub dir"
         assert await sftp.realpath("link") == str(root / "sub dir")
+        await sftp.symlink("sub dir/it's $(x).bin", "flink")
+        assert await sftp.realpath("flink") == str(root / "sub dir" / "it's $(x).bin")
+        assert await sftp.realpath("sub dir/../new") == str(root / "new")
+        await sftp.remove("flink")
         assert (await sftp.lstat("link")).type == asyncssh.FILEXFER_TYPE_SYMLINK
         await sftp.chmod("sub dir/it's $(x).bin", 0o600)
         await sftp.utime("sub dir/it's $(x).bin", (1_000_000_000, 1_100_000_000))
