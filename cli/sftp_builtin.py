@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import shlex
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -144,6 +145,11 @@ class File:
         self.dirty = False
         self.spool: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed at close)
         self.later: SFTPAttrs | None = None  # fsetstat of a file being written
+        # Opened to write only, without truncating: the file's own bytes are fetched
+        # when needed (not when the client writes it all and truncates, as scp does);
+        # till then the spool holds exactly what was written from its start.
+        self.base = False
+        self.covered = 0
 
     def seek(self, offset: int, whence: int = 0) -> int:  # asyncssh's ranges request
         return self.spool.seek(offset, whence)
@@ -216,7 +222,10 @@ class Inside:
                 steps.append(f'if [ -n "$new" ]; then {_mode(attrs.permissions, p)}; fi')
             if pflags & asyncssh.FXF_TRUNC:
                 steps.append(f"true > {p} || exit 1")
-        if not write or not pflags & asyncssh.FXF_TRUNC:
+        f.base = write and not pflags & (
+            asyncssh.FXF_READ | asyncssh.FXF_TRUNC | asyncssh.FXF_APPEND
+        )
+        if not (write and pflags & asyncssh.FXF_TRUNC) and not f.base:
             steps.append(f"exec cat -- {p}")
         try:
             await self.sh("; ".join(steps), stdout=f.spool)
@@ -225,9 +234,21 @@ class Inside:
             raise
         return f
 
+    async def fill(self, f: File) -> None:
+        """The file's own bytes past what was written from its start, if not yet."""
+        if not f.base:
+            return
+        f.base = False
+        with tempfile.TemporaryFile() as base:
+            await self.sh(f"exec cat -- {_q(f.path)}", stdout=base)
+            base.seek(f.covered)
+            f.spool.seek(f.covered)
+            shutil.copyfileobj(base, f.spool)
+
     async def close(self, f: File) -> None:
         try:
             if f.dirty:
+                await self.fill(f)
                 f.spool.seek(0)
                 await self.sh(f"exec cat > {_q(f.path)}", stdin=f.spool)
             if f.later is not None:
@@ -277,7 +298,8 @@ class Server(asyncssh.SFTPServer):
         f = _file(file_obj)
         attrs = await self.inside.stat(f.path, True, self.names)
         if f.writable:  # what the client wrote, not yet there
-            attrs.size = f.spool.seek(0, 2)
+            size = f.spool.seek(0, 2)
+            attrs.size = max(size, attrs.size or 0) if f.base else size
         return attrs
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
@@ -293,15 +315,19 @@ class Server(asyncssh.SFTPServer):
     def open56(self, path: bytes, desired_access: int, flags: int, attrs: SFTPAttrs) -> File:
         raise asyncssh.SFTPOpUnsupported("SFTP version 3 only")
 
-    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _file(file_obj)
+        await self.inside.fill(f)
         f.spool.seek(offset)
         return f.spool.read(size)
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = _file(file_obj)
         if not f.writable:
             raise asyncssh.SFTPPermissionDenied("file not opened for writing")
+        if offset > f.covered:
+            await self.inside.fill(f)  # a gap: what was there shows through
+        f.covered = max(f.covered, offset + len(data))
         f.spool.seek(0 if f.append else offset, 2 if f.append else 0)
         f.dirty = True
         return f.spool.write(data)
@@ -321,6 +347,9 @@ class Server(asyncssh.SFTPServer):
             await self.inside.setstat(f.path, attrs)
             return
         if attrs.size is not None:
+            if attrs.size > f.covered:
+                await self.inside.fill(f)
+            f.base = False  # nothing of the file's own past the size
             f.spool.truncate(attrs.size)
             f.dirty = True
             attrs.size = None

@@ -154,7 +154,7 @@ async def server(root: Path) -> AsyncIterator[tuple[int, LocalRunner]]:
 async def test_files_folders_and_links_through_an_sftp_client(
     server: tuple[int, LocalRunner], root: Path, tmp_path: Path
 ) -> None:
-    port, _ = server
+    port, run = server
     data = os.urandom(700_000)  # several reads and writes
     local = tmp_path / "up.bin"
     local.write_bytes(data)
@@ -196,6 +196,24 @@ async def test_files_folders_and_links_through_an_sftp_client(
         await sftp.remove("link")
         await sftp.rmdir("sub dir")
         assert sorted(p.name for p in root.iterdir()) == []
+        # Written without truncating: the file's own bytes stay where none were
+        # written, fetched only when needed (not when all is written and truncated).
+        (root / "n").write_bytes(b"0123456789")
+        if os.geteuid() == 0:
+            os.chown(root / "n", 65534, 65534)  # the runner's
+        async with sftp.open("n", asyncssh.FXF_WRITE, encoding=None) as f:
+            await f.write(b"AB", 0)
+        assert (root / "n").read_bytes() == b"AB23456789"
+        async with sftp.open("n", asyncssh.FXF_WRITE, encoding=None) as f:
+            await f.write(b"XY", 5)
+        assert (root / "n").read_bytes() == b"AB234XY789"
+        fetched = len(run.lines)
+        async with sftp.open("n", asyncssh.FXF_WRITE, encoding=None) as f:
+            await f.write(b"abc", 0)
+            await f.truncate(3)
+        assert (root / "n").read_bytes() == b"abc"
+        assert not any("exec cat -- " in line for line in run.lines[fetched:]), run.lines
+        await sftp.remove("n")
         # Refusals by what the command said.
         with pytest.raises(asyncssh.SFTPNoSuchFile):
             await sftp.stat("missing")
