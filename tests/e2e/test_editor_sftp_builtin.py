@@ -1,0 +1,186 @@
+"""sftp and scp (its SFTP mode, OpenSSH's default) through `NAME.vendetta` into
+workspaces whose image has no sftp-server (busybox, on Docker and LXD): the
+proxy serves SFTP itself, each operation a command inside as the workspace's
+user (uid 1000 here, not root), with the real OpenSSH client and the generated
+`Host NAME.vendetta` entries, on a node that logs in as a user who is not root.
+What that user may not touch is refused by the environment's own permissions,
+and the session goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE
+from tests.e2e.test_editor_ssh import Editor, _remove_lxd_leftovers
+from tests.support.cli import agent_id, cli_env
+from tests.support.node_user import MEMBER, agent_python, open_dir, remove_as_root, users_problem
+from tests.support.sshd import SshServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.sshd]
+
+# Not root inside: /root (root's, 0755) may be read, not written.
+WHO = "user: '1000:1000'\n"
+SECTIONS = {
+    "docker": f"docker: {{image: '{TEST_IMAGE}'}}\n",
+    "lxd": f"lxd: {{image: '{LXD_TEST_IMAGE}', cpu: 1, memory: 256M}}\n",
+}
+
+
+def _lxd_image() -> bool:
+    info = ["lxc", "image", "info", LXD_TEST_IMAGE]
+    return subprocess.run(info, capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def editor() -> Iterator[Editor]:
+    if problem := users_problem():
+        pytest.skip(problem)
+    scratch = open_dir("vd-sftpb-")
+    agent_dir = scratch / "agent"
+    agent_dir.mkdir()
+    shutil.chown(agent_dir, MEMBER, MEMBER)
+    server: SshServer | None = None
+    try:
+        with cli_env(prefix="vd-sftpb-") as e:
+            server = SshServer.start(open_dir("vd-sftpb-sshd-"), host="127.0.0.43")
+            server.user = MEMBER
+            server.authorized_keys_path.chmod(0o644)
+            e.nodes["n1"] = server
+            e.agent_dirs.append(agent_dir)
+            e.cli("server", "start")
+            python = agent_python(MEMBER, scratch)
+            e.cli(
+                "node", "add", "n1", server.host, "--port", str(server.port), "--user", MEMBER,
+                "--identity", str(server.client_key_path), "--yes",
+                "--agent-command", f"{python} -m nodeagent.main --dir {agent_dir}",
+            )  # fmt: skip
+            for provider, section in SECTIONS.items():
+                if provider == "lxd" and not _lxd_image():
+                    continue
+                cfg = e.home / provider / ".vendetta" / "config.yaml"
+                cfg.parent.mkdir(parents=True)
+                cfg.write_text(f"name: sb\nprovider: {provider}\n{WHO}{section}")
+                name = f"sb-{provider}"
+                e.cli(
+                    "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
+                    "--no-source",
+                )  # fmt: skip
+                e.cli("workspace", "up", name, timeout=300)
+            config = e.home / "dot-ssh" / "config"
+            config.parent.mkdir()
+            config.write_text("")
+            e.cli("ssh-config", "--file", str(config), "--yes")
+            yield Editor(e, config)
+    finally:
+        _remove_lxd_leftovers(agent_id(agent_dir))
+        remove_as_root(scratch, *([server.root] if server else []))
+
+
+@pytest.fixture(params=sorted(SECTIONS))
+def ws(request: pytest.FixtureRequest, editor: Editor) -> str:
+    if request.param == "lxd" and not _lxd_image():
+        pytest.skip(f"LXD image {LXD_TEST_IMAGE} missing")
+    name = f"sb-{request.param}.vendetta"
+    # The premise: busybox, no sftp-server, not root.
+    probe = editor.ssh(name, "ls /usr/lib/openssh /usr/lib/ssh /usr/libexec 2>&1; id -u")
+    assert probe.stdout.split()[-1] == "1000", probe.stdout + probe.stderr
+    assert "sftp-server" not in probe.stdout, probe.stdout
+    return name
+
+
+def _run(editor: Editor, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [argv[0], "-F", str(editor.config), "-o", "BatchMode=yes", *argv[1:]],
+        env=editor.env.env, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+
+
+def _md5_inside(editor: Editor, ws: str, path: str) -> str:
+    run = editor.ssh(ws, f"md5sum {path}")
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()[0]
+
+
+def test_sftp_put_get_ls_rename_mkdir_rm(editor: Editor, ws: str, tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 33)
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    want = hashlib.md5(data).hexdigest()
+    assert editor.ssh(ws, "rm -rf /tmp/sb && mkdir /tmp/sb").returncode == 0
+    batch = tmp_path / "batch"
+    batch.write_text(
+        "pwd\n"
+        f"put {src} /tmp/sb/a.bin\n"
+        "cd /tmp\n"  # relative paths from here on
+        "mkdir sb/dir\n"
+        "rename sb/a.bin sb/dir/b.bin\n"
+        "ls -l sb/dir\n"
+        f"get sb/dir/b.bin {tmp_path}/down.bin\n"
+    )
+    sftp = _run(editor, "sftp", "-b", str(batch), ws)
+    assert sftp.returncode == 0, sftp.stderr
+    # sftp starts where sessions start (the workdir where it exists), as sshd's does.
+    start = editor.ssh(ws, "pwd").stdout.strip()
+    assert f"Remote working directory: {start}\n" in sftp.stdout, (start, sftp.stdout)
+    listed = [line for line in sftp.stdout.splitlines() if line.startswith("-rw")]
+    assert len(listed) == 1 and listed[0].endswith(" b.bin"), sftp.stdout
+    assert str(len(data)) in listed[0].split() and " 1000 " in listed[0], listed
+    assert hashlib.md5((tmp_path / "down.bin").read_bytes()).hexdigest() == want
+    assert _md5_inside(editor, ws, "/tmp/sb/dir/b.bin") == want
+    owner = editor.ssh(ws, "stat -c %u /tmp/sb/dir/b.bin; ls /tmp/sb")
+    assert owner.stdout.split() == ["1000", "dir"], owner.stdout  # made by the user, moved
+    batch.write_text("rm /tmp/sb/dir/b.bin\nrmdir /tmp/sb/dir\nls /tmp/sb\n")
+    sftp = _run(editor, "sftp", "-b", str(batch), ws)
+    assert sftp.returncode == 0, sftp.stderr
+    assert editor.ssh(ws, "ls -A /tmp/sb").stdout == ""  # rm and rmdir went through
+
+
+def test_scp_both_ways_in_sftp_mode(editor: Editor, ws: str, tmp_path: Path) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 1)
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    want = hashlib.md5(data).hexdigest()
+    up = _run(editor, "scp", str(src), f"{ws}:/tmp/scp.bin")  # no -O: SFTP
+    assert up.returncode == 0, up.stderr
+    assert _md5_inside(editor, ws, "/tmp/scp.bin") == want
+    back = tmp_path / "back.bin"
+    down = _run(editor, "scp", f"{ws}:/tmp/scp.bin", str(back))
+    assert down.returncode == 0, down.stderr
+    assert hashlib.md5(back.read_bytes()).hexdigest() == want
+    # -p: the times and mode come along (set after the data, so they stay).
+    src.chmod(0o750)
+    os.utime(src, (1_000_000_000, 1_000_000_000))
+    up = _run(editor, "scp", "-p", str(src), f"{ws}:/tmp/scp-p.bin")
+    assert up.returncode == 0, up.stderr
+    got = editor.ssh(ws, "stat -c '%a %Y' /tmp/scp-p.bin")
+    assert got.stdout.split() == ["750", "1000000000"], got.stdout + got.stderr
+
+
+def test_refused_by_the_environments_permissions(editor: Editor, ws: str, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_text("x\n")
+    made = editor.ssh(ws, "echo no > /tmp/secret && chmod 000 /tmp/secret && rm -f /tmp/mine")
+    assert made.returncode == 0, made.stderr
+    batch = tmp_path / "batch"
+    batch.write_text(
+        f"-put {src} /root/f\n-get /tmp/secret {tmp_path}/s\n-mkdir /root/d\n-rm /etc/passwd\n"
+        f"put {src} /tmp/mine\nls -l /tmp/mine\n"
+    )
+    sftp = _run(editor, "sftp", "-b", str(batch), ws)
+    # Each refusal says so; the session goes on to the next command.
+    assert sftp.stderr.count("Permission denied") >= 4, sftp.stderr
+    assert sftp.returncode == 0 and "/tmp/mine" in sftp.stdout, sftp.stderr
+    assert not (tmp_path / "s").exists()
+    inside = editor.ssh(ws, "ls /root; cat /tmp/mine; test -e /etc/passwd && echo kept")
+    assert inside.stdout.split() == ["x", "kept"], inside.stdout + inside.stderr
+    # scp refused the same way, with the reason.
+    scp = _run(editor, "scp", str(src), f"{ws}:/root/f")
+    assert scp.returncode != 0 and "Permission denied" in scp.stderr, scp.stderr
