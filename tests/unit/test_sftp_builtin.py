@@ -264,7 +264,14 @@ async def test_openssh_sftp_and_scp(
         f"put {tmp_path}/up.bin up.bin\nmkdir d\nrename up.bin d/moved.bin\nls -l d\n"
         f"get d/moved.bin {tmp_path}/down.bin\nrm d/moved.bin\nrmdir d\n-get gone {tmp_path}/x\n"
         "pwd\n"
+        # Trees both ways, a link, a mode, and a resumed upload.
+        f"put -r {tmp_path}/tree tree\nget -r tree {tmp_path}/back\nln -s tree/a lnk\n"
+        f"chmod 640 tree/a\nput {tmp_path}/half.bin part.bin\nreput {tmp_path}/up.bin part.bin\n"
     )
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "a").write_text("a\n")
+    (tmp_path / "tree" / "sub" / "b").write_bytes(data[:1000])
+    (tmp_path / "half.bin").write_bytes(data[:100_000])
 
     async def run(*argv: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -279,7 +286,11 @@ async def test_openssh_sftp_and_scp(
     assert (tmp_path / "down.bin").read_bytes() == data
     assert "moved.bin" in out and f"Remote working directory: {root}" in out, out
     assert "not found" in err, err  # -get gone: refused, the batch went on
-    assert sorted(p.name for p in root.iterdir()) == []
+    assert (tmp_path / "back" / "sub" / "b").read_bytes() == data[:1000]
+    assert (root / "tree" / "a").stat().st_mode & 0o777 == 0o640
+    assert os.readlink(root / "lnk") == "tree/a"
+    assert (root / "part.bin").read_bytes() == data  # the rest appended where it stopped
+    assert sorted(p.name for p in root.iterdir()) == ["lnk", "part.bin", "tree"]
     # scp in its SFTP mode (OpenSSH's default), both ways.
     code, _, err = await run(
         "scp", *opts, "-P", str(port), f"{tmp_path}/up.bin", "u@127.0.0.1:s.bin"
