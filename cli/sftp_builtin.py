@@ -61,8 +61,7 @@ class Ran:
 
 
 class Runner(Protocol):
-    """Runs a line for /bin/sh inside; ``stdin`` is fed to it, ``stdout`` (if given)
-    takes its output instead of ``Ran.out``."""
+    """Runs a line for /bin/sh inside, fed ``stdin``; ``stdout`` takes its output."""
 
     async def __call__(
         self, line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
@@ -209,14 +208,13 @@ class Inside:
         write = bool(pflags & asyncssh.FXF_WRITE)
         f = File(path, write, bool(pflags & asyncssh.FXF_APPEND))
         steps = []
+        if write and pflags & asyncssh.FXF_CREAT and pflags & asyncssh.FXF_EXCL:
+            steps.append(
+                f"if [ -e {p} ] || [ -L {p} ]; then echo {p}': File exists' >&2; exit 1; fi"
+            )
+        elif write and not pflags & asyncssh.FXF_CREAT:
+            steps.append(f"[ -e {p} ] || {{ echo {p}': No such file or directory' >&2; exit 1; }}")
         if write:
-            if pflags & asyncssh.FXF_CREAT and pflags & asyncssh.FXF_EXCL:
-                steps.append(f"if [ -e {p} ] || [ -L {p} ]; then echo {p}': File exists' >&2; "
-                             "exit 1; fi")  # fmt: skip
-            if not pflags & asyncssh.FXF_CREAT:
-                steps.append(
-                    f"[ -e {p} ] || {{ echo {p}': No such file or directory' >&2; exit 1; }}"
-                )
             steps.append(f"new=; [ -e {p} ] || new=1; true >> {p} || exit 1")
             if attrs.permissions is not None:
                 steps.append(f'if [ -n "$new" ]; then {_mode(attrs.permissions, p)}; fi')
