@@ -463,3 +463,13 @@ async def test_the_proxy_serves_sftp_where_the_image_has_no_sftp_server(
     # The builtin: each operation a command of its own; the image's server: none.
     assert bool(others) is not image_has_one
     assert not others or any(f"exec cat > {root}/up.bin" in line for line in others), others
+
+
+def test_nothing_of_asyncssh_s_local_file_operations_is_left() -> None:
+    """asyncssh's SFTPServer acts on the machine it runs on (the user's): every
+    method of it that could touch a file must be the builtin's (inside)."""
+    harmless = {"_to_sftpname", "convert_attrs", "exit", "format_longname", "lock", "unlock",
+                "map_path", "reverse_map_path"}  # fmt: skip
+    methods = {n for n, v in vars(asyncssh.SFTPServer).items() if callable(v)}
+    inherited = {n for n in methods - set(vars(sftp_builtin.Server)) if not n.startswith("__")}
+    assert inherited <= harmless, inherited - harmless
