@@ -11,8 +11,10 @@ agent, or both. Then the coordinator is started again (it starts the agent again
 
 - SQLite's `PRAGMA integrity_check` of state.db says ok;
 - every workspace settles, with no command from us, in its old state or the one the
-  command asked for: running or stopped, or gone for a create rolled back or a
-  destroy finished (never left creating, destroying, starting, stopping or unknown);
+  command asked for: running or stopped, as its desired state says (an `up` cut off
+  by the agent's death is stopped again, though the guest went on booting), or gone
+  for a create rolled back or a destroy finished (never left creating, destroying,
+  starting, stopping or unknown);
 - the engines agree: each workspace has exactly one container, instance or domain,
   of its provider, running iff the workspace is running, and none exists without a
   workspace (no orphan), nor a guest's disk or other file without its domain.
@@ -153,14 +155,16 @@ def diagnosis(e: Env, trial: list[str]) -> str:
 
 
 def agrees(name: str, listed: dict[str, dict[str, Any]], held: Held) -> bool:
-    """The workspace ``name`` is running or stopped, of its provider, with exactly one
-    environment in that state; or it is gone, and so is every environment of it."""
+    """The workspace ``name`` is running or stopped as it is asked to be (its desired
+    state), of its provider, with exactly one environment in that state; or it is gone,
+    and so is every environment of it."""
     envs = held.by_workspace.get(name, [])
     if name not in listed:
         return not envs
     state = SETTLED.get(listed[name]["state"], "")
     return (
         bool(state)
+        and listed[name]["desired"].endswith(state.upper())
         and listed[name]["provider"] == PROVIDER.get(name)
         and len(envs) == 1
         and envs[0].provider == PROVIDER[name]
