@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -215,14 +214,20 @@ def test_silent_node_ends_in_flight_calls_then_converges(env: Env, node: str) ->
 def test_a_wedged_coordinator_does_not_hang_the_cli(env: Env) -> None:
     """A stream already open (keepalive pings go unanswered) and a new call both end."""
     e = env
-    e.cli("workspace", "create", "fw1", "--remote", "nf", "--config", str(config(e, "fw", "true")))
+    ticking = write_config(
+        e.home / "fw" / ".vendetta" / "config.yaml",
+        f"name: fw\nprovider: docker\ndocker:\n  image: '{TEST_IMAGE}'\n"
+        "  command: [/bin/sh, -c, 'while :; do echo tick; sleep 0.5; done']\n",
+    )
+    e.cli("workspace", "create", "fw1", "--remote", "nf", "--config", str(ticking))
     e.cli("workspace", "up", "fw1")
     pid = int((e.home / "coord" / "coordinator.pid").read_text().split()[0])
     follow = Bg(e, "wedged-logs", "workspace", "logs", "fw1", "-f")
     calls = [follow]
     try:
-        wait_for("logs -f to be connected", lambda: follow.proc.poll() is None, 10, follow.show)
-        time.sleep(1)  # not a timed assertion: lets the stream open before the wedge
+        # The stream is open once lines come (a fixed 1 s could end before the CLI had
+        # even started on a busy machine: then only a new call met the wedge).
+        wait_for("logs -f to stream", lambda: "tick" in follow.output(), 60, follow.show)
         os.kill(pid, signal.SIGSTOP)
         calls.append(Bg(e, "wedged-list", "workspace", "list"))
         for call in calls:
