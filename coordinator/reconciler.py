@@ -162,8 +162,10 @@ class Reconciler:
             elif ws.desired == Desired.STOPPED and ws.observed == WorkspaceState.RUNNING:
                 # An `up` whose node went away mid-start (the engine went on: a guest
                 # boots on), or a `down` that failed: the last command's word stands.
-                self.workspaces.relays.detach(ws.name)
                 observe(ws, await client.stop(ws.name, ws.provider, STOP_TIMEOUT))
+                relays = self.workspaces.relays
+                await relays.settle(ws, client)  # the services' final states, as `down`
+                relays.detach(ws.name)
                 await self.workspaces.save(ws, "stopped by the reconciler (desired: stopped)")
             elif ws.observed != before or recovered:
                 await self.workspaces.save(ws, f"observed {ws.observed.value}")
