@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE
-from tests.e2e.test_editor_ssh import Editor, _remove_lxd_leftovers
-from tests.support.cli import agent_id, cli_env
-from tests.support.node_user import MEMBER, agent_python, open_dir, remove_as_root, users_problem
-from tests.support.sshd import SshServer
+from tests.e2e.test_editor_ssh import Editor
+from tests.support.editor_node import member_node, ssh_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sshd]
 
@@ -34,60 +31,24 @@ SECTIONS = {
 }
 
 
-def _lxd_image() -> bool:
-    info = ["lxc", "image", "info", LXD_TEST_IMAGE]
-    return subprocess.run(info, capture_output=True, check=False).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def editor() -> Iterator[Editor]:
-    if problem := users_problem():
-        pytest.skip(problem)
-    scratch = open_dir("vd-sftpb-")
-    agent_dir = scratch / "agent"
-    agent_dir.mkdir()
-    shutil.chown(agent_dir, MEMBER, MEMBER)
-    server: SshServer | None = None
-    try:
-        with cli_env(prefix="vd-sftpb-") as e:
-            server = SshServer.start(open_dir("vd-sftpb-sshd-"), host="127.0.0.43")
-            server.user = MEMBER
-            server.authorized_keys_path.chmod(0o644)
-            e.nodes["n1"] = server
-            e.agent_dirs.append(agent_dir)
-            e.cli("server", "start")
-            python = agent_python(MEMBER, scratch)
+    with member_node("vd-sftpb-", "127.0.0.43") as e:
+        for provider, section in SECTIONS.items():
+            cfg = e.home / provider / ".vendetta" / "config.yaml"
+            cfg.parent.mkdir(parents=True)
+            cfg.write_text(f"name: sb\nprovider: {provider}\n{WHO}{section}")
+            name = f"sb-{provider}"
             e.cli(
-                "node", "add", "n1", server.host, "--port", str(server.port), "--user", MEMBER,
-                "--identity", str(server.client_key_path), "--yes",
-                "--agent-command", f"{python} -m nodeagent.main --dir {agent_dir}",
+                "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
+                "--no-source",
             )  # fmt: skip
-            for provider, section in SECTIONS.items():
-                if provider == "lxd" and not _lxd_image():
-                    continue
-                cfg = e.home / provider / ".vendetta" / "config.yaml"
-                cfg.parent.mkdir(parents=True)
-                cfg.write_text(f"name: sb\nprovider: {provider}\n{WHO}{section}")
-                name = f"sb-{provider}"
-                e.cli(
-                    "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
-                    "--no-source",
-                )  # fmt: skip
-                e.cli("workspace", "up", name, timeout=300)
-            config = e.home / "dot-ssh" / "config"
-            config.parent.mkdir()
-            config.write_text("")
-            e.cli("ssh-config", "--file", str(config), "--yes")
-            yield Editor(e, config)
-    finally:
-        _remove_lxd_leftovers(agent_id(agent_dir))
-        remove_as_root(scratch, *([server.root] if server else []))
+            e.cli("workspace", "up", name, timeout=300)
+        yield Editor(e, ssh_config(e))
 
 
 @pytest.fixture(params=sorted(SECTIONS))
 def ws(request: pytest.FixtureRequest, editor: Editor) -> str:
-    if request.param == "lxd" and not _lxd_image():
-        pytest.skip(f"LXD image {LXD_TEST_IMAGE} missing")
     name = f"sb-{request.param}.vendetta"
     # The premise: busybox, no sftp-server, not root.
     probe = editor.ssh(name, "ls /usr/lib/openssh /usr/lib/ssh /usr/libexec 2>&1; id -u")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import threading
@@ -27,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_IMAGE
-from tests.support.cli import Env, agent_id, cli_env, wait_for
-from tests.support.node_user import MEMBER, agent_python, open_dir, remove_as_root, users_problem
-from tests.support.sshd import SshServer
+from tests.conftest import TEST_IMAGE, require
+from tests.support.cli import Env, wait_for
+from tests.support.editor_node import member_node, ssh_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sshd]
 
@@ -95,72 +92,36 @@ class Editor:
 
 @pytest.fixture(scope="module")
 def editor() -> Iterator[Editor]:
-    problem = users_problem() or _images_problem()
-    if problem:
-        pytest.skip(problem)
-    scratch = open_dir("vd-editor-")
-    agent_dir = scratch / "agent"
-    agent_dir.mkdir()
-    shutil.chown(agent_dir, MEMBER, MEMBER)
-    server: SshServer | None = None
-    try:
-        with cli_env(prefix="vd-editor-") as e:
-            server = SshServer.start(open_dir("vd-editor-sshd-"), host="127.0.0.41")
-            server.user = MEMBER
-            server.authorized_keys_path.chmod(0o644)
-            e.nodes["n1"] = server
-            e.agent_dirs.append(agent_dir)
-            e.cli("server", "start")
-            python = agent_python(MEMBER, scratch)
+    problem = _images_problem()
+    require("the Debian test image", not problem, problem)
+    with member_node("vd-editor-", "127.0.0.41") as e:
+        for provider, section in SECTIONS.items():
+            cfg = e.home / provider / ".vendetta" / "config.yaml"
+            cfg.parent.mkdir(parents=True)
+            cfg.write_text(f"name: ed\nprovider: {provider}\n{section}\n{SERVICES}")
+            name = f"ed-{provider}"
             e.cli(
-                "node", "add", "n1", server.host, "--port", str(server.port), "--user", MEMBER,
-                "--identity", str(server.client_key_path), "--yes",
-                "--agent-command", f"{python} -m nodeagent.main --dir {agent_dir}",
+                "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
+                "--no-source",
             )  # fmt: skip
-            for provider, section in SECTIONS.items():
-                cfg = e.home / provider / ".vendetta" / "config.yaml"
-                cfg.parent.mkdir(parents=True)
-                cfg.write_text(f"name: ed\nprovider: {provider}\n{section}\n{SERVICES}")
-                name = f"ed-{provider}"
-                e.cli(
-                    "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
-                    "--no-source",
-                )  # fmt: skip
-                e.cli("workspace", "up", name, timeout=300)
-            # Two more on Docker: the Debian image as its user `dev`, and busybox (no
-            # sftp-server, no python3 or bash).
-            extra = {"ed-dev": f"user: dev\nworkdir: /srv/code\ndocker: {{image: '{DEBIAN}'}}\n",
-                     "ed-plain": f"docker: {{image: '{TEST_IMAGE}'}}\n"}  # fmt: skip
-            for name, body in extra.items():
-                cfg = e.home / name / ".vendetta" / "config.yaml"
-                cfg.parent.mkdir(parents=True)
-                cfg.write_text(f"name: {name}\nprovider: docker\n{body}")
-                (cfg.parent.parent / "marker.txt").write_text(f"source of {name}\n")
-                # ed-dev has its folder as its source, at its workdir /srv/code.
-                source = ["--source", str(cfg.parent.parent)] if name == "ed-dev" else []
-                e.cli(
-                    "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
-                    *(source or ["--no-source"]),
-                )  # fmt: skip
-                e.cli("workspace", "up", name, timeout=300)
-            config = e.home / "dot-ssh" / "config"
-            config.parent.mkdir()
-            config.write_text("")
-            e.cli("ssh-config", "--file", str(config), "--yes")
-            yield Editor(e, config)
-    finally:
-        _remove_lxd_leftovers(agent_id(agent_dir))
-        remove_as_root(scratch, *([server.root] if server else []))
-
-
-def _remove_lxd_leftovers(agent: str) -> None:
-    """LXD instances of our agent that a failed destroy left (cli_env removes Docker's)."""
-    listed = subprocess.run(
-        ["lxc", "list", "--format", "json"], capture_output=True, text=True, check=False
-    )
-    for inst in json.loads(listed.stdout or "[]"):
-        if inst.get("config", {}).get("user.vendetta.agent") == agent:
-            subprocess.run(["lxc", "delete", "--force", inst["name"]], capture_output=True)
+            e.cli("workspace", "up", name, timeout=300)
+        # Two more on Docker: the Debian image as its user `dev`, and busybox (no
+        # sftp-server, no python3 or bash).
+        extra = {"ed-dev": f"user: dev\nworkdir: /srv/code\ndocker: {{image: '{DEBIAN}'}}\n",
+                 "ed-plain": f"docker: {{image: '{TEST_IMAGE}'}}\n"}  # fmt: skip
+        for name, body in extra.items():
+            cfg = e.home / name / ".vendetta" / "config.yaml"
+            cfg.parent.mkdir(parents=True)
+            cfg.write_text(f"name: {name}\nprovider: docker\n{body}")
+            (cfg.parent.parent / "marker.txt").write_text(f"source of {name}\n")
+            # ed-dev has its folder as its source, at its workdir /srv/code.
+            source = ["--source", str(cfg.parent.parent)] if name == "ed-dev" else []
+            e.cli(
+                "workspace", "create", name, "--remote", "n1", "--config", str(cfg),
+                *(source or ["--no-source"]),
+            )  # fmt: skip
+            e.cli("workspace", "up", name, timeout=300)
+        yield Editor(e, ssh_config(e))
 
 
 @pytest.fixture(params=sorted(SECTIONS))
