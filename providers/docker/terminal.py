@@ -121,11 +121,12 @@ class DockerTerminal(Terminal):
 
     def settle_size(self) -> None:
         """Apply the size again shortly: a resize sent right after the exec starts
-        can land before its PTY exists (Docker's own CLI retries too). Always the
-        latest size, so a resize from the user in between is never undone."""
+        can land before its PTY exists (Docker's own CLI retries too), later on a
+        busy node. Always the latest size, so a resize from the user in between is
+        never undone."""
 
         async def again() -> None:
-            for delay in (0.05, 0.2, 0.5):
+            for delay in (0.05, 0.2, 0.5, 1.0, 2.0):
                 await asyncio.sleep(delay)
                 await self._apply(*self._size)
 
