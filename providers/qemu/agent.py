@@ -15,6 +15,8 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from common.errors import FailedPreconditionError
+
 # Seconds libvirt waits for one agent answer.
 COMMAND_TIMEOUT = 10
 PING_TIMEOUT = 1
@@ -62,6 +64,12 @@ def exec_status(dom: libvirt.virDomain, pid: int) -> tuple[bool, int, bytes, byt
     status = command(dom, "guest-exec-status", pid=pid)
     if not status.get("exited"):
         return False, -1, b"", b""
+    cut = [name for name in ("out", "err") if status.get(f"{name}-truncated")]
+    if cut:  # never hand on a cut output as if it were all of it
+        raise FailedPreconditionError(
+            f"the command's std{'/std'.join(cut)} passed what the guest agent keeps of a "
+            "command's output (16 MiB) and was cut; write it to a file in the guest instead"
+        )
     out = base64.b64decode(status.get("out-data", ""))
     err = base64.b64decode(status.get("err-data", ""))
     # Killed by a signal: report it the way a shell does.
