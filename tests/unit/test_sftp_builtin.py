@@ -473,3 +473,47 @@ def test_nothing_of_asyncssh_s_local_file_operations_is_left() -> None:
     methods = {n for n, v in vars(asyncssh.SFTPServer).items() if callable(v)}
     inherited = {n for n in methods - set(vars(sftp_builtin.Server)) if not n.startswith("__")}
     assert inherited <= harmless, inherited - harmless
+
+
+class NoInputRunner(LocalRunner):
+    """As QEMU's guest agent: commands run with their input at end-of-file, and
+    what is written to them is dropped."""
+
+    async def __call__(
+        self, line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
+    ) -> Ran:
+        return await super().__call__(line, None, stdout)
+
+
+async def test_where_commands_get_no_input_files_are_written_through_command_lines(
+    root: Path, tmp_path: Path
+) -> None:
+    run = NoInputRunner(root.parent)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    listener = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=lambda: _Ssh(run, str(root)), server_host_keys=[key],
+        encoding=None, line_editor=False,
+    )  # fmt: skip
+    data = os.urandom(3 * sftp_builtin.ARG_SLICE + 1000)  # several slices
+    (tmp_path / "up.bin").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    try:
+        async with _client(listener.get_port()) as sftp:
+            await sftp.put(str(tmp_path / "up.bin"), "a.bin")
+            assert (root / "a.bin").read_bytes() == data
+            (root / "kept").write_bytes(b"old content")
+            if os.geteuid() == 0:
+                os.chown(root / "kept", 65534, 65534)
+            before = (root / "kept").stat()
+            await sftp.put(str(tmp_path / "empty"), "kept")  # an empty file is written too
+            after = (root / "kept").stat()
+            assert after.st_size == 0 and after.st_ino == before.st_ino
+            await sftp.get("a.bin", str(tmp_path / "down.bin"))
+            assert (tmp_path / "down.bin").read_bytes() == data
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    # Input was asked about once, then never sent; the parts in /tmp are gone.
+    assert run.lines.count("exec cat") == 1
+    assert not any("exec cat > " in line for line in run.lines), run.lines
+    assert not [p for p in Path("/tmp").glob("tmp.*") if p.owner() == "nobody"]
