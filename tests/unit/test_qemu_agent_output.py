@@ -19,7 +19,7 @@ def _status(monkeypatch: pytest.MonkeyPatch, **status: Any) -> None:
 def test_whole_output_comes_with_the_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
     out = base64.b64encode(b"hello\n").decode()
     _status(monkeypatch, exited=True, exitcode=3, **{"out-data": out})
-    assert agent.exec_status(None, 1) == (True, 3, b"hello\n", b"")  # type: ignore[arg-type]
+    assert agent.exec_status(None, 1) == (True, 3, b"hello\n", b"")
 
 
 @pytest.mark.parametrize("stream", ["out", "err"])
@@ -28,4 +28,4 @@ def test_cut_output_is_an_error(monkeypatch: pytest.MonkeyPatch, stream: str) ->
     _status(monkeypatch, exited=True, exitcode=0, **{f"{stream}-data": data,
                                                      f"{stream}-truncated": True})  # fmt: skip
     with pytest.raises(FailedPreconditionError, match=f"std{stream}.*was cut"):
-        agent.exec_status(None, 1)  # type: ignore[arg-type]
+        agent.exec_status(None, 1)
