@@ -21,7 +21,7 @@ import asyncssh
 import grpc
 from asyncssh import SSHTCPSession
 
-from cli import sftp_builtin, ssh_session
+from cli import sftp_builtin, sftp_exec, ssh_session
 from cli.ssh_forward import Link, open_direct
 from cli.ssh_listen import Inside, listen, say
 from cli.ssh_session import Workdir
@@ -163,12 +163,16 @@ async def _session(
             size=common_pb2.TerminalSize(rows=rows or 24, cols=cols or 80),
             env=env,
         )
-        c = await link.stub()
-        out = sftp_out if sftp else process.stdout.write
-        code = await stream(c, start, inputs, out, process.stderr.write)
-        if sftp and reader is None and code == sftp_builtin.NO_SERVER:
-            run = sftp_builtin.connect_runner(link, workspace, env)
-            code = await sftp_builtin.serve(process, run, folder)
+        run = sftp_exec.connect_runner(link, workspace, env)
+        # An image's sftp-server would get no input where commands get none (QEMU's
+        # guest agent) and quit at once: there the proxy's own serves.
+        if sftp and not await sftp_exec.takes_input(run):
+            code = await sftp_builtin.serve(process, run, folder, gets_input=False)
+        else:
+            out = sftp_out if sftp else process.stdout.write
+            code = await stream(await link.stub(), start, inputs, out, process.stderr.write)
+            if sftp and reader is None and code == sftp_builtin.NO_SERVER:
+                code = await sftp_builtin.serve(process, run, folder, gets_input=True)
     except grpc.aio.AioRpcError as exc:
         process.stderr.write(f"vendetta: {from_rpc_error(exc)}\r\n".encode())
         code = SSH_FAILURE

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import io
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, cast
+from typing import cast
 
 import asyncssh
 import pytest
 
-from cli import sftp_builtin, ssh_proxy, ssh_session
-from cli.sftp_builtin import Inside, Ran, Runner
+from cli import sftp_builtin, sftp_exec, ssh_proxy, ssh_session
+from cli.sftp_builtin import Inside
+from cli.sftp_exec import Ran, Runner, Sink, Source
 from cli.ssh_forward import Link
 from cli.ssh_session import Workdir
 from vendetta.v1 import common_pb2, coordinator_pb2
@@ -60,12 +63,17 @@ def _bin(folder: Path) -> str:
 class LocalRunner:
     """A Runner that runs the line here (the fake exec behind the interface)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tmp: Path | None = None) -> None:
         self.path = _bin(folder)
         self.lines: list[str] = []
+        self.env = {"PATH": self.path, "LC_ALL": "C"}
+        if tmp is not None:  # mktemp's folder
+            tmp.mkdir(exist_ok=True)
+            tmp.chmod(0o777)
+            self.env["TMPDIR"] = str(tmp)
 
     async def __call__(
-        self, line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
+        self, line: str, stdin: Source | None = None, stdout: Sink | None = None
     ) -> Ran:
         self.lines.append(line)
         shell = [BUSYBOX, "sh"] if BUSYBOX else ["/bin/sh"]
@@ -78,7 +86,7 @@ class LocalRunner:
         argv = [*(user if os.geteuid() == 0 else []), *shell, "-c", line]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={"PATH": self.path, "LC_ALL": "C"}, cwd="/",
+            stderr=asyncio.subprocess.PIPE, env=self.env, cwd="/",
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
 
@@ -318,16 +326,14 @@ async def test_openssh_sftp_and_scp(
     ],
 )
 def test_messages_become_sftp_statuses(said: str, kind: type[asyncssh.SFTPError]) -> None:
-    err = sftp_builtin.error(Ran(1, b"", f"noise\n{said}\n".encode()))
+    err = sftp_exec.error(Ran(1, b"", f"noise\n{said}\n".encode()))
     assert type(err) is kind and err.reason == said
 
 
 async def test_a_path_that_is_not_utf8_is_refused_before_any_command() -> None:
     ran: list[str] = []
 
-    async def run(
-        line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
-    ) -> Ran:
+    async def run(line: str, stdin: Source | None = None, stdout: Sink | None = None) -> Ran:
         ran.append(line)
         return Ran(0, b"", b"")
 
@@ -339,9 +345,7 @@ async def test_a_path_that_is_not_utf8_is_refused_before_any_command() -> None:
 async def test_the_command_lines_quote_every_path() -> None:
     ran: list[str] = []
 
-    async def run(
-        line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
-    ) -> Ran:
+    async def run(line: str, stdin: Source | None = None, stdout: Sink | None = None) -> Ran:
         ran.append(line)
         return Ran(0, b"81a4 1 0 0 0 0 1 root root\n", b"")
 
@@ -357,9 +361,10 @@ class _Coordinator:
     """Connect and GetWorkspace as the coordinator answers them, the line run here
     as a process (as nobody when we are root), its stdin and output streamed."""
 
-    def __init__(self, root: Path, path: str) -> None:
+    def __init__(self, root: Path, path: str, no_input: bool = False) -> None:
         self.root = root
         self.path = path
+        self.no_input = no_input  # as QEMU's guest agent: input dropped
         self.lines: list[str] = []
 
     async def GetWorkspace(self, request: object) -> coordinator_pb2.Workspace:
@@ -385,8 +390,12 @@ class _Coordinator:
 
         async def pump() -> None:
             assert proc.stdin is not None
+            if self.no_input:
+                proc.stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 async for msg in inputs:
+                    if self.no_input:
+                        continue
                     if msg.WhichOneof("input") == "stdin":
                         proc.stdin.write(msg.stdin)
                         await proc.stdin.drain()
@@ -420,17 +429,24 @@ class _Link:
 
 
 @pytest.mark.skipif(not shutil.which("sftp"), reason="needs OpenSSH's sftp and scp")
-@pytest.mark.parametrize("image_has_one", [False, True])
+@pytest.mark.parametrize(
+    ("image_has_one", "no_input"), [(False, False), (True, False), (True, True), (False, True)]
+)
 async def test_the_proxy_serves_sftp_where_the_image_has_no_sftp_server(
-    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_has_one: bool
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    image_has_one: bool,
+    no_input: bool,
 ) -> None:
+    """...or where commands get no input (QEMU), which the image's would not either."""
     here = [s for s in ssh_session.SFTP_SERVERS if os.access(s, os.X_OK)]
     if image_has_one and not here:
         pytest.skip("no OpenSSH sftp-server on this machine")
     monkeypatch.setattr(
         ssh_session, "SFTP_SERVERS", tuple(here) if image_has_one else ("/nonexistent/sftp-server",)
     )
-    coordinator = _Coordinator(root, _bin(root.parent))
+    coordinator = _Coordinator(root, _bin(root.parent), no_input)
     link = cast(Link, _Link(coordinator))
     workdir = Workdir(link, "w")
     proxy = ssh_proxy._Server("w", link, lambda p: ssh_proxy._session(proxy, workdir, p))
@@ -458,11 +474,18 @@ async def test_the_proxy_serves_sftp_where_the_image_has_no_sftp_server(
     finally:
         listener.close()
         await listener.wait_closed()
-    sftp_line, *others = coordinator.lines
+    probe, *lines = coordinator.lines
+    assert probe == "exec cat"  # does input get there? asked once
+    if no_input:  # the builtin at once, told so
+        assert not any("sftp-server" in line or line == "exec cat" for line in lines), lines
+        assert any(f"> {root}/up.bin" in line for line in lines), lines
+        return
+    sftp_line, *others = lines
     assert "sftp-server" in sftp_line
     # The builtin: each operation a command of its own; the image's server: none.
     assert bool(others) is not image_has_one
     assert not others or any(f"exec cat > {root}/up.bin" in line for line in others), others
+    assert "exec cat" not in others
 
 
 def test_nothing_of_asyncssh_s_local_file_operations_is_left() -> None:
@@ -476,44 +499,198 @@ def test_nothing_of_asyncssh_s_local_file_operations_is_left() -> None:
 
 
 class NoInputRunner(LocalRunner):
-    """As QEMU's guest agent: commands run with their input at end-of-file, and
-    what is written to them is dropped."""
+    """As QEMU's guest agent: commands run with their input at end-of-file, what
+    is written to them is dropped, and output past ``cap`` bytes is an error."""
+
+    def __init__(self, folder: Path, tmp: Path | None = None, cap: int = 1 << 40) -> None:
+        super().__init__(folder, tmp)
+        self.cap = cap
 
     async def __call__(
-        self, line: str, stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None
+        self, line: str, stdin: Source | None = None, stdout: Sink | None = None
     ) -> Ran:
-        return await super().__call__(line, None, stdout)
+        sent = 0
+
+        class Counted:
+            def write(self, data: bytes, /) -> object:
+                nonlocal sent
+                sent += len(data)
+                return stdout.write(data) if stdout is not None else None
+
+        ran = await super().__call__(line, None, Counted() if stdout is not None else None)
+        if max(sent, len(ran.out)) > self.cap:
+            return Ran(1, b"", b"the guest agent cut the output")
+        return ran
 
 
-async def test_where_commands_get_no_input_files_are_written_through_command_lines(
-    root: Path, tmp_path: Path
-) -> None:
-    run = NoInputRunner(root.parent)
+@contextlib.asynccontextmanager
+async def _serving(run: Runner, root: Path) -> AsyncIterator[asyncssh.SFTPClient]:
+    """The builtin over ``run``, and a client of it."""
     key = asyncssh.generate_private_key("ssh-ed25519")
     listener = await asyncssh.listen(
         "127.0.0.1", 0, server_factory=lambda: _Ssh(run, str(root)), server_host_keys=[key],
         encoding=None, line_editor=False,
     )  # fmt: skip
-    data = os.urandom(3 * sftp_builtin.ARG_SLICE + 1000)  # several slices
-    (tmp_path / "up.bin").write_bytes(data)
-    (tmp_path / "empty").write_bytes(b"")
     try:
         async with _client(listener.get_port()) as sftp:
-            await sftp.put(str(tmp_path / "up.bin"), "a.bin")
-            assert (root / "a.bin").read_bytes() == data
-            (root / "kept").write_bytes(b"old content")
-            if os.geteuid() == 0:
-                os.chown(root / "kept", 65534, 65534)
-            before = (root / "kept").stat()
-            await sftp.put(str(tmp_path / "empty"), "kept")  # an empty file is written too
-            after = (root / "kept").stat()
-            assert after.st_size == 0 and after.st_ino == before.st_ino
-            await sftp.get("a.bin", str(tmp_path / "down.bin"))
-            assert (tmp_path / "down.bin").read_bytes() == data
+            yield sftp
     finally:
         listener.close()
         await listener.wait_closed()
-    # Input was asked about once, then never sent; the parts in /tmp are gone.
+
+
+def _theirs(path: Path, data: bytes) -> Path:
+    """A file the runner's user owns, holding ``data``."""
+    path.write_bytes(data)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    return path
+
+
+async def test_where_commands_get_no_input_files_are_written_through_command_lines(
+    root: Path, tmp_path: Path
+) -> None:
+    tmp = root.parent / "tmp"  # where the runner's user may go (not tmp_path)
+    run = NoInputRunner(root.parent, tmp)
+    data = os.urandom(3 * sftp_builtin.ARG_SLICE + 1000)  # several slices
+    (tmp_path / "up.bin").write_bytes(data)
+    async with _serving(run, root) as sftp:
+        await sftp.put(str(tmp_path / "up.bin"), "a.bin")
+        assert (root / "a.bin").read_bytes() == data
+        before = _theirs(root / "kept", b"old content").stat()
+        # An empty file written back (not truncated at open): through the lines too.
+        async with sftp.open("kept", asyncssh.FXF_WRITE, encoding=None) as f:
+            await f.truncate(0)
+        after = (root / "kept").stat()
+        assert after.st_size == 0 and after.st_ino == before.st_ino
+        assert "base64 -d" in run.lines[-3] and "> kept" in run.lines[-2], run.lines[-3:]
+        await sftp.get("a.bin", str(tmp_path / "down.bin"))
+        assert (tmp_path / "down.bin").read_bytes() == data
+    # Input was asked about once, then never sent; the parts in TMPDIR are gone.
     assert run.lines.count("exec cat") == 1
     assert not any("exec cat > " in line for line in run.lines), run.lines
-    assert not [p for p in Path("/tmp").glob("tmp.*") if p.owner() == "nobody"]
+    assert any(str(tmp) in line for line in run.lines if "base64 -d" in line)
+    assert list(tmp.iterdir()) == []
+
+
+async def test_where_commands_get_no_input_files_are_read_in_slices(
+    root: Path, tmp_path: Path
+) -> None:
+    mib = sftp_builtin.MIB
+    run = NoInputRunner(root.parent, cap=6 * mib)  # the agent keeps 16 MiB
+    data = os.urandom(9 * mib + 5)
+    _theirs(root / "big", data)
+    _theirs(root / "four", data[: 4 * mib])  # a slice's size: then an empty one
+    async with _serving(run, root) as sftp:
+        await sftp.get("big", str(tmp_path / "big"))
+        assert (tmp_path / "big").read_bytes() == data
+        await sftp.get("four", str(tmp_path / "four"))
+        assert (tmp_path / "four").read_bytes() == data[: 4 * mib]
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.get("missing", str(tmp_path / "m"))
+        with pytest.raises(asyncssh.SFTPError, match="Is a directory"):
+            await sftp.open(".", "rb")
+        if os.geteuid() == 0:  # the runner is nobody
+            _theirs(root / "secret", b"x").chmod(0)
+            os.chown(root / "secret", 0, 0)
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.get("secret", str(tmp_path / "s"))
+    assert sum("dd if=big " in line for line in run.lines) == 3
+
+
+async def test_a_failing_cleanup_does_not_hide_the_error() -> None:
+    async def run(line: str, stdin: Source | None = None, stdout: Sink | None = None) -> Ran:
+        if line.startswith("rm "):
+            raise ConnectionError("the link went down")
+        if "mktemp" in line:
+            return Ran(0, b"/tmp/tmp.x\n", b"")
+        return Ran(1, b"", b"base64: write error: No space left on device")
+
+    with pytest.raises(asyncssh.SFTPNoSpaceOnFilesystem):
+        await Inside(run, "/w", gets_input=False).write_back(b"f", io.BytesIO(b"data"))
+
+
+async def test_two_handles_and_changes_inside_keep_each_others_writes(
+    server: tuple[int, LocalRunner], root: Path
+) -> None:
+    port, run = server
+    rw = asyncssh.FXF_READ | asyncssh.FXF_WRITE
+    f = _theirs(root / "f", b"0123456789")
+    async with _client(port) as sftp:
+        a = await sftp.open("f", rw, encoding=None)
+        b = await sftp.open("f", rw, encoding=None)
+        await a.write(b"AA", 0)
+        await b.write(b"BB", 8)
+        await a.close()
+        await b.close()
+        assert f.read_bytes() == b"AA234567BB"  # sftp-server's result
+        # Changed inside while open: what was not written here stays.
+        async with sftp.open("f", rw, encoding=None) as h:
+            await h.write(b"x", 1)
+            assert cast(bytes, await h.read(4, 0)) == b"Ax23"  # the file's bytes around the write
+            f.write_bytes(b"ZZZZZZZZZZZZ")
+            await h.write(b"y", 3)
+        assert f.read_bytes() == b"ZxZyZZZZZZZZ"
+        # Truncated then written past the end: zeros between, not the old bytes.
+        async with sftp.open("f", asyncssh.FXF_WRITE, encoding=None) as h:
+            await h.truncate(2)
+            await h.write(b"E", 5)
+            assert (await h.stat()).size == 6
+        assert f.read_bytes() == b"Zx\0\0\0E"
+        # scp's way (write-only, all from 0, then the size): the file is not fetched.
+        fetched = len(run.lines)
+        async with sftp.open("f", asyncssh.FXF_WRITE, encoding=None) as h:
+            await h.write(b"abc", 0)
+            await h.truncate(3)
+        assert f.read_bytes() == b"abc"
+        assert not any("exec cat -- " in line for line in run.lines[fetched:]), run.lines
+        # Appending: at the end the file has then.
+        async with sftp.open("f", asyncssh.FXF_WRITE | asyncssh.FXF_APPEND, encoding=None) as h:
+            await h.write(b"1", 0)
+            f.write_bytes(b"abcd")
+            await h.write(b"2", 0)
+        assert f.read_bytes() == b"abcd12"
+
+
+async def test_fsync_writes_the_file_now(server: tuple[int, LocalRunner], root: Path) -> None:
+    port, _ = server
+    f = _theirs(root / "f", b"0123456789")
+    async with _client(port) as sftp, sftp.open("f", "r+b") as h:
+        await h.write(b"AB", 2)
+        await h.fsync()
+        assert f.read_bytes() == b"01AB456789"
+        f.write_bytes(b"abcdefghij")  # changed inside after: not undone at close
+        await h.write(b"Z", 9)
+    assert f.read_bytes() == b"abcdefghiZ"
+
+
+async def test_each_fsetstat_of_an_open_file_is_kept(
+    server: tuple[int, LocalRunner], root: Path
+) -> None:
+    port, _ = server
+    f = _theirs(root / "f", b"x")
+    f.chmod(0o644)
+    async with _client(port) as sftp, sftp.open("f", "r+b") as h:
+        await h.write(b"y", 0)
+        await h.chmod(0o600)
+        await h.utime((1_000_000_000, 1_100_000_000))
+    st = f.stat()
+    assert st.st_mode & 0o777 == 0o600 and int(st.st_mtime) == 1_100_000_000
+
+
+async def test_a_full_disk_here_is_not_the_workspace_s(
+    server: tuple[int, LocalRunner], root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, _ = server
+
+    class Full(io.BytesIO):
+        def write(self, data: object, /) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "up").write_bytes(b"data")
+    monkeypatch.setattr(tempfile, "TemporaryFile", Full)
+    async with _client(port) as sftp:
+        with pytest.raises(asyncssh.SFTPFailure) as caught:
+            await sftp.put(str(tmp_path / "up"), "up")
+    assert type(caught.value) is asyncssh.SFTPFailure
+    assert tempfile.gettempdir() in str(caught.value.reason), caught.value.reason
