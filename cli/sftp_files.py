@@ -113,16 +113,15 @@ class File:
         return self.spool.raw.seek(offset, whence)
 
     def write(self, offset: int, data: bytes) -> int:
-        if self.append:
-            self.spool.seek(0, 2)
-        else:
-            self.spool.seek(offset)
+        self.spool.seek(0 if self.append else offset, 2 if self.append else 0)
+        done = self.spool.write(data)  # first: a failed write is not recorded
+        if not self.append:
             self.written = merged(self.written, offset, offset + len(data))
             if self.size is not None:
                 self.size = max(self.size, offset + len(data))
         self.dirty = True
         self.changes += 1
-        return self.spool.write(data)
+        return done
 
     def resize(self, size: int) -> None:
         """A size set: the spool and what was written end there."""
