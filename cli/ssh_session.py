@@ -6,7 +6,9 @@ As sshd does: a command is a line for the shell; no command is a login shell;
 others dropped. Sessions start in the workspace's working folder (its source,
 /workspace by default) where it exists, else where the engine starts them.
 The sftp subsystem is the image's own sftp-server, run like any command; an
-image without one gets the proxy's own SFTP server (cli/sftp_builtin.py).
+image without one, or an environment whose commands get no input (QEMU's guest
+agent; asked with one `cat` first), gets the proxy's own SFTP server
+(cli/sftp_builtin.py).
 """
 
 from __future__ import annotations
