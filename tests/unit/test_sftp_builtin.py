@@ -144,19 +144,26 @@ async def _client(port: int) -> AsyncIterator[asyncssh.SFTPClient]:
         yield sftp
 
 
-@pytest.fixture
-async def server(root: Path) -> AsyncIterator[tuple[int, LocalRunner]]:
-    run = LocalRunner(root.parent)
+@contextlib.asynccontextmanager
+async def _listening(run: Runner, root: Path) -> AsyncIterator[int]:
+    """An SSH server whose sftp sessions the builtin serves over ``run``; its port."""
     key = asyncssh.generate_private_key("ssh-ed25519")
     listener = await asyncssh.listen(
         "127.0.0.1", 0, server_factory=lambda: _Ssh(run, str(root)), server_host_keys=[key],
         encoding=None, line_editor=False,
     )  # fmt: skip
     try:
-        yield listener.get_port(), run
+        yield listener.get_port()
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+@pytest.fixture
+async def server(root: Path) -> AsyncIterator[tuple[int, LocalRunner]]:
+    run = LocalRunner(root.parent)
+    async with _listening(run, root) as port:
+        yield port, run
 
 
 async def test_files_folders_and_links_through_an_sftp_client(
@@ -526,17 +533,8 @@ class NoInputRunner(LocalRunner):
 @contextlib.asynccontextmanager
 async def _serving(run: Runner, root: Path) -> AsyncIterator[asyncssh.SFTPClient]:
     """The builtin over ``run``, and a client of it."""
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    listener = await asyncssh.listen(
-        "127.0.0.1", 0, server_factory=lambda: _Ssh(run, str(root)), server_host_keys=[key],
-        encoding=None, line_editor=False,
-    )  # fmt: skip
-    try:
-        async with _client(listener.get_port()) as sftp:
-            yield sftp
-    finally:
-        listener.close()
-        await listener.wait_closed()
+    async with _listening(run, root) as port, _client(port) as sftp:
+        yield sftp
 
 
 def _theirs(path: Path, data: bytes) -> Path:
