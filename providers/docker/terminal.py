@@ -72,6 +72,7 @@ class DockerTerminal(Terminal):
         self._on_error = on_error
         self._settle: asyncio.Task[None] | None = None
         self._size = (24, 80)
+        self._resizing = asyncio.Lock()
         self._stdin = ThreadedWriter(
             f"{THREAD_PREFIX}stdin-{name}",
             self._raw.sendall,
@@ -110,14 +111,18 @@ class DockerTerminal(Terminal):
         if not self._tty:
             return
         self._size = (rows, cols)
-        await self._apply(rows, cols)
+        await self._apply()
 
-    async def _apply(self, rows: int, cols: int) -> None:
-        with contextlib.suppress(VendettaError):  # the process may have just ended
-            await self._engine.call(
-                "resizing a terminal",
-                lambda api: api.exec_resize(self._exec_id, height=rows, width=cols),
-            )
+    async def _apply(self) -> None:
+        """The latest size, one call at a time: a re-apply queued behind the user's
+        resize then sends the new size, never the old one after it."""
+        async with self._resizing:
+            rows, cols = self._size
+            with contextlib.suppress(VendettaError):  # the process may have just ended
+                await self._engine.call(
+                    "resizing a terminal",
+                    lambda api: api.exec_resize(self._exec_id, height=rows, width=cols),
+                )
 
     def settle_size(self) -> None:
         """Apply the size again shortly: a resize sent right after the exec starts
@@ -128,7 +133,7 @@ class DockerTerminal(Terminal):
         async def again() -> None:
             for delay in (0.05, 0.2, 0.5, 1.0, 2.0):
                 await asyncio.sleep(delay)
-                await self._apply(*self._size)
+                await self._apply()
 
         self._settle = asyncio.create_task(again())
 
