@@ -34,7 +34,7 @@ NAME=debian-12
 OUT=$IMAGE_DIR/$NAME
 STAMP=$OUT/.built
 # Bump when what the image holds changes: an older cached build is replaced.
-IMAGE_VERSION=3
+IMAGE_VERSION=4
 ROOTFS_SIZE=2G   # sparse: the qcow2 holds only what is used (~30 MB)
 BUSYBOX=/bin/busybox
 force=0
@@ -70,18 +70,20 @@ trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"
 
 # --- packages: the cloud kernel (the metapackage names the real one) and the agent
-log "downloading linux-image-cloud-amd64, qemu-guest-agent, e2fsprogs"
+log "downloading linux-image-cloud-amd64, qemu-guest-agent, e2fsprogs, util-linux"
 cd "$work"
-apt-get download linux-image-cloud-amd64 qemu-guest-agent e2fsprogs >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get download linux-image-cloud-amd64 qemu-guest-agent e2fsprogs >/dev/null 2>&1; } \
+GUEST_PACKAGES=(linux-image-cloud-amd64 qemu-guest-agent e2fsprogs util-linux)
+apt-get download "${GUEST_PACKAGES[@]}" >/dev/null 2>&1 \
+    || { apt-get update >/dev/null && apt-get download "${GUEST_PACKAGES[@]}" >/dev/null 2>&1; } \
     || die "apt-get download failed"
 kpkg=$(dpkg-deb -f linux-image-cloud-amd64_*.deb Depends | grep -o 'linux-image-[0-9][^ ,]*-cloud-amd64' | head -n1)
 [[ -n $kpkg ]] || die "cannot find the kernel package linux-image-cloud-amd64 depends on"
 apt-get download "$kpkg" >/dev/null 2>&1 || die "apt-get download $kpkg failed"
-mkdir -p kernel agent e2fs
+mkdir -p kernel agent e2fs utils
 dpkg-deb -x "$kpkg"_*.deb kernel
 dpkg-deb -x qemu-guest-agent_*.deb agent
 dpkg-deb -x e2fsprogs_*.deb e2fs
+dpkg-deb -x util-linux_*.deb utils
 kver=${kpkg#linux-image-}
 moddir=kernel/lib/modules/$kver/kernel
 # The modules the guest needs, with their dependencies first (busybox insmod
@@ -126,6 +128,9 @@ ln -s ../run "$root/var/run"
 chmod 1777 "$root/tmp"
 copy_with_libs "$root" agent/usr/sbin/qemu-ga /usr/sbin/qemu-ga
 copy_with_libs "$root" e2fs/sbin/resize2fs /sbin/resize2fs
+# util-linux's setpriv: a workspace `user:` given as uid[:gid] runs through it
+# (busybox's setpriv has no --reuid; its su needs a name in /etc/passwd).
+copy_with_libs "$root" utils/usr/bin/setpriv /usr/bin/setpriv
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
 printf 'vendetta\n' >"$root/etc/hostname"
