@@ -76,6 +76,8 @@ _SOCKET_IN_TEXT = re.compile(r"socket to '([^']+)'")
 
 # QEMU's words when it cannot listen on a forward's node port (taken since it was picked).
 _PORT_TAKEN = "could not set up host forwarding rule"
+# libvirt's words for an answer over its 4 MiB string limit (a guest command's output).
+_TOO_LARGE = "unable to encode message payload"
 _MEMORY_MARKERS = ("cannot allocate memory", "out of memory", "not enough memory")
 
 
@@ -136,6 +138,12 @@ def translate(exc: BaseException, *, uri: str, action: str) -> VendettaError:
         code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in lowered
     ):
         return AlreadyExistsError(f"{action}: {text}")
+    if _TOO_LARGE in lowered:  # an RPC error, but the connection is fine
+        return FailedPreconditionError(
+            f"{action}: the answer is larger than libvirt passes in one message (about 3 MiB "
+            f"of a command's output through the guest agent): write the output to a file in "
+            f"the guest and read it in parts ({text})"
+        )
     if _connection_failed(code, domain):
         if "permission denied" in lowered:
             found = _SOCKET_IN_TEXT.search(text)

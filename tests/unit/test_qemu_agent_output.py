@@ -29,3 +29,17 @@ def test_cut_output_is_an_error(monkeypatch: pytest.MonkeyPatch, stream: str) ->
                                                      f"{stream}-truncated": True})  # fmt: skip
     with pytest.raises(FailedPreconditionError, match=f"std{stream}.*was cut"):
         agent.exec_status(None, 1)
+
+
+def test_an_answer_over_libvirts_limit_is_not_a_daemon_that_is_down() -> None:
+    import libvirt
+
+    from providers.qemu.errors import translate
+
+    said = "internal error: Unable to encode message payload"
+    exc = libvirt.libvirtError(said)
+    # As libvirt reports it (measured with 3 MiB of output): an RPC error.
+    exc.err = (libvirt.VIR_ERR_RPC, libvirt.VIR_FROM_RPC, said, 2, None, None, None, 0, 0)
+    err = translate(exc, uri="qemu:///system", action="running 'cat' in 'w'")
+    assert isinstance(err, FailedPreconditionError), err
+    assert "larger than libvirt passes" in str(err) and "not reachable" not in str(err)
