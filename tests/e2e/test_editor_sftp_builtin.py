@@ -1,5 +1,6 @@
 """sftp and scp (its SFTP mode, OpenSSH's default) through `NAME.vendetta` into
-workspaces whose image has no sftp-server (busybox, on Docker and LXD): the
+workspaces whose image has no sftp-server (busybox, on Docker and LXD, and the
+QEMU guest, whose agent takes no input: files go in through command lines): the
 proxy serves SFTP itself, each operation a command inside as the workspace's
 user (uid 1000 here, not root), with the real OpenSSH client and the generated
 `Host NAME.vendetta` entries, on a node that logs in as a user who is not root.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.ssh_session import SFTP_SERVERS
 from tests.conftest import LXD_TEST_IMAGE, TEST_IMAGE
 from tests.e2e.test_editor_ssh import Editor
 from tests.support.editor_node import member_node, ssh_config
@@ -28,6 +30,7 @@ WHO = "user: '1000:1000'\n"
 SECTIONS = {
     "docker": f"docker: {{image: '{TEST_IMAGE}'}}\n",
     "lxd": f"lxd: {{image: '{LXD_TEST_IMAGE}', cpu: 1, memory: 256M}}\n",
+    "qemu": "qemu: {image: debian-12, cpu: 1, memory: 512M, disk: 2G}\n",
 }
 
 
@@ -51,9 +54,9 @@ def editor() -> Iterator[Editor]:
 def ws(request: pytest.FixtureRequest, editor: Editor) -> str:
     name = f"sb-{request.param}.vendetta"
     # The premise: busybox, no sftp-server, not root.
-    probe = editor.ssh(name, "ls /usr/lib/openssh /usr/lib/ssh /usr/libexec 2>&1; id -u")
-    assert probe.stdout.split()[-1] == "1000", probe.stdout + probe.stderr
-    assert "sftp-server" not in probe.stdout, probe.stdout
+    servers = " ".join(SFTP_SERVERS)
+    probe = editor.ssh(name, f'for s in {servers}; do [ -e "$s" ] && echo "$s"; done; id -u')
+    assert probe.stdout.split() == ["1000"], probe.stdout + probe.stderr
     return name
 
 
