@@ -195,9 +195,11 @@ def engine(e: Env) -> dict[str, list[str]]:
     client = docker.from_env()
     try:
         found: dict[str, list[str]] = defaultdict(list)
-        for c in client.containers.list(all=True, filters={"label": "vendetta.managed=true"}):
-            if c.labels.get("vendetta.agent") in ids:
-                found[c.labels.get("vendetta.workspace", "")].append(c.status)
+        # Low-level: no inspect per container, which a container removed meanwhile fails.
+        for c in client.api.containers(all=True, filters={"label": "vendetta.managed=true"}):
+            labels = c.get("Labels") or {}
+            if labels.get("vendetta.agent") in ids:
+                found[labels.get("vendetta.workspace", "")].append(c.get("State", ""))
         return dict(found)
     finally:
         client.close()

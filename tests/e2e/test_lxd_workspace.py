@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import LXD_TEST_IMAGE
 from tests.support.cli import Env, cli_env
+from tests.support.squat import try_bind
 from tests.support.sshd import SshServer
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 
@@ -72,19 +73,11 @@ def squat(port: int, within: float = 60) -> socket.socket:
     tests/integration/test_lxd_provider.py's squat() waits for too): bind once it let go.
     """
     deadline = time.monotonic() + within
-    while True:
-        squatter = socket.socket()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            squatter.bind(("127.0.0.1", port))
-        except OSError:
-            squatter.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-            continue
-        squatter.listen()
-        return squatter
+    while (squatter := try_bind(port)) is None:
+        if time.monotonic() > deadline:
+            raise OSError(f"port {port} stayed taken")
+        time.sleep(0.1)
+    return squatter
 
 
 def ports(e: Env, ws: str) -> dict[str, dict[str, object]]:

@@ -32,6 +32,7 @@ from providers.lxd.command import CommandLogParser
 from providers.lxd.provider import KEY_AGENT, KEY_MANAGED, KEY_WORKSPACE
 from providers.lxd.websocket import THREAD_PREFIX
 from tests.conftest import LXD_TEST_IMAGE
+from tests.support.squat import try_bind
 
 pytestmark = pytest.mark.lxd
 
@@ -362,19 +363,11 @@ async def squat(port: int) -> socket.socket:
     LXD's forkproxy goes on listening for a moment after a stop returns: wait for it.
     """
     deadline = time.monotonic() + WAIT
-    while True:
-        squatter = socket.socket()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            squatter.bind(("127.0.0.1", port))
-        except OSError:
-            squatter.close()
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-            continue
-        squatter.listen()
-        return squatter
+    while (squatter := try_bind(port)) is None:
+        if time.monotonic() > deadline:
+            raise OSError(f"port {port} stayed taken")
+        await asyncio.sleep(0.1)
+    return squatter
 
 
 def listening_on(port: int) -> list[str]:

@@ -59,9 +59,13 @@ def _lxd() -> Any:
 
 
 def docker_envs(agent: str, held: Held) -> None:
-    for c in _docker().containers.list(all=True, filters={"label": f"vendetta.agent={agent}"}):
-        workspace = c.labels.get("vendetta.workspace", "")
-        held.add(workspace, Env("docker", c.status == "running", c.name))
+    # The low-level list: docker-py's high-level one inspects each container, and one
+    # removed meanwhile (the reconciler finishing a destroy) raised NotFound.
+    listed = _docker().api.containers(all=True, filters={"label": f"vendetta.agent={agent}"})
+    for c in listed:
+        workspace = (c.get("Labels") or {}).get("vendetta.workspace", "")
+        name = (c.get("Names") or ["?"])[0].lstrip("/")
+        held.add(workspace, Env("docker", c.get("State") == "running", name))
 
 
 def _lxd_owned(agent: str) -> list[dict[str, object]]:
