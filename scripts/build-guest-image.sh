@@ -2,8 +2,8 @@
 # Build the qemu provider's guest image, offline from Debian packages, once.
 #
 #   bash scripts/build-guest-image.sh            # -> $IMAGE_DIR/debian-12/{vmlinuz,initrd.img,rootfs.qcow2}
-#   bash scripts/build-guest-image.sh --force    # rebuild (not while workspaces use it:
-#                                                # their overlays sit on rootfs.qcow2)
+#   bash scripts/build-guest-image.sh --force    # rebuild even while guests use it (a new
+#                                                # version refuses then: overlays sit on rootfs.qcow2)
 #
 # Why this approach ("option A" of shared ENGINES.md): a busybox userland plus
 # Debian's qemu-guest-agent binary (copied with the shared libraries ldd names)
@@ -212,7 +212,12 @@ if [[ -f $OUT/rootfs.qcow2 ]] && command -v virsh >/dev/null; then
     users=$(for d in $(timeout 10 virsh -c qemu:///system list --all --name 2>/dev/null); do
         timeout 10 virsh -c qemu:///system dumpxml "$d" 2>/dev/null | grep -q "$OUT/" && printf '%s ' "$d"
     done || true)
-    [[ -z $users ]] || log "warning: guests defined on the old image: ${users}- destroy and recreate their workspaces"
+    # Their overlays would then read a different disk under them: refuse, unless told.
+    if [[ -n $users ]]; then
+        ((force == 1)) || die "guests defined on the old image: ${users}- their disks are overlays of it: \
+destroy their workspaces first (vendetta workspace destroy NAME), or rebuild anyway with --force"
+        log "warning: guests defined on the old image: ${users}- destroy and recreate their workspaces"
+    fi
 fi
 rm -f "$STAMP"
 (cd "$initrd" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) >"$work/initrd.img"
