@@ -24,6 +24,8 @@ ET.register_namespace(NS_PREFIX, NS_URI)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 STDOUT_CHANNEL = "org.vendetta.stdout"
 STDERR_CHANNEL = "org.vendetta.stderr"
+# Commands with stdin (mux.py); the guest's end is guest_mux.PORT.
+MUX_CHANNEL = "org.vendetta.mux"
 # The virtio console interactive terminals run on (the guest's /dev/hvc0, see
 # terminal.py), found again in a domain's XML by its alias.
 TERMINAL_ALIAS = "ua-vendetta-terminal"
@@ -39,6 +41,7 @@ class Files:
     stderr: Path
     agent_socket: Path
     terminal_socket: Path
+    mux_socket: Path
 
     @classmethod
     def for_domain(cls, state_dir: Path, domain: str) -> Files:
@@ -50,6 +53,7 @@ class Files:
             agent_socket=state_dir / f"{domain}.agent.sock",
             # Short: a unix socket path has at most 107 bytes (see socket_path_problem).
             terminal_socket=state_dir / f"{domain}.term",
+            mux_socket=state_dir / f"{domain}.mux",
         )
 
     def all(self) -> tuple[Path, ...]:
@@ -60,6 +64,7 @@ class Files:
             self.stderr,
             self.agent_socket,
             self.terminal_socket,
+            self.mux_socket,
         )
 
     def remove(self) -> None:
@@ -132,7 +137,7 @@ class Meta:
 
 def socket_path_problem(files: Files) -> str:
     """Why QEMU could not bind a guest's sockets (a path is too long), or ''."""
-    for path in (files.agent_socket, files.terminal_socket):
+    for path in (files.agent_socket, files.terminal_socket, files.mux_socket):
         length = len(str(path).encode())
         if length > MAX_SOCKET_PATH:
             return (
@@ -150,6 +155,17 @@ def terminal_socket(root: ET.Element) -> str:
         if console.get("type") != "unix" or source is None:
             continue
         if alias is not None and alias.get("name") == TERMINAL_ALIAS:
+            return source.get("path", "")
+    return ""
+
+
+def mux_socket(root: ET.Element) -> str:
+    """The node-side socket of a domain's stream port ('' for a guest made without one)."""
+    for channel in root.iterfind("devices/channel"):
+        target = channel.find("target")
+        source = channel.find("source")
+        ours = target is not None and target.get("name") == MUX_CHANNEL
+        if ours and channel.get("type") == "unix" and source is not None:
             return source.get("path", "")
     return ""
 
@@ -174,7 +190,8 @@ def domain_xml(
     """A persistent domain: direct kernel boot, root on the overlay, no NIC.
 
     Besides the serial console (a log file), a virtio console on a unix socket
-    that QEMU listens on carries interactive terminals (terminal.py).
+    that QEMU listens on carries interactive terminals (terminal.py), and a
+    virtio-serial port on another carries commands with stdin (mux.py).
 
     The NIC of a guest with published ports is added at each start, with the
     node ports of that start (network.with_forwards).
@@ -229,6 +246,10 @@ def domain_xml(
     <channel type='unix'>
       <source mode='bind' path='{_escape(str(files.agent_socket))}'/>
       <target type='virtio' name='{AGENT_CHANNEL}'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='bind' path='{_escape(str(files.mux_socket))}'/>
+      <target type='virtio' name='{MUX_CHANNEL}'/>
     </channel>
     {file_channel(files.stdout, STDOUT_CHANNEL)}
     {file_channel(files.stderr, STDERR_CHANNEL)}

@@ -60,6 +60,7 @@ from providers.qemu.domain import (
     Meta,
     domain_xml,
     guest_argv,
+    mux_socket,
     socket_path_problem,
     terminal_socket,
 )
@@ -77,6 +78,7 @@ from providers.qemu.images import (
 )
 from providers.qemu.kvm import probe_kvm
 from providers.qemu.logs import cursors, read_all
+from providers.qemu.pipes import Pipes
 from providers.qemu.readiness import ReadinessCheck
 from providers.qemu.terminal import DEFAULT_TERM
 from providers.threaded import EngineClient
@@ -130,6 +132,8 @@ class QemuProvider(Provider):
         long_exec_streams=False,
         # On the guest's virtio console, one terminal at a time per guest.
         terminal=True,
+        # On a virtio-serial port of the guest, many at once (pipes.py).
+        stdin=True,
     )
     image_formats: ClassVar[str] = FORMATS
 
@@ -153,6 +157,7 @@ class QemuProvider(Provider):
             close=guests.close,
         )
         self._consoles = Consoles(self._libvirt)
+        self._pipes = Pipes(self._libvirt)
         self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dirs, self.state_dir)
 
     # -- plumbing --------------------------------------------------------------
@@ -180,6 +185,7 @@ class QemuProvider(Provider):
         return dom, meta
 
     async def close(self) -> None:
+        await self._pipes.close()
         await self._libvirt.close()
 
     # -- readiness -------------------------------------------------------------
@@ -511,6 +517,27 @@ class QemuProvider(Provider):
         environment = {"TERM": DEFAULT_TERM, **meta.env, **(env or {})}
         argv = guest_argv(argv, meta.workdir, meta.user)
         return await self._consoles.open(dom, path, workspace, argv, environment, rows, cols)
+
+    async def _pipe(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
+    ) -> Terminal:
+        """``argv`` with stdin on the guest's stream port (see ``mux``), in the workspace's
+        folder, as its user."""
+        action = f"running {argv[0]!r} in {workspace!r}"
+
+        def look(conn: libvirt.virConnect) -> tuple[libvirt.virDomain, Meta, str]:
+            dom, meta = self._require_running(conn, workspace)
+            return dom, meta, mux_socket(ET.fromstring(dom.XMLDesc(0)))
+
+        dom, meta, path = await self._libvirt.call(action, look)
+        if not path:
+            raise FailedPreconditionError(
+                f"the guest of workspace {workspace!r} was made by an older vendetta, without "
+                f"a stream port for commands with input: recreate it (`vendetta workspace "
+                f"destroy {workspace}`, then `create`)"
+            )
+        wrapped = guest_argv(argv, meta.workdir, meta.user)
+        return await self._pipes.open(dom, path, workspace, wrapped, {**meta.env, **(env or {})})
 
     # -- logs ------------------------------------------------------------------
 

@@ -1,0 +1,266 @@
+"""Commands with stdin in QEMU guests: the node's end of the stream multiplexer.
+
+The guest agent gives a command no input and its output only at the end, so
+``pipe`` (what sftp-server, scp, rsync, git and the forwarding relays need)
+runs over a virtio-serial port of the domain instead (``org.vendetta.mux``;
+QEMU listens on a unix socket beside the domain's other files). One
+connection per guest carries every such command; ``guest_mux.py`` is its
+other end, started in the guest by the guest agent for each connection.
+The wire (frames, marks, credit) is described there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+
+from common.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+from providers.base import ExecChunk, Terminal
+from providers.qemu import guest_mux as wire
+
+# The program the guest runs: this file's sibling, as its source text.
+GUEST_SOURCE = Path(wire.__file__).read_text()
+# Until the guest's end answers: python3 starting in a TCG guest under load is slow.
+READY_SECONDS = 30.0
+# Give credit back once this much output has been taken (fewer, larger frames).
+CREDIT_BATCH = wire.WINDOW // 4
+
+# Starts the guest's end with this token; returns an awaitable that ends (with
+# the program's exit code and stderr) only if the program does.
+Starter = Callable[[Sequence[str]], Awaitable[Callable[[], Awaitable[tuple[int, bytes] | None]]]]
+
+
+def guest_command(token: str) -> list[str]:
+    return ["python3", "-c", GUEST_SOURCE, token]
+
+
+class Closed(Exception):
+    """The connection to the guest ended."""
+
+
+class MuxStream(Terminal):
+    """One command in the guest, with stdin, on a multiplexer connection."""
+
+    def __init__(self, mux: GuestMux, sid: int) -> None:
+        self._mux, self._sid = mux, sid
+        self._chunks: asyncio.Queue[ExecChunk | Closed] = asyncio.Queue()
+        self._credit = wire.WINDOW  # what the guest will still take as stdin
+        self._credit_changed = asyncio.Event()
+        self._taken = 0  # output taken, not yet given back as credit
+        self.exited = False
+
+    # -- from the connection ---------------------------------------------------
+
+    def deliver(self, kind: int, payload: bytes) -> None:
+        if kind == wire.OUT:
+            self._chunks.put_nowait(ExecChunk(stdout=payload))
+        elif kind == wire.ERR:
+            self._chunks.put_nowait(ExecChunk(stderr=payload))
+        elif kind == wire.EXIT:
+            self.exited = True
+            self._chunks.put_nowait(ExecChunk(exit_code=struct.unpack(">i", payload)[0]))
+        elif kind == wire.CREDIT:
+            self._credit += struct.unpack(">I", payload)[0]
+            self._credit_changed.set()
+
+    def lost(self, why: Closed) -> None:
+        self._chunks.put_nowait(why)
+        self._credit_changed.set()
+
+    def buffered(self) -> int:
+        """Output bytes received and not yet taken (at most a window)."""
+        queued: list[ExecChunk | Closed] = list(self._chunks._queue)  # type: ignore[attr-defined]
+        return sum(len(c.stdout) + len(c.stderr) for c in queued if isinstance(c, ExecChunk))
+
+    # -- Terminal --------------------------------------------------------------
+
+    async def output(self) -> AsyncIterator[ExecChunk]:
+        while True:
+            chunk = await self._chunks.get()
+            if isinstance(chunk, Closed):
+                raise UnavailableError(str(chunk))
+            yield chunk
+            if chunk.exit_code is not None:
+                self._mux.forget(self._sid)
+                return
+            self._taken += len(chunk.stdout) + len(chunk.stderr)
+            if self._taken >= CREDIT_BATCH:
+                taken, self._taken = self._taken, 0
+                await self._mux.send(self._sid, wire.CREDIT, struct.pack(">I", taken))
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            while self._credit <= 0:
+                if self._mux.closed is not None:
+                    raise UnavailableError(str(self._mux.closed))
+                self._credit_changed.clear()
+                await self._credit_changed.wait()
+            n = min(len(view), self._credit, wire.CHUNK)
+            self._credit -= n
+            await self._mux.send(self._sid, wire.DATA, bytes(view[:n]))
+            view = view[n:]
+
+    async def close_stdin(self) -> None:
+        await self._mux.send(self._sid, wire.EOF)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        pass  # pipes: no terminal to size
+
+    async def close(self) -> None:
+        if not self.exited and self._mux.closed is None:
+            with contextlib.suppress(UnavailableError, OSError):
+                await self._mux.send(self._sid, wire.KILL)
+        self._mux.forget(self._sid)
+
+
+class GuestMux:
+    """The node's end of one guest's multiplexer: one connection, many commands."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+        self._reader, self._writer, self.name = reader, writer, name
+        self._streams: dict[int, MuxStream] = {}
+        self._next = 1
+        self.closed: Closed | None = None
+        self._pump = asyncio.create_task(self._read_frames(), name=f"mux-{name}")
+
+    @classmethod
+    async def connect(cls, path: str, workspace: str, start: Starter) -> GuestMux:
+        """Connect to the port's socket, start the guest's end, wait for its mark."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(path, limit=4 * wire.CHUNK)
+        except FileNotFoundError as exc:
+            raise FailedPreconditionError(
+                f"the stream port of workspace {workspace!r} is not there ({path}): restart "
+                f"the workspace (`vendetta workspace down {workspace}`, then `up`)"
+            ) from exc
+        except PermissionError as exc:
+            raise PermissionDeniedError(
+                f"cannot open the stream port of workspace {workspace!r} at {path}: the "
+                "agent must be able to open QEMU's sockets"
+            ) from exc
+        except OSError as exc:
+            raise UnavailableError(
+                f"cannot reach the stream port of workspace {workspace!r} at {path}: {exc}"
+            ) from exc
+        return await cls.start_on(reader, writer, workspace, start)
+
+    @classmethod
+    async def start_on(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        workspace: str,
+        start: Starter,
+    ) -> GuestMux:
+        """On an open connection: start the guest's end and wait for its mark."""
+        token = secrets.token_hex(16)
+        try:
+            writer.write(wire.MARK_HOST + token.encode() + b"\n")
+            ended = await start(guest_command(token))
+            await _await_mark(reader, wire.MARK_GUEST + token.encode() + b"\n", ended, workspace)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, workspace)
+
+    async def open(self, argv: Sequence[str], env: Mapping[str, str]) -> MuxStream:
+        sid, self._next = self._next, self._next + 1
+        stream = MuxStream(self, sid)
+        self._streams[sid] = stream
+        spec = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
+        try:
+            await self.send(sid, wire.OPEN, spec)
+        except BaseException:
+            self.forget(sid)
+            raise
+        return stream
+
+    async def send(self, sid: int, kind: int, payload: bytes = b"") -> None:
+        if self.closed is not None:
+            raise UnavailableError(str(self.closed))
+        # One write per frame: frames of concurrent streams never interleave.
+        self._writer.write(wire.HEADER.pack(sid, kind, len(payload)) + payload)
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise UnavailableError(f"the stream port of workspace {self.name!r}: {exc}") from exc
+
+    def forget(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+
+    async def _read_frames(self) -> None:
+        why = Closed(
+            f"the connection to workspace {self.name!r} ended: the guest stopped or restarted"
+        )
+        try:
+            while True:
+                header = await self._reader.readexactly(wire.HEADER.size)
+                sid, kind, length = wire.HEADER.unpack(header)
+                payload = await self._reader.readexactly(length) if length else b""
+                stream = self._streams.get(sid)
+                if stream is not None:
+                    stream.deliver(kind, payload)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self.closed = why
+            for stream in list(self._streams.values()):
+                stream.lost(why)
+            self._streams.clear()
+            self._writer.close()
+
+    async def aclose(self) -> None:
+        self._pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pump
+
+
+async def _await_mark(
+    reader: asyncio.StreamReader,
+    mark: bytes,
+    ended: Callable[[], Awaitable[tuple[int, bytes] | None]],
+    workspace: str,
+) -> None:
+    """Read up to ``mark`` (what is before it is stale); fail if the program ends first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_SECONDS
+    while True:
+        try:
+            # Consumes nothing until the mark is there; cancelling it loses nothing.
+            await asyncio.wait_for(reader.readuntil(mark), 0.25)
+            return
+        except asyncio.LimitOverrunError as exc:  # much stale output: drop it, look on
+            await reader.readexactly(exc.consumed)
+            continue
+        except asyncio.IncompleteReadError:
+            raise UnavailableError(
+                f"the stream port of workspace {workspace!r} closed: the guest stopped"
+            ) from None
+        except TimeoutError:
+            pass
+        finished = await ended()
+        if finished is not None:
+            code, err = finished
+            said = err.decode("utf-8", "replace").strip() or "no output"
+            raise FailedPreconditionError(
+                f"the stream relay in workspace {workspace!r} could not start (exit code "
+                f"{code}): {said}; the guest needs python3 (a guest image older than v5 "
+                "has none: rebuild it with scripts/build-guest-image.sh and recreate the "
+                "workspace)"
+            )
+        if loop.time() > deadline:
+            raise DeadlineExceededError(
+                f"the stream relay in workspace {workspace!r} did not answer within "
+                f"{READY_SECONDS:.0f}s"
+            )

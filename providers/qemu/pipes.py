@@ -1,0 +1,76 @@
+"""The provider's side of commands with stdin in guests: one multiplexer per guest.
+
+A guest's connection (mux.py) is made on its first such command and kept for
+the next ones; one that ended (the guest stopped or restarted) is made again.
+Its guest end is started by the guest agent, as root: each command's argv
+already carries the workspace's user and folder (domain.guest_argv).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import libvirt
+
+from providers.qemu import agent
+from providers.qemu.errors import guest_running
+from providers.qemu.mux import GuestMux, MuxStream
+from providers.threaded import EngineClient
+
+
+class Pipes:
+    """The multiplexer connections of one provider's guests, by domain name."""
+
+    def __init__(self, client: EngineClient[libvirt.virConnect]) -> None:
+        self._client = client
+        self._muxes: dict[str, GuestMux] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def open(
+        self,
+        dom: libvirt.virDomain,
+        path: str,
+        workspace: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+    ) -> MuxStream:
+        mux = await self._mux(dom, path, workspace)
+        return await mux.open(argv, {**agent.BASE_ENV, **env})
+
+    async def _mux(self, dom: libvirt.virDomain, path: str, workspace: str) -> GuestMux:
+        name = dom.name()
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            mux = self._muxes.get(name)
+            if mux is None or mux.closed is not None:
+                action = f"starting the stream relay in {workspace!r}"
+                mux = await GuestMux.connect(path, workspace, self._starter(dom, action))
+                self._muxes[name] = mux
+            return mux
+
+    def _starter(
+        self, dom: libvirt.virDomain, action: str
+    ) -> Callable[[Sequence[str]], Awaitable[Callable[[], Awaitable[tuple[int, bytes] | None]]]]:
+        async def start(argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
+            def run(_conn: libvirt.virConnect) -> int:
+                with guest_running(dom):
+                    return agent.exec_start(dom, argv, {}, capture=True)
+
+            pid = await self._client.call(action, run)
+
+            async def ended() -> tuple[int, bytes] | None:
+                def poll(_conn: libvirt.virConnect) -> tuple[bool, int, bytes, bytes]:
+                    with guest_running(dom):
+                        return agent.exec_status(dom, pid)
+
+                exited, code, out, err = await self._client.call(action, poll)
+                return (code, err + out) if exited else None
+
+            return ended
+
+        return start
+
+    async def close(self) -> None:
+        for mux in list(self._muxes.values()):
+            await mux.aclose()
+        self._muxes.clear()

@@ -1,0 +1,259 @@
+"""The QEMU stream multiplexer without a guest: the guest's end (guest_mux.py, as the
+guest runs it: ``python3 -c SOURCE``) in a process of its own on one end of a
+socket pair, standing in for the virtio-serial port; the node's end (mux.py) on
+the other."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from common.errors import FailedPreconditionError, UnavailableError
+from providers.qemu import guest_mux as wire
+from providers.qemu.domain import Files, Meta, domain_xml, mux_socket, socket_path_problem
+from providers.qemu.mux import GUEST_SOURCE, GuestMux, MuxStream
+
+ENV = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+
+
+class Guest:
+    """The guest's end in a subprocess, serving its end of a socket pair."""
+
+    def __init__(self, stale_in: bytes = b"", stale_out: int = 0) -> None:
+        self.node, guest = socket.socketpair()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.guest = guest
+        self.stale_out = stale_out
+        self.node.sendall(stale_in)  # what an earlier connection left for the guest
+
+    async def start(self, argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
+        assert argv[:2] == ["python3", "-c"]
+        # As the guest runs it (python3 -c SOURCE TOKEN), on our socket's fd.
+        runner = (
+            "import os, sys; src = sys.argv[1]; ns = {'__name__': 'guest'}; "
+            # What an earlier instance left for the node: output it never took.
+            "fd = int(os.environ['MUX_FD']); stale = b'\\xaa' * int(os.environ['STALE']); "
+            "[os.write(fd, stale[i:i + 65536]) for i in range(0, len(stale), 65536)]; "
+            "exec(compile(src, 'guest_mux', 'exec'), ns); "
+            "ns['serve'](int(os.environ['MUX_FD']), sys.argv[2])"
+        )
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - starts at once, as guest-exec does
+            [sys.executable, "-c", runner, argv[2], argv[3]],
+            pass_fds=[self.guest.fileno()],
+            env={**ENV, "MUX_FD": str(self.guest.fileno()), "STALE": str(self.stale_out)},
+            stderr=subprocess.PIPE,
+        )
+        self.guest.close()
+        proc = self.proc
+
+        async def ended() -> tuple[int, bytes] | None:
+            if proc.poll() is None:
+                return None
+            assert proc.stderr is not None
+            return proc.returncode, proc.stderr.read()
+
+        return ended
+
+    async def connect(self) -> GuestMux:
+        reader, writer = await asyncio.open_unix_connection(sock=self.node)
+        return await GuestMux.start_on(reader, writer, "ws", self.start)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+async def guest() -> AsyncIterator[Guest]:
+    g = Guest()
+    yield g
+    g.stop()
+
+
+async def _collect(stream: MuxStream) -> tuple[bytes, bytes, int | None]:
+    out, err, code = bytearray(), bytearray(), None
+    async for chunk in stream.output():
+        out += chunk.stdout
+        err += chunk.stderr
+        if chunk.exit_code is not None:
+            code = chunk.exit_code
+    return bytes(out), bytes(err), code
+
+
+async def test_stdin_reaches_the_command_and_output_keeps_streams_apart(guest: Guest) -> None:
+    mux = await guest.connect()
+    stream = await mux.open(["sh", "-c", "cat; echo oops >&2; exit 3"], ENV)
+    await stream.write(b"hello\n")
+    await stream.close_stdin()
+    out, err, code = await asyncio.wait_for(_collect(stream), 20)
+    assert (out, err, code) == (b"hello\n", b"oops\n", 3)
+    await mux.aclose()
+
+
+async def test_ten_megabytes_each_way_pass_whole_through_the_windows(guest: Guest) -> None:
+    mux = await guest.connect()
+    data = os.urandom(10 * 1024 * 1024)
+    stream = await mux.open(["cat"], ENV)
+
+    async def feed() -> None:
+        await stream.write(data)
+        await stream.close_stdin()
+
+    feeder = asyncio.create_task(feed())
+    out, err, code = await asyncio.wait_for(_collect(stream), 60)
+    await feeder
+    assert hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
+    assert (err, code) == (b"", 0)
+    await mux.aclose()
+
+
+async def test_a_command_that_reads_nothing_holds_up_no_other(guest: Guest) -> None:
+    mux = await guest.connect()
+    stalled = await mux.open(["sleep", "30"], ENV)
+    # More than the window: the writer waits for credit that never comes...
+    writer = asyncio.create_task(stalled.write(b"x" * (3 * wire.WINDOW)))
+    await asyncio.sleep(0.5)
+    assert not writer.done()
+    # ...and another command on the same connection still runs to its end.
+    other = await mux.open(["sh", "-c", "cat; echo done"], ENV)
+    await other.write(b"ok ")
+    await other.close_stdin()
+    assert await asyncio.wait_for(_collect(other), 20) == (b"ok done\n", b"", 0)
+    await stalled.close()  # killed: its output ends with the kill's exit code
+    writer.cancel()
+    await mux.aclose()
+
+
+async def test_output_nobody_takes_waits_in_the_guest_not_in_the_node(guest: Guest) -> None:
+    mux = await guest.connect()
+    stream = await mux.open(["sh", "-c", "head -c 50000000 /dev/zero"], ENV)
+    await asyncio.sleep(1.0)  # nobody reads: the guest may send at most one window
+    held = stream.buffered()  # what the node holds for it
+    assert 0 < held <= wire.WINDOW
+    out, _, code = await asyncio.wait_for(_collect(stream), 60)
+    assert (len(out) + held, code) == (50_000_000 + held, 0)
+    await mux.aclose()
+
+
+async def test_close_kills_the_whole_process_group(guest: Guest, tmp_path: Path) -> None:
+    mux = await guest.connect()
+    marker = tmp_path / "child.pid"
+    stream = await mux.open(["sh", "-c", f"sleep 300 & echo $! > {marker}; wait"], ENV)
+    deadline = time.monotonic() + 10
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    child = int(marker.read_text())
+    await stream.close()
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the command's child outlived close()"
+        await asyncio.sleep(0.05)
+    await mux.aclose()
+
+
+async def test_a_missing_program_is_exit_127_with_the_reason(guest: Guest) -> None:
+    mux = await guest.connect()
+    stream = await mux.open(["/no/such/program"], ENV)
+    out, err, code = await asyncio.wait_for(_collect(stream), 20)
+    assert code == 127 and b"No such file" in err and out == b""
+    await mux.aclose()
+
+
+async def test_stale_bytes_of_an_earlier_connection_are_skipped() -> None:
+    # Both ways; more than the node's read limit (LimitOverrunError) towards the node.
+    stale_in = os.urandom(100_000) + wire.HEADER.pack(1, wire.OPEN, 2) + b"{}"
+    g = Guest(stale_in=stale_in, stale_out=1_000_000)
+    try:
+        mux = await g.connect()
+        stream = await mux.open(["echo", "fresh"], ENV)
+        assert await asyncio.wait_for(_collect(stream), 20) == (b"fresh\n", b"", 0)
+        await mux.aclose()
+    finally:
+        g.stop()
+
+
+async def test_the_guest_end_closing_fails_open_streams_and_the_next_send(guest: Guest) -> None:
+    mux = await guest.connect()
+    stream = await mux.open(["sleep", "300"], ENV)
+    guest.stop()
+    with pytest.raises(UnavailableError, match="ended"):
+        await asyncio.wait_for(_collect(stream), 20)
+    assert mux.closed is not None
+    with pytest.raises(UnavailableError):
+        await mux.open(["true"], ENV)
+
+
+async def test_node_end_closing_kills_what_runs_in_the_guest(guest: Guest, tmp_path: Path) -> None:
+    mux = await guest.connect()
+    marker = tmp_path / "pid"
+    await mux.open(["sh", "-c", f"echo $$ > {marker}; exec sleep 300"], ENV)
+    deadline = time.monotonic() + 10
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await mux.aclose()  # the node's end goes: the guest's end reads end-of-file
+    assert guest.proc is not None
+    guest.proc.wait(timeout=10)
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_a_guest_without_python_says_what_to_do() -> None:
+    async def start(_argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
+        async def ended() -> tuple[int, bytes] | None:
+            return 127, b"env: 'python3': No such file or directory"
+
+        return ended
+
+    node, other = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=node)
+    with pytest.raises(FailedPreconditionError, match=r"python3.*rebuild"):
+        await GuestMux.start_on(reader, writer, "ws", start)
+    other.close()
+
+
+def test_the_domain_has_the_port_and_its_socket_goes_with_the_guest() -> None:
+    files = Files.for_domain(Path("/var/lib/vendetta/qemu"), "vd-ws-a1")
+    meta = Meta(agent="a1", workspace="ws", image="debian-12", state_dir="/s")
+    xml = domain_xml(
+        name="vd-ws-a1",
+        virt_type="qemu",
+        vcpus=1,
+        memory_kib=262144,
+        kernel=Path("/k"),
+        initrd=Path("/i"),
+        files=files,
+        meta=meta,
+    )
+    assert mux_socket(ET.fromstring(xml)) == str(files.mux_socket)
+    assert files.mux_socket in files.all()
+    long = Files.for_domain(Path("/" + "d" * 120), "vd-ws-a1")
+    assert "mux" in socket_path_problem(long) or "agent" in socket_path_problem(long)
+    assert GUEST_SOURCE.startswith('"""The guest')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
