@@ -419,9 +419,15 @@ class Provider(abc.ABC):
         with self._running(workspace):
             if self.capabilities.stdin:
                 return await self._pipe(workspace, argv, env)
-            output = self.exec(workspace, argv, env)
-            # Its first chunk now: an error in starting it is the caller's, not the output's.
-            return _NoStdin(await anext(aiter(output)), output)
+            return await self._without_stdin(workspace, argv, env)
+
+    async def _without_stdin(
+        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
+    ) -> Terminal:
+        """argv through ``exec``: no input, what is written is dropped."""
+        output = self.exec(workspace, argv, env)
+        # Its first chunk now: an error in starting it is the caller's, not the output's.
+        return _NoStdin(await anext(aiter(output)), output)
 
     async def images(self) -> builtins.list[ImageInfo]:
         """The images on the engine that environments can be made from, sorted by name."""

@@ -40,12 +40,23 @@ CREDIT_BATCH = wire.WINDOW // 4
 Starter = Callable[[Sequence[str]], Awaitable[Callable[[], Awaitable[tuple[int, bytes] | None]]]]
 
 
+# A guest without python3 (an image of the user's) is told apart by this exit code.
+NO_PYTHON = 127
+
+
 def guest_command(token: str) -> list[str]:
-    return ["python3", "-c", GUEST_SOURCE, token]
+    return [
+        "/bin/sh", "-c", f'command -v python3 >/dev/null || exit {NO_PYTHON}; exec python3 -c "$@"',
+        "sh", GUEST_SOURCE, token,
+    ]  # fmt: skip
 
 
 class Closed(Exception):
     """The connection to the guest ended."""
+
+
+class NoPython(FailedPreconditionError):
+    """The guest has no python3 to run its end with."""
 
 
 class MuxStream(Terminal):
@@ -252,12 +263,12 @@ async def _await_mark(
         finished = await ended()
         if finished is not None:
             code, err = finished
+            if code == NO_PYTHON:
+                raise NoPython(f"the guest of workspace {workspace!r} has no python3")
             said = err.decode("utf-8", "replace").strip() or "no output"
             raise FailedPreconditionError(
                 f"the stream relay in workspace {workspace!r} could not start (exit code "
-                f"{code}): {said}; the guest needs python3 (a guest image older than v5 "
-                "has none: rebuild it with scripts/build-guest-image.sh and recreate the "
-                "workspace)"
+                f"{code}): {said}"
             )
         if loop.time() > deadline:
             raise DeadlineExceededError(

@@ -15,7 +15,7 @@ import libvirt
 
 from providers.qemu import agent
 from providers.qemu.errors import guest_running
-from providers.qemu.mux import GuestMux, MuxStream
+from providers.qemu.mux import GuestMux, MuxStream, NoPython
 from providers.threaded import EngineClient
 
 
@@ -26,6 +26,8 @@ class Pipes:
         self._client = client
         self._muxes: dict[str, GuestMux] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Guests found without python3, by name: the run (domain id) they were found in.
+        self._no_python: dict[str, int] = {}
 
     async def open(
         self,
@@ -39,12 +41,18 @@ class Pipes:
         return await mux.open(argv, {**agent.BASE_ENV, **env})
 
     async def _mux(self, dom: libvirt.virDomain, path: str, workspace: str) -> GuestMux:
-        name = dom.name()
+        name, run = dom.name(), dom.ID()
         async with self._locks.setdefault(name, asyncio.Lock()):
+            if self._no_python.get(name) == run:  # asked once per run of the guest
+                raise NoPython(f"the guest of workspace {workspace!r} has no python3")
             mux = self._muxes.get(name)
             if mux is None or mux.closed is not None:
                 action = f"starting the stream relay in {workspace!r}"
-                mux = await GuestMux.connect(path, workspace, self._starter(dom, action))
+                try:
+                    mux = await GuestMux.connect(path, workspace, self._starter(dom, action))
+                except NoPython:
+                    self._no_python[name] = run
+                    raise
                 self._muxes[name] = mux
             return mux
 

@@ -78,6 +78,7 @@ from providers.qemu.images import (
 )
 from providers.qemu.kvm import probe_kvm
 from providers.qemu.logs import cursors, read_all
+from providers.qemu.mux import NoPython
 from providers.qemu.pipes import Pipes
 from providers.qemu.readiness import ReadinessCheck
 from providers.qemu.terminal import DEFAULT_TERM
@@ -522,7 +523,7 @@ class QemuProvider(Provider):
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
     ) -> Terminal:
         """``argv`` with stdin on the guest's stream port (see ``mux``), in the workspace's
-        folder, as its user."""
+        folder, as its user; without input in a guest that has no python3."""
         action = f"running {argv[0]!r} in {workspace!r}"
 
         def look(conn: libvirt.virConnect) -> tuple[libvirt.virDomain, Meta, str]:
@@ -537,7 +538,14 @@ class QemuProvider(Provider):
                 f"destroy {workspace}`, then `create`)"
             )
         wrapped = guest_argv(argv, meta.workdir, meta.user)
-        return await self._pipes.open(dom, path, workspace, wrapped, {**meta.env, **(env or {})})
+        try:
+            return await self._pipes.open(
+                dom, path, workspace, wrapped, {**meta.env, **(env or {})}
+            )
+        except NoPython:
+            # A guest image of the user's without python3: as before there was a port,
+            # the command runs without input (the proxy's builtin SFTP copes).
+            return await self._without_stdin(workspace, argv, env)
 
     # -- logs ------------------------------------------------------------------
 

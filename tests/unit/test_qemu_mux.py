@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import FailedPreconditionError, UnavailableError
+from common.errors import UnavailableError
 from providers.qemu import guest_mux as wire
 from providers.qemu.domain import Files, Meta, domain_xml, mux_socket, socket_path_problem
-from providers.qemu.mux import GUEST_SOURCE, GuestMux, MuxStream
+from providers.qemu.mux import GUEST_SOURCE, GuestMux, MuxStream, NoPython
 
 ENV = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
 
@@ -37,7 +37,8 @@ class Guest:
         self.node.sendall(stale_in)  # what an earlier connection left for the guest
 
     async def start(self, argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
-        assert argv[:2] == ["python3", "-c"]
+        assert argv[:2] == ["/bin/sh", "-c"] and "python3" in argv[2]
+        source, token = argv[-2:]
         # As the guest runs it (python3 -c SOURCE TOKEN), on our socket's fd.
         runner = (
             "import os, sys; src = sys.argv[1]; ns = {'__name__': 'guest'}; "
@@ -48,7 +49,7 @@ class Guest:
             "ns['serve'](int(os.environ['MUX_FD']), sys.argv[2])"
         )
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - starts at once, as guest-exec does
-            [sys.executable, "-c", runner, argv[2], argv[3]],
+            [sys.executable, "-c", runner, source, token],
             pass_fds=[self.guest.fileno()],
             env={**ENV, "MUX_FD": str(self.guest.fileno()), "STALE": str(self.stale_out)},
             stderr=subprocess.PIPE,
@@ -213,17 +214,28 @@ async def test_node_end_closing_kills_what_runs_in_the_guest(guest: Guest, tmp_p
         await asyncio.sleep(0.05)
 
 
-async def test_a_guest_without_python_says_what_to_do() -> None:
-    async def start(_argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
+async def test_a_guest_without_python3_is_told_apart(tmp_path: Path) -> None:
+    """The real start command, in a guest whose PATH has no python3: NoPython (the
+    provider then runs commands without input), not a failure of the relay."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def start(argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
+        (tmp_path / "sh").symlink_to("/bin/sh")  # a PATH with a shell and nothing else
+        proc = subprocess.Popen(argv, env={"PATH": str(tmp_path)}, stderr=subprocess.PIPE)  # noqa: ASYNC220
+        procs.append(proc)
+
         async def ended() -> tuple[int, bytes] | None:
-            return 127, b"env: 'python3': No such file or directory"
+            if proc.poll() is None:
+                return None
+            return proc.returncode, b""
 
         return ended
 
     node, other = socket.socketpair()
     reader, writer = await asyncio.open_unix_connection(sock=node)
-    with pytest.raises(FailedPreconditionError, match=r"python3.*rebuild"):
+    with pytest.raises(NoPython, match="has no python3"):
         await GuestMux.start_on(reader, writer, "ws", start)
+    assert procs[0].returncode == 127
     other.close()
 
 
