@@ -12,22 +12,23 @@
 # image; LXD runs /sbin/init (a tiny one: loopback up, then idle, reaping).
 #
 # Runs as root after scripts/engines.sh start. Cached: the root filesystem is
-# kept in /var/cache/vendetta (one debootstrap, ~1 min); each engine's copy
-# carries IMAGE_VERSION and is replaced only when that changes.
+# kept in /var/cache/vendetta (one debootstrap, ~1 min; scripts/debian-rootfs.sh,
+# which the QEMU guest image shares); each engine's copy carries IMAGE_VERSION
+# and is replaced only when that changes.
 set -euo pipefail
 
 NAME=vendetta/debian12
-# Bump when what the image holds changes: the cache and older imports are replaced.
-IMAGE_VERSION=2
-SUITE=bookworm
-PACKAGES=bash,coreutils,git,rsync,openssh-client,openssh-sftp-server,python3,curl,iproute2,ca-certificates
-CACHE=/var/cache/vendetta/test-image-$SUITE-v$IMAGE_VERSION.tar.gz
 force=0
 
 log() { printf 'build-test-image: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 # shellcheck source=scripts/debian-rootfs.sh
 source "$(dirname "${BASH_SOURCE[0]}")/debian-rootfs.sh"
+# What the image holds is the cached root filesystem: bump TEST_ROOTFS_VERSION
+# there, and the cache and older imports are replaced.
+IMAGE_VERSION=$TEST_ROOTFS_VERSION
+SUITE=$TEST_ROOTFS_SUITE
+CACHE=$TEST_ROOTFS_CACHE
 
 for arg in "$@"; do
     case $arg in
@@ -41,36 +42,12 @@ done
 built=0
 build_rootfs() {
     # Once per run, also with --force (the Docker and the LXD image share it).
-    if [[ -s $CACHE ]] && ((force == 0 || built)); then
-        return 0
+    if ((force == 1 && built == 0)); then
+        test_rootfs --force
+    else
+        test_rootfs
     fi
     built=1
-    local work root start=$SECONDS
-    work=$(mktemp -d /tmp/vd-test-image-XXXXXX)
-    # shellcheck disable=SC2064  # expand $work now
-    trap "rm -rf '$work'" RETURN
-    root=$work/rootfs
-    debian_rootfs "$SUITE" "$PACKAGES" "$root"
-    # debootstrap writes no /etc/hosts (the installer does): "localhost" must resolve
-    # inside (LXD keeps the image's; Docker writes its own).
-    printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
-    # A user who is not root, as dev images have (uid 1000).
-    chroot "$root" useradd --create-home --shell /bin/bash --uid 1000 dev
-    cat >"$root/sbin/init" <<'INIT'
-#!/bin/bash
-# PID 1 of the vendetta test image under LXD: loopback up (dev servers listen
-# on it), then idle; bash reaps whatever is orphaned to it. SIGPWR is LXD's
-# graceful stop.
-ip link set lo up 2>/dev/null
-trap 'exit 0' PWR TERM INT
-while :; do sleep 3600 & wait $!; done
-INIT
-    chmod 0755 "$root/sbin/init"
-    mkdir -p "$(dirname "$CACHE")"
-    tar -C "$root" --numeric-owner -czf "$CACHE.tmp" .
-    mv "$CACHE.tmp" "$CACHE"
-    find "$(dirname "$CACHE")" -maxdepth 1 -name "test-image-$SUITE-v*.tar.gz" ! -path "$CACHE" -delete
-    log "root filesystem cached at $CACHE ($(du -sh "$CACHE" | cut -f1)) in $((SECONDS - start))s"
 }
 
 docker_image() {
