@@ -2,10 +2,10 @@
 
 The guest agent gives a command no input and its output only at the end, so
 ``pipe`` (what sftp-server, scp, rsync, git and the forwarding relays need)
-runs over a virtio-serial port of the domain instead (``org.vendetta.mux``;
-QEMU listens on a unix socket beside the domain's other files). One
-connection per guest carries every such command; ``guest_mux.py`` is its
-other end, started in the guest by the guest agent for each connection.
+runs over a virtio-serial port of the domain instead (``org.vendetta.mux``,
+reached through libvirt: channel.py). One connection per guest carries every
+such command; ``guest_mux.py`` is its other end, started in the guest by the
+guest agent for each connection.
 The wire (frames, marks, credit) is described there.
 """
 
@@ -22,7 +22,6 @@ from pathlib import Path
 from common.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
-    PermissionDeniedError,
     UnavailableError,
 )
 from providers.base import ExecChunk, Terminal
@@ -146,27 +145,6 @@ class GuestMux:
         self._pump = asyncio.create_task(self._read_frames(), name=f"mux-{name}")
 
     @classmethod
-    async def connect(cls, path: str, workspace: str, start: Starter) -> GuestMux:
-        """Connect to the port's socket, start the guest's end, wait for its mark."""
-        try:
-            reader, writer = await asyncio.open_unix_connection(path, limit=4 * wire.CHUNK)
-        except FileNotFoundError as exc:
-            raise FailedPreconditionError(
-                f"the stream port of workspace {workspace!r} is not there ({path}): restart "
-                f"the workspace (`vendetta workspace down {workspace}`, then `up`)"
-            ) from exc
-        except PermissionError as exc:
-            raise PermissionDeniedError(
-                f"cannot open the stream port of workspace {workspace!r} at {path}: the "
-                "agent must be able to open QEMU's sockets"
-            ) from exc
-        except OSError as exc:
-            raise UnavailableError(
-                f"cannot reach the stream port of workspace {workspace!r} at {path}: {exc}"
-            ) from exc
-        return await cls.start_on(reader, writer, workspace, start)
-
-    @classmethod
     async def start_on(
         cls,
         reader: asyncio.StreamReader,
@@ -174,7 +152,7 @@ class GuestMux:
         workspace: str,
         start: Starter,
     ) -> GuestMux:
-        """On an open connection: start the guest's end and wait for its mark."""
+        """On a connection to the port (channel.py): start the guest's end, wait for its mark."""
         token = secrets.token_hex(16)
         try:
             writer.write(wire.MARK_HOST + token.encode() + b"\n")

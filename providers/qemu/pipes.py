@@ -14,33 +14,33 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import libvirt
 
 from providers.qemu import agent
+from providers.qemu.channel import open_channel
+from providers.qemu.domain import MUX_CHANNEL
 from providers.qemu.errors import guest_running
 from providers.qemu.mux import GuestMux, MuxStream, NoPython
 from providers.threaded import EngineClient
+
+# asyncio's read buffer on the connection: a few of the guest's chunks.
+LIMIT = 1 << 18
 
 
 class Pipes:
     """The multiplexer connections of one provider's guests, by domain name."""
 
-    def __init__(self, client: EngineClient[libvirt.virConnect]) -> None:
-        self._client = client
+    def __init__(self, client: EngineClient[libvirt.virConnect], uri: str) -> None:
+        self._client, self._uri = client, uri
         self._muxes: dict[str, GuestMux] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Guests found without python3, by name: the run (domain id) they were found in.
         self._no_python: dict[str, int] = {}
 
     async def open(
-        self,
-        dom: libvirt.virDomain,
-        path: str,
-        workspace: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
+        self, dom: libvirt.virDomain, workspace: str, argv: Sequence[str], env: Mapping[str, str]
     ) -> MuxStream:
-        mux = await self._mux(dom, path, workspace)
+        mux = await self._mux(dom, workspace)
         return await mux.open(argv, {**agent.BASE_ENV, **env})
 
-    async def _mux(self, dom: libvirt.virDomain, path: str, workspace: str) -> GuestMux:
+    async def _mux(self, dom: libvirt.virDomain, workspace: str) -> GuestMux:
         name, run = dom.name(), dom.ID()
         async with self._locks.setdefault(name, asyncio.Lock()):
             if self._no_python.get(name) == run:  # asked once per run of the guest
@@ -48,8 +48,14 @@ class Pipes:
             mux = self._muxes.get(name)
             if mux is None or mux.closed is not None:
                 action = f"starting the stream relay in {workspace!r}"
+                sock = await asyncio.to_thread(
+                    open_channel, self._uri, name, MUX_CHANNEL, workspace
+                )
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LIMIT)
                 try:
-                    mux = await GuestMux.connect(path, workspace, self._starter(dom, action))
+                    mux = await GuestMux.start_on(
+                        reader, writer, workspace, self._starter(dom, action)
+                    )
                 except NoPython:
                     self._no_python[name] = run
                     raise

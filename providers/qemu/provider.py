@@ -158,7 +158,7 @@ class QemuProvider(Provider):
             close=guests.close,
         )
         self._consoles = Consoles(self._libvirt)
-        self._pipes = Pipes(self._libvirt)
+        self._pipes = Pipes(self._libvirt, self.uri)
         self._readiness = ReadinessCheck(self._libvirt, self.uri, self.image_dirs, self.state_dir)
 
     # -- plumbing --------------------------------------------------------------
@@ -539,9 +539,7 @@ class QemuProvider(Provider):
             )
         wrapped = guest_argv(argv, meta.workdir, meta.user)
         try:
-            return await self._pipes.open(
-                dom, path, workspace, wrapped, {**meta.env, **(env or {})}
-            )
+            return await self._pipes.open(dom, workspace, wrapped, {**meta.env, **(env or {})})
         except NoPython:
             # A guest image of the user's without python3: as before there was a port,
             # the command runs without input (the proxy's builtin SFTP copes).

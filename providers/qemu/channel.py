@@ -1,0 +1,138 @@
+"""A guest's virtio-serial port, reached through libvirt, as a local socket.
+
+QEMU's socket for the port belongs to its own user (libvirt-qemu, mode 0775):
+an agent run as a user in the libvirt group cannot connect to it. libvirt
+can, for any client allowed to manage the domain: ``virDomainOpenChannel``
+ties a libvirt stream to the port. Streams only flow with libvirt's event
+loop running, and a blocking one would hold its connection's lock while it
+waits, so each channel gets a connection of its own, a non-blocking stream,
+and two pumps between it and one end of a socket pair: the stream's events
+(libvirt's event thread) into the socket, a thread from the socket into the
+stream. The caller uses the other end like any socket; either side closing
+closes both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+import libvirt
+
+from common.errors import FailedPreconditionError, UnavailableError
+
+READ_SIZE = 1 << 18  # libvirt's largest stream message
+_SOCKET_BUFFER = 4 << 20
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's own event loop, in a thread of its own, for the life of the process.
+    Registered before any connection the streams use is opened."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+class _Pump:
+    """Moves bytes between a non-blocking libvirt stream and our end of a socket pair."""
+
+    def __init__(self, conn: libvirt.virConnect, stream: libvirt.virStream, ours: socket.socket):
+        self._conn, self._stream, self._sock = conn, stream, ours
+        self._writable = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._events = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_HANGUP
+        self._events |= libvirt.VIR_STREAM_EVENT_ERROR
+        stream.eventAddCallback(self._events, self._on_event, None)
+        threading.Thread(target=self._to_stream, name="libvirt-channel", daemon=True).start()
+
+    def _on_event(self, stream: libvirt.virStream, events: int, _opaque: object) -> None:
+        if events & libvirt.VIR_STREAM_EVENT_WRITABLE:
+            self._writable.set()
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.eventUpdateCallback(self._events)
+        if events & libvirt.VIR_STREAM_EVENT_READABLE:
+            try:
+                while (data := stream.recv(READ_SIZE)) != -2:
+                    if not data:  # the guest's end (QEMU) closed
+                        self.close()
+                        return
+                    self._sock.sendall(data)  # bounded: the mux's windows
+            except (libvirt.libvirtError, OSError):
+                self.close()
+                return
+        if events & (libvirt.VIR_STREAM_EVENT_HANGUP | libvirt.VIR_STREAM_EVENT_ERROR):
+            self.close()
+
+    def _to_stream(self) -> None:
+        try:
+            while data := self._sock.recv(READ_SIZE):
+                view = memoryview(data)
+                while view:
+                    sent = self._stream.send(view.tobytes())
+                    if sent == -2:  # libvirt's buffer is full: wait until it drains
+                        self._writable.clear()
+                        self._stream.eventUpdateCallback(
+                            self._events | libvirt.VIR_STREAM_EVENT_WRITABLE
+                        )
+                        while not self._writable.wait(0.5):
+                            if self._closed.is_set():
+                                return
+                        continue
+                    view = view[sent:]
+        except (libvirt.libvirtError, OSError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.eventRemoveCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
+        self._sock.close()
+
+
+def open_channel(uri: str, domain: str, channel: str, workspace: str) -> socket.socket:
+    """Blocking: a socket whose bytes are those of ``channel`` of the running ``domain``."""
+    _ensure_event_loop()
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise UnavailableError(f"cannot reach libvirt at {uri}: {exc.get_error_message()}") from exc
+    try:
+        dom = conn.lookupByName(domain)
+        stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        # FORCE: a stream an earlier agent left open is ours to take over.
+        dom.openChannel(channel, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
+    except libvirt.libvirtError as exc:
+        conn.close()
+        raise FailedPreconditionError(
+            f"cannot open the stream port of workspace {workspace!r}: {exc.get_error_message()}"
+        ) from exc
+    ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+    _Pump(conn, stream, ours)
+    return theirs
