@@ -1,9 +1,10 @@
 """A guest's virtio-serial port, reached through libvirt, as a local socket.
 
-QEMU's socket for the port belongs to its own user (libvirt-qemu, mode 0775):
-an agent run as a user in the libvirt group cannot connect to it. libvirt
+QEMU's sockets for the ports belong to its own user (libvirt-qemu, mode 0775):
+an agent run as a user in the libvirt group cannot connect to them. libvirt
 can, for any client allowed to manage the domain: ``virDomainOpenChannel``
-ties a libvirt stream to the port. Streams only flow with libvirt's event
+(a virtio-serial port) and ``virDomainOpenConsole`` (the terminal console)
+tie a libvirt stream to one. Streams only flow with libvirt's event
 loop running, and a blocking one would hold its connection's lock while it
 waits, so each channel gets a connection of its own, a non-blocking stream,
 and two pumps between it and one end of a socket pair: the stream's events
@@ -113,8 +114,11 @@ class _Pump:
         self._sock.close()
 
 
-def open_channel(uri: str, domain: str, channel: str, workspace: str) -> socket.socket:
-    """Blocking: a socket whose bytes are those of ``channel`` of the running ``domain``."""
+def open_channel(
+    uri: str, domain: str, workspace: str, *, channel: str = "", console: str = ""
+) -> socket.socket:
+    """Blocking: a socket whose bytes are those of the running ``domain``'s ``channel``
+    (a virtio-serial port's name) or ``console`` (a console's alias)."""
     _ensure_event_loop()
     try:
         conn = libvirt.open(uri)
@@ -124,11 +128,15 @@ def open_channel(uri: str, domain: str, channel: str, workspace: str) -> socket.
         dom = conn.lookupByName(domain)
         stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         # FORCE: a stream an earlier agent left open is ours to take over.
-        dom.openChannel(channel, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
+        if console:
+            dom.openConsole(console, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        else:
+            dom.openChannel(channel, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
     except libvirt.libvirtError as exc:
         conn.close()
+        what = "terminal console" if console else "stream port"
         raise FailedPreconditionError(
-            f"cannot open the stream port of workspace {workspace!r}: {exc.get_error_message()}"
+            f"cannot open the {what} of workspace {workspace!r}: {exc.get_error_message()}"
         ) from exc
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):

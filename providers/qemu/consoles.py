@@ -31,15 +31,15 @@ class Consoles:
     async def open(
         self,
         dom: libvirt.virDomain,
-        path: str,
+        alias: str,
         workspace: str,
         argv: Sequence[str],
         env: Mapping[str, str],
         rows: int,
         cols: int,
     ) -> QemuTerminal:
-        """``argv`` on the console of ``dom`` at ``path`` ('': the guest has none)."""
-        if not path:
+        """``argv`` on the terminal console ``alias`` of ``dom`` ('': the guest has none)."""
+        if not alias:
             raise missing_console(workspace)
         name = dom.name()
         if name in self._in_use:
@@ -48,7 +48,7 @@ class Consoles:
 
         def start(_conn: libvirt.virConnect) -> Session:
             with guest_running(dom):
-                return open_session(dom, path, workspace, argv, env, rows, cols)
+                return open_session(dom, alias, workspace, argv, env, rows, cols)
 
         async def opening() -> Session:
             try:

@@ -40,7 +40,6 @@ class Files:
     stdout: Path
     stderr: Path
     agent_socket: Path
-    terminal_socket: Path
     mux_socket: Path
 
     @classmethod
@@ -52,7 +51,6 @@ class Files:
             stderr=state_dir / f"{domain}.stderr.log",
             agent_socket=state_dir / f"{domain}.agent.sock",
             # Short: a unix socket path has at most 107 bytes (see socket_path_problem).
-            terminal_socket=state_dir / f"{domain}.term",
             mux_socket=state_dir / f"{domain}.mux",
         )
 
@@ -63,7 +61,6 @@ class Files:
             self.stdout,
             self.stderr,
             self.agent_socket,
-            self.terminal_socket,
             self.mux_socket,
         )
 
@@ -137,7 +134,7 @@ class Meta:
 
 def socket_path_problem(files: Files) -> str:
     """Why QEMU could not bind a guest's sockets (a path is too long), or ''."""
-    for path in (files.agent_socket, files.terminal_socket, files.mux_socket):
+    for path in (files.agent_socket, files.mux_socket):
         length = len(str(path).encode())
         if length > MAX_SOCKET_PATH:
             return (
@@ -147,15 +144,14 @@ def socket_path_problem(files: Files) -> str:
     return ""
 
 
-def terminal_socket(root: ET.Element) -> str:
-    """The node-side socket of a domain's terminal console ('' for a guest without one)."""
+def terminal_console(root: ET.Element) -> str:
+    """The alias of a domain's terminal console ('' for a guest without one, or with the
+    unix-socket console of before, which libvirt cannot open for us)."""
     for console in root.iterfind("devices/console"):
         alias = console.find("alias")
-        source = console.find("source")
-        if console.get("type") != "unix" or source is None:
-            continue
-        if alias is not None and alias.get("name") == TERMINAL_ALIAS:
-            return source.get("path", "")
+        name = alias.get("name") if alias is not None else None
+        if console.get("type") == "pty" and name == TERMINAL_ALIAS:
+            return TERMINAL_ALIAS
     return ""
 
 
@@ -189,9 +185,10 @@ def domain_xml(
 ) -> str:
     """A persistent domain: direct kernel boot, root on the overlay, no NIC.
 
-    Besides the serial console (a log file), a virtio console on a unix socket
-    that QEMU listens on carries interactive terminals (terminal.py), and a
-    virtio-serial port on another carries commands with stdin (mux.py).
+    Besides the serial console (a log file), a virtio console on a pty carries
+    interactive terminals (terminal.py), and a virtio-serial port on a unix
+    socket commands with stdin (mux.py); both are reached through libvirt
+    (channel.py), which an agent run as a user in the libvirt group may use.
 
     The NIC of a guest with published ports is added at each start, with the
     node ports of that start (network.with_forwards).
@@ -238,8 +235,7 @@ def domain_xml(
       <source path='{_escape(str(files.console))}' append='on'/>
       <target type='serial' port='0'/>
     </console>
-    <console type='unix'>
-      <source mode='bind' path='{_escape(str(files.terminal_socket))}'/>
+    <console type='pty'>
       <target type='virtio'/>
       <alias name='{TERMINAL_ALIAS}'/>
     </console>

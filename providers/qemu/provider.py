@@ -62,7 +62,7 @@ from providers.qemu.domain import (
     guest_argv,
     mux_socket,
     socket_path_problem,
-    terminal_socket,
+    terminal_console,
 )
 from providers.qemu.errors import guest_running, libvirt_errors
 from providers.qemu.images import (
@@ -512,7 +512,7 @@ class QemuProvider(Provider):
 
         def look(conn: libvirt.virConnect) -> tuple[libvirt.virDomain, Meta, str]:
             dom, meta = self._require_running(conn, workspace)
-            return dom, meta, terminal_socket(ET.fromstring(dom.XMLDesc(0)))
+            return dom, meta, terminal_console(ET.fromstring(dom.XMLDesc(0)))
 
         dom, meta, path = await self._libvirt.call(action, look)
         environment = {"TERM": DEFAULT_TERM, **meta.env, **(env or {})}

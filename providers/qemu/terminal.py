@@ -2,12 +2,12 @@
 
 The guest agent can neither stream nor give a PTY, so a terminal's wire is a
 virtio console of the domain (domain.py): in the guest it is ``/dev/hvc0``, a
-real tty (termios, window size, job control); on the node QEMU listens on a
-unix socket next to the domain's other files and serves one client at a time.
+real tty (termios, window size, job control); on the node it is a pty of
+QEMU's, opened through libvirt (channel.py), one client at a time.
 
 A session (:func:`open_session`, blocking):
 
-1. connect to that socket;
+1. open that console;
 2. start the command with ``guest-exec``, through :data:`GUEST_SCRIPT`: it
    hangs up whatever an earlier terminal left on the console, then runs the
    command in a new session with the console as its controlling terminal,
@@ -43,11 +43,11 @@ import libvirt
 from common.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
-    PermissionDeniedError,
     UnavailableError,
 )
 from providers.base import ExecChunk, Terminal
 from providers.qemu import agent
+from providers.qemu.channel import open_channel
 from providers.threaded import EngineClient
 
 T = TypeVar("T")
@@ -109,28 +109,9 @@ def ready_token(nonce: str) -> bytes:
     return f"\033]vendetta;{nonce}\007".encode()
 
 
-def _connect(path: str, workspace: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except FileNotFoundError as exc:
-        sock.close()
-        raise FailedPreconditionError(
-            f"the terminal console of workspace {workspace!r} is not there ({path}): restart "
-            f"the workspace (`vendetta workspace down {workspace}`, then `up`)"
-        ) from exc
-    except PermissionError as exc:
-        sock.close()
-        raise PermissionDeniedError(
-            f"cannot reach the terminal console of workspace {workspace!r} at {path}: the "
-            "agent must be able to open QEMU's sockets (run it as root)"
-        ) from exc
-    except OSError as exc:
-        sock.close()
-        raise UnavailableError(
-            f"cannot reach the terminal console of workspace {workspace!r} at {path}: {exc}"
-        ) from exc
-    return sock
+def _connect(dom: libvirt.virDomain, alias: str, workspace: str) -> socket.socket:
+    """The terminal console, through libvirt (channel.py)."""
+    return open_channel(dom.connect().getURI(), dom.name(), workspace, console=alias)
 
 
 def _drain(sock: socket.socket, token: bytes, seen: bytearray, quiet: float = 0.5) -> bytes:
@@ -188,7 +169,7 @@ def _await_ready(
 
 def open_session(
     dom: libvirt.virDomain,
-    path: str,
+    alias: str,
     workspace: str,
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -196,7 +177,7 @@ def open_session(
     cols: int,
 ) -> tuple[socket.socket, int, bytes]:
     """Blocking: (connected socket, pid of the session, its first output)."""
-    sock = _connect(path, workspace)
+    sock = _connect(dom, alias, workspace)
     pid = -1
     try:
         nonce = os.urandom(8).hex()

@@ -317,7 +317,7 @@ async def test_terminal_of_a_guest_without_its_console_says_recreate(
     provider: QemuProvider, guest: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a domain defined before terminals existed looks like: no terminal console.
-    monkeypatch.setattr(qemu_provider, "terminal_socket", lambda _root: "")
+    monkeypatch.setattr(qemu_provider, "terminal_console", lambda _root: "")
     with pytest.raises(FailedPreconditionError, match=rf"Recreate.*destroy {guest}"):
         await provider.attach(guest, ["/bin/sh"], rows=24, cols=80)
 

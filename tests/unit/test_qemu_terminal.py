@@ -25,7 +25,7 @@ from providers.qemu.domain import (
     Meta,
     domain_xml,
     socket_path_problem,
-    terminal_socket,
+    terminal_console,
 )
 from providers.qemu.terminal import GUEST_SCRIPT, ready_token
 
@@ -47,31 +47,30 @@ def _domain(files: Files) -> ET.Element:
     return ET.fromstring(xml)
 
 
-def test_the_terminal_console_is_a_virtio_console_on_a_unix_socket() -> None:
+def test_the_terminal_console_is_a_virtio_console_libvirt_can_open() -> None:
     files = Files.for_domain(Path("/var/lib/vendetta/qemu"), "vd-ws-a1")
     root = _domain(files)
-    (console,) = [c for c in root.iterfind("devices/console") if c.get("type") == "unix"]
+    # A pty: libvirt opens consoles of that kind only (virDomainOpenConsole), and an
+    # agent run as a libvirt-group user cannot open QEMU's own sockets.
+    (console,) = [c for c in root.iterfind("devices/console") if c.get("type") == "pty"]
     target = console.find("target")
     assert target is not None and target.get("type") == "virtio"
-    source = console.find("source")
-    assert source is not None and source.get("mode") == "bind"
-    assert terminal_socket(root) == str(files.terminal_socket)
-    assert files.terminal_socket in files.all()  # removed with the environment
+    assert terminal_console(root) == TERMINAL_ALIAS
     # The serial console (the log) is still the first console: the kernel's ttyS0.
     first = root.find("devices/console/target")
     assert first is not None and first.get("type") == "serial"
+    # A domain of before (a unix-socket console) has none libvirt can open.
+    console.set("type", "unix")
+    assert terminal_console(root) == ""
     # A domain from before terminals existed has no such console.
-    for console in root.iterfind("devices/console"):
-        alias = console.find("alias")
-        if alias is not None and alias.get("name") == TERMINAL_ALIAS:
-            root.find("devices").remove(console)  # type: ignore[union-attr]
-    assert terminal_socket(root) == ""
+    root.find("devices").remove(console)  # type: ignore[union-attr]
+    assert terminal_console(root) == ""
 
 
 def test_socket_paths_fit_for_the_longest_workspace_name() -> None:
     domain = f"vd-{'w' * 63}-abcdef12"
     files = Files.for_domain(Path("/var/lib/vendetta/qemu"), domain)
-    assert len(str(files.terminal_socket)) <= MAX_SOCKET_PATH
+    assert len(str(files.mux_socket)) <= MAX_SOCKET_PATH
     assert "agent.sock" in socket_path_problem(files)  # the agent's socket is the longer one
     assert socket_path_problem(Files.for_domain(Path("/var/lib/vendetta/qemu"), "vd-ws-a1")) == ""
 
