@@ -1,6 +1,8 @@
 """sftp and scp (its SFTP mode, OpenSSH's default) through `NAME.vendetta` into
-workspaces whose image has no sftp-server (busybox, on Docker and LXD, and the
-QEMU guest, whose agent takes no input: files go in through command lines): the
+workspaces whose image has no sftp-server (busybox, on Docker and LXD, and a
+QEMU guest whose python3 and sftp-server the test removes first, as in a guest
+image of a user's without them: with no python3 for its stream port, commands
+there get no input, and files go in through command lines): the
 proxy serves SFTP itself, each operation a command inside as the workspace's
 user (uid 1000 here, not root), with the real OpenSSH client and the generated
 `Host NAME.vendetta` entries, on a node that logs in as a user who is not root.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,15 +50,38 @@ def editor() -> Iterator[Editor]:
                 "--no-source",
             )  # fmt: skip
             e.cli("workspace", "up", name, timeout=300)
+            if provider == "qemu":
+                _strip_guest(name)
         yield Editor(e, ssh_config(e))
+
+
+def _strip_guest(workspace: str) -> None:
+    """As root in the guest, through its agent (before any command with input has
+    started the stream relay): no python3, no sftp-server."""
+    import libvirt
+
+    from providers.qemu import agent
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        [dom] = [d for d in conn.listAllDomains() if d.name().startswith(f"vd-{workspace}-")]
+        gone = "rm -f /usr/bin/python3 /usr/bin/python3.* " + " ".join(SFTP_SERVERS)
+        pid = agent.exec_start(dom, ["/bin/sh", "-c", gone], {}, capture=True)
+        deadline = time.monotonic() + 60
+        while not (status := agent.exec_status(dom, pid))[0]:
+            assert time.monotonic() < deadline, "rm in the guest did not end"
+            time.sleep(0.2)
+        assert status[1] == 0, status
+    finally:
+        conn.close()
 
 
 @pytest.fixture(params=sorted(SECTIONS))
 def ws(request: pytest.FixtureRequest, editor: Editor) -> str:
     name = f"sb-{request.param}.vendetta"
-    # The premise: busybox, no sftp-server, not root.
+    # The premise: no sftp-server, no python3 (the QEMU guest's stream relay), not root.
     servers = " ".join(SFTP_SERVERS)
-    probe = editor.ssh(name, f'for s in {servers}; do [ -e "$s" ] && echo "$s"; done; id -u')
+    probe = editor.ssh(name, f'for s in {servers} python3; do command -v "$s"; done; id -u')
     assert probe.stdout.split() == ["1000"], probe.stdout + probe.stderr
     return name
 

@@ -1,7 +1,9 @@
 """What editors need of `ssh NAME.vendetta`, with the real OpenSSH client and the
 generated `Host NAME.vendetta` entries, against workspaces on a node that logs
-in as a user who is not root (vdnode) behind a real sshd, on Docker and LXD,
-in the Debian test image (scripts/build-test-image.sh): `-L`, `-D` and `-W` to a
+in as a user who is not root (vdnode) behind a real sshd, on Docker and LXD
+in the Debian test image (scripts/build-test-image.sh) and in a QEMU guest of
+the Debian guest image (its commands with input go over the guest's stream
+port, providers/qemu/mux.py): `-L`, `-D` and `-W` to a
 server listening on 127.0.0.1 inside (a large download intact), a refused forward
 that leaves the session working, `-R` to a server here (gone with the session),
 `-A` (only when asked, a socket private to the user inside), SetEnv and the
@@ -35,6 +37,7 @@ DEBIAN = "vendetta/debian12"
 SECTIONS = {
     "docker": f"docker: {{image: '{DEBIAN}'}}",
     "lxd": f"lxd: {{image: '{DEBIAN}', cpu: 1, memory: 512M}}",
+    "qemu": "qemu: {image: debian-12, cpu: 1, memory: 512M, disk: 2G}",
 }
 # Inside: a web server on 127.0.0.1 only (as dev servers listen), with a page and a
 # file big enough to span many messages (made once: the service may be restarted).
