@@ -67,11 +67,19 @@ class MuxStream(Terminal):
         self._credit = wire.WINDOW  # what the guest will still take as stdin
         self._credit_changed = asyncio.Event()
         self._taken = 0  # output taken, not yet given back as credit
+        self._owed = 0  # output received, not yet given back: at most a window
         self.exited = False
 
     # -- from the connection ---------------------------------------------------
 
     def deliver(self, kind: int, payload: bytes) -> None:
+        """One frame from the guest. Raises Closed where the guest broke the wire."""
+        if kind in (wire.OUT, wire.ERR):
+            self._owed += len(payload)
+            if self._owed > wire.WINDOW:  # the node's memory is not the guest's to fill
+                raise Closed(
+                    f"the stream relay in workspace {self._mux.name!r} sent past its window"
+                )
         if kind == wire.OUT:
             self._chunks.put_nowait(ExecChunk(stdout=payload))
         elif kind == wire.ERR:
@@ -106,6 +114,7 @@ class MuxStream(Terminal):
             self._taken += len(chunk.stdout) + len(chunk.stderr)
             if self._taken >= CREDIT_BATCH:
                 taken, self._taken = self._taken, 0
+                self._owed -= taken
                 await self._mux.send(self._sid, wire.CREDIT, struct.pack(">I", taken))
 
     async def write(self, data: bytes) -> None:
@@ -196,10 +205,14 @@ class GuestMux:
             while True:
                 header = await self._reader.readexactly(wire.HEADER.size)
                 sid, kind, length = wire.HEADER.unpack(header)
+                if length > wire.WINDOW:
+                    raise Closed(f"the stream relay in workspace {self.name!r} sent a bad frame")
                 payload = await self._reader.readexactly(length) if length else b""
                 stream = self._streams.get(sid)
                 if stream is not None:
                     stream.deliver(kind, payload)
+        except Closed as broken:
+            why = broken
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:

@@ -269,3 +269,34 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+async def test_a_guest_that_ignores_its_window_is_cut_off() -> None:
+    """A guest's end that sends past its window (a broken or hostile guest) ends the
+    connection with a clear error: the node's memory is not the guest's to fill."""
+    node, fake = socket.socketpair()
+    fake.setblocking(False)
+
+    async def start(argv: Sequence[str]) -> Callable[[], Awaitable[tuple[int, bytes] | None]]:
+        fake.send(wire.MARK_GUEST + argv[-1].encode() + b"\n")
+
+        async def ended() -> tuple[int, bytes] | None:
+            return None
+
+        return ended
+
+    reader, writer = await asyncio.open_unix_connection(sock=node)
+    mux = await GuestMux.start_on(reader, writer, "ws", start)
+    stream = await mux.open(["cat"], ENV)
+    chunk = wire.HEADER.pack(1, wire.OUT, wire.CHUNK) + b"x" * wire.CHUNK
+    loop = asyncio.get_running_loop()
+    for _ in range(wire.WINDOW // wire.CHUNK + 1):  # one chunk more, nothing taken
+        await loop.sock_sendall(fake, chunk)
+    deadline = loop.time() + 20
+    while mux.closed is None:
+        assert loop.time() < deadline, "the node took more than a window"
+        await asyncio.sleep(0.01)
+    with pytest.raises(UnavailableError, match="past its window"):
+        await asyncio.wait_for(_collect(stream), 20)
+    assert mux.closed is not None
+    fake.close()
