@@ -1,0 +1,96 @@
+"""Commands with stdin in a real QEMU guest (the stream port, providers/qemu/mux.py):
+many at once on one connection, input and output intact, the port closed to the
+guest's users, and a new connection after the guest restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from providers.base import EnvironmentSpec, Terminal
+from providers.qemu import QemuProvider
+from providers.qemu.images import DEFAULT_IMAGE
+
+pytestmark = pytest.mark.qemu
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def provider(qemu_engine: None) -> AsyncIterator[QemuProvider]:
+    state_dir = Path(tempfile.mkdtemp(prefix="vd-qemu-pipes-", dir="/tmp"))
+    state_dir.chmod(0o755)
+    p = QemuProvider(f"test-{uuid.uuid4().hex}", state_dir=state_dir)
+    try:
+        yield p
+    finally:
+        for env in await p.list():
+            await p.destroy(env.workspace)
+        await p.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def guest(provider: QemuProvider) -> AsyncIterator[str]:
+    ws = f"pipes-{uuid.uuid4().hex[:6]}"
+    spec = EnvironmentSpec(workspace=ws, image=DEFAULT_IMAGE, memory_bytes=384 * 2**20)
+    await provider.create(spec)
+    await provider.start(ws)
+    yield ws
+    await provider.destroy(ws)
+
+
+async def _run(session: Terminal, data: bytes = b"") -> tuple[bytes, bytes, int | None]:
+    async def feed() -> None:
+        for i in range(0, len(data), 1 << 20):
+            await session.write(data[i : i + (1 << 20)])
+        await session.close_stdin()
+
+    feeder = asyncio.create_task(feed())
+    out, err, code = bytearray(), bytearray(), None
+    async for chunk in session.output():
+        out += chunk.stdout
+        err += chunk.stderr
+        if chunk.exit_code is not None:
+            code = chunk.exit_code
+    await feeder
+    await session.close()
+    return bytes(out), bytes(err), code
+
+
+@in_module_loop
+async def test_many_commands_with_input_at_once(provider: QemuProvider, guest: str) -> None:
+    blobs = [os.urandom(3 * 2**20 + i) for i in range(6)]
+    sessions = [await provider.pipe(guest, ["sh", "-c", "md5sum; echo done >&2"]) for _ in blobs]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(_run(s, b) for s, b in zip(sessions, blobs, strict=True))), 180
+    )
+    for blob, (out, err, code) in zip(blobs, results, strict=True):
+        assert out.split()[0].decode() == hashlib.md5(blob).hexdigest()
+        assert (err, code) == (b"done\n", 0)
+
+
+@in_module_loop
+async def test_the_port_is_not_open_to_users_inside(provider: QemuProvider, guest: str) -> None:
+    as_user = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
+    probe = [*as_user, "sh", "-c", "echo x > /dev/virtio-ports/org.vendetta.mux"]
+    out, err, code = await _run(await provider.pipe(guest, probe))
+    assert code != 0 and b"Permission denied" in err, (out, err, code)
+
+
+@in_module_loop
+async def test_a_restarted_guest_gets_a_new_connection(provider: QemuProvider, guest: str) -> None:
+    before = await _run(await provider.pipe(guest, ["cat"]), b"before\n")
+    assert before == (b"before\n", b"", 0)
+    await provider.stop(guest)
+    await provider.start(guest)
+    after = await asyncio.wait_for(_run(await provider.pipe(guest, ["cat"]), b"after\n"), 60)
+    assert after == (b"after\n", b"", 0)
