@@ -48,6 +48,7 @@ CREDIT = 5  # both ways: 4-byte count of bytes taken
 OUT = 6
 ERR = 7
 EXIT = 8  # 4-byte signed exit code (128+N for signal N); the stream's last frame
+STARTED = 9  # the command runs (its output may come first): this end is alive
 
 
 class Port:
@@ -199,6 +200,7 @@ def serve(fd: int, token: str) -> None:
             if kind == OPEN:
                 try:
                     streams[sid] = Stream(port, sid, json.loads(payload))
+                    port.send(sid, STARTED)
                 except OSError as exc:  # no such program, not executable
                     port.send(sid, ERR, f"{exc.strerror or exc}\n".encode())
                     port.send(sid, EXIT, struct.pack(">i", 127))

@@ -31,6 +31,8 @@ from providers.qemu import guest_mux as wire
 GUEST_SOURCE = Path(wire.__file__).read_text()
 # Until the guest's end answers: python3 starting in a TCG guest under load is slow.
 READY_SECONDS = 30.0
+# Until the guest's end answers an OPEN: longer means it is gone (killed inside).
+OPEN_SECONDS = 20.0
 # Give credit back once this much output has been taken (fewer, larger frames).
 CREDIT_BATCH = wire.WINDOW // 4
 
@@ -54,6 +56,10 @@ class Closed(Exception):
     """The connection to the guest ended."""
 
 
+class Stalled(UnavailableError):
+    """The guest's end did not answer: it was killed or stopped inside the guest."""
+
+
 class NoPython(FailedPreconditionError):
     """The guest has no python3 to run its end with."""
 
@@ -68,12 +74,14 @@ class MuxStream(Terminal):
         self._credit_changed = asyncio.Event()
         self._taken = 0  # output taken, not yet given back as credit
         self._owed = 0  # output received, not yet given back: at most a window
+        self.answered = asyncio.Event()  # a first frame came: the guest's end runs it
         self.exited = False
 
     # -- from the connection ---------------------------------------------------
 
     def deliver(self, kind: int, payload: bytes) -> None:
         """One frame from the guest. Raises Closed where the guest broke the wire."""
+        self.answered.set()
         if kind in (wire.OUT, wire.ERR):
             self._owed += len(payload)
             if self._owed > wire.WINDOW:  # the node's memory is not the guest's to fill
@@ -92,6 +100,7 @@ class MuxStream(Terminal):
             self._credit_changed.set()
 
     def lost(self, why: Closed) -> None:
+        self.answered.set()
         self._chunks.put_nowait(why)
         self._credit_changed.set()
 
@@ -179,6 +188,14 @@ class GuestMux:
         spec = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
         try:
             await self.send(sid, wire.OPEN, spec)
+            await asyncio.wait_for(stream.answered.wait(), OPEN_SECONDS)
+        except TimeoutError:
+            self.forget(sid)
+            await self.aclose()  # nothing more will come on this connection
+            raise Stalled(
+                f"the stream relay in workspace {self.name!r} did not answer within "
+                f"{OPEN_SECONDS:.0f}s"
+            ) from None
         except BaseException:
             self.forget(sid)
             raise

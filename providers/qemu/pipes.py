@@ -17,7 +17,7 @@ from providers.qemu import agent
 from providers.qemu.channel import open_channel
 from providers.qemu.domain import MUX_CHANNEL
 from providers.qemu.errors import guest_running
-from providers.qemu.mux import GuestMux, MuxStream, NoPython
+from providers.qemu.mux import GuestMux, MuxStream, NoPython, Stalled
 from providers.threaded import EngineClient
 
 # asyncio's read buffer on the connection: a few of the guest's chunks.
@@ -37,8 +37,13 @@ class Pipes:
     async def open(
         self, dom: libvirt.virDomain, workspace: str, argv: Sequence[str], env: Mapping[str, str]
     ) -> MuxStream:
+        env = {**agent.BASE_ENV, **env}
         mux = await self._mux(dom, workspace)
-        return await mux.open(argv, {**agent.BASE_ENV, **env})
+        try:
+            return await mux.open(argv, env)
+        except Stalled:
+            # Its guest end was killed inside (a `pkill python3` as root): start anew.
+            return await (await self._mux(dom, workspace)).open(argv, env)
 
     async def _mux(self, dom: libvirt.virDomain, workspace: str) -> GuestMux:
         name, run = dom.name(), dom.ID()
@@ -49,7 +54,7 @@ class Pipes:
             if mux is None or mux.closed is not None:
                 action = f"starting the stream relay in {workspace!r}"
                 sock = await asyncio.to_thread(
-                    open_channel, self._uri, name, MUX_CHANNEL, workspace
+                    lambda: open_channel(self._uri, name, workspace, channel=MUX_CHANNEL)
                 )
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LIMIT)
                 try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 from common.errors import UnavailableError
 from providers.qemu import guest_mux as wire
 from providers.qemu.domain import Files, Meta, domain_xml, mux_socket, socket_path_problem
-from providers.qemu.mux import GUEST_SOURCE, GuestMux, MuxStream, NoPython
+from providers.qemu.mux import GUEST_SOURCE, GuestMux, MuxStream, NoPython, Stalled
 
 ENV = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
 
@@ -287,9 +288,11 @@ async def test_a_guest_that_ignores_its_window_is_cut_off() -> None:
 
     reader, writer = await asyncio.open_unix_connection(sock=node)
     mux = await GuestMux.start_on(reader, writer, "ws", start)
-    stream = await mux.open(["cat"], ENV)
-    chunk = wire.HEADER.pack(1, wire.OUT, wire.CHUNK) + b"x" * wire.CHUNK
+    opening = asyncio.create_task(mux.open(["cat"], ENV))
     loop = asyncio.get_running_loop()
+    await loop.sock_sendall(fake, wire.HEADER.pack(1, wire.STARTED, 0))
+    stream = await opening
+    chunk = wire.HEADER.pack(1, wire.OUT, wire.CHUNK) + b"x" * wire.CHUNK
     for _ in range(wire.WINDOW // wire.CHUNK + 1):  # one chunk more, nothing taken
         await loop.sock_sendall(fake, chunk)
     deadline = loop.time() + 20
@@ -300,3 +303,23 @@ async def test_a_guest_that_ignores_its_window_is_cut_off() -> None:
         await asyncio.wait_for(_collect(stream), 20)
     assert mux.closed is not None
     fake.close()
+
+
+async def test_a_guest_end_that_stopped_answering_is_stalled(
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed or stopped inside the guest while the port stays open: an open that gets
+    no answer ends the connection (the provider then starts a new one), not a hang."""
+    import providers.qemu.mux as mux_module
+
+    monkeypatch.setattr(mux_module, "OPEN_SECONDS", 1.0)
+    mux = await guest.connect()
+    assert (await _collect(await mux.open(["true"], ENV)))[2] == 0
+    assert guest.proc is not None
+    guest.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(Stalled, match="did not answer"):
+            await mux.open(["true"], ENV)
+        assert mux.closed is not None
+    finally:
+        guest.proc.send_signal(signal.SIGCONT)
