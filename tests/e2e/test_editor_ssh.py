@@ -218,6 +218,15 @@ def test_setenv_and_the_working_folder(editor: Editor, ws: str) -> None:
     assert cwd == "/workspace"
 
 
+def test_a_terminal_session(editor: Editor, ws: str) -> None:
+    """`ssh -t`: the command on a terminal inside (QEMU: the guest's console, opened
+    through libvirt by the non-root node user's agent), its exit code passed on."""
+    run = editor.ssh("-tt", ws, "tty; test -t 0 && echo on-a-tty; exit 3")
+    assert run.returncode == 3, run.stdout + run.stderr
+    lines = run.stdout.replace("\r", "").splitlines()
+    assert lines[0].startswith("/dev/") and "on-a-tty" in lines, lines
+
+
 def test_sftp_and_scp_roundtrip(editor: Editor, ws: str, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
     src = tmp_path / "up.bin"

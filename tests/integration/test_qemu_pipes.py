@@ -94,3 +94,20 @@ async def test_a_restarted_guest_gets_a_new_connection(provider: QemuProvider, g
     await provider.start(guest)
     after = await asyncio.wait_for(_run(await provider.pipe(guest, ["cat"]), b"after\n"), 60)
     assert after == (b"after\n", b"", 0)
+
+
+@in_module_loop
+async def test_a_relay_killed_inside_is_replaced(
+    provider: QemuProvider, guest: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root inside kills the relay (a `pkill python3`): the port stays open on the node,
+    so the next command gets no answer, and a new relay takes over."""
+    import providers.qemu.mux as mux_module
+
+    monkeypatch.setattr(mux_module, "OPEN_SECONDS", 3.0)
+    assert await _run(await provider.pipe(guest, ["cat"]), b"1\n") == (b"1\n", b"", 0)
+    kill = ["sh", "-c", "kill -9 $(cat /run/vendetta/mux.pid)"]
+    async for chunk in provider.exec(guest, kill):  # through the guest agent, as root
+        assert chunk.exit_code in (None, 0), chunk
+    again = await asyncio.wait_for(_run(await provider.pipe(guest, ["cat"]), b"2\n"), 60)
+    assert again == (b"2\n", b"", 0)
