@@ -7,15 +7,14 @@ can, for any client allowed to manage the domain: ``virDomainOpenChannel``
 tie a libvirt stream to one. Streams only flow with libvirt's event
 loop running, and a blocking one would hold its connection's lock while it
 waits, so each channel gets a connection of its own, a non-blocking stream,
-and two pumps between it and one end of a socket pair: the stream's events
-(libvirt's event thread) into the socket, a thread from the socket into the
-stream. The caller uses the other end like any socket; either side closing
-closes both.
+and a pump (_Pump) between it and one end of a socket pair. The caller uses
+the other end like any socket; either side closing closes both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import threading
 
@@ -24,6 +23,8 @@ import libvirt
 from common.errors import FailedPreconditionError, UnavailableError
 
 READ_SIZE = 1 << 18  # libvirt's largest stream message
+# What the event thread may queue for our socket before it stops reading the stream.
+QUEUE_LIMIT = 4 << 20
 _SOCKET_BUFFER = 4 << 20
 _loop_lock = threading.Lock()
 _loop_started = False
@@ -47,50 +48,91 @@ def _ensure_event_loop() -> None:
 
 
 class _Pump:
-    """Moves bytes between a non-blocking libvirt stream and our end of a socket pair."""
+    """Moves bytes between a non-blocking libvirt stream and our end of a socket pair.
+
+    libvirt's event thread is shared by every stream of the process, so it never
+    blocks here: what it receives goes to a queue a thread of ours writes into the
+    socket, and while that queue is full the stream's READABLE events are off.
+    Our other thread sends from the socket into the stream; where libvirt's buffer
+    is full it waits for WRITABLE, and tries again every half second in any case
+    (a wake-up lost between two event updates costs that, not a hang).
+    """
 
     def __init__(self, conn: libvirt.virConnect, stream: libvirt.virStream, ours: socket.socket):
         self._conn, self._stream, self._sock = conn, stream, ours
         self._writable = threading.Event()
         self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._events = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_HANGUP
-        self._events |= libvirt.VIR_STREAM_EVENT_ERROR
-        stream.eventAddCallback(self._events, self._on_event, None)
-        threading.Thread(target=self._to_stream, name="libvirt-channel", daemon=True).start()
+        self._lock = threading.Lock()  # the event mask and the queue's size
+        self._reading, self._want_write = True, False
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._queued = 0
+        stream.eventAddCallback(self._mask(), self._on_event, None)
+        for target in (self._to_stream, self._to_socket):
+            threading.Thread(target=target, name="libvirt-channel", daemon=True).start()
+
+    def _mask(self) -> int:
+        events: int = libvirt.VIR_STREAM_EVENT_HANGUP | libvirt.VIR_STREAM_EVENT_ERROR
+        if self._reading:
+            events |= libvirt.VIR_STREAM_EVENT_READABLE
+        if self._want_write:
+            events |= libvirt.VIR_STREAM_EVENT_WRITABLE
+        return events
+
+    def _update(self, *, reading: bool | None = None, want_write: bool | None = None) -> None:
+        with self._lock:
+            if reading is not None:
+                self._reading = reading
+            if want_write is not None:
+                self._want_write = want_write
+            if not self._closed.is_set():
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._stream.eventUpdateCallback(self._mask())
 
     def _on_event(self, stream: libvirt.virStream, events: int, _opaque: object) -> None:
         if events & libvirt.VIR_STREAM_EVENT_WRITABLE:
             self._writable.set()
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.eventUpdateCallback(self._events)
+            self._update(want_write=False)
         if events & libvirt.VIR_STREAM_EVENT_READABLE:
             try:
-                while (data := stream.recv(READ_SIZE)) != -2:
+                while self._queued < QUEUE_LIMIT and (data := stream.recv(READ_SIZE)) != -2:
                     if not data:  # the guest's end (QEMU) closed
-                        self.close()
+                        self._queue.put(None)
                         return
-                    self._sock.sendall(data)  # bounded: the mux's windows
-            except (libvirt.libvirtError, OSError):
-                self.close()
+                    with self._lock:
+                        self._queued += len(data)
+                    self._queue.put(data)
+            except libvirt.libvirtError:
+                self._queue.put(None)
                 return
+            if self._queued >= QUEUE_LIMIT:  # our socket is slow: stop taking more
+                self._update(reading=False)
         if events & (libvirt.VIR_STREAM_EVENT_HANGUP | libvirt.VIR_STREAM_EVENT_ERROR):
+            self._queue.put(None)
+
+    def _to_socket(self) -> None:
+        try:
+            while (data := self._queue.get()) is not None:
+                self._sock.sendall(data)
+                with self._lock:
+                    self._queued -= len(data)
+                    resume = not self._reading and self._queued < QUEUE_LIMIT // 2
+                if resume:
+                    self._update(reading=True)
+        except OSError:
+            pass
+        finally:
             self.close()
 
     def _to_stream(self) -> None:
         try:
             while data := self._sock.recv(READ_SIZE):
                 view = memoryview(data)
-                while view:
+                while view and not self._closed.is_set():
                     sent = self._stream.send(view.tobytes())
                     if sent == -2:  # libvirt's buffer is full: wait until it drains
                         self._writable.clear()
-                        self._stream.eventUpdateCallback(
-                            self._events | libvirt.VIR_STREAM_EVENT_WRITABLE
-                        )
-                        while not self._writable.wait(0.5):
-                            if self._closed.is_set():
-                                return
+                        self._update(want_write=True)
+                        self._writable.wait(0.5)
                         continue
                     view = view[sent:]
         except (libvirt.libvirtError, OSError):
@@ -103,6 +145,7 @@ class _Pump:
             if self._closed.is_set():
                 return
             self._closed.set()
+        self._queue.put(None)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(libvirt.libvirtError):
@@ -138,9 +181,21 @@ def open_channel(
         raise FailedPreconditionError(
             f"cannot open the {what} of workspace {workspace!r}: {exc.get_error_message()}"
         ) from exc
-    ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-    _Pump(conn, stream, ours)
+    try:
+        ours, theirs = socket.socketpair()
+    except OSError:
+        conn.close()
+        raise
+    try:
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        _Pump(conn, stream, ours)
+    except (OSError, libvirt.libvirtError):
+        for sock in (ours, theirs):
+            sock.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        conn.close()
+        raise
     return theirs

@@ -74,6 +74,7 @@ class Stream:
         self.credit = WINDOW
         self.cond = threading.Condition()
         self.done = False  # EXIT sent: nothing more comes from or goes to it
+        self.killed = False  # KILL came: output is read to its end and dropped
         argv = [str(a) for a in spec["argv"]]  # type: ignore[attr-defined]
         env = {str(k): str(v) for k, v in spec["env"].items()}  # type: ignore[attr-defined]
         self.proc = subprocess.Popen(
@@ -100,16 +101,19 @@ class Stream:
     def _read(self, pipe: BinaryIO, kind: int) -> None:
         fd = pipe.fileno()
         while True:
-            with self.cond:
-                while self.credit <= 0:
+            with self.cond:  # stdout and stderr share the window: take before reading
+                while self.credit <= 0 and not self.killed:
                     self.cond.wait()
-                want = min(CHUNK, self.credit)
+                want = CHUNK if self.killed else min(CHUNK, self.credit)
+                self.credit -= want
             data = os.read(fd, want)
+            with self.cond:
+                self.credit += want - len(data)
+                killed = self.killed
             if not data:
                 return
-            with self.cond:
-                self.credit -= len(data)
-            self.port.send(self.sid, kind, data)
+            if not killed:  # after KILL nobody takes it: read on to end-of-file, drop it
+                self.port.send(self.sid, kind, data)
 
     def _feed(self) -> None:
         pipe = self.proc.stdin
@@ -135,8 +139,14 @@ class Stream:
         self.input.put(None)
 
     def kill(self) -> None:
-        if self.proc.poll() is not None:  # reaped: its pid may be another's by now
-            return
+        """SIGKILL to its process group: the leader may have exited while children it
+        started still hold its output open. The group's id is not reused while it lives;
+        once EXIT is sent (``done``) the group may be gone, and nothing is sent."""
+        with self.cond:
+            if self.killed or self.done:
+                return
+            self.killed = True
+            self.cond.notify_all()
         with contextlib.suppress(OSError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -160,7 +170,10 @@ def _take_port() -> int:
     try:
         with open(PIDFILE) as f:
             old = int(f.read().strip() or 0)
-        if old and old != os.getpid():
+        # Only if that pid is still one of us: the file may outlive its process.
+        with open(f"/proc/{old}/cmdline", "rb") as f:
+            ours = PORT.encode() in f.read()
+        if ours and old != os.getpid():
             os.kill(old, signal.SIGKILL)
     except (OSError, ValueError):
         pass
@@ -180,7 +193,15 @@ def _take_port() -> int:
 
 
 def main(token: str) -> None:
-    serve(_take_port(), token)
+    try:
+        serve(_take_port(), token)
+    finally:
+        mine = False
+        with contextlib.suppress(OSError, ValueError), open(PIDFILE) as f:
+            mine = int(f.read().strip() or 0) == os.getpid()
+        if mine:
+            with contextlib.suppress(OSError):
+                os.unlink(PIDFILE)
 
 
 def serve(fd: int, token: str) -> None:
@@ -202,7 +223,8 @@ def serve(fd: int, token: str) -> None:
                     streams[sid] = Stream(port, sid, json.loads(payload))
                     port.send(sid, STARTED)
                 except OSError as exc:  # no such program, not executable
-                    port.send(sid, ERR, f"{exc.strerror or exc}\n".encode())
+                    said = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+                    port.send(sid, ERR, f"{said}\n".encode())
                     port.send(sid, EXIT, struct.pack(">i", 127))
             elif stream is None:
                 continue  # a stream that ended meanwhile

@@ -95,6 +95,7 @@ class MuxStream(Terminal):
         elif kind == wire.EXIT:
             self.exited = True
             self._chunks.put_nowait(ExecChunk(exit_code=struct.unpack(">i", payload)[0]))
+            self._credit_changed.set()  # a writer waiting for credit: none will come
         elif kind == wire.CREDIT:
             self._credit += struct.unpack(">I", payload)[0]
             self._credit_changed.set()
@@ -124,23 +125,29 @@ class MuxStream(Terminal):
             if self._taken >= CREDIT_BATCH:
                 taken, self._taken = self._taken, 0
                 self._owed -= taken
-                await self._mux.send(self._sid, wire.CREDIT, struct.pack(">I", taken))
+                # A closed connection is reported by what is queued (an exit, or Closed).
+                with contextlib.suppress(UnavailableError):
+                    await self._mux.send(self._sid, wire.CREDIT, struct.pack(">I", taken))
 
     async def write(self, data: bytes) -> None:
+        """Input for the command; dropped once it has exited (as a closed pipe's)."""
         view = memoryview(data)
-        while view:
-            while self._credit <= 0:
+        while view and not self.exited:
+            while self._credit <= 0 and not self.exited:
                 if self._mux.closed is not None:
                     raise UnavailableError(str(self._mux.closed))
                 self._credit_changed.clear()
                 await self._credit_changed.wait()
+            if self.exited:
+                return
             n = min(len(view), self._credit, wire.CHUNK)
             self._credit -= n
             await self._mux.send(self._sid, wire.DATA, bytes(view[:n]))
             view = view[n:]
 
     async def close_stdin(self) -> None:
-        await self._mux.send(self._sid, wire.EOF)
+        if not self.exited:
+            await self._mux.send(self._sid, wire.EOF)
 
     async def resize(self, rows: int, cols: int) -> None:
         pass  # pipes: no terminal to size
@@ -160,6 +167,7 @@ class GuestMux:
         self._streams: dict[int, MuxStream] = {}
         self._next = 1
         self.closed: Closed | None = None
+        self._ending: Closed | None = None  # why we closed it ourselves
         self._pump = asyncio.create_task(self._read_frames(), name=f"mux-{name}")
 
     @classmethod
@@ -186,18 +194,27 @@ class GuestMux:
         stream = MuxStream(self, sid)
         self._streams[sid] = stream
         spec = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
-        try:
+
+        async def start() -> None:
             await self.send(sid, wire.OPEN, spec)
-            await asyncio.wait_for(stream.answered.wait(), OPEN_SECONDS)
+            await stream.answered.wait()
+
+        try:
+            # Sending too: a guest end that stopped reading leaves the send waiting.
+            await asyncio.wait_for(start(), OPEN_SECONDS)
         except TimeoutError:
             self.forget(sid)
-            await self.aclose()  # nothing more will come on this connection
+            # Nothing more will come on this connection.
+            await self.aclose(f"the stream relay in workspace {self.name!r} stopped answering")
             raise Stalled(
                 f"the stream relay in workspace {self.name!r} did not answer within "
                 f"{OPEN_SECONDS:.0f}s"
             ) from None
         except BaseException:
+            # Cancelled after the OPEN may have gone out: the command must not run on.
             self.forget(sid)
+            if self.closed is None:
+                self._writer.write(wire.HEADER.pack(sid, wire.KILL, 0))
             raise
         return stream
 
@@ -230,19 +247,22 @@ class GuestMux:
                     stream.deliver(kind, payload)
         except Closed as broken:
             why = broken
+        except struct.error:
+            why = Closed(f"the stream relay in workspace {self.name!r} sent a bad frame")
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            self.closed = why
+            self.closed = why = self._ending or why
             for stream in list(self._streams.values()):
                 stream.lost(why)
             self._streams.clear()
             self._writer.close()
 
-    async def aclose(self) -> None:
+    async def aclose(self, why: str = "") -> None:
+        self._ending = Closed(why or f"the connection to workspace {self.name!r} was closed")
         self._pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pump
+        # wait(), not await: a cancellation of our caller must not be swallowed here.
+        await asyncio.wait({self._pump})
 
 
 async def _await_mark(
