@@ -40,7 +40,7 @@ debian_rootfs() {
 # test_rootfs [--force]: make $TEST_ROOTFS_CACHE unless it is there (--force: again).
 # Under a lock: the guest and the test image scripts may ask at the same time.
 test_rootfs() {
-    local force=${1:-} lock work root start=$SECONDS
+    local force=${1:-} lock rootfs_tmp root start=$SECONDS
     mkdir -p "$(dirname "$TEST_ROOTFS_CACHE")"
     exec {lock}<"$(dirname "$TEST_ROOTFS_CACHE")"
     flock "$lock"
@@ -48,8 +48,12 @@ test_rootfs() {
         exec {lock}>&-
         return 0
     fi
-    work=$(mktemp -d /tmp/vd-test-rootfs-XXXXXX)
-    root=$work/rootfs
+    # Beside the cache, not in /tmp: a build cut short (die exits) leaves it for the
+    # next one to remove, under this lock. (Named apart from the callers' $work,
+    # which their EXIT traps remove.)
+    rootfs_tmp=$TEST_ROOTFS_CACHE.work
+    rm -rf "$rootfs_tmp" && mkdir -p "$rootfs_tmp"
+    root=$rootfs_tmp/rootfs
     debian_rootfs "$TEST_ROOTFS_SUITE" "$TEST_ROOTFS_PACKAGES" "$root"
     # debootstrap writes no /etc/hosts (the installer does): "localhost" must resolve
     # inside (LXD and the QEMU guest keep the image's; Docker writes its own).
@@ -68,7 +72,7 @@ INIT
     chmod 0755 "$root/sbin/init"
     tar -C "$root" --numeric-owner -czf "$TEST_ROOTFS_CACHE.tmp" .
     mv "$TEST_ROOTFS_CACHE.tmp" "$TEST_ROOTFS_CACHE"
-    rm -rf "$work"
+    rm -rf "$rootfs_tmp"
     find "$(dirname "$TEST_ROOTFS_CACHE")" -maxdepth 1 -name "test-image-$TEST_ROOTFS_SUITE-v*.tar.gz" \
         ! -path "$TEST_ROOTFS_CACHE" -delete
     log "root filesystem cached at $TEST_ROOTFS_CACHE ($(du -sh "$TEST_ROOTFS_CACHE" | cut -f1)) in $((SECONDS - start))s"
