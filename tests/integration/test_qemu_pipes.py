@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -19,6 +16,7 @@ import pytest_asyncio
 from providers.base import EnvironmentSpec, Terminal
 from providers.qemu import QemuProvider
 from providers.qemu.images import DEFAULT_IMAGE
+from tests.support.qemu import scratch_provider
 
 pytestmark = pytest.mark.qemu
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -26,16 +24,8 @@ in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def provider(qemu_engine: None) -> AsyncIterator[QemuProvider]:
-    state_dir = Path(tempfile.mkdtemp(prefix="vd-qemu-pipes-", dir="/tmp"))
-    state_dir.chmod(0o755)
-    p = QemuProvider(f"test-{uuid.uuid4().hex}", state_dir=state_dir)
-    try:
+    async with scratch_provider("vd-qemu-pipes-") as p:
         yield p
-    finally:
-        for env in await p.list():
-            await p.destroy(env.workspace)
-        await p.close()
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -10,14 +10,11 @@ the first boot and after a restart whose first-picked node port was taken.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -41,6 +38,7 @@ from providers.qemu import provider as qemu_provider
 from providers.qemu.domain import Files
 from providers.qemu.errors import port_taken, translate
 from providers.qemu.images import DEFAULT_IMAGE
+from tests.support.qemu import scratch_provider
 
 pytestmark = pytest.mark.qemu
 # The async tests share the module's event loop, and so its booted guest.
@@ -93,16 +91,8 @@ async def talk(address: str, request: bytes = b"", within: float = 30) -> bytes:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def provider(qemu_engine: None) -> AsyncIterator[QemuProvider]:
-    state_dir = Path(tempfile.mkdtemp(prefix="vd-qemu-test-", dir="/tmp"))
-    state_dir.chmod(0o755)
-    p = QemuProvider(f"test-{uuid.uuid4().hex}", state_dir=state_dir)
-    try:
+    async with scratch_provider("vd-qemu-test-") as p:
         yield p
-    finally:
-        for env in await p.list():
-            await p.destroy(env.workspace)
-        await p.close()
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import pytest
 
 from common.errors import UnavailableError
 from providers.qemu import guest_mux as wire
-from providers.qemu.domain import Files, Meta, domain_xml, mux_socket
+from providers.qemu.domain import Files, mux_socket
 from providers.qemu.mux import GUEST_SOURCE, GuestMux, MuxStream, NoPython, Stalled
+from tests.support.qemu import domain_root
 
 ENV = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
 
@@ -153,10 +153,7 @@ async def test_close_kills_the_whole_process_group(guest: Guest, tmp_path: Path)
     mux = await guest.connect()
     marker = tmp_path / "child.pid"
     stream = await mux.open(["sh", "-c", f"sleep 300 & echo $! > {marker}; wait"], ENV)
-    deadline = time.monotonic() + 10
-    while not marker.exists() or not marker.read_text().strip():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await _written(marker)
     child = int(marker.read_text())
     await stream.close()
     deadline = time.monotonic() + 10
@@ -202,10 +199,7 @@ async def test_node_end_closing_kills_what_runs_in_the_guest(guest: Guest, tmp_p
     mux = await guest.connect()
     marker = tmp_path / "pid"
     await mux.open(["sh", "-c", f"echo $$ > {marker}; exec sleep 300"], ENV)
-    deadline = time.monotonic() + 10
-    while not marker.exists() or not marker.read_text().strip():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await _written(marker)
     await mux.aclose()  # the node's end goes: the guest's end reads end-of-file
     assert guest.proc is not None
     guest.proc.wait(timeout=10)
@@ -243,20 +237,17 @@ async def test_a_guest_without_python3_is_told_apart(tmp_path: Path) -> None:
 
 def test_the_domain_has_the_port_and_its_socket_goes_with_the_guest() -> None:
     files = Files.for_domain(Path("/var/lib/vendetta/qemu"), "vd-ws-a1")
-    meta = Meta(agent="a1", workspace="ws", image="debian-12", state_dir="/s")
-    xml = domain_xml(
-        name="vd-ws-a1",
-        virt_type="qemu",
-        vcpus=1,
-        memory_kib=262144,
-        kernel=Path("/k"),
-        initrd=Path("/i"),
-        files=files,
-        meta=meta,
-    )
-    assert mux_socket(ET.fromstring(xml)) == str(files.mux_socket)
+    assert mux_socket(domain_root(files)) == str(files.mux_socket)
     assert files.mux_socket in files.all()
     assert GUEST_SOURCE.startswith('"""The guest')
+
+
+async def _written(marker: Path, step: float = 0.05) -> None:
+    """Until a command inside has written its pid to ``marker``."""
+    deadline = time.monotonic() + 10
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.monotonic() < deadline, f"nothing written to {marker}"
+        await asyncio.sleep(step)
 
 
 def _alive(pid: int) -> bool:
@@ -346,10 +337,7 @@ async def test_close_kills_children_of_a_leader_that_has_exited(
     mux = await guest.connect()
     marker = tmp_path / "child.pid"
     stream = await mux.open(["sh", "-c", f"sleep 300 & echo $! > {marker}"], ENV)
-    deadline = time.monotonic() + 10
-    while not marker.exists() or not marker.read_text().strip():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await _written(marker)
     await asyncio.sleep(0.3)  # the leader (sh) is gone; its child holds the output open
     child = int(marker.read_text())
     await stream.close()
@@ -414,10 +402,7 @@ async def test_an_open_cancelled_midway_kills_what_it_started(guest: Guest, tmp_
     opening = asyncio.create_task(
         mux.open(["sh", "-c", f"echo $$ > {marker}; exec sleep 300"], ENV)
     )
-    deadline = time.monotonic() + 10
-    while not marker.exists() or not marker.read_text().strip():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.001)
+    await _written(marker, 0.001)
     if not opening.done():
         opening.cancel()
     with contextlib.suppress(asyncio.CancelledError):

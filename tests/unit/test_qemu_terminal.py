@@ -10,7 +10,6 @@ import socket
 import subprocess
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,34 +21,18 @@ from providers.qemu import agent as qemu_agent
 from providers.qemu.domain import (
     TERMINAL_ALIAS,
     Files,
-    Meta,
-    domain_xml,
     socket_path_problem,
     terminal_console,
 )
 from providers.qemu.terminal import GUEST_SCRIPT, ready_token
+from tests.support.qemu import domain_root
 
 BUSYBOX = "/bin/busybox"
 
 
-def _domain(files: Files) -> ET.Element:
-    meta = Meta(agent="a1", workspace="ws", image="debian-12", state_dir="/s")
-    xml = domain_xml(
-        name="vd-ws-a1",
-        virt_type="qemu",
-        vcpus=1,
-        memory_kib=262144,
-        kernel=Path("/img/vmlinuz"),
-        initrd=Path("/img/initrd.img"),
-        files=files,
-        meta=meta,
-    )
-    return ET.fromstring(xml)
-
-
 def test_the_terminal_console_is_a_virtio_console_libvirt_can_open() -> None:
     files = Files.for_domain(Path("/var/lib/vendetta/qemu"), "vd-ws-a1")
-    root = _domain(files)
+    root = domain_root(files)
     # A pty: libvirt opens consoles of that kind only (virDomainOpenConsole), and an
     # agent run as a libvirt-group user cannot open QEMU's own sockets.
     (console,) = [c for c in root.iterfind("devices/console") if c.get("type") == "pty"]
