@@ -29,9 +29,9 @@ async def scratch_provider(prefix: str) -> AsyncIterator[QemuProvider]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def domain_root(files: Files) -> ET.Element:
-    meta = Meta(agent="a1", workspace="ws", image="debian-12", state_dir="/s")
-    xml = domain_xml(
+def domain_text(files: Files, ports: tuple[int, ...] = ()) -> str:
+    meta = Meta(agent="a1", workspace="ws", image="debian-12", state_dir="/s", ports=ports)
+    return domain_xml(
         name="vd-ws-a1",
         virt_type="qemu",
         vcpus=1,
@@ -41,4 +41,7 @@ def domain_root(files: Files) -> ET.Element:
         files=files,
         meta=meta,
     )
-    return ET.fromstring(xml)
+
+
+def domain_root(files: Files) -> ET.Element:
+    return ET.fromstring(domain_text(files))

@@ -7,21 +7,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from providers.qemu import network
-from providers.qemu.domain import NS_URI, Files, Meta, domain_xml
+from providers.qemu.domain import NS_URI, Files, Meta
+from tests.support.qemu import domain_text
 
 
 def _domain(ports: tuple[int, ...] = (3000, 5432)) -> str:
-    meta = Meta(agent="a1", workspace="ws", image="debian-12", state_dir="/s", ports=ports)
-    return domain_xml(
-        name="vd-ws-a1",
-        virt_type="qemu",
-        vcpus=1,
-        memory_kib=262144,
-        kernel=Path("/img/vmlinuz"),
-        initrd=Path("/img/initrd.img"),
-        files=Files.for_domain(Path("/s"), "vd-ws-a1"),
-        meta=meta,
-    )
+    return domain_text(Files.for_domain(Path("/s"), "vd-ws-a1"), ports)
 
 
 def test_forwards_are_loopback_only_into_a_restricted_guest() -> None:
