@@ -85,4 +85,10 @@ def repicked(devices: Mapping[str, Any], *, everything: bool = False) -> dict[st
 def is_listen_failure(text: str) -> bool:
     """Whether LXD's error for a start is one of our proxies failing to listen."""
     lowered = text.lower()
-    return DEVICE_PREFIX in text or ("proxy" in lowered and "address already in use" in lowered)
+    if DEVICE_PREFIX in text or ("proxy" in lowered and "address already in use" in lowered):
+        return True
+    # The same taken port can surface as forkproxy's listener dying before it hands
+    # LXD the socket ("Failed to receive fd from listener process", seen under load).
+    # Our published ports are the only proxy devices: any of them failing to start is
+    # tried again with fresh ports, START_ATTEMPTS times at most.
+    return "error occurred when starting proxy device" in lowered
