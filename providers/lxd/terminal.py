@@ -39,6 +39,21 @@ def operation_id(operation: str) -> str:
     return operation.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
+# As execs.DRAIN_WRAPPER, for terminals: LXD 5.0 drops the last output of a command
+# that exits at once while other execs run (`ssh -t NAME cmd` lost its last line, 1
+# in 30 measured). The wrapper shares the terminal's process group, so ^C and ^\
+# reach it too: it catches them (a handler, which exec resets to the default in the
+# command, unlike an ignore) and waits on; SIGHUP still ends it, and the kernel then
+# hangs up the command.
+TERMINAL_DRAIN_WRAPPER = """
+trap : INT QUIT
+env "$@"
+s=$?
+sleep 0.2 2>/dev/null
+exit "$s"
+"""
+
+
 def open_terminal(
     client: Any,
     instance: str,
@@ -51,7 +66,7 @@ def open_terminal(
     """Start ``argv`` on a PTY in ``instance``, where and as whom ``inside`` says;
     (operation, data socket, control socket)."""
     body: dict[str, Any] = {
-        "command": list(argv),
+        "command": ["sh", "-c", TERMINAL_DRAIN_WRAPPER, "vendetta-terminal", *argv],
         "environment": dict(env),
         "wait-for-websocket": True,
         "interactive": True,
