@@ -201,7 +201,9 @@ class GuestMux:
 
         try:
             # Sending too: a guest end that stopped reading leaves the send waiting.
-            await asyncio.wait_for(start(), OPEN_SECONDS)
+            # (asyncio.timeout: 3.11's wait_for can lose the caller's cancellation.)
+            async with asyncio.timeout(OPEN_SECONDS):
+                await start()
         except TimeoutError:
             self.forget(sid)
             # Nothing more will come on this connection.
@@ -277,7 +279,8 @@ async def _await_mark(
     while True:
         try:
             # Consumes nothing until the mark is there; cancelling it loses nothing.
-            await asyncio.wait_for(reader.readuntil(mark), 0.25)
+            async with asyncio.timeout(0.25):
+                await reader.readuntil(mark)
             return
         except asyncio.LimitOverrunError as exc:  # much stale output: drop it, look on
             await reader.readexactly(exc.consumed)

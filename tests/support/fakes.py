@@ -268,9 +268,14 @@ class _Silence(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         self.transport = transport
 
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        # As over a dropped link: answered late, or not at all.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.transport.talking.wait(), details.timeout)
+        # As over a dropped link: answered late, or not at all. asyncio.timeout, not
+        # wait_for: 3.11's wait_for returns the result when the caller is cancelled just
+        # as talking is set, and the lost cancellation left the coordinator's heartbeat
+        # loop running at teardown, hanging a clean-clone CI run in test_liveness.
+        if not self.transport.talking.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(details.timeout):
+                    await self.transport.talking.wait()
         if self.transport.silent:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
