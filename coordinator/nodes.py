@@ -253,12 +253,21 @@ class NodeConnection:
         for task in (self._task, self._watchdog):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # Bounded: a cancellation lost on the way (3.11's wait_for can drop one)
+                # must not hang the coordinator's stop.
+                await asyncio.wait({task}, timeout=CLOSE_WAIT)
+                if not task.done():
+                    log.warning(
+                        "node %s: supervision did not stop within %gs", self.name, CLOSE_WAIT
+                    )
         self._task = self._watchdog = None
         self._client = None
         self._ready.clear()
         await self.transport.close()
+
+
+# How long close() waits for a cancelled supervision task.
+CLOSE_WAIT = 5.0
 
 
 class NodeRegistry:
