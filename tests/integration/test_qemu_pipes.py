@@ -101,3 +101,16 @@ async def test_a_relay_killed_inside_is_replaced(
         assert chunk.exit_code in (None, 0), chunk
     again = await asyncio.wait_for(_run(await provider.pipe(guest, ["cat"]), b"2\n"), 60)
     assert again == (b"2\n", b"", 0)
+
+
+@in_module_loop
+async def test_a_guest_without_the_stream_port_says_recreate(
+    provider: QemuProvider, guest: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a domain defined by an older vendetta looks like: no stream port.
+    from common.errors import FailedPreconditionError
+    from providers.qemu import provider as qemu_provider
+
+    monkeypatch.setattr(qemu_provider, "mux_socket", lambda _root: "")
+    with pytest.raises(FailedPreconditionError, match=rf"recreate it.*destroy {guest}"):
+        await provider.pipe(guest, ["cat"])
