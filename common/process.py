@@ -98,4 +98,14 @@ def _gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    # Exited, but another's child: a zombie until its parent (init, for a detached
+    # process) reaps it in its own time, which took 1-2 s on the CI machine.
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone meanwhile, or no /proc: the next look says
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
