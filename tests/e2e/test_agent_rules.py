@@ -37,7 +37,8 @@ def test_up_renders_the_rules_into_the_workdir() -> None:
         cfg = project / ".vendetta" / "config.yaml"
         cfg.write_text(
             f"name: rules\nprovider: docker\ndocker:\n  image: {TEST_IMAGE}\n"
-            "  command: [/bin/sh, -c, 'while :; do sleep 1; done']\n"
+            # trapped: sh as first process ignores SIGTERM, a down would wait 10 s
+            "  command: [/bin/sh, -c, 'trap \"exit 0\" TERM; while :; do sleep 1; done']\n"
             "services:\n  web:\n    command: >-\n      mkdir -p /www && echo hi > /www/index.html"
             f" && exec httpd -f -p {inside} -h /www\n    port: {inside}\n"
             "    health_check: {http: /, interval: 0.3}\n"

@@ -29,8 +29,9 @@ def write_config(path: Path, name: str, image: str = TEST_IMAGE, extra: str = ""
         f"name: {name}\n"
         "provider: docker\n"
         f"docker:\n  image: {image}\n"
-        "  command: [/bin/sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n"
-        + extra
+        # trapped: sh as first process ignores SIGTERM, a down would wait 10 s
+        '  command: [/bin/sh, -c, \'trap "exit 0" TERM; i=0;'
+        " while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n" + extra
     )
     return path
 
@@ -40,7 +41,8 @@ def e2e() -> Iterator[Env]:
     with cli_env() as e:
         e.nodes["node1"] = SshServer.start(e.home / "sshd1", host="127.0.0.2")
         e.nodes["node2"] = SshServer.start(e.home / "sshd2", host="127.0.0.3")
-        e.cli("server", "start")
+        # A short grace: the node tests below wait for `disconnected` (15 s by default).
+        e.cli("server", "start", "--node-grace", "5")
         yield e
 
 

@@ -116,7 +116,9 @@ def _config(e: Env, name: str) -> Path:
     cfg = e.home / f"{name}.yaml"
     cfg.write_text(
         f"name: {name}\nprovider: docker\ndocker:\n  image: {TEST_IMAGE}\n"
-        "  command: [/bin/sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n"
+        # trapped: sh as first process ignores SIGTERM, a down would wait 10 s
+        '  command: [/bin/sh, -c, \'trap "exit 0" TERM; i=0;'
+        " while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n"
     )
     return cfg
 

@@ -284,7 +284,9 @@ def test_the_cli_elsewhere_drives_a_docker_workspace(shared: Shared) -> None:
     inside, here = free_ports(2)
     cfg.write_text(
         f"name: remote\nprovider: docker\ndocker:\n  image: {TEST_IMAGE}\n"
-        "  command: [/bin/sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n"
+        # trapped: sh as first process ignores SIGTERM, a down would wait 10 s
+        '  command: [/bin/sh, -c, \'trap "exit 0" TERM; i=0;'
+        " while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']\n"
         "services:\n  web:\n    command: >-\n      mkdir -p /www && echo hello-remote"
         f" > /www/index.html && exec httpd -f -p {inside} -h /www\n"
         f"    port: {inside}\n    health_check: {{http: /, interval: 0.3}}\n"
