@@ -25,6 +25,7 @@ from cli import sftp_builtin, sftp_exec, ssh_session
 from cli.ssh_forward import Link, open_direct
 from cli.ssh_listen import Inside, listen, say
 from cli.ssh_session import Workdir
+from cli.ssh_stdio import StdioTunnel
 from cli.terminal import stream
 from common.errors import FailedPreconditionError
 from common.paths import vendetta_home
@@ -211,8 +212,6 @@ def _splice(sock: socket.socket) -> None:
 
 
 async def serve(workspace: str) -> None:
-    ours, theirs = socket.socketpair()
-    _splice(theirs)
     path = host_key_path(vendetta_home())
     try:
         key = asyncssh.read_private_key(path)
@@ -224,9 +223,19 @@ async def serve(workspace: str) -> None:
     link = Link()
     workdir = Workdir(link, workspace)
     server = _Server(workspace, link, lambda p: _session(server, workdir, p))
+    # OpenSSH's pipes straight into asyncssh's connection; a socket pair and two
+    # copying threads where stdio is something else (a terminal, a file).
+    sock: socket.socket | None = None
+    tunnel: StdioTunnel | tuple[()] = ()
+    if StdioTunnel.usable():
+        tunnel = StdioTunnel()
+    else:
+        sock, theirs = socket.socketpair()
+        _splice(theirs)
     try:
         conn = await asyncssh.run_server(
-            ours,
+            sock,  # None with a tunnel: asyncssh connects through either
+            tunnel=tunnel,
             server_factory=lambda: server,
             server_host_keys=[key],
             agent_forwarding=True,
