@@ -140,8 +140,23 @@ def cli_env(prefix: str = "vd-e2e-") -> Iterator[Env]:
         # Whatever a failed test left: destroyed through vendetta, on every provider.
         listed = e.cli("workspace", "list", "--json", check=False)
         if listed.returncode == 0:
-            for ws in json.loads(listed.stdout or "[]"):
-                e.cli("workspace", "destroy", ws["name"], "--force", check=False)
+            # Side by side: one whose node is away waits a few seconds for it to return.
+            destroys = [
+                subprocess.Popen(
+                    [str(BIN / "vendetta"), "workspace", "destroy", ws["name"], "--force"],
+                    env=e.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for ws in json.loads(listed.stdout or "[]")
+            ]
+            for proc in destroys:
+                try:
+                    proc.wait(timeout=TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         e.cli("server", "stop", check=False)
         for agent_dir in e.agent_dirs:
             subprocess.run(
