@@ -8,6 +8,10 @@ the generated `Host NAME.vendetta` entry (ProxyCommand, coordinator, agent, the
 image's sftp-server) and with OpenSSH's scp to the node's sshd (host key
 pinned). MB/s = SIZE / the scp process's wall time, its SSH handshake included
 on both sides, as a user sees it.
+
+A third row is the engine alone: the same file into the container through
+`docker exec -i CONTAINER sh -c 'cat > FILE'` (the Docker CLI, no vendetta, no
+SSH), which is how the bytes of a file copied in reach the image's sftp-server.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import yaml
 
 from bench.cluster import Cluster, Node
 from bench.stats import Series, row
+from bench.tunnel import container_of
 from vendetta.v1 import coordinator_pb2 as pb
 
 MB = 1_000_000
@@ -47,6 +52,19 @@ async def _scp(argv: list[str]) -> float:
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {err.decode().strip()}")
+    return time.perf_counter() - t0
+
+
+async def _exec_in(container: str, blob: Path) -> float:
+    t0 = time.perf_counter()
+    with blob.open("rb") as f:
+        proc = await asyncio.create_subprocess_exec(
+            "docker", "exec", "-i", container, "sh", "-c", "cat > /tmp/blob-exec",
+            stdin=f, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"docker exec -i: exit {proc.returncode}: {err.decode().strip()}")
     return time.perf_counter() - t0
 
 
@@ -88,11 +106,15 @@ async def run(
         got = await _size_inside(cl, ws, "/tmp/blob")
         if got != size_mb * MB:
             raise RuntimeError(f"scp into the workspace left {got} bytes, wanted {size_mb} MB")
+        x = Series(f"docker exec -i cat, the engine alone, {size_mb} MB: MB/s", unit="MB/s")
+        container = await asyncio.to_thread(container_of, cl, "n1", ws)
+        await _exec_in(container, blob)
         for _ in range(rounds):
             for series, argv in ((v, into_ws), (s, to_node)):
                 series.seconds.append(size_mb / await _scp(argv))
+            x.seconds.append(size_mb / await _exec_in(container, blob))
         ratio = v.median / s.median
-        return {"rows": [row(s), row(v, s, goal=f">= {GOAL}x", met=ratio >= GOAL)]}
+        return {"rows": [row(s), row(v, s, goal=f">= {GOAL}x", met=ratio >= GOAL), row(x, s)]}
     finally:
         blob.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
