@@ -50,7 +50,7 @@ from common.errors import (
 )
 from providers.access import permission_hint, socket_path
 from providers.errors import translated
-from providers.lxd.ports import is_listen_failure
+from providers.lxd.ports import is_listen_failure, is_spawn_failure
 from providers.lxd.websocket import HandshakeError
 
 START_HINT = "start it with `lxd --group lxd &` then `lxd waitready` (or run scripts/engine-lxd.sh)"
@@ -63,6 +63,10 @@ class BusyError(FailedPreconditionError):
 
 class ListenError(FailedPreconditionError):
     """The instance did not start: a proxy device (a published port) could not listen."""
+
+
+class SpawnError(FailedPreconditionError):
+    """The instance did not start: LXC's spawn of the container aborted."""
 
 
 MAPPED_EXCEPTIONS: tuple[type[Exception], ...] = (
@@ -121,6 +125,8 @@ def translate(exc: BaseException, *, where: str, action: str) -> VendettaError:
             return NotRunningError(f"{action}: {text}")
         if is_listen_failure(text):
             return ListenError(f"{action}: LXD at {where} refused: {text}")
+        if is_spawn_failure(text):
+            return SpawnError(f"{action}: LXD at {where} could not start the container: {text}")
         # "no such file or directory": e.g. the console log of a container not started yet.
         if status == 404 or "not found" in lowered or "no such file or directory" in lowered:
             return NotFoundError(f"{action}: {text}")

@@ -10,6 +10,7 @@ are told apart by type, as :mod:`providers.lxd.errors` translates them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 import time
@@ -29,8 +30,10 @@ from providers.base import (
     EnvState,
 )
 from providers.lxd import ports
-from providers.lxd.errors import BusyError, ListenError, lxd_errors
+from providers.lxd.errors import BusyError, ListenError, SpawnError, lxd_errors
 from providers.lxd.source import KEY_SOURCE_MODE, KEY_WORKDIR
+
+log = logging.getLogger("vendetta.agent")
 
 # The base labels as LXD config keys (LXD only allows user.* for free-form keys).
 KEY_MANAGED = f"user.{LABEL_MANAGED}"
@@ -44,6 +47,8 @@ MAX_NAME = 63  # LXD instance names are hostnames
 BUSY_WAIT = 30.0
 # Starts tried when a published port's node port is taken between our check and LXD's listen.
 START_ATTEMPTS = 3
+# Seconds between starts after LXC's spawn aborted: let whatever crowded it pass.
+SPAWN_RETRY_PAUSE = 1.0
 
 _UNSAFE = re.compile(r"[^a-z0-9-]")
 
@@ -256,3 +261,10 @@ def start_publishing(client: Any, where: str, action: str, name: str) -> None:
         except ListenError:
             if attempt == START_ATTEMPTS:
                 raise
+        except SpawnError as exc:
+            # LXC's spawn aborts now and then under load; a proxy device's start hook
+            # failing ends the same way, so the next try has fresh ports too.
+            if attempt == START_ATTEMPTS:
+                raise SpawnError(f"{exc}; LXC's log: `lxc info --show-log {name}`") from exc
+            log.warning("%s: %s; trying again (%d of %d)", name, exc, attempt + 1, START_ATTEMPTS)
+            time.sleep(SPAWN_RETRY_PAUSE)

@@ -92,3 +92,11 @@ def is_listen_failure(text: str) -> bool:
     # Our published ports are the only proxy devices: any of them failing to start is
     # tried again with fresh ports, START_ATTEMPTS times at most.
     return "error occurred when starting proxy device" in lowered
+
+
+def is_spawn_failure(text: str) -> bool:
+    """Whether LXD's error for a start is LXC's spawn aborting (``lxd forkstart ...:
+    exit status 1``). Seen now and then under load with nothing wrong in the
+    instance ("Sync wait failure", "container state ABORTING" in its lxc.log);
+    a proxy device's start hook failing ends the same way."""
+    return "forkstart" in text.lower()

@@ -2,7 +2,8 @@
 
 The devices and what LXD does with them are tested against the real daemon in
 tests/integration/test_lxd_provider.py; here, what needs no LXD: reading the
-devices back, and choosing node ports with real sockets on the loopback.
+devices back, choosing node ports with real sockets on the loopback, and what
+a start does with LXD's refusals (a small fake of pylxd's API nodes).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import pylxd.exceptions
 import pytest
 
 from common.loopback import free_ports, is_free
-from providers.lxd import ports
+from providers.lxd import instances, ports
+from providers.lxd.errors import SpawnError
 
 
 @pytest.fixture
@@ -79,3 +82,61 @@ def test_lxds_refusal_of_a_proxy_that_cannot_listen_is_recognised() -> None:
         "listener process: Failed to receive file descriptor via abstract unix socket"
     )
     assert not ports.is_listen_failure("Failed to run: forkstart: container failed to start")
+
+
+class _Response:
+    def __init__(self, body: dict[str, object], status_code: int = 200) -> None:
+        self._body = body
+        self.status_code = status_code
+
+    def json(self) -> dict[str, object]:
+        return self._body
+
+
+class _Node:
+    """pylxd's API node for one stopped instance whose first STARTS starts abort."""
+
+    def __init__(self, aborts: int) -> None:
+        self.aborts = aborts
+        self.starts = 0
+        self.state = self
+
+    def get(self) -> _Response:
+        return _Response({"metadata": {"devices": {}}})
+
+    def put(self, json: dict[str, object]) -> _Response:
+        assert json == {"action": "start"}
+        self.starts += 1
+        return _Response({"operation": f"op-{self.starts}"})
+
+
+class _Client:
+    def __init__(self, node: _Node) -> None:
+        self.node = node
+        self.api = self
+        self.instances = {"vd-w": node}
+        self.operations = self
+
+    def wait_for_operation(self, operation: str) -> None:
+        if self.node.starts <= self.node.aborts:
+            err = (
+                "Failed to run: /usr/bin/lxd forkstart vd-w /var/lib/lxd/containers "
+                "/var/log/lxd/vd-w/lxc.conf: exit status 1"
+            )
+            raise pylxd.exceptions.LXDAPIException(_Response({"metadata": {"err": err}}))
+
+
+def test_an_aborted_lxc_spawn_is_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What failed a clean-clone CI run once: LXC's spawn aborting under load
+    ("Sync wait failure" in the instance's lxc.log), nothing wrong with it."""
+    monkeypatch.setattr(instances, "SPAWN_RETRY_PAUSE", 0)
+    node = _Node(aborts=instances.START_ATTEMPTS - 1)
+    instances.start_publishing(_Client(node), "unix:lxd", "starting 'w'", "vd-w")
+    assert node.starts == instances.START_ATTEMPTS
+    # One abort too many: the start fails, saying where LXC's own log is.
+    node = _Node(aborts=instances.START_ATTEMPTS)
+    with pytest.raises(SpawnError, match=r"forkstart .*lxc info --show-log vd-w"):
+        instances.start_publishing(_Client(node), "unix:lxd", "starting 'w'", "vd-w")
+    assert node.starts == instances.START_ATTEMPTS
+    assert ports.is_spawn_failure("Failed to run: forkstart: container failed to start")
+    assert not ports.is_spawn_failure("Error occurred when starting proxy device: ...")
