@@ -89,6 +89,18 @@ class Pipes:
 
         return start
 
+    def held(self) -> set[str]:
+        """The guests with something kept for them (a connection, a lock, a mark)."""
+        return {*self._muxes, *self._locks, *self._no_python}
+
+    async def forget(self, name: str) -> None:
+        """A destroyed guest: its connection (closed with it), lock and python3 mark go."""
+        mux = self._muxes.pop(name, None)
+        self._locks.pop(name, None)
+        self._no_python.pop(name, None)
+        if mux is not None:
+            await mux.aclose()
+
     async def close(self) -> None:
         for mux in list(self._muxes.values()):
             await mux.aclose()

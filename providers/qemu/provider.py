@@ -351,19 +351,21 @@ class QemuProvider(Provider):
         return await self._inspect(workspace)
 
     async def _destroy(self, workspace: str) -> None:
-        def remove(conn: libvirt.virConnect) -> None:
+        def remove(conn: libvirt.virConnect) -> str:
             found = self._find(conn, workspace)
             if found is None:
                 # No guest, but maybe its files: a create or destroy cut short between
                 # the disk and the domain (the agent killed, the call cancelled) left them.
                 self._files(self.domain_name(workspace)).remove()
-                return
+                return self.domain_name(workspace)
             dom, meta = found
             guests.remove(dom)
             # In the same thread: a cancelled call cannot leave the disk without its domain.
             self._files(dom.name(), Path(meta.state_dir)).remove()
+            return str(dom.name())
 
-        await self._libvirt.call(f"removing workspace {workspace!r}", remove)
+        name = await self._libvirt.call(f"removing workspace {workspace!r}", remove)
+        await self._pipes.forget(name)
         await asyncio.to_thread(self._at_stop(workspace).unlink, True)
 
     async def _inspect(self, workspace: str) -> EnvironmentStatus:

@@ -35,7 +35,11 @@ async def guest(provider: QemuProvider) -> AsyncIterator[str]:
     await provider.create(spec)
     await provider.start(ws)
     yield ws
+    name = provider.domain_name(ws)
+    assert name in provider._pipes.held()  # the tests used its connection
     await provider.destroy(ws)
+    # Destroyed: nothing of it kept for the agent's life (a workspace a day adds up).
+    assert name not in provider._pipes.held()
 
 
 async def _run(session: Terminal, data: bytes = b"") -> tuple[bytes, bytes, int | None]:
