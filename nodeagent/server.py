@@ -68,16 +68,14 @@ class AgentServer:
             agent_dir / "services", self.providers, legacy=convert.service_from_saved_pb
         )
         self._server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(
-            NodeAgentServicer(
-                self.agent_id,
-                self.providers,
-                str(self.socket),
-                self.services,
-                spool_dir=self.agent_dir / "imports",
-            ),
-            self._server,
+        self._servicer = NodeAgentServicer(
+            self.agent_id,
+            self.providers,
+            str(self.socket),
+            self.services,
+            spool_dir=self.agent_dir / "imports",
         )
+        nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(self._servicer, self._server)
         self._resume: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -100,6 +98,7 @@ class AgentServer:
     async def stop(self, grace: float = 5.0) -> None:
         if self._resume is not None:
             self._resume.cancel()
+        self._servicer.stopping.set()  # the watches end; other calls get the grace
         await self._server.stop(grace)
         await self.services.close()
         await self.providers.close()

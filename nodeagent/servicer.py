@@ -9,7 +9,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
         self.providers = providers
         self.socket_path = socket_path
         self.services = services
+        # Set when the agent stops: the watches end then (see _until_stopping).
+        self.stopping = asyncio.Event()
 
     async def Info(
         self, request: nodeagent_pb2.InfoRequest, context: Ctx
@@ -251,8 +253,20 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServicer):
             now = time.time_ns()
             for status in sup.statuses():
                 yield convert.service_event_to_pb(ServiceEvent(request.workspace, status, "", now))
-            async for ev in events:
+            while (ev := await self._until_stopping(events.get())) is not None:
                 yield convert.service_event_to_pb(ev)
+
+    async def _until_stopping(self, next_event: Awaitable[ServiceEvent]) -> ServiceEvent | None:
+        """``next_event``'s result, or None once the agent stops: a watch never ends by
+        itself, and the server's stop waited its whole grace (5 s) for it."""
+        got = asyncio.ensure_future(next_event)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({got, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            got.cancel()  # a no-op once it is done
+        return got.result() if got.done() and not got.cancelled() else None
 
     async def Attach(
         self, request_iterator: AsyncIterator[common_pb2.AttachInput], context: Ctx

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -16,7 +16,7 @@ from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundE
 from nodeagent.providers import ProviderSet
 from nodeagent.server import AgentServer
 from providers.base import EnvironmentSpec, EnvState, LogRecord, Readiness
-from tests.support.fakes import FakeProvider, short_tmp_dir
+from tests.support.fakes import FakeProvider, short_tmp_dir, wait_until
 from vendetta.v1 import common_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 # ----------------------------------------------------------------------------- the fake
@@ -157,6 +157,31 @@ async def test_agent_environment_lifecycle_over_grpc(agent_dir: Path) -> None:
             await stub.DestroyEnvironment(req)
             env = await stub.InspectEnvironment(req)
             assert env.state == common_pb2.ENVIRONMENT_STATE_ABSENT
+    finally:
+        await server.stop(grace=0.2)
+
+
+async def _events(call: AsyncIterable[common_pb2.ServiceEvent]) -> list[object]:
+    return [ev async for ev in call]
+
+
+async def test_a_watch_ends_when_the_agent_stops_not_after_the_grace(agent_dir: Path) -> None:
+    """The coordinator watches the services of each running workspace: a stop waited its
+    whole grace for those streams, which never end by themselves."""
+    server = AgentServer(agent_dir, providers=ProviderSet({"docker": FakeProvider()}))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{server.socket}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)
+            watch = stub.WatchServices(
+                nodeagent_pb2.EnvironmentRequest(workspace="ws", provider="docker")
+            )
+            reading = asyncio.create_task(_events(watch))
+            events = server.services.supervisor("ws", "docker").events
+            await wait_until(lambda: bool(events._subscribers), "the watch to subscribe")
+            # A grace far longer than the deadline: the stop ends the watch at once.
+            await asyncio.wait_for(server.stop(grace=600), 30)
+            assert await asyncio.wait_for(reading, 30) == []  # ended, not cancelled
     finally:
         await server.stop(grace=0.2)
 
