@@ -80,7 +80,7 @@ async def terminate(pid: int, timeout: float = 15.0) -> bool:
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _gone(pid):
+        if gone(pid):
             return True
         await asyncio.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
@@ -88,7 +88,8 @@ async def terminate(pid: int, timeout: float = 15.0) -> bool:
     return True
 
 
-def _gone(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (reaped here if it is our child)."""
     # A process we started (the coordinator starts the local agent) stays a
     # zombie, still signalable, until reaped: reap it if it is ours.
     with contextlib.suppress(ChildProcessError):

@@ -8,28 +8,42 @@ from pathlib import Path
 import grpc.aio
 
 from common import agent_process
+from common.process import gone
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 from coordinator.transports.tcp_proxy import TcpForward
 
 
 class LocalTransport(Transport):
     kind = "local"
+    # Seconds between two looks at the agent's process while connected.
+    watch_every = 0.25
 
     def __init__(self, agent_dir: Path, agent_args: list[str] | None = None) -> None:
         self.agent_dir = agent_dir
         self.agent_args = agent_args or []
         self._channel: grpc.aio.Channel | None = None
         self._closed = asyncio.Event()
+        self._pid = 0
 
     async def connect(self) -> grpc.aio.Channel:
         status = await agent_process.ensure(self.agent_dir, self.agent_args)
         self._closed.clear()
+        self._pid = status.pid
         self._channel = grpc.aio.insecure_channel(f"unix:{status.socket}", options=CHANNEL_OPTIONS)
         return self._channel
 
     async def wait_closed(self) -> None:
-        # No connection of our own to lose; heartbeats notice a dead agent.
-        await self._closed.wait()
+        """No connection of our own to lose: the agent's process ending is the loss.
+        Heartbeats alone would wait out the node's grace (15 s) before the next connect
+        started a new agent, every call to the node failing meanwhile."""
+        while not self._closed.is_set():
+            if self._pid > 0 and gone(self._pid):  # a look in /proc: no thread needed
+                return
+            try:
+                async with asyncio.timeout(self.watch_every):
+                    await self._closed.wait()
+            except TimeoutError:
+                pass
 
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         return await TcpForward.open(listen_port, dest_host, dest_port)
