@@ -144,7 +144,9 @@ async def round_trip(client: AgentClient, count: int, result: NodeTestResult) ->
     )
 
 
-async def throughput(client: AgentClient, total: int, result: NodeTestResult) -> Check:
+async def throughput(
+    client: AgentClient, total: int, result: NodeTestResult, carrier: str = ""
+) -> Check:
     t0 = time.perf_counter()
     try:
         received = await client.sink(total)
@@ -167,7 +169,8 @@ async def throughput(client: AgentClient, total: int, result: NodeTestResult) ->
     return Check(
         "tunnel throughput",
         True,
-        f"{result.throughput / 1e6:.1f} MB/s ({total // 2**20} MiB to the agent)",
+        f"{result.throughput / 1e6:.1f} MB/s ({total // 2**20} MiB to the agent)"
+        + (f", {carrier}" if carrier else ""),
     )
 
 
@@ -237,8 +240,13 @@ async def run(
     if isinstance(transport, SshTransport) and transport.agent_run_as:
         result.checks.append(Check("agent runs as", True, transport.agent_run_as))
     result.checks.append(await round_trip(client, heartbeats, result))
-    if ssh:  # the local node's agent is on this machine: no tunnel
-        result.checks.append(await throughput(client, sink_bytes, result))
+    if isinstance(transport, SshTransport):  # the local node's agent is here: no tunnel
+        carrier = (
+            "carried by OpenSSH (ssh -L)"
+            if transport.tunnel_pid is not None
+            else "carried by the coordinator (asyncssh; no usable `ssh` client here)"
+        )
+        result.checks.append(await throughput(client, sink_bytes, result, carrier))
     for p in info.providers:
         result.checks += provider_checks(p)
     return result

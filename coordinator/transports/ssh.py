@@ -29,7 +29,7 @@ from common.paths import vendetta_home
 from common.socket_paths import tunnel_socket
 from common.version import build_id
 from coordinator.ssh_keys import read_identity
-from coordinator.transports import ssh_install
+from coordinator.transports import openssh_tunnel, ssh_install
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 
 log = logging.getLogger("vendetta.coordinator")
@@ -112,6 +112,7 @@ class SshTransport(Transport):
         self.local_socket = tunnel_socket(tunnel_dir, node)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._listener: asyncssh.SSHListener | None = None
+        self._tunnel: openssh_tunnel.OpenSshTunnel | None = None
         self._channel: grpc.aio.Channel | None = None
 
     async def connect(self) -> grpc.aio.Channel:
@@ -119,10 +120,7 @@ class SshTransport(Transport):
         conn = await self._open_ssh()
         try:
             remote_socket = await self._ensure_agent(conn)
-            with contextlib.suppress(FileNotFoundError):
-                self.local_socket.unlink()
-            self._listener = await conn.forward_local_path(str(self.local_socket), remote_socket)
-            self.local_socket.chmod(0o600)
+            await self._open_tunnel(conn, remote_socket)
         except BaseException:
             conn.close()
             raise
@@ -131,6 +129,38 @@ class SshTransport(Transport):
             f"unix:{self.local_socket}", options=CHANNEL_OPTIONS
         )
         return self._channel
+
+    async def _open_tunnel(self, conn: asyncssh.SSHClientConnection, remote_socket: str) -> None:
+        """The local socket to the agent's: OpenSSH's `ssh -L` in a child where it comes
+        up (openssh_tunnel.py), asyncssh's forward in this process where it does not."""
+        if openssh_tunnel.wanted():
+            vendetta_key = self.vendetta_key
+            try:
+                self._tunnel = await openssh_tunnel.OpenSshTunnel.start(
+                    node=self.node,
+                    address=self.address,
+                    port=self.port,
+                    user=self.user,
+                    host_key_line=self.host_key.export_public_key().decode(),
+                    identity_file=self.identity_file,
+                    extra_keys=[vendetta_key] if vendetta_key and vendetta_key.is_file() else [],
+                    local_socket=self.local_socket,
+                    remote_socket=remote_socket,
+                )
+                return
+            except (openssh_tunnel.TunnelNotStarted, OSError) as exc:
+                log.warning(
+                    "node %s: the tunnel stays in the coordinator (slower): %s", self.node, exc
+                )
+        with contextlib.suppress(FileNotFoundError):
+            self.local_socket.unlink()
+        self._listener = await conn.forward_local_path(str(self.local_socket), remote_socket)
+        self.local_socket.chmod(0o600)
+
+    @property
+    def tunnel_pid(self) -> int | None:
+        """The OpenSSH child carrying the tunnel; None when asyncssh carries it."""
+        return self._tunnel.pid if self._tunnel is not None else None
 
     @property
     def where(self) -> str:
@@ -313,8 +343,19 @@ class SshTransport(Transport):
                 opened.close()
 
     async def wait_closed(self) -> None:
+        """Until the connection ends, or the OpenSSH child carrying the tunnel does."""
+        waits = []
         if self._conn is not None:
-            await self._conn.wait_closed()
+            waits.append(asyncio.ensure_future(self._conn.wait_closed()))
+        if self._tunnel is not None:
+            waits.append(asyncio.ensure_future(self._tunnel.wait()))
+        if not waits:
+            return
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         if self._conn is None:
@@ -328,6 +369,8 @@ class SshTransport(Transport):
         """Abort the SSH connection (tests and `node test` use it to prove reconnects)."""
         if self._conn is not None:
             self._conn.abort()
+        if self._tunnel is not None:
+            self._tunnel.kill()
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -336,6 +379,9 @@ class SshTransport(Transport):
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._tunnel is not None:
+            await self._tunnel.close()
+            self._tunnel = None
         if self._conn is not None:
             self._conn.close()
             # A silent peer never lets a graceful close finish (unsent data waits for it).

@@ -88,6 +88,8 @@ def node_test_measures_and_checks(e2e: Env, name: str, fingerprint: str) -> None
     assert r["heartbeats"] >= 20
     assert 0 < r["rtt_p50_seconds"] <= r["rtt_p99_seconds"]
     assert r["ssh_seconds"] > 0 and r["throughput_bytes_per_second"] > 0
+    # The tunnel runs in an OpenSSH child (this machine has the client), not in Python.
+    assert rows[("", "tunnel throughput")]["value"].endswith("carried by OpenSSH (ssh -L)")
     for check in ("installed", "reachable", "permitted", "usable", "images"):
         assert rows[("docker", check)]["ok"], rows[("docker", check)]
     assert (

@@ -6,9 +6,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from common.errors import (
@@ -19,6 +21,7 @@ from common.errors import (
 )
 from coordinator.agent_client import AgentClient
 from coordinator.transports import SshTransport, scan_host_key
+from coordinator.transports.openssh_tunnel import OpenSshTunnel, TunnelNotStarted
 from tests.support.sshd import SshServer
 
 pytestmark = pytest.mark.sshd
@@ -114,3 +117,106 @@ async def test_nothing_listening(workdir: Path, server: SshServer) -> None:
     with pytest.raises(NodeUnreachableError) as exc:
         await transport(server, workdir).connect()
     assert f"{server.host}:{server.port}" in str(exc.value)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited; reaped by whoever adopted it, or not yet
+
+
+async def test_the_tunnel_is_an_openssh_child_that_ends_with_the_transport(
+    ssh: SshTransport,
+) -> None:
+    await AgentClient(await ssh.connect()).info()
+    pid = ssh.tunnel_pid
+    assert pid is not None, "the tunnel should run in an `ssh -L` child"
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-L" in cmdline and f"{ssh.local_socket}:".encode() in b" ".join(cmdline)
+    await ssh.close()
+    assert _gone(pid)
+    assert ssh.tunnel_pid is None
+
+
+async def test_without_openssh_the_tunnel_stays_in_the_coordinator(
+    server: SshServer, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no `ssh` to run
+    t = transport(server, workdir)
+    try:
+        info = await AgentClient(await t.connect()).info()
+        assert info.socket_path == str(workdir / "agent" / "agent.sock")
+        assert t.tunnel_pid is None
+    finally:
+        await t.close()
+
+
+async def test_a_key_openssh_refuses_falls_back_to_asyncssh(
+    server: SshServer, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # OpenSSH ignores a private key others may read; asyncssh takes it.
+    loose = workdir / "loose-key"
+    shutil.copy(server.client_key_path, loose)
+    loose.chmod(0o644)
+    t = transport(server, workdir, identity_file=str(loose))
+    try:
+        info = await AgentClient(await t.connect()).info()
+        assert info.socket_path == str(workdir / "agent" / "agent.sock")
+        assert t.tunnel_pid is None
+        assert "the tunnel stays in the coordinator" in caplog.text
+    finally:
+        await t.close()
+
+
+def test_the_child_ends_when_the_coordinator_is_killed(server: SshServer, workdir: Path) -> None:
+    """SIGKILL leaves no chance to stop it: its remote command's EOF must."""
+    holder = f"""
+import asyncio, sys
+from pathlib import Path
+from coordinator.transports import SshTransport
+from coordinator.agent_client import AgentClient
+async def main():
+    t = SshTransport(node="n1", address={server.host!r}, port={server.port},
+        user={server.user!r}, host_key={server.host_public_key()!r},
+        tunnel_dir=Path({str(workdir / "tunnels")!r}),
+        identity_file={str(server.client_key_path)!r},
+        agent_command=[{AGENT!r}, "--dir", {str(workdir / "agent")!r}])
+    await AgentClient(await t.connect()).info()
+    print(t.tunnel_pid, flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        assert not _gone(pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid), "the ssh child outlived the coordinator"
+
+
+async def test_the_openssh_child_refuses_a_host_key_other_than_the_pinned(
+    server: SshServer, workdir: Path
+) -> None:
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    (workdir / "tunnels").mkdir(exist_ok=True)
+    with pytest.raises(TunnelNotStarted, match="Host key verification failed"):
+        await OpenSshTunnel.start(
+            node="n1",
+            address=server.host,
+            port=server.port,
+            user=server.user,
+            host_key_line=other,
+            identity_file=str(server.client_key_path),
+            extra_keys=[],
+            local_socket=workdir / "tunnels" / "n1.sock",
+            remote_socket="/nonexistent.sock",
+        )
+    assert not (workdir / "tunnels" / "n1.sock").exists()

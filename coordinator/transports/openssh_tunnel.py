@@ -1,0 +1,203 @@
+"""The agent's gRPC tunnel carried by OpenSSH: `ssh -L LOCAL_SOCKET:AGENT_SOCKET`
+in a child process, beside the coordinator's asyncssh connection to the node.
+
+Every byte to and from a node's agent goes through this tunnel: workspace
+sessions, `ssh NAME.vendetta` forwards and file copies, logs, every RPC. In
+asyncssh each 32 KiB SSH packet (the most sshd takes on a channel) is a turn
+of the coordinator's event loop; OpenSSH does the same work in C, in its own
+process. Measured on one machine (docs/performance.md): the coordinator's CPU
+per 800 MB out of a workspace fell from 4.2 s to 1.7 s, the ssh child using
+0.75 s.
+
+The asyncssh connection still installs and starts the agent, forwards
+service ports and tells when the node goes. The child is tied to the
+coordinator's life without any signal set-up: its remote command reads its
+stdin, a pipe only the coordinator holds, so when the coordinator ends (even
+by SIGKILL) the session gets EOF, the command exits, and ssh exits with it.
+Whatever keeps the child from coming up (no `ssh` here, a key only asyncssh
+can use, a ProxyJump only in ~/.ssh/config) makes the caller fall back to
+asyncssh's own forward: the tunnel is then slower, never missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+from pathlib import Path
+
+# Seconds for the child to connect, log in and listen on the local socket.
+START_TIMEOUT = 20.0
+# Seconds the child gets to leave after its stdin closes, then after SIGTERM.
+STOP_GRACE = 2.0
+# Set to "asyncssh" to keep the tunnel in the coordinator's process (debugging).
+ENV_TUNNEL = "VENDETTA_TUNNEL"
+_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com"
+
+
+class TunnelNotStarted(Exception):
+    """The child did not come up; the message says why (its stderr, or the wait)."""
+
+
+def wanted() -> bool:
+    return os.environ.get(ENV_TUNNEL, "openssh") != "asyncssh" and shutil.which("ssh") is not None
+
+
+class OpenSshTunnel:
+    """One `ssh -L` child for one node's agent socket."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self._proc = proc
+        self._log_path = log_path
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        node: str,
+        address: str,
+        port: int,
+        user: str,
+        host_key_line: str,
+        identity_file: str,
+        extra_keys: list[Path],
+        local_socket: Path,
+        remote_socket: str,
+    ) -> OpenSshTunnel:
+        """The child, once LOCAL_SOCKET accepts connections; TunnelNotStarted if not."""
+        ssh = shutil.which("ssh")
+        if ssh is None:
+            raise TunnelNotStarted("no `ssh` (OpenSSH's client) on this machine")
+        state = local_socket.parent
+        alias = f"vendetta-node-{node}"
+        known_hosts = state / f"{local_socket.name}.known_hosts"
+        known_hosts.write_text(f"{alias} {_key_only(host_key_line)}\n")
+        log_path = state / f"{local_socket.name}.ssh.log"
+        argv = [
+            ssh, "-T", "-F", "/dev/null",  # not the user's ~/.ssh/config: these options only
+            "-p", str(port),
+            "-o", "BatchMode=yes",
+            "-o", f"HostKeyAlias={alias}",
+            "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "UpdateHostKeys=no",
+            "-o", "CheckHostIP=no",
+            "-o", "ConnectTimeout=15",
+            "-o", "ServerAliveInterval=10",
+            "-o", "ServerAliveCountMax=3",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", "StreamLocalBindUnlink=yes",
+            "-o", "StreamLocalBindMask=0177",  # the socket is the coordinator's user's alone
+            "-o", "ForwardAgent=no",
+            "-o", "ForwardX11=no",
+            "-o", "PermitLocalCommand=no",
+            "-o", "ControlMaster=no",
+            "-o", "LogLevel=ERROR",
+            "-o", f"Ciphers={_CIPHERS}",
+            *_key_args(identity_file, extra_keys),
+            "-L", f"{local_socket}:{remote_socket}",
+        ]  # fmt: skip
+        if user:
+            argv += ["-l", user]
+        # The remote command ends when the coordinator does (see the module's docstring).
+        argv += ["--", address, "exec cat >/dev/null"]
+        with contextlib.suppress(FileNotFoundError):
+            local_socket.unlink()
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,  # not the terminal's ^C: the coordinator stops it
+            )
+        tunnel = cls(proc, log_path)
+        try:
+            await asyncio.wait_for(tunnel._until_listening(local_socket), START_TIMEOUT)
+        except TimeoutError:
+            await tunnel.close()
+            raise TunnelNotStarted(
+                f"`ssh -L` did not listen within {START_TIMEOUT:.0f} s{tunnel._said()}"
+            ) from None
+        except TunnelNotStarted:
+            await tunnel.close()
+            raise
+        return tunnel
+
+    async def _until_listening(self, path: Path) -> None:
+        while True:
+            if self._proc.returncode is not None:
+                raise TunnelNotStarted(f"`ssh -L` exited {self._proc.returncode}{self._said()}")
+            if await asyncio.to_thread(_accepts, path):
+                return
+            await asyncio.sleep(0.05)
+
+    def _said(self) -> str:
+        try:
+            text = self._log_path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return f": {text[-400:]}" if text else ""
+
+    @property
+    def pid(self) -> int:
+        return int(self._proc.pid)
+
+    @property
+    def running(self) -> bool:
+        return self._proc.returncode is None
+
+    async def wait(self) -> None:
+        """Until the child exits (the node went, or it was stopped)."""
+        await self._proc.wait()
+
+    def kill(self) -> None:
+        """At once, as a dropped connection (tests prove reconnects with it)."""
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    async def close(self) -> None:
+        proc = self._proc
+        if proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the remote command ends; ssh follows
+            for stop in (proc.terminate, proc.kill):
+                try:
+                    await asyncio.wait_for(proc.wait(), STOP_GRACE)
+                    break
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        stop()
+            else:
+                await proc.wait()
+
+
+def _key_only(host_key_line: str) -> str:
+    """`TYPE BASE64` of a public key line (its comment dropped)."""
+    return " ".join(host_key_line.split()[:2])
+
+
+def _key_args(identity_file: str, extra_keys: list[Path]) -> list[str]:
+    # As the asyncssh connection does: with an identity file exactly that key, no
+    # agent; without, the user's agent and ~/.ssh/id_* (ssh's defaults) plus ours.
+    if identity_file:
+        return ["-i", identity_file, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none"]
+    args: list[str] = []
+    for key in extra_keys:
+        args += ["-i", str(key)]
+    return args
+
+
+def _accepts(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
