@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import BinaryIO
 
 # Seconds for the child to connect, log in and listen on the local socket.
 START_TIMEOUT = 20.0
@@ -73,7 +74,8 @@ class OpenSshTunnel:
         state = local_socket.parent
         alias = f"vendetta-node-{node}"
         known_hosts = state / f"{local_socket.name}.known_hosts"
-        known_hosts.write_text(f"{alias} {_key_only(host_key_line)}\n")
+        with _private(known_hosts) as f:
+            f.write(f"{alias} {_key_only(host_key_line)}\n".encode())
         log_path = state / f"{local_socket.name}.ssh.log"
         argv = [
             ssh, "-T", "-F", "/dev/null",  # not the user's ~/.ssh/config: these options only
@@ -106,7 +108,7 @@ class OpenSshTunnel:
         argv += ["--", address, "exec cat >/dev/null"]
         with contextlib.suppress(FileNotFoundError):
             local_socket.unlink()
-        with log_path.open("wb") as log_file:
+        with _private(log_path) as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.PIPE,
@@ -173,6 +175,14 @@ class OpenSshTunnel:
                         stop()
             else:
                 await proc.wait()
+
+
+def _private(path: Path) -> BinaryIO:
+    """PATH emptied and opened for writing, readable by the coordinator's user alone
+    (as everything in its state folder)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have had another mode
+    return os.fdopen(fd, "wb")
 
 
 def _key_only(host_key_line: str) -> str:

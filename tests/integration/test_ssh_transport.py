@@ -135,6 +135,9 @@ async def test_the_tunnel_is_an_openssh_child_that_ends_with_the_transport(
     assert pid is not None, "the tunnel should run in an `ssh -L` child"
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"-L" in cmdline and f"{ssh.local_socket}:".encode() in b" ".join(cmdline)
+    for beside in (".known_hosts", ".ssh.log"):  # its files are private, as the socket
+        path = ssh.local_socket.with_name(ssh.local_socket.name + beside)
+        assert path.stat().st_mode & 0o777 == 0o600, path
     await ssh.close()
     assert _gone(pid)
     assert ssh.tunnel_pid is None
