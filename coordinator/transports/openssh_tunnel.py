@@ -127,6 +127,9 @@ class OpenSshTunnel:
         except TunnelNotStarted:
             await tunnel.close()
             raise
+        except BaseException:  # cancelled (the coordinator stopping): no child left behind
+            tunnel.kill()
+            raise
         return tunnel
 
     async def _until_listening(self, path: Path) -> None:

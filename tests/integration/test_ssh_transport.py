@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -223,3 +225,51 @@ async def test_the_openssh_child_refuses_a_host_key_other_than_the_pinned(
             remote_socket="/nonexistent.sock",
         )
     assert not (workdir / "tunnels" / "n1.sock").exists()
+
+
+async def test_a_cancelled_start_leaves_no_child(workdir: Path, server: SshServer) -> None:
+    # A port that takes the TCP connection and never says a word: ssh waits there.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        local = workdir / "tunnels" / "mute.sock"
+        local.parent.mkdir(exist_ok=True)
+        start = asyncio.create_task(
+            OpenSshTunnel.start(
+                node="mute",
+                address="127.0.0.1",
+                port=mute.getsockname()[1],
+                user=server.user,
+                host_key_line=server.host_public_key(),
+                identity_file=str(server.client_key_path),
+                extra_keys=[],
+                local_socket=local,
+                remote_socket="/nonexistent.sock",
+            )
+        )
+        for _ in range(200):  # up to 10 s
+            if children := _children_with(str(local)):
+                break
+            await asyncio.sleep(0.05)
+        assert children, "ssh never started"
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        for _ in range(100):  # up to 5 s
+            if all(_gone(p) for p in children):
+                break
+            await asyncio.sleep(0.05)
+        assert all(_gone(p) for p in children), "a cancelled start left its ssh running"
+
+
+def _children_with(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline and b"ssh" in cmdline.split(b"\0")[0]:
+                found.append(int(entry.name))
+    return found
