@@ -49,9 +49,10 @@ def wanted() -> bool:
 class OpenSshTunnel:
     """One `ssh -L` child for one node's agent socket."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, files: list[Path]) -> None:
         self._proc = proc
-        self._log_path = log_path
+        self._log_path = files[-1]
+        self._files = files  # its known_hosts and log, beside the socket: gone with it
 
     @classmethod
     async def start(
@@ -116,19 +117,21 @@ class OpenSshTunnel:
                 stderr=log_file,
                 start_new_session=True,  # not the terminal's ^C: the coordinator stops it
             )
-        tunnel = cls(proc, log_path)
+        tunnel = cls(proc, [known_hosts, log_path])
         try:
             await asyncio.wait_for(tunnel._until_listening(local_socket), START_TIMEOUT)
         except TimeoutError:
+            said = tunnel._said()  # before close() takes the log away
             await tunnel.close()
             raise TunnelNotStarted(
-                f"`ssh -L` did not listen within {START_TIMEOUT:.0f} s{tunnel._said()}"
+                f"`ssh -L` did not listen within {START_TIMEOUT:.0f} s{said}"
             ) from None
         except TunnelNotStarted:
             await tunnel.close()
             raise
         except BaseException:  # cancelled (the coordinator stopping): no child left behind
             tunnel.kill()
+            tunnel._remove_files()
             raise
         return tunnel
 
@@ -178,6 +181,12 @@ class OpenSshTunnel:
                         stop()
             else:
                 await proc.wait()
+        self._remove_files()
+
+    def _remove_files(self) -> None:
+        for path in self._files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _private(path: Path) -> BinaryIO:

@@ -137,11 +137,15 @@ async def test_the_tunnel_is_an_openssh_child_that_ends_with_the_transport(
     assert pid is not None, "the tunnel should run in an `ssh -L` child"
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"-L" in cmdline and f"{ssh.local_socket}:".encode() in b" ".join(cmdline)
-    for beside in (".known_hosts", ".ssh.log"):  # its files are private, as the socket
-        path = ssh.local_socket.with_name(ssh.local_socket.name + beside)
+    beside = [
+        ssh.local_socket.with_name(ssh.local_socket.name + s) for s in (".known_hosts", ".ssh.log")
+    ]
+    for path in beside:  # its files are private, as the socket
         assert path.stat().st_mode & 0o777 == 0o600, path
     await ssh.close()
     assert _gone(pid)
+    # ... and go with it: a removed node leaves nothing in the tunnels folder.
+    assert not [p for p in [ssh.local_socket, *beside] if p.exists()]
     assert ssh.tunnel_pid is None
 
 
