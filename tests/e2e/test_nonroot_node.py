@@ -119,6 +119,9 @@ def test_node_add_installs_the_agent_and_it_runs_as_the_node_user(env: Env) -> N
     assert installed.owner() == MEMBER
     ready = {name: p["ready"] for name, p in _providers(env, "member").items()}
     assert ready == {"docker": True, "lxd": True, "qemu": True}, _providers(env, "member")
+    # The tunnel to that user's agent runs in OpenSSH's client, logged in as the user.
+    checks = {c["name"]: c for c in env.json("node", "test", "member")["checks"]}
+    assert checks["tunnel throughput"]["value"].endswith("carried by OpenSSH (ssh -L)"), checks
 
 
 def _leftovers(provider: str, workspace: str) -> list[str]:
