@@ -49,10 +49,10 @@ def wanted() -> bool:
 class OpenSshTunnel:
     """One `ssh -L` child for one node's agent socket."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, files: list[Path]) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, known_hosts: Path, log: Path) -> None:
         self._proc = proc
-        self._log_path = files[-1]
-        self._files = files  # its known_hosts and log, beside the socket: gone with it
+        self._known_hosts = known_hosts
+        self._log_path = log  # both beside the socket, and gone with it
 
     @classmethod
     async def start(
@@ -117,7 +117,7 @@ class OpenSshTunnel:
                 stderr=log_file,
                 start_new_session=True,  # not the terminal's ^C: the coordinator stops it
             )
-        tunnel = cls(proc, [known_hosts, log_path])
+        tunnel = cls(proc, known_hosts, log_path)
         try:
             await asyncio.wait_for(tunnel._until_listening(local_socket), START_TIMEOUT)
         except TimeoutError:
@@ -184,7 +184,7 @@ class OpenSshTunnel:
         self._remove_files()
 
     def _remove_files(self) -> None:
-        for path in self._files:
+        for path in (self._known_hosts, self._log_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
