@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import stat
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,63 +19,9 @@ import pytest
 from common.errors import FailedPreconditionError, UnavailableError
 from nodeagent import dial, listen
 from nodeagent.providers import ProviderSet
-from providers.base import Capabilities, ExecChunk, Terminal
+from providers.base import Capabilities
+from tests.support.local_pipes import LocalPipes
 from vendetta.v1 import common_pb2
-
-
-class _Local(Terminal):
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def output(self) -> AsyncIterator[ExecChunk]:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        err = asyncio.create_task(self.proc.stderr.read())
-        while data := await self.proc.stdout.read(65536):
-            yield ExecChunk(stdout=data)
-        yield ExecChunk(stderr=await err, exit_code=await self.proc.wait())
-
-    async def write(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        await self.proc.stdin.drain()
-
-    async def close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        if not self.proc.stdin.is_closing():
-            self.proc.stdin.close()
-
-    async def resize(self, rows: int, cols: int) -> None:
-        pass
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-class _Provider:
-    """Runs what the agent would run inside as a process here, with ``path`` as PATH."""
-
-    name = "local"
-    capabilities = Capabilities(stdin=True)
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def get(self, name: str) -> _Provider:
-        return self
-
-    async def pipe(
-        self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None = None
-    ) -> Terminal:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={"PATH": self.path, **(env or {})},
-        )
-        return _Local(proc)
 
 
 def _only(tmp: Path, tools: dict[str, str]) -> str:
@@ -100,7 +46,7 @@ def inside(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Provide
         # nc+dd: the relay batches nc's small writes through dd where the image has it.
         tools = ["sh", "nc", "dd"] if request.param == "nc+dd" else ["sh", "nc"]
         path = _only(tmp_path, dict.fromkeys(tools, busybox))
-    return request.param, cast(ProviderSet, _Provider(path))
+    return request.param, cast(ProviderSet, LocalPipes(path))
 
 
 async def _echo_server(size: int | None) -> tuple[asyncio.Server, int, list[bytes]]:
@@ -166,7 +112,7 @@ async def test_dial_refused_says_so(inside: tuple[str, ProviderSet]) -> None:
 async def test_dial_without_any_tool(tmp_path: Path) -> None:
     path = _only(tmp_path, {"sh": shutil.which("sh") or "sh"})
     with pytest.raises(FailedPreconditionError, match="no python3, bash or nc"):
-        await _dial(cast(ProviderSet, _Provider(path)), 1, [])
+        await _dial(cast(ProviderSet, LocalPipes(path)), 1, [])
 
 
 def test_frames_cut_anywhere() -> None:
@@ -183,7 +129,7 @@ def test_frames_cut_anywhere() -> None:
 
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 async def test_listener_inside(kind: str, tmp_path: Path) -> None:
-    providers = cast(ProviderSet, _Provider(os.environ["PATH"]))
+    providers = cast(ProviderSet, LocalPipes(os.environ["PATH"]))
     path = str(tmp_path / "private" / "agent") if kind == "unix" else ""
     inputs: asyncio.Queue[common_pb2.ListenInput | None] = asyncio.Queue()
 
@@ -224,7 +170,7 @@ async def test_listener_inside(kind: str, tmp_path: Path) -> None:
 async def test_engines_without_streamed_stdin_refuse_with_a_reason() -> None:
     """QEMU's guest agent takes no streamed input: forwarding says so, up front."""
 
-    class _NoStdin(_Provider):
+    class _NoStdin(LocalPipes):
         name = "qemu"
         capabilities = Capabilities(stdin=False)
 
@@ -237,3 +183,27 @@ async def test_engines_without_streamed_stdin_refuse_with_a_reason() -> None:
 
     with pytest.raises(FailedPreconditionError, match="not available yet"):
         await anext(aiter(listen.listen(providers, start())))
+
+
+async def test_dial_goes_straight_to_the_environments_address(tmp_path: Path) -> None:
+    """An environment with an address and a service listening there: connected without
+    any relay (the PATH inside has none of the relay's tools), half-close included."""
+    providers = cast(ProviderSet, LocalPipes(_only(tmp_path, {}), addresses=("127.0.0.1",)))
+    payload = [b"straight ", os.urandom(100_000)]
+    server, port, got = await _echo_server(None)
+    async with server:
+        out = await asyncio.wait_for(_dial(providers, port, payload), 30)
+    assert out[0].WhichOneof("output") == "connected"
+    assert got == [b"".join(payload)]
+    assert b"".join(m.data for m in out if m.WhichOneof("output") == "data") == got[0].upper()
+
+
+async def test_dial_uses_the_relay_when_the_address_refuses() -> None:
+    """The service listens on 127.0.0.1 alone (as dev servers do): the environment's
+    address refuses, and the relay inside reaches it."""
+    providers = cast(ProviderSet, LocalPipes(os.environ["PATH"], addresses=("127.0.0.2",)))
+    server, port, got = await _echo_server(None)
+    async with server:
+        out = await asyncio.wait_for(_dial(providers, port, [b"via the relay"]), 30)
+    assert got == [b"via the relay"]
+    assert b"".join(m.data for m in out if m.WhichOneof("output") == "data") == b"VIA THE RELAY"
