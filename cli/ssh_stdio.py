@@ -12,6 +12,8 @@ handed to it as a tunnel (the `tunnel` option: anything with
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -89,11 +91,35 @@ class _ReadSide(asyncio.Protocol):
 
 
 class _WriteSide(asyncio.BaseProtocol):
-    def __init__(self, duplex: _Duplex) -> None:
+    def __init__(self, duplex: _Duplex, protocol: asyncio.BaseProtocol) -> None:
         self._duplex = duplex
+        self._protocol = protocol
+
+    # A full pipe holds the connection's writers back (asyncssh stops reading its
+    # channels' sources): without this, all a fast source sent piled up here, and
+    # each write to the pipe moved what was left of the pile.
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._duplex.lost(exc)  # the client closed our stdout: it has gone
+
+
+# Bytes a pipe holds (Linux's default is 64 KiB, the most a non-root user may set
+# is /proc/sys/fs/pipe-max-size, 1 MiB by default): fewer, larger writes and reads
+# between OpenSSH and the proxy, each a wake-up of the other.
+PIPE_SIZE = 1024 * 1024
+
+
+def _widen(fd: int) -> None:
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is None or not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return
+    with contextlib.suppress(OSError):  # above the limit: the default stays
+        fcntl.fcntl(fd, setpipe, PIPE_SIZE)
 
 
 class StdioTunnel:
@@ -111,13 +137,17 @@ class StdioTunnel:
         self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         loop = asyncio.get_running_loop()
+        for fd in (self._read_fd, self._write_fd):
+            _widen(fd)
         protocol = session_factory()
         duplex = _Duplex(protocol)
         # Own copies of the descriptors: the transports close what they are given.
         wfile = os.fdopen(os.dup(self._write_fd), "wb", buffering=0)
         rfile = os.fdopen(os.dup(self._read_fd), "rb", buffering=0)
         try:
-            duplex.writer, _ = await loop.connect_write_pipe(lambda: _WriteSide(duplex), wfile)
+            duplex.writer, _ = await loop.connect_write_pipe(
+                lambda: _WriteSide(duplex, protocol), wfile
+            )
             await loop.connect_read_pipe(lambda: _ReadSide(duplex, protocol), rfile)
         except BaseException:
             if duplex.writer is not None:

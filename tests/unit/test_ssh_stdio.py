@@ -4,6 +4,7 @@ ProxyCommand: a real asyncssh server and client, each on its own pair of pipes."
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from cli.ssh_stdio import StdioTunnel
+from cli.ssh_stdio import PIPE_SIZE, StdioTunnel
 
 Pair = tuple[asyncssh.SSHServerConnection, asyncssh.SSHClientConnection]
 BIG = 4 * 1024 * 1024 + 17  # past every window and buffer on the way, not a multiple of them
@@ -104,3 +105,41 @@ def test_only_pipes_and_sockets_are_taken(tmp_path: Path) -> None:
         finally:
             os.close(r)
             os.close(w)
+
+
+class _Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+async def test_a_full_pipe_holds_the_connection_back_and_pipes_are_wide() -> None:
+    """The client not reading: the connection is told to stop writing (asyncssh then
+    stops reading its channels' sources), and told to go on once the pipe drains.
+    Both pipes hold 1 MiB (fewer wake-ups of OpenSSH and the proxy)."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    recorder = _Recorder()
+    transport, _ = await StdioTunnel(in_r, out_w).create_connection(lambda: recorder, "", 0)
+    try:
+        for fd in (in_r, out_w):
+            assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == PIPE_SIZE
+        transport.write(bytes(4 * PIPE_SIZE))  # 1 MiB fits in the pipe, the rest waits
+        assert recorder.events == ["pause"]
+        os.set_blocking(out_r, False)
+        drained = 0
+        while drained < 4 * PIPE_SIZE:
+            try:
+                drained += len(os.read(out_r, PIPE_SIZE))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        assert recorder.events == ["pause", "resume"]
+    finally:
+        transport.close()
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
