@@ -10,9 +10,10 @@ has. It writes one NUL byte once connected, then relays; a failure to connect
 is its stderr and exit code. nc gives no such signal: with it, a refused
 connection shows as a channel that closes at once.
 
-The environment's loopback is first tried at the environment's own address
-(Docker's and LXD's bridge), straight from the agent: a service that listens on
-all addresses answers there, and its bytes then skip the engine (direct_address).
+A port the workspace publishes, asked for at the environment's loopback, is
+first tried at the environment's own address (Docker's bridge, an LXD
+instance's network), straight from the agent: its bytes then skip the engine
+(direct_address).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ async def dial(
     start = first.start
     check_start(start)
     provider = providers.get(start.provider)
-    address = await direct_address(provider, start.workspace, start.host)
+    address = await direct_address(provider, start.workspace, start.host, start.port)
     direct = None
     if address is not None:
         with contextlib.suppress(OSError, TimeoutError):
@@ -178,20 +179,25 @@ LOOPBACK = frozenset({"127.0.0.1", "localhost"})
 DIRECT_TIMEOUT = 3.0
 
 
-async def direct_address(provider: Provider, workspace: str, host: str) -> str | None:
-    """The environment's own address when the target is its loopback: a service
-    listening on all addresses (most do, to be published) answers there, and a
-    connection straight to it skips the engine's exec stream and the relay, a
-    third of the CPU of `ssh -L`. A service on 127.0.0.1 alone refuses it, and the
-    relay inside then reaches it. The service sees the node's side of the bridge
-    as its peer, not 127.0.0.1. QEMU guests (user networking) and LXD instances
-    without a network have no such address."""
+async def direct_address(provider: Provider, workspace: str, host: str, port: int) -> str | None:
+    """The environment's own address, for a port the workspace publishes (a
+    service's `port:`) asked for at its loopback: that port already reaches the
+    user's machine from the node (`workspace ports`), so its service listens on
+    all addresses, and a connection straight to the environment skips the
+    engine's exec stream and the relay (most of the CPU of `ssh -L`). The
+    service sees the node's side of the bridge as its peer there, as it does
+    for `workspace ports`. Any other port goes through the relay, from
+    127.0.0.1 inside, as sshd's `-L` would: a dev server started by hand that
+    trusts loopback (a debug console) keeps doing so. QEMU guests (user
+    networking) and LXD instances without a network have no such address."""
     if host not in LOOPBACK:
         return None
     try:
         status = await provider.inspect(workspace)
     except VendettaError:
         return None  # the relay's path reports what is wrong
+    if port not in status.ports:
+        return None
     return next((a for a in status.addresses if ":" not in a), None)
 
 

@@ -4,8 +4,8 @@ in as a user who is not root (vdnode) behind a real sshd, on Docker and LXD
 in the Debian test image (scripts/build-test-image.sh) and in a QEMU guest of
 the Debian guest image (its commands with input go over the guest's stream
 port, providers/qemu/mux.py): `-L`, `-D` and `-W` to a
-server listening on 127.0.0.1 inside (a large download intact), to one on all
-addresses straight at the environment's address (Docker, LXD), a refused forward
+server listening on 127.0.0.1 inside (a large download intact), to a published
+port straight at the environment's address (Docker), a refused forward
 that leaves the session working, `-R` to a server here (gone with the session),
 `-A` (only when asked, a socket private to the user inside), SetEnv and the
 working folder, sftp/scp (both protocols), rsync, git push/clone, VS Code's
@@ -45,17 +45,22 @@ SECTIONS = {
 # file big enough to span many messages (made once: the service may be restarted).
 WEB_PORT = 8080
 PEER_PORT = 8081
+UNPUBLISHED_PORT = 8082
 SERVICES = (
     "services:\n  web:\n    command: >-\n"
     "      sh -c 'mkdir -p /tmp/www && echo hello from inside > /tmp/www/index.html"
     " && { test -e /tmp/www/big || { head -c 20000000 /dev/urandom > /tmp/www/.big"
     " && mv /tmp/www/.big /tmp/www/big; }; }"
     f" && exec python3 -m http.server {WEB_PORT} --bind 127.0.0.1 --directory /tmp/www'\n"
-    # And one on all addresses that answers each connection with its peer's address.
-    "  peer:\n    command: |-\n      python3 -c '\n      import socket\n"
-    f'      s = socket.create_server(("", {PEER_PORT}))\n'
-    "      while True:\n          c, a = s.accept()\n"
-    '          c.sendall(a[0].encode() + b"\\n")\n          c.close()\n      \'\n'
+    # And one on all addresses, on a published port and on another, that answers each
+    # connection with its peer's address.
+    "  peer:\n    command: |-\n      python3 -c '\n      import socket, threading\n"
+    '      def serve(port):\n          s = socket.create_server(("", port))\n'
+    "          while True:\n              c, a = s.accept()\n"
+    '              c.sendall(a[0].encode() + b"\\n")\n              c.close()\n'
+    f"      threading.Thread(target=serve, args=({UNPUBLISHED_PORT},)).start()\n"
+    f"      serve({PEER_PORT})\n      '\n"
+    f"    port: {PEER_PORT}\n"
 )
 
 
@@ -202,32 +207,34 @@ def test_stdio_forward_half_closes(editor: Editor, ws: str) -> None:
     assert run.stdout.startswith("HTTP/1.0 200") and "hello from" in run.stdout
 
 
-def test_a_service_on_all_addresses_is_reached_at_the_environments_address(
-    editor: Editor, ws: str
-) -> None:
-    """An environment with an address on the node (Docker's bridge): the agent
-    connects straight to it (the engine's exec stream stays out of the path), so
-    the service's peer is the node's side of the bridge. Without one (LXD
-    instances here have no network, ENGINES.md; a QEMU guest's user networking)
-    the relay inside connects, from 127.0.0.1. The web server on 127.0.0.1 alone
-    (the other tests) is reached through the relay everywhere."""
+def test_a_published_port_is_reached_at_the_environments_address(editor: Editor, ws: str) -> None:
+    """A port the workspace publishes (a service's `port:`), in an environment with an
+    address on the node (Docker's bridge): the agent connects straight to it (the
+    engine's exec stream stays out of the path), so the service's peer is the node's
+    side of the bridge, as for `workspace ports`. Any other port, and environments
+    without an address (LXD instances here have no network, ENGINES.md; a QEMU
+    guest's user networking), go through the relay inside, from 127.0.0.1, as
+    sshd's -L would."""
     name = ws.removesuffix(".vendetta")
     shown = json.loads(editor.env.cli("workspace", "status", name, "--json").stdout)
     address = next((a for a in shown.get("addresses", []) if ":" not in a), None)
     if name == "ed-docker":
         assert address, shown  # Docker's default bridge gives every container one
-    peer = wait_for(
-        "the peer service's answer",
-        lambda: editor.ssh("-W", f"127.0.0.1:{PEER_PORT}", ws).stdout.strip(),
-        within=60,
-    )
-    if address is None:
-        assert peer == "127.0.0.1"
-    else:  # the node's side of the same bridge
-        assert peer != address and peer.rsplit(".", 1)[0] == address.rsplit(".", 1)[0], (
-            peer,
-            address,
+
+    def peer_at(port: int) -> str:
+        return wait_for(
+            f"the peer service's answer on {port}",
+            lambda: editor.ssh("-W", f"127.0.0.1:{port}", ws).stdout.strip(),
+            within=60,
         )
+
+    published = peer_at(PEER_PORT)
+    if address is None:
+        assert published == "127.0.0.1"
+    else:  # the node's side of the same bridge
+        assert published != address, published
+        assert published.rsplit(".", 1)[0] == address.rsplit(".", 1)[0], (published, address)
+    assert peer_at(UNPUBLISHED_PORT) == "127.0.0.1"
 
 
 def test_forward_to_a_port_nothing_listens_on(editor: Editor, ws: str) -> None:

@@ -49,9 +49,12 @@ class LocalPipes:
     def __init__(self, path: str, addresses: tuple[str, ...] = ()) -> None:
         self.path = path
         self.addresses = addresses  # the environment's own, for Dial's direct path
+        self.ports: dict[int, str] = {}  # published: port inside -> where on the node
 
     async def inspect(self, workspace: str) -> EnvironmentStatus:
-        return EnvironmentStatus(workspace, self.name, EnvState.RUNNING, addresses=self.addresses)
+        return EnvironmentStatus(
+            workspace, self.name, EnvState.RUNNING, addresses=self.addresses, ports=self.ports
+        )
 
     def get(self, name: str) -> LocalPipes:
         return self

@@ -186,12 +186,17 @@ async def test_engines_without_streamed_stdin_refuse_with_a_reason() -> None:
 
 
 async def test_dial_goes_straight_to_the_environments_address(tmp_path: Path) -> None:
-    """An environment with an address and a service listening there: connected without
-    any relay (the PATH inside has none of the relay's tools), half-close included."""
-    providers = cast(ProviderSet, LocalPipes(_only(tmp_path, {}), addresses=("127.0.0.1",)))
+    """A published port, at an environment with an address: connected without any
+    relay (the PATH inside has none of the relay's tools), half-close included."""
+    inside = LocalPipes(_only(tmp_path, {}), addresses=("127.0.0.1",))
+    providers = cast(ProviderSet, inside)
     payload = [b"straight ", os.urandom(100_000)]
     server, port, got = await _echo_server(None)
     async with server:
+        # A port the workspace does not publish goes through the relay (none here).
+        with pytest.raises(FailedPreconditionError, match="no python3, bash or nc"):
+            await asyncio.wait_for(_dial(providers, port, payload), 30)
+        inside.ports[port] = f"127.0.0.1:{port}"
         out = await asyncio.wait_for(_dial(providers, port, payload), 30)
     assert out[0].WhichOneof("output") == "connected"
     assert got == [b"".join(payload)]
@@ -201,8 +206,10 @@ async def test_dial_goes_straight_to_the_environments_address(tmp_path: Path) ->
 async def test_dial_uses_the_relay_when_the_address_refuses() -> None:
     """The service listens on 127.0.0.1 alone (as dev servers do): the environment's
     address refuses, and the relay inside reaches it."""
-    providers = cast(ProviderSet, LocalPipes(os.environ["PATH"], addresses=("127.0.0.2",)))
+    inside = LocalPipes(os.environ["PATH"], addresses=("127.0.0.2",))
+    providers = cast(ProviderSet, inside)
     server, port, got = await _echo_server(None)
+    inside.ports[port] = f"127.0.0.1:{port}"
     async with server:
         out = await asyncio.wait_for(_dial(providers, port, [b"via the relay"]), 30)
     assert got == [b"via the relay"]
