@@ -1,6 +1,7 @@
 """`ssh -L` and `ssh -D` through `NAME.vendetta`: each direct-tcpip channel the
-client opens becomes one Dial stream through the coordinator to the
-workspace's agent, which connects from inside the environment.
+client opens becomes one connection through the agent's dial socket when the
+coordinator runs on this machine (DialRoute), else one Dial stream through the
+coordinator; either way the workspace's agent connects from inside.
 
 The channel is confirmed only once the connection inside is open, so a port
 nothing listens on fails that channel with the reason ("connect failed:
@@ -12,14 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import asyncssh
 import grpc
+from asyncssh import SSHTCPSession
 from asyncssh.stream import SSHTCPStreamSession
 
+from cli import remote
 from cli.client import coordinator
+from common.dial_wire import HandshakeError, encode, read_line
+from common.forwarder import Forwarder, join
 from common.rpc_errors import from_rpc_error
 from vendetta.v1 import common_pb2, coordinator_pb2_grpc
 
@@ -32,10 +38,12 @@ class Link:
     """One gRPC channel to the coordinator for all of a connection's channels,
     opened at the first need (a coordinator that is down fails that channel)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stub: coordinator_pb2_grpc.CoordinatorAsyncStub | None = None) -> None:
         self._stack = AsyncExitStack()
-        self._stub: coordinator_pb2_grpc.CoordinatorAsyncStub | None = None
+        self._stub = stub
         self._lock = asyncio.Lock()
+        # DialRoute is worth asking only of a coordinator on this machine.
+        self.routes = remote.target() is None
 
     async def stub(self) -> coordinator_pb2_grpc.CoordinatorAsyncStub:
         async with self._lock:
@@ -51,12 +59,57 @@ def _refused(reason: str) -> asyncssh.ChannelOpenError:
     return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason)
 
 
-async def open_direct(
-    link: Link, workspace: str, host: str, port: int
-) -> SSHTCPStreamSession[bytes]:
+class _ChannelSide(Forwarder, SSHTCPSession[bytes]):
+    """The SSH channel's side of a routed connection (common/forwarder.py)."""
+
+
+async def _routed(link: Link, start: common_pb2.DialStart) -> SSHTCPSession[bytes] | None:
+    """The connection through the agent's dial socket, when the coordinator runs on
+    this machine and has a route to it (nodeagent/dial_socket.py): the channel's
+    bytes then go to OpenSSH's forward and on, in this process's callbacks alone.
+    None where there is no route: the caller uses Dial."""
+    if not link.routes:
+        return None
+    try:
+        reply = await (await link.stub()).DialRoute(start)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older coordinator
+            link.routes = False
+        return None  # Dial says what is wrong, if anything is
+    except Exception:
+        return None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    target = reply.start
+    try:
+        await loop.sock_connect(sock, reply.socket)
+        hello = {"workspace": target.workspace, "provider": target.provider}
+        await loop.sock_sendall(sock, encode({**hello, "host": target.host, "port": target.port}))
+        answer, rest = await read_line(sock)
+    except (OSError, HandshakeError):
+        sock.close()
+        return None  # the forward is down (the node reconnecting): Dial
+    if not answer.get("connected"):
+        sock.close()
+        raise _refused(str(answer.get("error") or f"cannot connect to {start.host}:{start.port}"))
+    channel, routed = join(_ChannelSide(), Forwarder())
+    routed.hold(rest)  # the service's first bytes, if it speaks first
+    try:
+        await loop.create_unix_connection(lambda: routed, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return channel
+
+
+async def open_direct(link: Link, workspace: str, host: str, port: int) -> SSHTCPSession[bytes]:
     """Connect inside, then hand the channel a session that relays both ways."""
-    inputs: asyncio.Queue[common_pb2.DialInput | None] = asyncio.Queue(maxsize=BACKLOG)
     start = common_pb2.DialStart(workspace=workspace, host=host, port=port)
+    routed = await _routed(link, start)
+    if routed is not None:
+        return routed
+    inputs: asyncio.Queue[common_pb2.DialInput | None] = asyncio.Queue(maxsize=BACKLOG)
 
     async def requests() -> AsyncIterator[common_pb2.DialInput]:
         yield common_pb2.DialInput(start=start)

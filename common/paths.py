@@ -75,6 +75,15 @@ def agent_socket(agent_dir: Path) -> Path:
     return agent_dir / "agent.sock"
 
 
+DIAL_SOCKET = "dial.sock"
+
+
+def dial_socket(agent_dir: Path) -> Path:
+    """Beside agent.sock, with the same 0600 trust: raw connections into
+    environments (nodeagent/dial_socket.py)."""
+    return agent_dir / DIAL_SOCKET
+
+
 def agent_pid(agent_dir: Path) -> Path:
     return agent_dir / "agent.pid"
 

@@ -56,6 +56,8 @@ METHODS: dict[str, Rule] = {
     "GetConnectionInfo": _READ,
     "Connect": _OPERATE_START,
     "Dial": _OPERATE_START,
+    # refused on the listener all the same: the route is a socket on this machine
+    "DialRoute": Rule("operate", "workspace"),
     "Listen": _OPERATE_START,
     "PushWorkspace": _OPERATE_NAME,
     # Pull writes into the workspace's source on the coordinator's own disk (the owner's

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 import grpc.aio
 from google.protobuf.message import Message
 
-from common.errors import InvalidArgumentError, NotFoundError
+from common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from common.names import validate_name
 from common.version import build_id
-from coordinator import dial, images, rebuild
+from coordinator import auth, dial, images, rebuild
 from coordinator.convert import (
     node_to_pb,
     service_status_to_pb,
@@ -338,6 +338,15 @@ class CoordinatorServicer(OrphanRpcs, coordinator_pb2_grpc.CoordinatorServicer):
     ) -> AsyncIterator[common_pb2.DialOutput]:
         async for out in dial.relay(self.workspaces, self.nodes, request_iterator):
             yield out
+
+    async def DialRoute(self, request: common_pb2.DialStart, context: Ctx) -> pb.DialRouteReply:
+        peer = context.peer() or ""
+        if auth.caller.get() is not None or not peer.startswith("unix:"):
+            raise FailedPreconditionError(
+                "a dial route is a socket on the coordinator's machine, for clients on its "
+                "unix socket: use Dial"
+            )
+        return await dial.route(self.workspaces, self.nodes, request)
 
     async def Listen(
         self, request_iterator: AsyncIterator[common_pb2.ListenInput], context: Ctx

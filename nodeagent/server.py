@@ -14,9 +14,17 @@ from pathlib import Path
 import grpc.aio
 
 from common.errors import FailedPreconditionError
-from common.paths import agent_pid, agent_socket, check_socket_path, private_dir, write_private
+from common.paths import (
+    agent_pid,
+    agent_socket,
+    check_socket_path,
+    dial_socket,
+    private_dir,
+    write_private,
+)
 from common.rpc_errors import ErrorMappingInterceptor
 from nodeagent import convert
+from nodeagent.dial_socket import DialSocketServer
 from nodeagent.providers import ProviderSet, build_providers
 from nodeagent.servicer import NodeAgentServicer
 from nodeagent.services.manager import ServiceManager
@@ -76,6 +84,7 @@ class AgentServer:
             spool_dir=self.agent_dir / "imports",
         )
         nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(self._servicer, self._server)
+        self._dial = DialSocketServer(dial_socket(agent_dir), self.providers)
         self._resume: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,6 +99,7 @@ class AgentServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
+        await self._dial.start()
         write_private(agent_pid(self.agent_dir), f"{os.getpid()}\n")
         log.info("agent %s listening on %s", self.agent_id, self.socket)
         # Services an earlier run of this agent supervised keep running: find them again.
@@ -99,6 +109,7 @@ class AgentServer:
         if self._resume is not None:
             self._resume.cancel()
         self._servicer.stopping.set()  # the watches end; other calls get the grace
+        await self._dial.close()
         await self._server.stop(grace)
         await self.services.close()
         await self.providers.close()

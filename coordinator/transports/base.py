@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Protocol
 
 import grpc.aio
@@ -51,6 +52,11 @@ class Transport(abc.ABC):
         """Stop the node's agent (`node remove`); with ``purge`` also remove the agent
         installed there and its state. The error tree if the node cannot be reached.
         Transports whose agent belongs to the coordinator do nothing."""
+        return None
+
+    def dial_socket(self) -> Path | None:
+        """A unix socket on this machine that reaches the agent's dial socket
+        (nodeagent/dial_socket.py) without passing through this process; None if none."""
         return None
 
     @abc.abstractmethod

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc.aio
 
 from common import agent_process
+from common.paths import dial_socket as agent_dial_socket
 from common.process import gone
 from coordinator.transports.base import CHANNEL_OPTIONS, Forward, Transport
 from coordinator.transports.tcp_proxy import TcpForward
@@ -44,6 +45,10 @@ class LocalTransport(Transport):
                     await self._closed.wait()
             except TimeoutError:
                 pass
+
+    def dial_socket(self) -> Path | None:
+        path = agent_dial_socket(self.agent_dir)
+        return path if path.exists() else None
 
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         return await TcpForward.open(listen_port, dest_host, dest_port)

@@ -49,10 +49,13 @@ def wanted() -> bool:
 class OpenSshTunnel:
     """One `ssh -L` child for one node's agent socket."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, known_hosts: Path, log: Path) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, known_hosts: Path, log: Path, dial: Path
+    ) -> None:
         self._proc = proc
         self._known_hosts = known_hosts
         self._log_path = log  # both beside the socket, and gone with it
+        self.dial_socket = dial
 
     @classmethod
     async def start(
@@ -67,8 +70,12 @@ class OpenSshTunnel:
         extra_keys: list[Path],
         local_socket: Path,
         remote_socket: str,
+        remote_dial_socket: str,
     ) -> OpenSshTunnel:
-        """The child, once LOCAL_SOCKET accepts connections; TunnelNotStarted if not."""
+        """The child, once LOCAL_SOCKET accepts connections; TunnelNotStarted if not.
+        A second forward reaches the agent's dial socket (nodeagent/dial_socket.py):
+        ssh-proxy's `-L`/`-D` bytes then pass through this child alone, not the
+        coordinator's event loop. It is named like LOCAL_SOCKET, as long."""
         ssh = shutil.which("ssh")
         if ssh is None:
             raise TunnelNotStarted("no `ssh` (OpenSSH's client) on this machine")
@@ -78,6 +85,7 @@ class OpenSshTunnel:
         with _private(known_hosts) as f:
             f.write(f"{alias} {_key_only(host_key_line)}\n".encode())
         log_path = state / f"{local_socket.name}.ssh.log"
+        dial_socket = local_socket.with_suffix(".dial")
         argv = [
             ssh, "-T", "-F", "/dev/null",  # not the user's ~/.ssh/config: these options only
             "-p", str(port),
@@ -102,6 +110,7 @@ class OpenSshTunnel:
             "-o", f"Ciphers={_CIPHERS}",
             *_key_args(identity_file, extra_keys),
             "-L", f"{local_socket}:{remote_socket}",
+            "-L", f"{dial_socket}:{remote_dial_socket}",
         ]  # fmt: skip
         if user:
             argv += ["-l", user]
@@ -117,7 +126,7 @@ class OpenSshTunnel:
                 stderr=log_file,
                 start_new_session=True,  # not the terminal's ^C: the coordinator stops it
             )
-        tunnel = cls(proc, known_hosts, log_path)
+        tunnel = cls(proc, known_hosts, log_path, dial_socket)
         try:
             await asyncio.wait_for(tunnel._until_listening(local_socket), START_TIMEOUT)
         except TimeoutError:
@@ -184,7 +193,7 @@ class OpenSshTunnel:
         self._remove_files()
 
     def _remove_files(self) -> None:
-        for path in (self._known_hosts, self._log_path):
+        for path in (self._known_hosts, self._log_path, self.dial_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -25,7 +25,7 @@ from common.errors import (
     PermissionDeniedError,
     VendettaError,
 )
-from common.paths import vendetta_home
+from common.paths import DIAL_SOCKET, vendetta_home
 from common.socket_paths import tunnel_socket
 from common.version import build_id
 from coordinator.ssh_keys import read_identity
@@ -146,6 +146,7 @@ class SshTransport(Transport):
                     extra_keys=[vendetta_key] if vendetta_key and vendetta_key.is_file() else [],
                     local_socket=self.local_socket,
                     remote_socket=remote_socket,
+                    remote_dial_socket=str(PurePosixPath(remote_socket).with_name(DIAL_SOCKET)),
                 )
                 return
             except (openssh_tunnel.TunnelNotStarted, OSError) as exc:
@@ -156,6 +157,11 @@ class SshTransport(Transport):
             self.local_socket.unlink()
         self._listener = await conn.forward_local_path(str(self.local_socket), remote_socket)
         self.local_socket.chmod(0o600)
+
+    def dial_socket(self) -> Path | None:
+        """The OpenSSH child's forward to the agent's dial socket; none when asyncssh
+        carries the tunnel (its bytes would be the coordinator's again)."""
+        return self._tunnel.dial_socket if self._tunnel is not None else None
 
     @property
     def tunnel_pid(self) -> int | None:

@@ -187,6 +187,15 @@ def test_every_method_refuses_bad_and_narrow_tokens(shared: Shared) -> None:
     assert checked > 6 * len(SERVICE.methods)
 
 
+def test_a_dial_route_is_only_for_clients_on_the_coordinators_machine(shared: Shared) -> None:
+    """DialRoute answers a socket path there: over TLS, even with the scope, it is
+    refused (ssh-proxy elsewhere uses Dial)."""
+    method = SERVICE.methods_by_name["DialRoute"]
+    err = _refused(shared, method, shared.tokens["operate"], OPERATE_ON)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+    assert "for clients on its unix socket" in (err.details() or ""), err.details()
+
+
 def test_plaintext_and_another_certificate_do_not_connect(shared: Shared) -> None:
     method = SERVICE.methods_by_name["ListWorkspaces"]
     request = coordinator_pb2.ListWorkspacesRequest()

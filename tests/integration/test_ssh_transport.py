@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from common.dial_wire import encode
 from common.errors import (
     FailedPreconditionError,
     HostKeyMismatchError,
@@ -142,10 +144,21 @@ async def test_the_tunnel_is_an_openssh_child_that_ends_with_the_transport(
     ]
     for path in beside:  # its files are private, as the socket
         assert path.stat().st_mode & 0o777 == 0o600, path
+    # Its second forward reaches the agent's dial socket: the agent answers the
+    # handshake (here, that it has no such workspace).
+    dial = ssh.dial_socket()
+    assert dial == ssh.local_socket.with_suffix(".dial")
+    assert dial.stat().st_mode & 0o777 == 0o600
+    reader, writer = await asyncio.open_unix_connection(str(dial))
+    hello = {"workspace": "nowhere", "provider": "docker", "host": "127.0.0.1", "port": 80}
+    writer.write(encode(hello))
+    answer = json.loads(await asyncio.wait_for(reader.readline(), 30))
+    writer.close()
+    assert "error" in answer and "nowhere" in answer["error"], answer
     await ssh.close()
     assert _gone(pid)
     # ... and go with it: a removed node leaves nothing in the tunnels folder.
-    assert not [p for p in [ssh.local_socket, *beside] if p.exists()]
+    assert not [p for p in [ssh.local_socket, dial, *beside] if p.exists()]
     assert ssh.tunnel_pid is None
 
 
@@ -158,6 +171,7 @@ async def test_without_openssh_the_tunnel_stays_in_the_coordinator(
         info = await AgentClient(await t.connect()).info()
         assert info.socket_path == str(workdir / "agent" / "agent.sock")
         assert t.tunnel_pid is None
+        assert t.dial_socket() is None  # ssh-proxy then uses Dial through this process
     finally:
         await t.close()
 
@@ -227,6 +241,7 @@ async def test_the_openssh_child_refuses_a_host_key_other_than_the_pinned(
             extra_keys=[],
             local_socket=workdir / "tunnels" / "n1.sock",
             remote_socket="/nonexistent.sock",
+            remote_dial_socket="/nonexistent.dial",
         )
     assert not (workdir / "tunnels" / "n1.sock").exists()
 
@@ -249,6 +264,7 @@ async def test_a_cancelled_start_leaves_no_child(workdir: Path, server: SshServe
                 extra_keys=[],
                 local_socket=local,
                 remote_socket="/nonexistent.sock",
+                remote_dial_socket="/nonexistent.dial",
             )
         )
         for _ in range(200):  # up to 10 s

@@ -33,6 +33,7 @@ from common.errors import (
     NotFoundError,
     NotRunningError,
 )
+from common.paths import DIAL_SOCKET
 from coordinator.models import LOCAL_NODE, NodeRecord, NodeState
 from coordinator.server import Coordinator
 from coordinator.transports import Transport
@@ -309,6 +310,11 @@ class FakeTransport(Transport):
         self.purges = 0
         self._channel: grpc.aio.Channel | None = None
         self._closed = asyncio.Event()
+
+    def dial_socket(self) -> Path | None:
+        """The in-process agent's own dial socket, beside its gRPC socket."""
+        path = Path(self.socket_path).with_name(DIAL_SOCKET)
+        return path if path.exists() else None
 
     @property
     def silent(self) -> bool:

@@ -144,6 +144,7 @@ DRIVERS: dict[str, Driver] = {
     "Coordinator/GetConnectionInfo": _plain(),
     "Coordinator/Connect": _plain("the fake provider has no terminal"),
     "Coordinator/Dial": _plain("relayed to the agent's Dial"),
+    "Coordinator/DialRoute": _plain("answers a socket path; connects nothing"),
     "Coordinator/Listen": _plain("relayed to the agent's Listen"),
     "Coordinator/ListImages": _plain(),
     "Coordinator/ImportImage": _plain("spooled in the agent's folder"),

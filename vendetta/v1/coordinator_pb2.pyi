@@ -1541,6 +1541,30 @@ class ExecWorkspaceRequest(_message.Message):
 Global___ExecWorkspaceRequest: _TypeAlias = ExecWorkspaceRequest  # noqa: Y015
 
 @_typing.final
+class DialRouteReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOCKET_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    socket: _builtins.str
+    """a unix socket path on the coordinator's machine"""
+    @_builtins.property
+    def start(self) -> _common_pb2.DialStart: ...
+    def __init__(
+        self,
+        *,
+        socket: _builtins.str = ...,
+        start: _common_pb2.DialStart | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["socket", b"socket", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DialRouteReply: _TypeAlias = DialRouteReply  # noqa: Y015
+
+@_typing.final
 class ConnectionInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -152,6 +152,11 @@ class CoordinatorStub:
                 request_serializer=vendetta_dot_v1_dot_common__pb2.DialInput.SerializeToString,
                 response_deserializer=vendetta_dot_v1_dot_common__pb2.DialOutput.FromString,
                 _registered_method=True)
+        self.DialRoute = channel.unary_unary(
+                '/vendetta.v1.Coordinator/DialRoute',
+                request_serializer=vendetta_dot_v1_dot_common__pb2.DialStart.SerializeToString,
+                response_deserializer=vendetta_dot_v1_dot_coordinator__pb2.DialRouteReply.FromString,
+                _registered_method=True)
         self.Listen = channel.stream_stream(
                 '/vendetta.v1.Coordinator/Listen',
                 request_serializer=vendetta_dot_v1_dot_common__pb2.ListenInput.SerializeToString,
@@ -370,6 +375,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DialRoute(self, request, context):
+        """The same connection without gRPC, for a client on the coordinator's own machine:
+        a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
+        and the target to send it (start, with provider filled). FAILED_PRECONDITION when
+        there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Listen(self, request_iterator, context):
         """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen.
         """
@@ -574,6 +589,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Dial,
                     request_deserializer=vendetta_dot_v1_dot_common__pb2.DialInput.FromString,
                     response_serializer=vendetta_dot_v1_dot_common__pb2.DialOutput.SerializeToString,
+            ),
+            'DialRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.DialRoute,
+                    request_deserializer=vendetta_dot_v1_dot_common__pb2.DialStart.FromString,
+                    response_serializer=vendetta_dot_v1_dot_coordinator__pb2.DialRouteReply.SerializeToString,
             ),
             'Listen': grpc.stream_stream_rpc_method_handler(
                     servicer.Listen,
@@ -1259,6 +1279,33 @@ class Coordinator:
             '/vendetta.v1.Coordinator/Dial',
             vendetta_dot_v1_dot_common__pb2.DialInput.SerializeToString,
             vendetta_dot_v1_dot_common__pb2.DialOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DialRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vendetta.v1.Coordinator/DialRoute',
+            vendetta_dot_v1_dot_common__pb2.DialStart.SerializeToString,
+            vendetta_dot_v1_dot_coordinator__pb2.DialRouteReply.FromString,
             options,
             channel_credentials,
             insecure,

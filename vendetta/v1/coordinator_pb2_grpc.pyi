@@ -77,6 +77,12 @@ class CoordinatorStub:
     """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
     relayed to the agent's Dial. start.workspace names the workspace.
     """
+    DialRoute: _grpc.UnaryUnaryMultiCallable[_common_pb2.DialStart, _coordinator_pb2.DialRouteReply]
+    """The same connection without gRPC, for a client on the coordinator's own machine:
+    a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
+    and the target to send it (start, with provider filled). FAILED_PRECONDITION when
+    there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
+    """
     Listen: _grpc.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]
     """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
     ListImages: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListImagesRequest, _common_pb2.ListImagesResponse]
@@ -157,6 +163,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     Dial: _aio.StreamStreamMultiCallable[_common_pb2.DialInput, _common_pb2.DialOutput]  # type: ignore[assignment]
     """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
     relayed to the agent's Dial. start.workspace names the workspace.
+    """
+    DialRoute: _aio.UnaryUnaryMultiCallable[_common_pb2.DialStart, _coordinator_pb2.DialRouteReply]  # type: ignore[assignment]
+    """The same connection without gRPC, for a client on the coordinator's own machine:
+    a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
+    and the target to send it (start, with provider filled). FAILED_PRECONDITION when
+    there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
     """
     Listen: _aio.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]  # type: ignore[assignment]
     """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
@@ -373,6 +385,18 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_common_pb2.DialOutput], _abc.AsyncIterator[_common_pb2.DialOutput]]:
         """A TCP connection from inside the workspace (`ssh -L`/`-D` through `NAME.vendetta`),
         relayed to the agent's Dial. start.workspace names the workspace.
+        """
+
+    @_abc_1.abstractmethod
+    def DialRoute(
+        self,
+        request: _common_pb2.DialStart,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.DialRouteReply, _abc.Awaitable[_coordinator_pb2.DialRouteReply]]:
+        """The same connection without gRPC, for a client on the coordinator's own machine:
+        a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
+        and the target to send it (start, with provider filled). FAILED_PRECONDITION when
+        there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
         """
 
     @_abc_1.abstractmethod
