@@ -16,7 +16,7 @@ import asyncssh
 import grpc
 from asyncssh import SFTPAttrs
 
-from cli.ssh_forward import Link
+from cli.agent_route import Link
 from cli.terminal import stream
 from common.rpc_errors import from_rpc_error
 from vendetta.v1 import common_pb2

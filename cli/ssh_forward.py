@@ -13,46 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 
 import asyncssh
 import grpc
 from asyncssh import SSHTCPSession
 from asyncssh.stream import SSHTCPStreamSession
 
-from cli import remote
-from cli.client import coordinator
-from common.dial_wire import HandshakeError, encode, read_line
+from cli.agent_route import Link, open_route
 from common.forwarder import Forwarder, join
 from common.rpc_errors import from_rpc_error
-from vendetta.v1 import common_pb2, coordinator_pb2_grpc
+from vendetta.v1 import common_pb2
 
 # Bytes read from the channel at once; what waits for the stream to take it.
 CHUNK = 256 * 1024
 BACKLOG = 8
-
-
-class Link:
-    """One gRPC channel to the coordinator for all of a connection's channels,
-    opened at the first need (a coordinator that is down fails that channel)."""
-
-    def __init__(self, stub: coordinator_pb2_grpc.CoordinatorAsyncStub | None = None) -> None:
-        self._stack = AsyncExitStack()
-        self._stub = stub
-        self._lock = asyncio.Lock()
-        # DialRoute is worth asking only of a coordinator on this machine.
-        self.routes = remote.target() is None
-
-    async def stub(self) -> coordinator_pb2_grpc.CoordinatorAsyncStub:
-        async with self._lock:
-            if self._stub is None:
-                self._stub = await self._stack.enter_async_context(coordinator())
-            return self._stub
-
-    async def close(self) -> None:
-        await self._stack.aclose()
 
 
 def _refused(reason: str) -> asyncssh.ChannelOpenError:
@@ -64,41 +39,21 @@ class _ChannelSide(Forwarder, SSHTCPSession[bytes]):
 
 
 async def _routed(link: Link, start: common_pb2.DialStart) -> SSHTCPSession[bytes] | None:
-    """The connection through the agent's dial socket, when the coordinator runs on
-    this machine and has a route to it (nodeagent/dial_socket.py): the channel's
-    bytes then go to OpenSSH's forward and on, in this process's callbacks alone.
-    None where there is no route: the caller uses Dial."""
-    if not link.routes:
+    """The connection through the agent's dial socket (cli/agent_route.py): the
+    channel's bytes then go to OpenSSH's forward and on, in this process's
+    callbacks alone. None where there is no route: the caller uses Dial."""
+    routed = await open_route(link, start)
+    if routed is None:
         return None
+    if not routed.answer.get("connected"):
+        routed.sock.close()
+        raise _refused(routed.error or f"cannot connect to {start.host}:{start.port}")
+    channel, service = join(_ChannelSide(), Forwarder())
+    service.hold(routed.rest)  # the service's first bytes, if it speaks first
     try:
-        reply = await (await link.stub()).DialRoute(start)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older coordinator
-            link.routes = False
-        return None  # Dial says what is wrong, if anything is
-    except Exception:
-        return None
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    target = reply.start
-    try:
-        await loop.sock_connect(sock, reply.socket)
-        hello = {"workspace": target.workspace, "provider": target.provider}
-        await loop.sock_sendall(sock, encode({**hello, "host": target.host, "port": target.port}))
-        answer, rest = await read_line(sock)
-    except (OSError, HandshakeError):
-        sock.close()
-        return None  # the forward is down (the node reconnecting): Dial
-    if not answer.get("connected"):
-        sock.close()
-        raise _refused(str(answer.get("error") or f"cannot connect to {start.host}:{start.port}"))
-    channel, routed = join(_ChannelSide(), Forwarder())
-    routed.hold(rest)  # the service's first bytes, if it speaks first
-    try:
-        await loop.create_unix_connection(lambda: routed, sock=sock)
+        await asyncio.get_running_loop().create_unix_connection(lambda: service, sock=routed.sock)
     except BaseException:
-        sock.close()
+        routed.sock.close()
         raise
     return channel
 

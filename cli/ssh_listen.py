@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncssh
 import grpc
 
-from cli.ssh_forward import CHUNK, Link
+from cli.agent_route import Link
+from cli.ssh_forward import CHUNK
 from common.rpc_errors import from_rpc_error
 from vendetta.v1 import common_pb2
 

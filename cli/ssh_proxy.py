@@ -21,8 +21,9 @@ import asyncssh
 import grpc
 from asyncssh import SSHTCPSession
 
-from cli import sftp_builtin, sftp_exec, ssh_session
-from cli.ssh_forward import Link, open_direct
+from cli import sftp_builtin, sftp_exec, ssh_pipe, ssh_session
+from cli.agent_route import Link
+from cli.ssh_forward import open_direct
 from cli.ssh_listen import Inside, listen, say
 from cli.ssh_session import Workdir
 from cli.ssh_stdio import StdioTunnel
@@ -171,7 +172,14 @@ async def _session(
             code = await sftp_builtin.serve(process, run, folder, gets_input=False)
         else:
             out = sftp_out if sftp else process.stdout.write
-            code = await stream(await link.stub(), start, inputs, out, process.stderr.write)
+            routed = (
+                None
+                if start.tty
+                else await ssh_pipe.run(link, start, inputs, out, process.stderr.write)
+            )
+            if routed is None:
+                routed = await stream(await link.stub(), start, inputs, out, process.stderr.write)
+            code = routed
             if sftp and reader is None and code == sftp_builtin.NO_SERVER:
                 code = await sftp_builtin.serve(process, run, folder, gets_input=True)
     except grpc.aio.AioRpcError as exc:

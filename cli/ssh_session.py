@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import asyncssh
 from asyncssh.constants import EXTENDED_DATA_STDERR
 
-from cli.ssh_forward import Link
+from cli.agent_route import Link
 from vendetta.v1 import coordinator_pb2 as pb
 
 DEFAULT_WORKDIR = "/workspace"

@@ -7,6 +7,16 @@ agent answers once the connection inside is open, or why it is not:
 
 The client sends nothing more until the answer; the bytes after the answer's
 newline are the service's (a server that speaks first).
+
+A command instead of a target (a session of ssh-proxy without a terminal: scp,
+sftp-server, rsync, git) names its argv and environment:
+
+    -> {"workspace": "api", "provider": "docker", "argv": [...], "env": {...}}
+    <- {"connected": true}              or  {"error": "..."}
+
+then the client's bytes are the command's stdin (a half-close is its end of
+file), and the agent's are frames: a kind byte (`o` stdout, `e` stderr, `x` the
+exit code, ASCII), the payload's length (4 bytes, big-endian), the payload.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
+from collections.abc import Iterator
 from typing import Any
 
 # A line longer than this is not a handshake.
@@ -47,3 +59,33 @@ async def read_line(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     if not isinstance(message, dict):
         raise HandshakeError(f"not a handshake line: {line[:80]!r}")
     return message, rest
+
+
+STDOUT, STDERR, EXIT = b"o", b"e", b"x"
+_HEADER = struct.Struct(">cI")
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+class Frames:
+    """Frames out of the bytes of a stream, however they were cut."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[bytes, bytes]]:
+        self._buf += data
+        while len(self._buf) >= _HEADER.size:
+            kind, size = _HEADER.unpack_from(self._buf)
+            end = _HEADER.size + size
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[_HEADER.size : end])
+            del self._buf[:end]
+            yield kind, payload
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)

@@ -1,8 +1,10 @@
 """The agent's dial socket (`dial.sock` beside `agent.sock`, 0600 like it): the
-connections of `ssh -L`/`-D` through NAME.vendetta as plain byte streams, for
-clients that can reach the socket (the coordinator forwards it beside the
-agent's gRPC socket, and `vendetta ssh-proxy` connects to that when it runs
-on the coordinator's machine).
+connections of `ssh -L`/`-D` through NAME.vendetta, and the commands of its
+sessions without a terminal (scp, sftp-server, rsync, git), as plain byte
+streams, for clients that can reach the socket (the coordinator forwards it
+beside the agent's gRPC socket, and `vendetta ssh-proxy` connects to that when
+it runs on the coordinator's machine). A command runs as Attach runs it without
+a terminal (`Provider.pipe`).
 
 The same connection through the Dial RPC is a gRPC message per chunk in the
 proxy, the coordinator and here; on this path, each chunk is one write in the
@@ -23,7 +25,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from common.dial_wire import HandshakeError, encode, read_line
+from common.dial_wire import EXIT, STDERR, STDOUT, HandshakeError, encode, frame, read_line
 from common.errors import InvalidArgumentError, VendettaError
 from common.forwarder import Forwarder
 from nodeagent.dial import (
@@ -37,6 +39,7 @@ from nodeagent.dial import (
     open_relay,
 )
 from nodeagent.providers import ProviderSet
+from providers.base import Terminal
 from vendetta.v1 import common_pb2
 
 log = logging.getLogger("vendetta.agent.dial")
@@ -58,6 +61,18 @@ def _start(message: dict[str, Any]) -> common_pb2.DialStart:
         ) from None
     check_start(start)
     return start
+
+
+def _command(message: dict[str, Any]) -> tuple[str, list[str], dict[str, str]]:
+    """workspace, argv, env of a command's handshake."""
+    argv, env = message.get("argv"), message.get("env") or {}
+    if not isinstance(argv, list) or not argv or not isinstance(env, dict):
+        raise InvalidArgumentError("a command's handshake names its argv (a list) and env")
+    return (
+        str(message.get("workspace", "")),
+        [str(a) for a in argv],
+        {str(k): str(v) for k, v in env.items()},
+    )
 
 
 class DialSocketServer:
@@ -107,6 +122,12 @@ class DialSocketServer:
         owned = False  # once a transport owns the socket, it closes it
         try:
             message, rest = await read_line(conn)
+            if "argv" in message:
+                provider = self.providers.get(str(message.get("provider", "")))
+                terminal = await provider.pipe(*_command(message))
+                owned = True
+                await _run(conn, terminal, rest)
+                return
             start = _start(message)
             provider = self.providers.get(start.provider)
             address = await direct_address(provider, start.workspace, start.host, start.port)
@@ -178,6 +199,45 @@ async def _relay(conn: socket.socket, relay: Relay, rest: bytes) -> None:
         up.cancel()
         await asyncio.gather(up, return_exceptions=True)
         await relay.close()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _run(conn: socket.socket, terminal: Terminal, rest: bytes) -> None:
+    """A command: the client's bytes to its stdin, its output to the client in frames
+    (common/dial_wire.py), the exit code last."""
+    try:
+        await asyncio.get_running_loop().sock_sendall(conn, CONNECTED)
+        reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MESSAGE)
+    except BaseException:
+        conn.close()
+        with contextlib.suppress(Exception):
+            await terminal.close()
+        raise
+
+    async def stdin() -> None:
+        if rest:
+            await terminal.write(rest)
+        while data := await reader.read(MESSAGE):
+            await terminal.write(data)
+        await terminal.close_stdin()
+
+    up = asyncio.create_task(stdin())
+    try:
+        async for chunk in terminal.output():
+            if chunk.stdout:
+                writer.write(frame(STDOUT, chunk.stdout))
+            if chunk.stderr:
+                writer.write(frame(STDERR, chunk.stderr))
+            if chunk.exit_code is not None:
+                writer.write(frame(EXIT, str(chunk.exit_code).encode()))
+            await writer.drain()
+    finally:
+        up.cancel()
+        await asyncio.gather(up, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await terminal.close()
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()

@@ -222,10 +222,12 @@ def test_a_published_port_is_reached_at_the_environments_address(editor: Editor,
         assert address, shown  # Docker's default bridge gives every container one
 
     def peer_at(port: int) -> str:
-        return wait_for(
-            f"the peer service's answer on {port}",
-            lambda: editor.ssh("-W", f"127.0.0.1:{port}", ws).stdout.strip(),
-            within=60,
+        return str(
+            wait_for(
+                f"the peer service's answer on {port}",
+                lambda: editor.ssh("-W", f"127.0.0.1:{port}", ws).stdout.strip(),
+                within=60,
+            )
         )
 
     published = peer_at(PEER_PORT)

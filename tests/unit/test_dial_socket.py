@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 
-from common.dial_wire import encode
+from common.dial_wire import EXIT, STDERR, STDOUT, Frames, encode, frame
 from nodeagent.dial_socket import DialSocketServer
 from nodeagent.providers import ProviderSet
 from tests.support.local_pipes import LocalPipes
@@ -123,3 +123,38 @@ async def test_refusals_are_an_answer_and_the_socket_goes_on(server: DialSocketS
         assert answer == b'{"connected":true}\n'
         assert await reader.readline() == b"still here\n"
         writer.close()
+
+
+async def test_a_command_gets_stdin_and_answers_in_frames(server: DialSocketServer) -> None:
+    cast(LocalPipes, server.providers).path = os.environ["PATH"]
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    script = "cat; echo to-stderr >&2; exit 3"
+    hello = {"workspace": "w", "provider": "local", "argv": ["sh", "-c", script], "env": {}}
+    writer.write(encode(hello))
+    assert await reader.readline() == b'{"connected":true}\n'
+    payload = os.urandom(1_000_000)
+    writer.write(payload)
+    writer.write_eof()
+    frames, got = Frames(), list[tuple[bytes, bytes]]()
+    while data := await asyncio.wait_for(reader.read(65536), 30):
+        got += frames.feed(data)
+    writer.close()
+    assert b"".join(p for k, p in got if k == STDOUT) == payload
+    assert b"".join(p for k, p in got if k == STDERR) == b"to-stderr\n"
+    assert got[-1] == (EXIT, b"3") and frames.pending == 0
+
+
+async def test_a_command_without_argv_is_refused(server: DialSocketServer) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    writer.write(encode({"workspace": "w", "provider": "local", "argv": "ls"}))
+    answer = await reader.readline()
+    writer.close()
+    assert b"names its argv" in answer
+
+
+def test_frames_cut_anywhere() -> None:
+    stream = frame(STDOUT, b"out") + frame(STDERR, b"") + frame(EXIT, b"0")
+    for cut in range(len(stream) + 1):
+        frames = Frames()
+        got = [*frames.feed(stream[:cut]), *frames.feed(stream[cut:])]
+        assert got == [(STDOUT, b"out"), (STDERR, b""), (EXIT, b"0")]

@@ -22,9 +22,9 @@ import asyncssh
 import pytest
 
 from cli import sftp_builtin, sftp_exec, ssh_proxy, ssh_session
+from cli.agent_route import Link
 from cli.sftp_builtin import Inside
 from cli.sftp_exec import Ran, Runner, Sink, Source
-from cli.ssh_forward import Link
 from cli.ssh_session import Workdir
 from vendetta.v1 import common_pb2, coordinator_pb2
 
@@ -425,6 +425,8 @@ class _Coordinator:
 
 
 class _Link:
+    routes = False  # no agent's dial socket here: sessions go through Connect
+
     def __init__(self, stub: _Coordinator) -> None:
         self._stub = stub
 

@@ -1,4 +1,5 @@
-"""`ssh -L` through the proxy's routed path (cli/ssh_forward.py): a real asyncssh
+"""`ssh -L` through the proxy's routed path (cli/ssh_forward.py), and a session's
+command (cli/ssh_pipe.py): for `ssh -L`, a real asyncssh
 client and server, the server opening each direct-tcpip channel as ssh-proxy
 does, through the agent's dial socket (nodeagent/dial_socket.py, environment =
 this machine) to a TCP server here. The coordinator is a stub answering
@@ -14,12 +15,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncssh
+import grpc
 import pytest
 
-from cli.ssh_forward import Link, open_direct
+from cli import ssh_pipe
+from cli.agent_route import Link
+from cli.ssh_forward import open_direct
 from nodeagent.dial_socket import DialSocketServer
 from nodeagent.providers import ProviderSet
 from tests.support.local_pipes import LocalPipes
+from tests.support.rpc import rpc_error
 from vendetta.v1 import common_pb2
 from vendetta.v1 import coordinator_pb2 as pb
 
@@ -136,3 +141,39 @@ async def test_a_refused_target_fails_the_channel_with_the_agents_reason(
         reader, writer = await conn.open_connection("127.0.0.1", port)
         assert await reader.readline() == b"still here\n"
         writer.close()
+
+
+async def test_a_session_command_through_the_dial_socket(tmp_path: Path) -> None:
+    """cli/ssh_pipe.py: what a session without a terminal (scp, sftp-server) runs."""
+    inside = LocalPipes(os.environ["PATH"])
+    dial = DialSocketServer(tmp_path / "dial.sock", cast(ProviderSet, inside))
+    await dial.start()
+    link = Link(stub=cast(Any, _Coordinator(dial.path, inside)))
+    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    payload = os.urandom(BIG)
+    inputs.put_nowait(common_pb2.AttachInput(stdin=payload))
+    inputs.put_nowait(common_pb2.AttachInput(stdin_eof=True))
+    out: list[bytes] = []
+    err: list[bytes] = []
+    script = 'sha256sum; echo "$GREETING" >&2; exit 7'
+    start = common_pb2.AttachStart(workspace="w", argv=["sh", "-c", script], env={"GREETING": "hi"})
+    try:
+        code = await asyncio.wait_for(ssh_pipe.run(link, start, inputs, out.append, err.append), 60)
+    finally:
+        await dial.close()
+    assert code == 7
+    assert b"".join(out).split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    assert b"".join(err) == b"hi\n"
+
+
+async def test_no_route_leaves_the_session_to_connect() -> None:
+    class _Elsewhere:
+        async def DialRoute(self, start: common_pb2.DialStart) -> pb.DialRouteReply:
+            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "use Dial")
+
+    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    inputs.put_nowait(common_pb2.AttachInput(stdin=b"kept"))
+    start = common_pb2.AttachStart(workspace="w", argv=["true"])
+    link = Link(stub=cast(Any, _Elsewhere()))
+    assert await ssh_pipe.run(link, start, inputs, print, print) is None
+    assert inputs.qsize() == 1  # untouched, for the Connect stream

@@ -378,8 +378,10 @@ class CoordinatorServicer:
     def DialRoute(self, request, context):
         """The same connection without gRPC, for a client on the coordinator's own machine:
         a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
-        and the target to send it (start, with provider filled). FAILED_PRECONDITION when
-        there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
+        and the target to send it (start, with provider filled). The socket also runs a
+        session's command without a terminal (start names only the workspace then).
+        FAILED_PRECONDITION when there is none (a client over TCP, a node whose tunnel
+        asyncssh carries): use Dial, or Connect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,8 +80,10 @@ class CoordinatorStub:
     DialRoute: _grpc.UnaryUnaryMultiCallable[_common_pb2.DialStart, _coordinator_pb2.DialRouteReply]
     """The same connection without gRPC, for a client on the coordinator's own machine:
     a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
-    and the target to send it (start, with provider filled). FAILED_PRECONDITION when
-    there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
+    and the target to send it (start, with provider filled). The socket also runs a
+    session's command without a terminal (start names only the workspace then).
+    FAILED_PRECONDITION when there is none (a client over TCP, a node whose tunnel
+    asyncssh carries): use Dial, or Connect.
     """
     Listen: _grpc.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]
     """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
@@ -167,8 +169,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     DialRoute: _aio.UnaryUnaryMultiCallable[_common_pb2.DialStart, _coordinator_pb2.DialRouteReply]  # type: ignore[assignment]
     """The same connection without gRPC, for a client on the coordinator's own machine:
     a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
-    and the target to send it (start, with provider filled). FAILED_PRECONDITION when
-    there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
+    and the target to send it (start, with provider filled). The socket also runs a
+    session's command without a terminal (start names only the workspace then).
+    FAILED_PRECONDITION when there is none (a client over TCP, a node whose tunnel
+    asyncssh carries): use Dial, or Connect.
     """
     Listen: _aio.StreamStreamMultiCallable[_common_pb2.ListenInput, _common_pb2.ListenOutput]  # type: ignore[assignment]
     """A listener inside the workspace (`ssh -R`, `ssh -A`), relayed to the agent's Listen."""
@@ -395,8 +399,10 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.DialRouteReply, _abc.Awaitable[_coordinator_pb2.DialRouteReply]]:
         """The same connection without gRPC, for a client on the coordinator's own machine:
         a local socket that reaches the agent's dial socket (nodeagent/dial_socket.py)
-        and the target to send it (start, with provider filled). FAILED_PRECONDITION when
-        there is none (a client over TCP, a node whose tunnel asyncssh carries): use Dial.
+        and the target to send it (start, with provider filled). The socket also runs a
+        session's command without a terminal (start names only the workspace then).
+        FAILED_PRECONDITION when there is none (a client over TCP, a node whose tunnel
+        asyncssh carries): use Dial, or Connect.
         """
 
     @_abc_1.abstractmethod
