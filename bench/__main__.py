@@ -212,9 +212,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             add("tunnel MB/s vs ssh -L", r["ratio"], "x", ">= 1.0x", r["ratio"] >= 1.0)
         elif "goal" in r:  # issue 13
             add("ssh -L via NAME.vendetta vs ssh -L", r["ratio"], "x", r["goal"], r["met"])
-        elif "of_engine" in r:  # the ceiling of any path out through the engine's exec
-            ceiling = r["ratio"]
-            add("docker exec alone vs ssh -L (ceiling)", ceiling, "x", ">= 0.9x", ceiling >= 0.9)
     for r in results.get("editor", {}).get("rows", []):
         if "goal" in r:
             add("scp into a workspace vs scp to the node", r["ratio"], "x", r["goal"], r["met"])

@@ -11,9 +11,8 @@ is its stderr and exit code. nc gives no such signal: with it, a refused
 connection shows as a channel that closes at once.
 
 A port the workspace publishes, asked for at the environment's loopback, is
-first tried at the environment's own address (Docker's bridge, an LXD
-instance's network), straight from the agent: its bytes then skip the engine
-(direct_address).
+first tried straight from the agent, at the environment's own address or the
+port's published endpoint: its bytes then skip the engine (direct_target).
 """
 
 from __future__ import annotations
@@ -143,12 +142,12 @@ async def dial(
     start = first.start
     check_start(start)
     provider = providers.get(start.provider)
-    address = await direct_address(provider, start.workspace, start.host, start.port)
+    target = await direct_target(provider, start.workspace, start.host, start.port)
     direct = None
-    if address is not None:
+    if target is not None:
         with contextlib.suppress(OSError, TimeoutError):
             direct = await asyncio.wait_for(
-                asyncio.open_connection(address, start.port, limit=MESSAGE), DIRECT_TIMEOUT
+                asyncio.open_connection(*target, limit=MESSAGE), DIRECT_TIMEOUT
             )
     if direct is not None:
         nodelay(direct[1].get_extra_info("socket"))
@@ -179,17 +178,22 @@ LOOPBACK = frozenset({"127.0.0.1", "localhost"})
 DIRECT_TIMEOUT = 3.0
 
 
-async def direct_address(provider: Provider, workspace: str, host: str, port: int) -> str | None:
-    """The environment's own address, for a port the workspace publishes (a
-    service's `port:`) asked for at its loopback: that port already reaches the
-    user's machine from the node (`workspace ports`), so its service listens on
-    all addresses, and a connection straight to the environment skips the
-    engine's exec stream and the relay (most of the CPU of `ssh -L`). The
-    service sees the node's side of the bridge as its peer there, as it does
-    for `workspace ports`. Any other port goes through the relay, from
-    127.0.0.1 inside, as sshd's `-L` would: a dev server started by hand that
-    trusts loopback (a debug console) keeps doing so. QEMU guests (user
-    networking) and LXD instances without a network have no such address."""
+async def direct_target(
+    provider: Provider, workspace: str, host: str, port: int
+) -> tuple[str, int] | None:
+    """Where the agent connects itself for a port the workspace publishes (a
+    service's `port:`) asked for at the environment's loopback: the environment's
+    own address (Docker's bridge, an LXD instance's network) where it has one,
+    else the port's published endpoint on the node (an LXD proxy device, QEMU's
+    port forward). That port already reaches the user's machine from the node
+    (`workspace ports`), and a connection this way skips the engine's exec stream
+    and the relay (most of the CPU of `ssh -L`); the service sees the peer it
+    sees for `workspace ports` (the node's side of the bridge; LXD's proxy and
+    QEMU's forward connect from inside). Any other port goes through the relay,
+    from 127.0.0.1 inside, as sshd's `-L` would: a dev server started by hand
+    that trusts loopback (a debug console) keeps doing so. A published endpoint
+    accepts even when nothing listens behind it: a service that is down then
+    shows as a connection that closes at once."""
     if host not in LOOPBACK:
         return None
     try:
@@ -198,7 +202,11 @@ async def direct_address(provider: Provider, workspace: str, host: str, port: in
         return None  # the relay's path reports what is wrong
     if port not in status.ports:
         return None
-    return next((a for a in status.addresses if ":" not in a), None)
+    address = next((a for a in status.addresses if ":" not in a), None)
+    if address is not None:
+        return address, port
+    node_host, _, node_port = status.ports[port].rpartition(":")
+    return (node_host, int(node_port)) if node_host and node_port.isdigit() else None
 
 
 def nodelay(sock: socket.socket | None) -> None:

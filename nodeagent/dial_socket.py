@@ -10,9 +10,8 @@ The same connection through the Dial RPC is a gRPC message per chunk in the
 proxy, the coordinator and here; on this path, each chunk is one write in the
 event loop's callbacks (common/forwarder.py) in the proxy and here, and the
 coordinator does not see it. The target is reached as Dial reaches it
-(nodeagent/dial.py): straight at the environment's address when it is its
-loopback and something listens there on all addresses, else through the relay
-inside. The handshake is common/dial_wire.py.
+(nodeagent/dial.py): a published port straight from here (direct_target),
+anything else through the relay inside. The handshake is common/dial_wire.py.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from nodeagent.dial import (
     Relay,
     check_start,
     coalesced,
-    direct_address,
+    direct_target,
     nodelay,
     open_relay,
 )
@@ -130,8 +129,8 @@ class DialSocketServer:
                 return
             start = _start(message)
             provider = self.providers.get(start.provider)
-            address = await direct_address(provider, start.workspace, start.host, start.port)
-            if address is not None and await self._direct(conn, address, start.port, rest):
+            target = await direct_target(provider, start.workspace, start.host, start.port)
+            if target is not None and await self._direct(conn, target, rest):
                 owned = True
                 return
             relay = await open_relay(provider, start)
@@ -148,14 +147,14 @@ class DialSocketServer:
             if not owned:
                 conn.close()
 
-    async def _direct(self, conn: socket.socket, address: str, port: int, rest: bytes) -> bool:
-        """Connected straight to the environment's address; False if it refused."""
+    async def _direct(self, conn: socket.socket, target: tuple[str, int], rest: bytes) -> bool:
+        """Connected straight to ``target`` (nodeagent/dial.py); False if it refused."""
         loop = asyncio.get_running_loop()
-        client, target = Forwarder.pair()
+        client, service = Forwarder.pair()
         client.hold(rest)
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: target, address, port), DIRECT_TIMEOUT
+                loop.create_connection(lambda: service, *target), DIRECT_TIMEOUT
             )
         except (OSError, TimeoutError):
             return False

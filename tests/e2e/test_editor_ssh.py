@@ -208,13 +208,13 @@ def test_stdio_forward_half_closes(editor: Editor, ws: str) -> None:
 
 
 def test_a_published_port_is_reached_at_the_environments_address(editor: Editor, ws: str) -> None:
-    """A port the workspace publishes (a service's `port:`), in an environment with an
-    address on the node (Docker's bridge): the agent connects straight to it (the
-    engine's exec stream stays out of the path), so the service's peer is the node's
-    side of the bridge, as for `workspace ports`. Any other port, and environments
-    without an address (LXD instances here have no network, ENGINES.md; a QEMU
-    guest's user networking), go through the relay inside, from 127.0.0.1, as
-    sshd's -L would."""
+    """A port the workspace publishes (a service's `port:`) is reached from the agent
+    itself, as `workspace ports` reaches it (the engine's exec stream stays out of
+    the path): at the environment's address where it has one on the node (Docker's
+    bridge: the service's peer is the node's side of it), else at the published
+    endpoint (LXD instances here have no network, ENGINES.md: their proxy device
+    connects from inside; QEMU's port forward from the user network's host side).
+    Any other port goes through the relay inside, from 127.0.0.1, as sshd's -L."""
     name = ws.removesuffix(".vendetta")
     shown = json.loads(editor.env.cli("workspace", "status", name, "--json").stdout)
     address = next((a for a in shown.get("addresses", []) if ":" not in a), None)
@@ -231,7 +231,9 @@ def test_a_published_port_is_reached_at_the_environments_address(editor: Editor,
         )
 
     published = peer_at(PEER_PORT)
-    if address is None:
+    if name == "ed-qemu":  # QEMU's port forward, from the user network's host side
+        assert published != "127.0.0.1", published
+    elif address is None:  # LXD's proxy device connects from inside
         assert published == "127.0.0.1"
     else:  # the node's side of the same bridge
         assert published != address, published

@@ -214,3 +214,15 @@ async def test_dial_uses_the_relay_when_the_address_refuses() -> None:
         out = await asyncio.wait_for(_dial(providers, port, [b"via the relay"]), 30)
     assert got == [b"via the relay"]
     assert b"".join(m.data for m in out if m.WhichOneof("output") == "data") == b"VIA THE RELAY"
+
+
+async def test_dial_goes_to_the_published_endpoint_without_an_address(tmp_path: Path) -> None:
+    """No address on the node (an LXD instance without a network, a QEMU guest): the
+    port's published endpoint (here a server on another port of this machine)."""
+    inside = LocalPipes(_only(tmp_path, {}))
+    server, port, got = await _echo_server(None)
+    inside.ports[8080] = f"127.0.0.1:{port}"
+    async with server:
+        out = await asyncio.wait_for(_dial(cast(ProviderSet, inside), 8080, [b"endpoint"]), 30)
+    assert got == [b"endpoint"]
+    assert b"".join(m.data for m in out if m.WhichOneof("output") == "data") == b"ENDPOINT"
