@@ -44,22 +44,31 @@ class Link:
 
 class Routed:
     """A connection to the agent's dial socket after the handshake: its answer, the
-    bytes that followed the answer, and the socket (non-blocking; the caller's)."""
+    bytes that followed the answer, and the socket (non-blocking; the caller's);
+    and where a redirect goes (DialRouteReply's control, local)."""
 
-    def __init__(self, sock: socket.socket, answer: dict[str, Any], rest: bytes) -> None:
+    def __init__(
+        self, sock: socket.socket, answer: dict[str, Any], rest: bytes, reply: Any
+    ) -> None:
         self.sock = sock
         self.answer = answer
         self.rest = rest
+        self.control: str = reply.control
+        self.local: bool = reply.local
 
     @property
     def error(self) -> str:
         return str(self.answer.get("error") or "")
 
 
-async def open_route(link: Link, start: common_pb2.DialStart, **request: Any) -> Routed | None:
+async def open_route(
+    link: Link, start: common_pb2.DialStart, *, redirect: bool = False, **request: Any
+) -> Routed | None:
     """A connection through the agent's dial socket for ``start.workspace`` with the
     handshake sent (the target of ``start``, or ``request``'s command) and answered;
-    None where there is no route, or it is down (the tunnel reconnecting)."""
+    None where there is no route, or it is down (the tunnel reconnecting).
+    ``redirect``: the agent may answer where to connect instead, when this side
+    can reach it (cli/tunnel_master.py)."""
     if not link.routes:
         return None
     try:
@@ -75,6 +84,8 @@ async def open_route(link: Link, start: common_pb2.DialStart, **request: Any) ->
         hello.update(request)
     else:
         hello.update(host=reply.start.host, port=reply.start.port)
+        if redirect and (reply.control or reply.local):
+            hello["redirect"] = True
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -86,4 +97,4 @@ async def open_route(link: Link, start: common_pb2.DialStart, **request: Any) ->
     except (OSError, HandshakeError):
         sock.close()
         return None
-    return Routed(sock, answer, rest)
+    return Routed(sock, answer, rest, reply)

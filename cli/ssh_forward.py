@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncssh
 import grpc
 from asyncssh import SSHTCPSession
 from asyncssh.stream import SSHTCPStreamSession
 
-from cli.agent_route import Link, open_route
+from cli import tunnel_master
+from cli.agent_route import Link, Routed, open_route
 from common.forwarder import Forwarder, join
 from common.rpc_errors import from_rpc_error
 from vendetta.v1 import common_pb2
@@ -28,6 +30,8 @@ from vendetta.v1 import common_pb2
 # Bytes read from the channel at once; what waits for the stream to take it.
 CHUNK = 256 * 1024
 BACKLOG = 8
+# Seconds for a connection from this machine to a redirected target.
+DIRECT_TIMEOUT = 3.0
 
 
 def _refused(reason: str) -> asyncssh.ChannelOpenError:
@@ -42,9 +46,17 @@ async def _routed(link: Link, start: common_pb2.DialStart) -> SSHTCPSession[byte
     """The connection through the agent's dial socket (cli/agent_route.py): the
     channel's bytes then go to OpenSSH's forward and on, in this process's
     callbacks alone. None where there is no route: the caller uses Dial."""
-    routed = await open_route(link, start)
+    routed = await open_route(link, start, redirect=True)
     if routed is None:
         return None
+    if "redirect" in routed.answer:
+        routed.sock.close()
+        channel = await _redirected(routed, routed.answer["redirect"])
+        if channel is not None:
+            return channel
+        routed = await open_route(link, start)  # the agent connects after all
+        if routed is None:
+            return None
     if not routed.answer.get("connected"):
         routed.sock.close()
         raise _refused(routed.error or f"cannot connect to {start.host}:{start.port}")
@@ -55,6 +67,28 @@ async def _routed(link: Link, start: common_pb2.DialStart) -> SSHTCPSession[byte
     except BaseException:
         routed.sock.close()
         raise
+    return channel
+
+
+async def _redirected(routed: Routed, target: Any) -> SSHTCPSession[bytes] | None:
+    """A published port reached without the agent: through the tunnel's OpenSSH
+    master from the node, or from here when the agent runs here."""
+    try:
+        host, port = str(target[0]), int(target[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    loop = asyncio.get_running_loop()
+    channel, service = join(_ChannelSide(), Forwarder())
+    if routed.local:
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: service, host, port), DIRECT_TIMEOUT
+            )
+        except (OSError, TimeoutError):
+            return None
+        return channel
+    if not await tunnel_master.connect(routed.control, host, port, service):
+        return None
     return channel
 
 

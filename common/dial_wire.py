@@ -6,7 +6,10 @@ agent answers once the connection inside is open, or why it is not:
     <- {"connected": true}              or  {"error": "cannot connect to ..."}
 
 The client sends nothing more until the answer; the bytes after the answer's
-newline are the service's (a server that speaks first).
+newline are the service's (a server that speaks first). A client that can
+reach the node's side itself adds `"redirect": true`; for a target the agent
+would connect to from the node (a published port), it then answers
+`{"redirect": [HOST, PORT]}` and closes.
 
 A command instead of a target (a session of ssh-proxy without a terminal: scp,
 sftp-server, rsync, git) names its argv and environment:

@@ -87,4 +87,10 @@ async def route(
     routed = common_pb2.DialStart()
     routed.CopyFrom(start)
     routed.provider = ws.provider
-    return pb.DialRouteReply(socket=str(path), start=routed)
+    control = node.transport.control_socket()
+    return pb.DialRouteReply(
+        socket=str(path),
+        start=routed,
+        control=str(control) if control is not None else "",
+        local=node.transport.kind == "local",
+    )

@@ -130,6 +130,10 @@ class DialSocketServer:
             start = _start(message)
             provider = self.providers.get(start.provider)
             target = await direct_target(provider, start.workspace, start.host, start.port)
+            if target is not None and message.get("redirect"):
+                # The client reaches it without us (cli/tunnel_master.py).
+                await loop.sock_sendall(conn, encode({"redirect": list(target)}))
+                return
             if target is not None and await self._direct(conn, target, rest):
                 owned = True
                 return

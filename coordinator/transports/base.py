@@ -59,6 +59,11 @@ class Transport(abc.ABC):
         (nodeagent/dial_socket.py) without passing through this process; None if none."""
         return None
 
+    def control_socket(self) -> Path | None:
+        """The ControlPath of an OpenSSH master to the node, through which a client on
+        this machine may open a connection from the node (cli/tunnel_master.py)."""
+        return None
+
     @abc.abstractmethod
     async def forward(self, listen_port: int, dest_host: str, dest_port: int) -> Forward:
         """Listen on 127.0.0.1:listen_port (0: any free port) here, reach dest on the node.

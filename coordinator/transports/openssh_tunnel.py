@@ -50,12 +50,18 @@ class OpenSshTunnel:
     """One `ssh -L` child for one node's agent socket."""
 
     def __init__(
-        self, proc: asyncio.subprocess.Process, known_hosts: Path, log: Path, dial: Path
+        self,
+        proc: asyncio.subprocess.Process,
+        known_hosts: Path,
+        log: Path,
+        dial: Path,
+        control: Path,
     ) -> None:
         self._proc = proc
         self._known_hosts = known_hosts
-        self._log_path = log  # both beside the socket, and gone with it
+        self._log_path = log  # these beside the socket, and gone with it
         self.dial_socket = dial
+        self.control_socket = control
 
     @classmethod
     async def start(
@@ -86,6 +92,7 @@ class OpenSshTunnel:
             f.write(f"{alias} {_key_only(host_key_line)}\n".encode())
         log_path = state / f"{local_socket.name}.ssh.log"
         dial_socket = local_socket.with_suffix(".dial")
+        control_socket = local_socket.with_suffix(".ctl")
         argv = [
             ssh, "-T", "-F", "/dev/null",  # not the user's ~/.ssh/config: these options only
             "-p", str(port),
@@ -105,7 +112,12 @@ class OpenSshTunnel:
             "-o", "ForwardAgent=no",
             "-o", "ForwardX11=no",
             "-o", "PermitLocalCommand=no",
-            "-o", "ControlMaster=no",
+            # A control socket (0600: ssh binds it under umask 0177) through which
+            # ssh-proxy has this child open a connection from the node to a published
+            # port (cli/tunnel_master.py), with no other process in between.
+            "-o", "ControlMaster=yes",
+            "-o", f"ControlPath={control_socket}",
+            "-o", "ControlPersist=no",
             "-o", "LogLevel=ERROR",
             "-o", f"Ciphers={_CIPHERS}",
             *_key_args(identity_file, extra_keys),
@@ -116,8 +128,9 @@ class OpenSshTunnel:
             argv += ["-l", user]
         # The remote command ends when the coordinator does (see the module's docstring).
         argv += ["--", address, "exec cat >/dev/null"]
-        with contextlib.suppress(FileNotFoundError):
-            local_socket.unlink()
+        for stale in (local_socket, control_socket):  # ssh would not take a stale control
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         with _private(log_path) as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -126,7 +139,7 @@ class OpenSshTunnel:
                 stderr=log_file,
                 start_new_session=True,  # not the terminal's ^C: the coordinator stops it
             )
-        tunnel = cls(proc, known_hosts, log_path, dial_socket)
+        tunnel = cls(proc, known_hosts, log_path, dial_socket, control_socket)
         try:
             await asyncio.wait_for(tunnel._until_listening(local_socket), START_TIMEOUT)
         except TimeoutError:
@@ -193,7 +206,7 @@ class OpenSshTunnel:
         self._remove_files()
 
     def _remove_files(self) -> None:
-        for path in (self._known_hosts, self._log_path, self.dial_socket):
+        for path in (self._known_hosts, self._log_path, self.dial_socket, self.control_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -163,6 +163,10 @@ class SshTransport(Transport):
         carries the tunnel (its bytes would be the coordinator's again)."""
         return self._tunnel.dial_socket if self._tunnel is not None else None
 
+    def control_socket(self) -> Path | None:
+        """The OpenSSH child's ControlPath (cli/tunnel_master.py); none with asyncssh."""
+        return self._tunnel.control_socket if self._tunnel is not None else None
+
     @property
     def tunnel_pid(self) -> int | None:
         """The OpenSSH child carrying the tunnel; None when asyncssh carries it."""

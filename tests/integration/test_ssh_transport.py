@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from cli import tunnel_master
 from common.dial_wire import encode
 from common.errors import (
     FailedPreconditionError,
@@ -23,6 +25,7 @@ from common.errors import (
     NodeUnreachableError,
     PermissionDeniedError,
 )
+from common.forwarder import Forwarder, join
 from coordinator.agent_client import AgentClient
 from coordinator.transports import SshTransport, scan_host_key
 from coordinator.transports.openssh_tunnel import OpenSshTunnel, TunnelNotStarted
@@ -155,10 +158,48 @@ async def test_the_tunnel_is_an_openssh_child_that_ends_with_the_transport(
     answer = json.loads(await asyncio.wait_for(reader.readline(), 30))
     writer.close()
     assert "error" in answer and "nowhere" in answer["error"], answer
+    control = ssh.control_socket()
+    assert control is not None and control.stat().st_mode & 0o777 == 0o600
     await ssh.close()
     assert _gone(pid)
     # ... and go with it: a removed node leaves nothing in the tunnels folder.
-    assert not [p for p in [ssh.local_socket, dial, *beside] if p.exists()]
+    assert not [p for p in [ssh.local_socket, dial, control, *beside] if p.exists()]
+
+
+async def test_the_openssh_child_opens_connections_from_the_node_for_the_proxy(
+    ssh: SshTransport,
+) -> None:
+    """cli/tunnel_master.py through the child's control socket: a TCP server on the
+    node (this machine) reached from there, bytes both ways and each way's end."""
+    got: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"node says hi\n")
+        got.append(await reader.read())
+        writer.write(b"bye")
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    await AgentClient(await ssh.connect()).info()
+    control = ssh.control_socket()
+    assert control is not None
+    proxy_side, service_side = join(Forwarder(), Forwarder())
+    ours, theirs = socket.socketpair()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        assert await tunnel_master.connect(str(control), "127.0.0.1", port, service_side)
+        await asyncio.get_running_loop().create_unix_connection(lambda: proxy_side, sock=ours)
+        reader, writer = await asyncio.open_unix_connection(sock=theirs)
+        assert await asyncio.wait_for(reader.readline(), 30) == b"node says hi\n"
+        payload = os.urandom(3_000_000)
+        writer.write(payload)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == b"bye"
+        writer.close()
+    assert got == [payload]
+    await ssh.close()
+    # No master: no connection, and no ssh of its own to the host.
+    assert not await tunnel_master.connect(str(control), "127.0.0.1", port, Forwarder())
     assert ssh.tunnel_pid is None
 
 

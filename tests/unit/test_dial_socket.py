@@ -158,3 +158,21 @@ def test_frames_cut_anywhere() -> None:
         frames = Frames()
         got = [*frames.feed(stream[:cut]), *frames.feed(stream[cut:])]
         assert got == [(STDOUT, b"out"), (STDERR, b""), (EXIT, b"0")]
+
+
+async def test_a_client_that_can_reach_the_node_side_is_redirected(
+    server: DialSocketServer,
+) -> None:
+    """`redirect`: a published port is answered with where the agent would connect
+    (the proxy then opens it through the tunnel's OpenSSH master); another port is
+    connected by the agent as usual (here: refused, no relay tools inside)."""
+    publish(server, 8080)
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    hello = {"workspace": "w", "provider": "local", "host": "localhost", "port": 8080}
+    writer.write(encode({**hello, "redirect": True}))
+    assert await reader.readline() == b'{"redirect":["127.0.0.1",8080]}\n'
+    assert await reader.read() == b""
+    writer.close()
+    answer, _, writer = await _open(server.path, 8081)
+    writer.close()
+    assert b"no python3, bash or nc" in answer

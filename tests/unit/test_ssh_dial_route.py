@@ -34,9 +34,10 @@ BIG = 8 * 1024 * 1024 + 5  # past every window and buffer on the way
 class _Coordinator:
     """DialRoute as the coordinator answers it; Dial must not be needed."""
 
-    def __init__(self, socket: Path, inside: LocalPipes) -> None:
+    def __init__(self, socket: Path, inside: LocalPipes, local: bool = False) -> None:
         self.socket = socket
         self.inside = inside
+        self.local = local  # the agent runs here: redirected targets are reached from here
         self.routes = 0
 
     async def DialRoute(self, start: common_pb2.DialStart) -> pb.DialRouteReply:
@@ -45,7 +46,7 @@ class _Coordinator:
         routed = common_pb2.DialStart()
         routed.CopyFrom(start)
         routed.provider = "local"
-        return pb.DialRouteReply(socket=str(self.socket), start=routed)
+        return pb.DialRouteReply(socket=str(self.socket), start=routed, local=self.local)
 
     def Dial(self, requests: Any) -> Any:
         raise AssertionError("the routed path fell back to Dial")
@@ -177,3 +178,41 @@ async def test_no_route_leaves_the_session_to_connect() -> None:
     link = Link(stub=cast(Any, _Elsewhere()))
     assert await ssh_pipe.run(link, start, inputs, print, print) is None
     assert inputs.qsize() == 1  # untouched, for the Connect stream
+
+
+async def test_a_redirected_port_is_reached_from_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent on this machine (DialRouteReply.local): for a published port it
+    answers where to connect, and the proxy connects itself; the agent never does."""
+
+    async def agent_connects(*args: Any) -> bool:
+        raise AssertionError("the agent connected: no redirect")
+
+    monkeypatch.setattr(DialSocketServer, "_direct", agent_connects)
+    inside = LocalPipes(str(tmp_path), addresses=("127.0.0.1",))
+    dial = DialSocketServer(tmp_path / "dial.sock", cast(ProviderSet, inside))
+    await dial.start()
+    link = Link(stub=cast(Any, _Coordinator(dial.path, inside, local=True)))
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    proxy = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[key], server_factory=lambda: _Proxy(link)
+    )
+    service, port, got = await _service(b"from here\n")
+    try:
+        async with (
+            service,
+            asyncssh.connect(
+                "127.0.0.1", proxy.sockets[0].getsockname()[1], known_hosts=None, username="u"
+            ) as conn,
+        ):
+            reader, writer = await conn.open_connection("127.0.0.1", port)
+            assert await reader.readline() == b"from here\n"
+            writer.write(b"up")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 60) == bytes(BIG)
+            writer.close()
+    finally:
+        proxy.close()
+        await dial.close()
+    assert got == [f"2 {hashlib.sha256(b'up').hexdigest()}"]

@@ -1546,8 +1546,16 @@ class DialRouteReply(_message.Message):
 
     SOCKET_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
     socket: _builtins.str
     """a unix socket path on the coordinator's machine"""
+    control: _builtins.str
+    """Where a target the agent answers with `redirect` is reached from: the ControlPath
+    of the tunnel's OpenSSH master (the connection is then opened from the node), or
+    `local` (the agent runs on this machine: connect to it here). Neither: no redirect.
+    """
+    local: _builtins.bool
     @_builtins.property
     def start(self) -> _common_pb2.DialStart: ...
     def __init__(
@@ -1555,10 +1563,12 @@ class DialRouteReply(_message.Message):
         *,
         socket: _builtins.str = ...,
         start: _common_pb2.DialStart | None = ...,
+        control: _builtins.str = ...,
+        local: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["socket", b"socket", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control", b"control", "local", b"local", "socket", b"socket", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
