@@ -113,8 +113,8 @@ def _kill(pid: int) -> None:
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (FileNotFoundError, IndexError):
-        return True
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True  # gone (reading a stat whose process just went gives ESRCH)
 
 
 def workspaces(e: Env) -> dict[str, dict[str, Any]]:
