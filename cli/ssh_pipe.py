@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cli.agent_route import Link, open_route
 from common.dial_wire import EXIT, STDERR, STDOUT, Frames
@@ -27,10 +27,13 @@ async def run(
     inputs: asyncio.Queue[common_pb2.AttachInput | None],
     stdout: Callable[[bytes], object],
     stderr: Callable[[bytes], object],
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> int | None:
     """As terminal.stream (``start`` without a terminal, then ``inputs`` until None or
     their end of file): the command's exit code. None where there is no route to
-    the agent: the caller runs it through Connect, ``inputs`` untouched."""
+    the agent: the caller runs it through Connect, ``inputs`` untouched. ``drain``
+    waits while the client is behind on the output: no more is read from the agent
+    meanwhile, and the command waits (a large download does not pile up here)."""
     routed = await open_route(
         link,
         common_pb2.DialStart(workspace=start.workspace),
@@ -67,6 +70,8 @@ async def run(
                     stderr(payload)
                 elif kind == EXIT:
                     code = int(payload)
+            if drain is not None and data:
+                await drain()
             if code is not None or not (data := await reader.read(CHUNK)):
                 break
     finally:

@@ -175,7 +175,9 @@ async def _session(
             routed = (
                 None
                 if start.tty
-                else await ssh_pipe.run(link, start, inputs, out, process.stderr.write)
+                else await ssh_pipe.run(
+                    link, start, inputs, out, process.stderr.write, process.stdout.drain
+                )
             )
             if routed is None:
                 routed = await stream(await link.stub(), start, inputs, out, process.stderr.write)

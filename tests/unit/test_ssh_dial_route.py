@@ -216,3 +216,37 @@ async def test_a_redirected_port_is_reached_from_here(
         proxy.close()
         await dial.close()
     assert got == [f"2 {hashlib.sha256(b'up').hexdigest()}"]
+
+
+async def test_a_session_waits_while_the_client_is_behind(tmp_path: Path) -> None:
+    """``drain`` holding (the SSH client not reading): nothing more is read from the
+    agent meanwhile; once it lets go, the rest of the output arrives whole."""
+    inside = LocalPipes(os.environ["PATH"])
+    dial = DialSocketServer(tmp_path / "dial.sock", cast(ProviderSet, inside))
+    await dial.start()
+    link = Link(stub=cast(Any, _Coordinator(dial.path, inside)))
+    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    inputs.put_nowait(common_pb2.AttachInput(stdin_eof=True))
+    out: list[bytes] = []
+    behind, go_on = asyncio.Event(), asyncio.Event()
+
+    async def drain() -> None:
+        if not go_on.is_set():
+            behind.set()
+            await go_on.wait()
+
+    start = common_pb2.AttachStart(workspace="w", argv=["head", "-c", str(BIG), "/dev/zero"])
+    run = asyncio.create_task(ssh_pipe.run(link, start, inputs, out.append, print, drain))
+    try:
+        await asyncio.wait_for(behind.wait(), 30)
+        await asyncio.sleep(0.3)  # time to read more, if it would
+        held = sum(map(len, out))
+        assert 0 < held <= ssh_pipe.CHUNK
+        go_on.set()
+        assert await asyncio.wait_for(run, 60) == 0
+    finally:
+        go_on.set()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await dial.close()
+    assert sum(map(len, out)) == BIG
