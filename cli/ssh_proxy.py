@@ -172,16 +172,14 @@ async def _session(
             code = await sftp_builtin.serve(process, run, folder, gets_input=False)
         else:
             out = sftp_out if sftp else process.stdout.write
-            routed = (
-                None
-                if start.tty
-                else await ssh_pipe.run(
+            piped = None
+            if not start.tty:  # through the agent's dial socket where there is a route
+                piped = await ssh_pipe.run(
                     link, start, inputs, out, process.stderr.write, process.stdout.drain
                 )
-            )
-            if routed is None:
-                routed = await stream(await link.stub(), start, inputs, out, process.stderr.write)
-            code = routed
+            if piped is None:
+                piped = await stream(await link.stub(), start, inputs, out, process.stderr.write)
+            code = piped
             if sftp and reader is None and code == sftp_builtin.NO_SERVER:
                 code = await sftp_builtin.serve(process, run, folder, gets_input=True)
     except grpc.aio.AioRpcError as exc:

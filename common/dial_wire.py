@@ -33,6 +33,11 @@ from typing import Any
 
 # A line longer than this is not a handshake.
 LINE_MAX = 8192
+# Seconds either side waits for the other's line: the agent's answer comes once the
+# connection inside is open or refused (the relay gives up connecting after 15 s).
+# A node that falls silent ends the tunnel sooner (ServerAlive, 30 s); a client
+# that connects and says nothing is let go.
+HANDSHAKE_TIMEOUT = 60.0
 
 
 class HandshakeError(Exception):
@@ -44,7 +49,15 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 async def read_line(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
-    """The first line of a non-blocking socket, decoded, and what came after it."""
+    """The first line of a non-blocking socket, decoded, and what came after it;
+    HandshakeError if it does not come within HANDSHAKE_TIMEOUT."""
+    try:
+        return await asyncio.wait_for(_read_line(sock), HANDSHAKE_TIMEOUT)
+    except TimeoutError:
+        raise HandshakeError(f"no handshake line within {HANDSHAKE_TIMEOUT:.0f} s") from None
+
+
+async def _read_line(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     loop = asyncio.get_running_loop()
     buf = b""
     while b"\n" not in buf:

@@ -14,7 +14,8 @@ from typing import cast
 
 import pytest
 
-from common.dial_wire import EXIT, STDERR, STDOUT, Frames, encode, frame
+from common import dial_wire
+from common.dial_wire import EXIT, STDERR, STDOUT, Frames, HandshakeError, encode, frame
 from nodeagent.dial_socket import DialSocketServer
 from nodeagent.providers import ProviderSet
 from tests.support.local_pipes import LocalPipes
@@ -176,3 +177,17 @@ async def test_a_client_that_can_reach_the_node_side_is_redirected(
     answer, _, writer = await _open(server.path, 8081)
     writer.close()
     assert b"no python3, bash or nc" in answer
+
+
+async def test_a_client_that_says_nothing_is_let_go(
+    server: DialSocketServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dial_wire, "HANDSHAKE_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no answer
+    writer.close()
+    with pytest.raises(HandshakeError, match="no handshake line within"):
+        a, b = socket.socketpair()
+        with a, b:
+            a.setblocking(False)
+            await dial_wire.read_line(a)  # the other side never writes
