@@ -53,6 +53,10 @@ def _found(image_dirs: Sequence[Path]) -> dict[str, Path]:
         except OSError:
             continue
         for e in entries:
+            # Not a name an image may have: an import's staging folder (".import-…")
+            # whose files are all written but which is not renamed yet.
+            if not _IMAGE_NAME.fullmatch(e.name):
+                continue
             if e.name not in found and all((e / f).is_file() for f in IMAGE_FILES):
                 found[e.name] = e
     return found

@@ -44,6 +44,9 @@ def test_both_folders_are_listed_and_the_first_holding_a_name_wins(tmp_path: Pat
     _image(system, "debian-12")
     (system / "half").mkdir()  # incomplete: not an image
     (system / "half" / "vmlinuz").write_bytes(b"k")
+    # An import written but not yet renamed (found by a parallel run: a node added
+    # meanwhile failed on its name): not an image either.
+    _image(system, ".import-shared2-x1y2")
     dirs = (own, system)
     assert images(dirs) == ["debian-12", "mine", "shared"]
     assert [i.name for i in image_infos(dirs)] == ["debian-12", "mine", "shared"]
