@@ -215,9 +215,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for r in results.get("editor", {}).get("rows", []):
         if "goal" in r:
             add("scp into a workspace vs scp to the node", r["ratio"], "x", r["goal"], r["met"])
-        elif "ratio" in r:  # the engine's exec input alone
-            ceiling = r["ratio"]
-            add("docker exec -i alone vs scp (ceiling)", ceiling, "x", ">= 0.8x", ceiling >= 0.8)
     for r in results.get("source", {}).get("rows", []):
         if r["name"].startswith("workspace create") and "ratio" in r:
             add("source upload vs tar | ssh", r["ratio"], "x", "<= 1.2x", r["ratio"] <= 1.2)

@@ -9,9 +9,10 @@ image's sftp-server) and with OpenSSH's scp to the node's sshd (host key
 pinned). MB/s = SIZE / the scp process's wall time, its SSH handshake included
 on both sides, as a user sees it.
 
-A third row is the engine alone: the same file into the container through
-`docker exec -i CONTAINER sh -c 'cat > FILE'` (the Docker CLI, no vendetta, no
-SSH), which is how the bytes of a file copied in reach the image's sftp-server.
+Two more rows time a session's input alone, without SFTP's requests and
+replies: `ssh NAME.vendetta 'cat > FILE' < file` against `ssh node 'cat >
+FILE' < file`. On Docker the bytes reach the command through the agent's
+FIFOs (providers/docker/fifo_pipes.py), not the engine's exec stream.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import yaml
 
 from bench.cluster import Cluster, Node
 from bench.stats import Series, row
-from bench.tunnel import container_of
 from vendetta.v1 import coordinator_pb2 as pb
 
 MB = 1_000_000
@@ -55,16 +55,16 @@ async def _scp(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-async def _exec_in(container: str, blob: Path) -> float:
+async def _cat_in(argv: list[str], blob: Path) -> float:
+    """Seconds for ``argv`` (an ssh running `cat > FILE`) to take ``blob`` on its stdin."""
     t0 = time.perf_counter()
     with blob.open("rb") as f:
         proc = await asyncio.create_subprocess_exec(
-            "docker", "exec", "-i", container, "sh", "-c", "cat > /tmp/blob-exec",
-            stdin=f, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            *argv, stdin=f, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
         _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"docker exec -i: exit {proc.returncode}: {err.decode().strip()}")
+        raise RuntimeError(f"{argv[0]} ... cat: exit {proc.returncode}: {err.decode().strip()}")
     return time.perf_counter() - t0
 
 
@@ -106,21 +106,33 @@ async def run(
         got = await _size_inside(cl, ws, "/tmp/blob")
         if got != size_mb * MB:
             raise RuntimeError(f"scp into the workspace left {got} bytes, wanted {size_mb} MB")
-        x = Series(f"docker exec -i cat, the engine alone, {size_mb} MB: MB/s", unit="MB/s")
-        container = await asyncio.to_thread(container_of, cl, "n1", ws)
-        await _exec_in(container, blob)
+        cat_ws = [
+            "ssh",
+            "-F",
+            str(cl.home / "ssh" / "config"),
+            f"{ws}.vendetta",
+            "cat > /tmp/blob-cat",
+        ]
+        cat_node = [*node.ssh_argv(), f"cat > {remote}-cat"]  # fmt: skip
+        cv = Series(f"ssh {ws}.vendetta 'cat > FILE', {size_mb} MB: MB/s", unit="MB/s")
+        cn = Series(f"ssh to the node 'cat > FILE' (OpenSSH), {size_mb} MB: MB/s", unit="MB/s")
+        await _cat_in(cat_ws, blob)
         for _ in range(rounds):
             for series, argv in ((v, into_ws), (s, to_node)):
                 series.seconds.append(size_mb / await _scp(argv))
-            x.seconds.append(size_mb / await _exec_in(container, blob))
+            cv.seconds.append(size_mb / await _cat_in(cat_ws, blob))
+            cn.seconds.append(size_mb / await _cat_in(cat_node, blob))
         ratio = v.median / s.median
-        return {"rows": [row(s), row(v, s, goal=f">= {GOAL}x", met=ratio >= GOAL), row(x, s)]}
+        return {
+            "rows": [row(s), row(v, s, goal=f">= {GOAL}x", met=ratio >= GOAL), row(cn), row(cv, cn)]
+        }
     finally:
         blob.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
             rm = await asyncio.create_subprocess_exec(
-                *node.ssh_argv(), "rm", "-f", remote, stdin=asyncio.subprocess.DEVNULL
-            )
+                *node.ssh_argv(), "rm", "-f", remote, f"{remote}-cat",
+                stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
             await rm.wait()
         with contextlib.suppress(Exception):
             await cl.stub.DestroyWorkspace(pb.WorkspaceRequest(name=ws, force=True))

@@ -12,12 +12,12 @@ handed to it as a tunnel (the `tunnel` option: anything with
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
 import stat
 from collections.abc import Callable
 from typing import Any
+
+from common.pipes import widen
 
 
 class _Duplex(asyncio.Transport):
@@ -108,20 +108,6 @@ class _WriteSide(asyncio.BaseProtocol):
         self._duplex.lost(exc)  # the client closed our stdout: it has gone
 
 
-# Bytes a pipe holds (Linux's default is 64 KiB, the most a non-root user may set
-# is /proc/sys/fs/pipe-max-size, 1 MiB by default): fewer, larger writes and reads
-# between OpenSSH and the proxy, each a wake-up of the other.
-PIPE_SIZE = 1024 * 1024
-
-
-def _widen(fd: int) -> None:
-    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if setpipe is None or not stat.S_ISFIFO(os.fstat(fd).st_mode):
-        return
-    with contextlib.suppress(OSError):  # above the limit: the default stays
-        fcntl.fcntl(fd, setpipe, PIPE_SIZE)
-
-
 class StdioTunnel:
     """asyncssh's `tunnel` for a server connection on file descriptors 0 and 1.
 
@@ -138,7 +124,7 @@ class StdioTunnel:
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         loop = asyncio.get_running_loop()
         for fd in (self._read_fd, self._write_fd):
-            _widen(fd)
+            widen(fd)
         protocol = session_factory()
         duplex = _Duplex(protocol)
         # Own copies of the descriptors: the transports close what they are given.

@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import NoReturn
 
 from common.errors import FailedPreconditionError, InvalidArgumentError
@@ -87,10 +88,13 @@ def build_providers(
     agent_id: str,
     docker_host: str | None,
     options: Mapping[str, Callable[[type[Provider]], Provider]] | None = None,
+    *,
+    io_root: Path | None = None,
 ) -> ProviderSet:
+    """``io_root``: the agent's folder for the FIFOs of Docker's commands on pipes."""
     built: dict[str, Provider] = {}
     factories: dict[str, Callable[[type[Provider]], Provider]] = {
-        "docker": lambda cls: cls(agent_id, base_url=docker_host),  # type: ignore[call-arg]
+        "docker": lambda cls: cls(agent_id, base_url=docker_host, io_root=io_root),  # type: ignore[call-arg]
         **(options or {}),
     }
     for name, (module, attr) in PROVIDERS.items():

@@ -70,7 +70,9 @@ class AgentServer:
         self.agent_dir = private_dir(agent_dir)
         self.socket = check_socket_path(agent_socket(agent_dir))
         self.agent_id = agent_id(agent_dir)
-        self.providers = providers or build_providers(self.agent_id, docker_host)
+        self.providers = providers or build_providers(
+            self.agent_id, docker_host, io_root=agent_dir / "io"
+        )
         self._lock: _Lock | None = None
         self.services = ServiceManager(
             agent_dir / "services", self.providers, legacy=convert.service_from_saved_pb

@@ -16,6 +16,7 @@ import functools
 import math
 import os
 import re
+import shutil
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ from providers.base import (
     Terminal,
     failed_check,
 )
-from providers.docker import containers, execs, images
+from providers.docker import containers, execs, fifo_pipes, images
 from providers.docker.containers import Info
 from providers.docker.errors import docker_errors, removal_in_progress, translate
 from providers.docker.images import DEFAULT_PULL_STALL_TIMEOUT, ensure_image
@@ -95,14 +96,19 @@ class DockerProvider(Provider):
         base_url: str | None = None,
         *,
         pull_stall_timeout: float = DEFAULT_PULL_STALL_TIMEOUT,
+        io_root: Path | None = None,
     ) -> None:
         """``base_url`` None: what ``docker.from_env()`` finds (DOCKER_HOST or the default socket).
+        ``io_root``: where each container's FIFO folder is made (fifo_pipes), for an
+        engine on this machine; None: commands on pipes use the exec stream.
 
         Nothing connects here: the client is made on first use, in a thread.
         """
         super().__init__(agent_id)
         self._base_url = base_url
         self.where = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        # An engine elsewhere would mount a folder of its own machine, not this one's.
+        self._io_root = io_root if self.where.startswith("unix://") else None
         self._pull_stall_timeout = pull_stall_timeout
         # docker-py's low-level APIClient: every call below is made with it.
         self._engine: EngineClient[Any] = EngineClient(
@@ -141,10 +147,13 @@ class DockerProvider(Provider):
 
     async def _require_running(self, workspace: str) -> str:
         """The id of the workspace's container, which must be running."""
+        return containers.container_id(await self._running_info(workspace))
+
+    async def _running_info(self, workspace: str) -> Info:
         info = await self._require(workspace)
         if containers.docker_status(info) != "running":
             raise self.not_running(workspace)
-        return containers.container_id(info)
+        return info
 
     # -- readiness -------------------------------------------------------------
 
@@ -208,9 +217,14 @@ class DockerProvider(Provider):
         # The source: the node's folder itself, bind-mounted; commands start there and
         # run as the spec's user (else see work_user), which Docker keeps per container.
         workdir = spec.source_workdir
-        binds = {spec.source_path: {"bind": workdir, "mode": "rw"}} if workdir else None
-        if binds is not None and spec.git_dir:  # where a worktree's .git file points
-            binds[spec.git_dir] = {"bind": spec.git_dir, "mode": "rw"}
+        binds: dict[str, dict[str, str]] = {}
+        if workdir:
+            binds[spec.source_path] = {"bind": workdir, "mode": "rw"}
+            if spec.git_dir:  # where a worktree's .git file points
+                binds[spec.git_dir] = {"bind": spec.git_dir, "mode": "rw"}
+        if self._io_root is not None:
+            folder = await asyncio.to_thread(fifo_pipes.make_io_folder, self._io_root, name)
+            binds[str(folder)] = {"bind": fifo_pipes.IO_MOUNT, "mode": "rw"}
         user = spec.user
         if workdir and not user:
             owner = await asyncio.to_thread(os.stat, spec.source_path)
@@ -228,7 +242,7 @@ class DockerProvider(Provider):
                 mem_limit=spec.memory_bytes,
                 # Loopback only, on a free port Docker picks: the coordinator forwards to it.
                 port_bindings={p: ("127.0.0.1", None) for p in spec.ports},
-                binds=binds,
+                binds=binds or None,
             )
             api.create_container(
                 ports=list(spec.ports),
@@ -288,6 +302,9 @@ class DockerProvider(Provider):
                         raise
 
         await self._engine.call(f"removing workspace {workspace!r}", remove_all)
+        if self._io_root is not None:
+            folder = self._io_root / self.container_name(workspace)
+            await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
 
     async def _inspect(self, workspace: str) -> EnvironmentStatus:
         info = await self._find(workspace)
@@ -356,11 +373,20 @@ class DockerProvider(Provider):
     async def _pipe(
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
     ) -> Terminal:
-        """An exec with stdin and no TTY: output frames keep stdout and stderr apart;
-        closing stdin half-closes the socket, which Docker passes on as end-of-file."""
-        return await self._session(
-            workspace, argv, env, None, f"running {argv[0]!r} in {workspace!r}"
-        )
+        """On FIFOs where the container has its IO folder (fifo_pipes); else an exec
+        with stdin and no TTY, whose output frames keep stdout and stderr apart
+        (closing stdin half-closes the socket, which Docker passes on as end-of-file)."""
+        action = f"running {argv[0]!r} in {workspace!r}"
+        info = await self._running_info(workspace)
+        container_id = containers.container_id(info)
+        folder = fifo_pipes.io_folder(info)
+        if folder is not None:
+            opened = await fifo_pipes.open_fifo_pipe(
+                self._engine, container_id, folder, argv, env, action=action
+            )
+            if opened is not None:
+                return opened
+        return await self._session_in(container_id, workspace, argv, env, None, action)
 
     async def _session(
         self,
@@ -371,6 +397,17 @@ class DockerProvider(Provider):
         action: str,
     ) -> Terminal:
         container_id = await self._require_running(workspace)
+        return await self._session_in(container_id, workspace, argv, env, size, action)
+
+    async def _session_in(
+        self,
+        container_id: str,
+        workspace: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        size: tuple[int, int] | None,
+        action: str,
+    ) -> Terminal:
         return await open_session(
             self._engine,
             container_id,

@@ -265,6 +265,21 @@ def test_setenv_and_the_working_folder(editor: Editor, ws: str) -> None:
     assert cwd == "/workspace"
 
 
+def test_docker_commands_without_a_terminal_read_the_agents_fifos(editor: Editor) -> None:
+    """On Docker a session's command (scp's, rsync's, git's) has the agent's FIFOs as
+    its stdin and stdout (providers/docker/fifo_pipes.py), not Docker's exec stream:
+    also as the image's own user, with its input, stderr and exit code intact."""
+    for ws, user in (("ed-docker.vendetta", "root"), ("ed-dev.vendetta", "dev")):
+        line = "readlink /proc/$$/fd/0; id -un; wc -c; echo to-stderr >&2; exit 3"
+        run = editor.ssh(ws, line, input="x" * 100_000)
+        assert run.returncode == 3, run.stderr
+        source, who, count = run.stdout.splitlines()
+        # " (deleted)": the agent removes the FIFO once both ends hold it (a race with readlink).
+        source = source.removesuffix(" (deleted)")
+        assert source.startswith("/run/vendetta/") and source.endswith(".i"), source
+        assert (who, count, run.stderr.strip()) == (user, "100000", "to-stderr")
+
+
 def test_a_terminal_session(editor: Editor, ws: str) -> None:
     """`ssh -t`: the command on a terminal inside (QEMU: the guest's console, opened
     through libvirt by the non-root node user's agent), its exit code passed on."""

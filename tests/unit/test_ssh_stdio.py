@@ -13,7 +13,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from cli.ssh_stdio import PIPE_SIZE, StdioTunnel
+from cli.ssh_stdio import StdioTunnel
+from common.pipes import PIPE_SIZE
 
 Pair = tuple[asyncssh.SSHServerConnection, asyncssh.SSHClientConnection]
 BIG = 4 * 1024 * 1024 + 17  # past every window and buffer on the way, not a multiple of them
