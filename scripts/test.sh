@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # The test command: lint, then every test against the real engines.
+# Test modules run on VENDETTA_TEST_WORKERS workers (2; 0 runs them in this
+# process), each module on one worker: its module fixtures (nodes, coordinators)
+# are its own. Every test names its own workspaces, nodes and folders, so
+# modules may run side by side.
 # pytest's exit 5 ("no tests ran") is a failure here, never a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 make lint || exit 1
-.venv/bin/python -m pytest "$@"
+workers=${VENDETTA_TEST_WORKERS:-2}
+parallel=()
+if [[ $workers != 0 ]]; then
+  parallel=(-n "$workers" --dist loadfile)
+fi
+.venv/bin/python -m pytest "${parallel[@]}" "$@"
 rc=$?
 if [[ $rc -eq 5 ]]; then
   echo "error: pytest collected no tests" >&2

@@ -101,7 +101,29 @@ def sshd_binary() -> Iterator[str]:
     yield path
 
 
+# The longest modules, longest first: run first, so that on two workers
+# (scripts/test.sh) neither is left with one of them at the end.
+SLOW_FIRST = (
+    "e2e/test_crash_consistency.py",
+    "e2e/test_load.py",
+    "e2e/test_agent_install.py",
+    "e2e/test_services.py",
+    "e2e/test_editor_ssh.py",
+    "e2e/test_nonroot_node.py",
+    "e2e/test_editor_sftp_builtin.py",
+    "e2e/test_stream_faults.py",
+    "e2e/test_node_faults.py",
+    "e2e/test_vm_and_lxd_nodes.py",
+)
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    name = f"{item.path.parent.name}/{item.path.name}"
+    return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_slow_rank)  # stable: each module's tests stay together, in order
     # Marked tests get their engine fixture, so a missing engine skips or fails them.
     for item in items:
         if item.get_closest_marker("docker") and hasattr(item, "fixturenames"):
