@@ -366,9 +366,9 @@ class DockerProvider(Provider):
         env: Mapping[str, str] | None,
     ) -> Terminal:
         """An exec with a TTY and stdin, on a raw socket (resizable)."""
-        return await self._session(
-            workspace, argv, env, (rows, cols), f"opening a terminal in {workspace!r}"
-        )
+        container_id = await self._require_running(workspace)
+        action = f"opening a terminal in {workspace!r}"
+        return await self._session(container_id, workspace, argv, env, (rows, cols), action)
 
     async def _pipe(
         self, workspace: str, argv: Sequence[str], env: Mapping[str, str] | None
@@ -386,20 +386,9 @@ class DockerProvider(Provider):
             )
             if opened is not None:
                 return opened
-        return await self._session_in(container_id, workspace, argv, env, None, action)
+        return await self._session(container_id, workspace, argv, env, None, action)
 
     async def _session(
-        self,
-        workspace: str,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None,
-        size: tuple[int, int] | None,
-        action: str,
-    ) -> Terminal:
-        container_id = await self._require_running(workspace)
-        return await self._session_in(container_id, workspace, argv, env, size, action)
-
-    async def _session_in(
         self,
         container_id: str,
         workspace: str,
