@@ -12,7 +12,9 @@ make lint || exit 1
 workers=${VENDETTA_TEST_WORKERS:-2}
 parallel=()
 if [[ $workers != 0 ]]; then
-  parallel=(-n "$workers" --dist loadfile)
+  # In the order of tests/conftest.py (the longest modules first), not xdist's
+  # own (modules with the most tests first, which left the crash test for last).
+  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 fi
 .venv/bin/python -m pytest "${parallel[@]}" "$@"
 rc=$?

@@ -10,7 +10,6 @@ user's would: its socket fits there, a tunnel named after a 63-character node di
 from __future__ import annotations
 
 import os
-import resource
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from common.socket_paths import tunnel_socket
+from tests.support.bounded import bounded
 from tests.support.cli import BIN, Env, cli_env, wait_for
 from tests.support.sshd import SshServer
 
@@ -46,18 +46,14 @@ def fails(e: Env, *args: str, code: int | None = None) -> str:
     """Run a command that must fail at once with one `error:` line. Bounded (1 GiB,
     30 s): before the fixes some of these read /dev/zero until memory ran out."""
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-
     try:
         proc = subprocess.run(
-            [str(BIN / "vendetta"), *args],
+            bounded([str(BIN / "vendetta"), *args]),
             env=e.env,
             capture_output=True,
             text=True,
             timeout=30,
             stdin=subprocess.DEVNULL,
-            preexec_fn=limit,
         )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"vendetta {' '.join(args)[:200]} hung") from None

@@ -166,9 +166,15 @@ def test_an_unexpected_exception_is_one_line_and_a_log(
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
-def test_service_output_in_a_status_is_text_not_markup(capsys: pytest.CaptureFixture[str]) -> None:
+def test_service_output_in_a_status_is_text_not_markup(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A detail quotes a service's output or an error: "[/x]" raised MarkupError before.
     from cli.workspace import _show
+
+    # Room for the table: on 80 columns (no terminal, no COLUMNS: a test worker) the
+    # detail column is cut short.
+    monkeypatch.setenv("COLUMNS", "200")
     from vendetta.v1 import common_pb2
     from vendetta.v1 import coordinator_pb2 as pb
 

@@ -5,7 +5,6 @@ escapes; unix socket paths that would not fit. Each gets one clear error."""
 from __future__ import annotations
 
 import os
-import resource
 import shlex
 import shutil
 import socket
@@ -28,6 +27,7 @@ from common.names import validate_name
 from common.paths import MAX_SOCKET_PATH
 from common.socket_paths import owned_private_dir, short_private_dir, tunnel_socket
 from coordinator.services import environment_spec, service_specs
+from tests.support.bounded import bounded
 from tests.support.fakes import Cluster
 from vendetta.v1 import coordinator_pb2 as pb
 
@@ -52,9 +52,6 @@ def load_apart(path: Path, within: float = 30, wrap: list[str] | None = None) ->
     deadline: an unbounded read fails this test instead of the machine. ``wrap``:
     a command to run the child with (``capsh ... --`` then ``-c`` and a shell line)."""
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-
     code = (
         "import sys\nfrom pathlib import Path\nfrom common.config import load_config\n"
         "from common.errors import ConfigError\n"
@@ -66,11 +63,10 @@ def load_apart(path: Path, within: float = 30, wrap: list[str] | None = None) ->
         if wrap:
             argv = [*wrap, "-c", shlex.join(argv)]
         proc = subprocess.run(
-            argv,
+            bounded(argv),
             capture_output=True,
             text=True,
             timeout=within,
-            preexec_fn=limit,
             cwd=ROOT,
         )
     except subprocess.TimeoutExpired:
