@@ -141,14 +141,19 @@ async def _session(
             await inputs.put(common_pb2.AttachInput(stdin=data))
 
     # sftp: the client's bytes wait until the image's sftp-server starts (SFTP_READY);
-    # without one, the proxy serves them itself (sftp_builtin).
+    # without one, the proxy serves them itself (sftp_builtin). Input is read once
+    # the session knows its way (the dial socket's path takes it in callbacks).
     sftp = process.subsystem == "sftp"
-    reader = None if sftp else asyncio.create_task(pump_stdin())
+    reader: asyncio.Task[None] | None = None
 
-    def sftp_out(data: bytes) -> None:
+    def pump() -> None:
         nonlocal reader
         if reader is None:
             reader = asyncio.create_task(pump_stdin())
+
+    def sftp_out(data: bytes) -> None:
+        if reader is None:
+            pump()
             data = data[len(ssh_session.SFTP_READY) :]
         process.stdout.write(data)
 
@@ -171,16 +176,19 @@ async def _session(
         if sftp and not await sftp_exec.takes_input(run):
             code = await sftp_builtin.serve(process, run, folder, gets_input=False)
         else:
-            out = sftp_out if sftp else process.stdout.write
             piped = None
             if not start.tty:  # through the agent's dial socket where there is a route
-                piped = await ssh_pipe.run(
-                    link, start, inputs, out, process.stderr.write, process.stdout.drain
-                )
-            if piped is None:
-                piped = await stream(await link.stub(), start, inputs, out, process.stderr.write)
-            code = piped
-            if sftp and reader is None and code == sftp_builtin.NO_SERVER:
+                gate = ssh_session.SFTP_READY if sftp else b""
+                piped = await ssh_pipe.run(link, start, process, process.stdout.write, gate)
+            if piped is not None:
+                code, taken = piped.code, piped.input_taken
+            else:
+                if not sftp:
+                    pump()
+                out = sftp_out if sftp else process.stdout.write
+                code = await stream(await link.stub(), start, inputs, out, process.stderr.write)
+                taken = reader is not None
+            if sftp and not taken and code == sftp_builtin.NO_SERVER:
                 code = await sftp_builtin.serve(process, run, folder, gets_input=True)
     except grpc.aio.AioRpcError as exc:
         process.stderr.write(f"vendetta: {from_rpc_error(exc)}\r\n".encode())

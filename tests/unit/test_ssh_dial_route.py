@@ -8,6 +8,7 @@ DialRoute: its side is tested in the e2e editor tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable
@@ -144,40 +145,111 @@ async def test_a_refused_target_fails_the_channel_with_the_agents_reason(
         writer.close()
 
 
-async def test_a_session_command_through_the_dial_socket(tmp_path: Path) -> None:
-    """cli/ssh_pipe.py: what a session without a terminal (scp, sftp-server) runs."""
+class _NoAuth(asyncssh.SSHServer):
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+
+class _Sessions:
+    """An asyncssh server whose sessions run their command as ssh-proxy runs one
+    without a terminal (ssh_pipe.run), in `sh -c`, GREETING=hi in its environment;
+    where the input was not taken (no route, or a gate never opened), the session
+    then answers how many bytes of input are still there."""
+
+    def __init__(self, link: Link, gate: bytes = b"") -> None:
+        self.link, self.gate = link, gate
+        self.piped: list[ssh_pipe.Piped | None] = []
+        self.backlog: list[int] = []  # the channel's write buffer, sampled while behind
+
+    async def handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        start = common_pb2.AttachStart(
+            workspace="w", argv=["sh", "-c", process.command or ""], env={"GREETING": "hi"}
+        )
+        sample = asyncio.create_task(self._sample(process))
+        try:
+            piped = await ssh_pipe.run(self.link, start, process, process.stdout.write, self.gate)
+        finally:
+            sample.cancel()
+        self.piped.append(piped)
+        if piped is not None and piped.input_taken:
+            process.exit(piped.code)
+            return
+        left = await process.stdin.read()
+        process.stdout.write(f"left {len(left)}\n".encode())
+        process.exit(piped.code if piped is not None else 0)
+
+    async def _sample(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        while True:
+            self.backlog.append(process.channel.get_write_buffer_size())
+            await asyncio.sleep(0.05)
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[asyncssh.SSHClientConnection]:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        server = await asyncssh.listen(
+            "127.0.0.1", 0, server_host_keys=[key], process_factory=self.handle,
+            encoding=None, server_factory=_NoAuth,
+        )  # fmt: skip
+        try:
+            port = server.sockets[0].getsockname()[1]
+            async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u") as conn:
+                yield conn
+        finally:
+            server.close()
+
+
+@pytest.fixture
+async def dial(tmp_path: Path) -> AsyncIterator[tuple[DialSocketServer, LocalPipes]]:
     inside = LocalPipes(os.environ["PATH"])
-    dial = DialSocketServer(tmp_path / "dial.sock", cast(ProviderSet, inside))
-    await dial.start()
-    link = Link(stub=cast(Any, _Coordinator(dial.path, inside)))
-    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
+    server = DialSocketServer(tmp_path / "dial.sock", cast(ProviderSet, inside))
+    await server.start()
+    yield server, inside
+    await server.close()
+
+
+def _routed(dial: tuple[DialSocketServer, LocalPipes]) -> Link:
+    return Link(stub=cast(Any, _Coordinator(dial[0].path, dial[1])))
+
+
+async def test_a_session_command_through_the_dial_socket(
+    dial: tuple[DialSocketServer, LocalPipes],
+) -> None:
+    """cli/ssh_pipe.py: what a session without a terminal (scp, sftp-server) runs,
+    its input taken from the channel in callbacks."""
+    sessions = _Sessions(_routed(dial))
     payload = os.urandom(BIG)
-    inputs.put_nowait(common_pb2.AttachInput(stdin=payload))
-    inputs.put_nowait(common_pb2.AttachInput(stdin_eof=True))
-    out: list[bytes] = []
-    err: list[bytes] = []
     script = 'sha256sum; echo "$GREETING" >&2; exit 7'
-    start = common_pb2.AttachStart(workspace="w", argv=["sh", "-c", script], env={"GREETING": "hi"})
-    try:
-        code = await asyncio.wait_for(ssh_pipe.run(link, start, inputs, out.append, err.append), 60)
-    finally:
-        await dial.close()
-    assert code == 7
-    assert b"".join(out).split()[0].decode() == hashlib.sha256(payload).hexdigest()
-    assert b"".join(err) == b"hi\n"
+    async with sessions.client() as conn:
+        done = await asyncio.wait_for(conn.run(script, input=payload, encoding=None), 60)
+    assert done.exit_status == 7
+    assert cast(bytes, done.stdout).split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    assert done.stderr == b"hi\n"
+    assert [p.input_taken for p in sessions.piped if p is not None] == [True]
 
 
-async def test_no_route_leaves_the_session_to_connect() -> None:
+async def test_no_route_leaves_the_input_to_connect() -> None:
     class _Elsewhere:
         async def DialRoute(self, start: common_pb2.DialStart) -> pb.DialRouteReply:
             raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "use Dial")
 
-    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
-    inputs.put_nowait(common_pb2.AttachInput(stdin=b"kept"))
-    start = common_pb2.AttachStart(workspace="w", argv=["true"])
-    link = Link(stub=cast(Any, _Elsewhere()))
-    assert await ssh_pipe.run(link, start, inputs, print, print) is None
-    assert inputs.qsize() == 1  # untouched, for the Connect stream
+    sessions = _Sessions(Link(stub=cast(Any, _Elsewhere())))
+    async with sessions.client() as conn:
+        done = await asyncio.wait_for(conn.run("true", input=b"kept", encoding=None), 60)
+    assert sessions.piped == [None]
+    assert done.stdout == b"left 4\n"  # untouched, for the Connect stream
+
+
+async def test_input_waits_for_the_gate(dial: tuple[DialSocketServer, LocalPipes]) -> None:
+    """sftp: the input goes in once the command's output begins with the gate (its
+    sftp-server runs); a command that ends without it leaves the input whole (for
+    the proxy's own SFTP server)."""
+    sessions = _Sessions(_routed(dial), gate=b"+")
+    async with sessions.client() as conn:
+        echoed = await conn.run("printf +; exec cat", input=b"through", encoding=None)
+        refused = await conn.run("exit 9", input=b"for the builtin", encoding=None)
+    assert (echoed.stdout, echoed.exit_status) == (b"through", 0)
+    assert (refused.stdout, refused.exit_status) == (b"left 15\n", 9)
+    assert [p.input_taken for p in sessions.piped if p is not None] == [True, False]
 
 
 async def test_a_redirected_port_is_reached_from_here(
@@ -218,35 +290,43 @@ async def test_a_redirected_port_is_reached_from_here(
     assert got == [f"2 {hashlib.sha256(b'up').hexdigest()}"]
 
 
-async def test_a_session_waits_while_the_client_is_behind(tmp_path: Path) -> None:
-    """``drain`` holding (the SSH client not reading): nothing more is read from the
-    agent meanwhile; once it lets go, the rest of the output arrives whole."""
-    inside = LocalPipes(os.environ["PATH"])
-    dial = DialSocketServer(tmp_path / "dial.sock", cast(ProviderSet, inside))
-    await dial.start()
-    link = Link(stub=cast(Any, _Coordinator(dial.path, inside)))
-    inputs: asyncio.Queue[common_pb2.AttachInput | None] = asyncio.Queue()
-    inputs.put_nowait(common_pb2.AttachInput(stdin_eof=True))
-    out: list[bytes] = []
-    behind, go_on = asyncio.Event(), asyncio.Event()
+async def test_a_session_waits_while_the_client_is_behind(
+    dial: tuple[DialSocketServer, LocalPipes],
+) -> None:
+    """The SSH client not reading: the agent's output is no longer read into the
+    channel past asyncssh's own backlog, so the command waits (it cannot finish
+    while 8 MiB are more than every buffer on the way holds); once the client
+    reads again, the rest arrives whole."""
+    sessions = _Sessions(_routed(dial))
+    async with sessions.client() as conn:
+        process = await conn.create_process(f"head -c {BIG} /dev/zero", encoding=None)
+        await asyncio.sleep(1.5)  # not reading: the client's window fills, then ours
+        still_running = sessions.piped == []
+        behind = max(sessions.backlog)
+        got = await asyncio.wait_for(process.stdout.read(), 60)
+        await process.wait()
+    assert still_running, "the whole output was read into the channel"
+    assert behind <= ssh_pipe.CHANNEL_BACKLOG + 512 * 1024, behind
+    assert len(got) == BIG and process.exit_status == 0
 
-    async def drain() -> None:
-        if not go_on.is_set():
-            behind.set()
-            await go_on.wait()
 
-    start = common_pb2.AttachStart(workspace="w", argv=["head", "-c", str(BIG), "/dev/zero"])
-    run = asyncio.create_task(ssh_pipe.run(link, start, inputs, out.append, print, drain))
-    try:
-        await asyncio.wait_for(behind.wait(), 30)
-        await asyncio.sleep(0.3)  # time to read more, if it would
-        held = sum(map(len, out))
-        assert 0 < held <= ssh_pipe.CHUNK
-        go_on.set()
-        assert await asyncio.wait_for(run, 60) == 0
-    finally:
-        go_on.set()
-        run.cancel()
-        await asyncio.gather(run, return_exceptions=True)
-        await dial.close()
-    assert sum(map(len, out)) == BIG
+async def test_input_waits_while_the_command_does_not_read(
+    dial: tuple[DialSocketServer, LocalPipes],
+) -> None:
+    """A full socket to the agent stops the channel's input (its window is not
+    opened again), so the client waits: the proxy does not take a large upload into
+    memory while the command is not reading. Then all of it arrives."""
+    huge = 48 * 1024 * 1024  # more than the client's window and every socket buffer
+    sessions = _Sessions(_routed(dial))
+    async with sessions.client() as conn:
+        process = await conn.create_process("sleep 2; wc -c", encoding=None)
+        process.stdin.write(bytes(huge))
+        try:
+            await asyncio.wait_for(process.stdin.drain(), 1)
+            took_all = True
+        except TimeoutError:
+            took_all = False
+        process.stdin.write_eof()
+        out = await asyncio.wait_for(process.stdout.read(), 60)
+    assert not took_all, "the proxy took the whole upload while the command slept"
+    assert out.strip() == str(huge).encode()
