@@ -170,11 +170,15 @@ def test_service_output_in_a_status_is_text_not_markup(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A detail quotes a service's output or an error: "[/x]" raised MarkupError before.
+    from rich.console import Console
+
     from cli.workspace import _show
 
-    # Room for the table: on 80 columns (no terminal, no COLUMNS: a test worker) the
-    # detail column is cut short.
-    monkeypatch.setenv("COLUMNS", "200")
+    # Room for the table: on 80 columns (a test worker: no terminal, and the console
+    # made with whatever COLUMNS said then) the detail column is cut short. The same
+    # console as cli.output's, wider.
+    wide = Console(highlight=False, soft_wrap=True, emoji=False, width=200)
+    monkeypatch.setattr("cli.workspace.out", wide)
     from vendetta.v1 import common_pb2
     from vendetta.v1 import coordinator_pb2 as pb
 
