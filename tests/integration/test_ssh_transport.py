@@ -129,7 +129,7 @@ async def test_nothing_listening(workdir: Path, server: SshServer) -> None:
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # a stat whose process just went: ESRCH
         return True
     return state in ("Z", "X")  # exited; reaped by whoever adopted it, or not yet
 

@@ -27,7 +27,7 @@ time.sleep(60)
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # a stat whose process just went: ESRCH
         return "gone"
 
 
