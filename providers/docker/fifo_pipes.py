@@ -97,27 +97,19 @@ async def open_fifo_pipe(
         for fd in held[:2]:  # stdin and stdout carry the bulk; stderr keeps the default
             widen(fd, FIFO_SIZE)
         inside = f"{IO_MOUNT}/{token}"
+        shell = ["/bin/sh", "-c", SCRIPT, "sh", inside, *argv]
         exec_id = await engine.call(
-            action,
-            lambda api: api.exec_create(
-                container_id,
-                ["/bin/sh", "-c", SCRIPT, "sh", inside, *argv],
-                stdin=False,
-                stdout=False,
-                stderr=False,
-                tty=False,
-                environment=dict(env) if env else None,
-            )["Id"],
+            action, lambda api: execs.create_exec(api, container_id, shell, env)
         )
         await engine.call(action, lambda api: api.exec_start(exec_id, detach=True))
-        if not await _opened(engine, str(exec_id), held[1], action):
+        if not await _opened(engine, exec_id, held[1], action):
             return None
         # The command holds its ends now: ours become plain ones, so that each side
         # sees the other's end of file.
         stdin = os.open(paths[0], os.O_WRONLY | _OPEN_FLAGS)
         stdout = os.open(paths[1], os.O_RDONLY | _OPEN_FLAGS)
         stderr = os.open(paths[2], os.O_RDONLY | _OPEN_FLAGS)
-        terminal = FifoTerminal(engine, str(exec_id), action)
+        terminal = FifoTerminal(engine, exec_id, action)
         await terminal.connect(stdin, stdout, stderr)
         return terminal
     finally:
