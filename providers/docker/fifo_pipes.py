@@ -7,9 +7,11 @@ CPU per 400 MB scp'd into a workspace, docs/performance.md), leave the path.
 Docker still starts the command (a detached exec) and says its exit code.
 
 The FIFOs are made for one command under a random name, opened by both sides,
-then removed. The folder is the agent's (0711 in a 0700 agent folder on the
-node, so no other user of the node reaches it); the FIFOs are 0666 so that
-whichever user the container runs as may open them.
+then removed. FIFOs an agent killed in that moment left behind are removed by
+the next command's open, once older than any open may take (STALE_AFTER).
+The folder is the agent's (0711 in a 0700 agent folder on the node, so no other
+user of the node reaches it); the FIFOs are 0666 so that whichever user the
+container runs as may open them.
 
 `open_fifo_pipe` gives None where this cannot be used (a container made before
 the mount existed, an image without /bin/sh, a command that did not open its
@@ -24,6 +26,7 @@ import functools
 import os
 import secrets
 import stat
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,9 @@ SCRIPT = 'f=$1; shift; exec <"$f.i" >"$f.o" 2>"$f.e" && printf R && exec "$@"'
 READY = b"R"
 # How long the shell may take to open its FIFOs (a busy node) before the stream is used.
 OPEN_TIMEOUT = 10.0
+# A FIFO this old was left by an agent killed while a command opened it: every
+# open ends (and removes its FIFOs) within OPEN_TIMEOUT.
+STALE_AFTER = 6 * OPEN_TIMEOUT
 CHUNK = 256 * 1024
 # A chunk in one write. Not more: a pipe's pages count against the node user's
 # pipe-user-pages-soft (64 MiB), past which every new pipe of theirs gets one page.
@@ -86,6 +92,7 @@ async def open_fifo_pipe(
 ) -> FifoTerminal | None:
     """argv started in the container on FIFOs in ``folder``; None where it did not
     open them (the caller uses the stream)."""
+    _sweep(folder)
     token = secrets.token_hex(16)
     paths = [folder / f"{token}.{end}" for end in "ioe"]
     held: list[int] = []  # O_RDWR: never waits for the other end, nor sees its end of file
@@ -120,6 +127,17 @@ async def open_fifo_pipe(
                 path.unlink()
         for fd in held:
             os.close(fd)
+
+
+def _sweep(folder: Path) -> None:
+    """Remove FIFOs in ``folder`` older than STALE_AFTER (a killed agent's)."""
+    cutoff = time.time() - STALE_AFTER
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISFIFO(st.st_mode) and st.st_mtime < cutoff:
+                    os.unlink(entry.path)
 
 
 async def _opened(engine: EngineClient[Any], exec_id: str, fd: int, action: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from providers.base import EnvironmentSpec, Terminal
 from providers.docker import DockerProvider
-from providers.docker.fifo_pipes import IO_MOUNT, FifoTerminal
+from providers.docker.fifo_pipes import IO_MOUNT, STALE_AFTER, FifoTerminal
 
 pytestmark = pytest.mark.docker
 
@@ -76,6 +77,22 @@ async def test_a_command_on_fifos_with_its_streams_apart_and_nothing_left(
     assert list(folder.iterdir()) == []  # each FIFO removed once both ends held it
     await provider.destroy(ws)
     assert not folder.exists()
+
+
+async def test_fifos_a_killed_agent_left_are_removed_by_the_next_open(
+    provider: DockerProvider,
+) -> None:
+    ws, folder = await _started(provider)
+    left = folder / f"{'a' * 32}.i"  # an agent killed between making and opening
+    os.mkfifo(left, 0o666)
+    old = time.time() - STALE_AFTER - 1
+    os.utime(left, (old, old))
+    fresh = folder / f"{'b' * 32}.i"  # another open still under way: kept
+    os.mkfifo(fresh, 0o666)
+    terminal = await provider.pipe(ws, ["true"])
+    assert isinstance(terminal, FifoTerminal)
+    assert await asyncio.wait_for(_run(terminal), 60) == (b"", b"", 0)
+    assert list(folder.iterdir()) == [fresh]
 
 
 async def test_large_output_input_left_unread_and_a_missing_command(
