@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -188,6 +189,10 @@ async def test_the_openssh_child_opens_connections_from_the_node_for_the_proxy(
     async with server:
         port = server.sockets[0].getsockname()[1]
         assert await tunnel_master.connect(str(control), "127.0.0.1", port, service_side)
+        pipes = service_side.transport  # both ways hold a bulk transfer's packets
+        for end in (pipes.reader, pipes.writer):
+            fd = end.get_extra_info("pipe").fileno()
+            assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == tunnel_master.PIPE_SIZE
         await asyncio.get_running_loop().create_unix_connection(lambda: proxy_side, sock=ours)
         reader, writer = await asyncio.open_unix_connection(sock=theirs)
         assert await asyncio.wait_for(reader.readline(), 30) == b"node says hi\n"
