@@ -54,10 +54,12 @@ class _Session(asyncio.Protocol):
         out: Callable[[bytes], object],
         gate: bytes,
         rest: bytes,
+        preface: bytes = b"",
     ) -> None:
         self.process = process
         self.out = out
         self.gate = gate
+        self.preface = preface
         self._rest = rest  # what followed the handshake's answer
         self.frames = Frames()
         self.transport: asyncio.Transport | None = None
@@ -85,6 +87,8 @@ class _Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.preface:
+            self.write(self.preface)
         if not self.gate:
             self.take_input()
         if self._rest:
@@ -165,12 +169,14 @@ async def run(
     process: asyncssh.SSHServerProcess[bytes],
     out: Callable[[bytes], object],
     gate: bytes = b"",
+    preface: bytes = b"",
 ) -> Piped | None:
     """``start`` (without a terminal) with ``process``'s channel as its input and
     ``out`` taking its stdout (its stderr to the channel's). ``gate``: the input
     is taken only once stdout begins with it (removed), as an sftp session's
-    shell says its sftp-server runs. None where there is no route to the agent:
-    the caller runs it through Connect, the input untouched."""
+    shell says its sftp-server runs. ``preface``: the command's input before the
+    channel's. None where there is no route to the agent: the caller runs it
+    through Connect, the input untouched."""
     routed = await open_route(
         link,
         common_pb2.DialStart(workspace=start.workspace),
@@ -182,7 +188,7 @@ async def run(
     if not routed.answer.get("connected"):
         routed.sock.close()
         raise UnavailableError(routed.error or "the command did not start")
-    session = _Session(process, out, gate, routed.rest)
+    session = _Session(process, out, gate, routed.rest, preface)
     loop = asyncio.get_running_loop()
     try:
         transport, _ = await loop.create_unix_connection(lambda: session, sock=routed.sock)

@@ -171,25 +171,27 @@ async def _session(
             env=env,
         )
         run = sftp_exec.connect_runner(link, workspace, env)
-        # An image's sftp-server would get no input where commands get none (QEMU's
-        # guest agent) and quit at once: there the proxy's own serves.
-        if sftp and not await sftp_exec.takes_input(run):
-            code = await sftp_builtin.serve(process, run, folder, gets_input=False)
+        piped = None
+        # sftp: the probe line first (ssh_session.SFTP_PROBE), then the client's bytes.
+        preface = ssh_session.SFTP_PROBE if sftp else b""
+        if not start.tty:  # through the agent's dial socket where there is a route
+            gate = ssh_session.SFTP_READY if sftp else b""
+            piped = await ssh_pipe.run(link, start, process, process.stdout.write, gate, preface)
+        if piped is not None:
+            code, taken = piped.code, piped.input_taken
         else:
-            piped = None
-            if not start.tty:  # through the agent's dial socket where there is a route
-                gate = ssh_session.SFTP_READY if sftp else b""
-                piped = await ssh_pipe.run(link, start, process, process.stdout.write, gate)
-            if piped is not None:
-                code, taken = piped.code, piped.input_taken
-            else:
-                if not sftp:
-                    pump()
-                out = sftp_out if sftp else process.stdout.write
-                code = await stream(await link.stub(), start, inputs, out, process.stderr.write)
-                taken = reader is not None
-            if sftp and not taken and code == sftp_builtin.NO_SERVER:
-                code = await sftp_builtin.serve(process, run, folder, gets_input=True)
+            if preface:
+                inputs.put_nowait(common_pb2.AttachInput(stdin=preface))
+            if not sftp:
+                pump()
+            out = sftp_out if sftp else process.stdout.write
+            code = await stream(await link.stub(), start, inputs, out, process.stderr.write)
+            taken = reader is not None
+        # The client's bytes still unread: the proxy's own SFTP server takes them, where
+        # the image has no sftp-server, or its commands get no input (QEMU's guest agent).
+        if sftp and not taken and code in (sftp_builtin.NO_SERVER, ssh_session.NO_INPUT):
+            gets_input = code == sftp_builtin.NO_SERVER
+            code = await sftp_builtin.serve(process, run, folder, gets_input=gets_input)
     except grpc.aio.AioRpcError as exc:
         process.stderr.write(f"vendetta: {from_rpc_error(exc)}\r\n".encode())
         code = SSH_FAILURE

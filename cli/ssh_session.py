@@ -39,19 +39,30 @@ SFTP_SERVERS = (
 # (ssh_proxy), so an image without one ends the command (exit 127) with them unread,
 # for the proxy's own server.
 SFTP_READY = b"+"
+# Sent by the proxy ahead of the client's bytes: the line reads it before anything,
+# so a provider that passes commands no input (a QEMU guest without python3) ends
+# it with NO_INPUT, the client's bytes unread, for the proxy's own server without
+# input. Asked in the same command as the sftp-server's start: no exec of its own.
+SFTP_PROBE = b"vendetta-sftp\n"
+NO_INPUT = 126
 LOGIN = "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"
 
 
-def _sftp_line() -> str:
+def sftp_line() -> str:
+    """The sftp subsystem's line for /bin/sh: the probe, then the image's sftp-server."""
     tries = " ".join(SFTP_SERVERS)
     ready = SFTP_READY.decode()
-    return f'for s in {tries}; do [ -x "$s" ] && printf {ready} && exec "$s"; done; exit 127'
+    probe = SFTP_PROBE.decode().strip()
+    return (
+        f'read -r p && [ "$p" = {probe} ] || exit {NO_INPUT}; '
+        f'for s in {tries}; do [ -x "$s" ] && printf {ready} && exec "$s"; done; exit 127'
+    )
 
 
 def argv(process: asyncssh.SSHServerProcess[bytes], workdir: str) -> list[str]:
     """The argv inside for this session (a line for /bin/sh, as sshd runs it)."""
     if process.subsystem == "sftp":
-        line = _sftp_line()
+        line = sftp_line()
     elif process.subsystem:
         line = f"echo 'vendetta: no subsystem {process.subsystem}' >&2; exit 127"
     else:

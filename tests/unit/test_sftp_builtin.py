@@ -483,18 +483,18 @@ async def test_the_proxy_serves_sftp_where_the_image_has_no_sftp_server(
     finally:
         listener.close()
         await listener.wait_closed()
-    probe, *lines = coordinator.lines
-    assert probe == "exec cat"  # does input get there? asked once
-    if no_input:  # the builtin at once, told so
-        assert not any("sftp-server" in line or line == "exec cat" for line in lines), lines
-        assert any(f"> {root}/up.bin" in line for line in lines), lines
+    # Whether input gets there is asked by the sftp line itself (its probe), not by a
+    # command of its own.
+    sftp_line, *others = coordinator.lines
+    assert "sftp-server" in sftp_line and ssh_session.SFTP_PROBE.decode().strip() in sftp_line
+    assert "exec cat" not in others
+    if no_input:  # then the builtin, told so
+        assert not any("sftp-server" in line for line in others), others
+        assert any(f"> {root}/up.bin" in line for line in others), others
         return
-    sftp_line, *others = lines
-    assert "sftp-server" in sftp_line
     # The builtin: each operation a command of its own; the image's server: none.
     assert bool(others) is not image_has_one
     assert not others or any(f"exec cat > {root}/up.bin" in line for line in others), others
-    assert "exec cat" not in others
 
 
 def test_nothing_of_asyncssh_s_local_file_operations_is_left() -> None:

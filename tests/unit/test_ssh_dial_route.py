@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import struct
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +20,7 @@ import asyncssh
 import grpc
 import pytest
 
-from cli import ssh_pipe
+from cli import ssh_pipe, ssh_session
 from cli.agent_route import Link
 from cli.ssh_forward import open_direct
 from nodeagent.dial_socket import DialSocketServer
@@ -156,8 +157,8 @@ class _Sessions:
     where the input was not taken (no route, or a gate never opened), the session
     then answers how many bytes of input are still there."""
 
-    def __init__(self, link: Link, gate: bytes = b"") -> None:
-        self.link, self.gate = link, gate
+    def __init__(self, link: Link, gate: bytes = b"", preface: bytes = b"") -> None:
+        self.link, self.gate, self.preface = link, gate, preface
         self.piped: list[ssh_pipe.Piped | None] = []
         self.backlog: list[int] = []  # the channel's write buffer, sampled while behind
 
@@ -167,7 +168,9 @@ class _Sessions:
         )
         sample = asyncio.create_task(self._sample(process))
         try:
-            piped = await ssh_pipe.run(self.link, start, process, process.stdout.write, self.gate)
+            piped = await ssh_pipe.run(
+                self.link, start, process, process.stdout.write, self.gate, self.preface
+            )
         finally:
             sample.cancel()
         self.piped.append(piped)
@@ -249,6 +252,31 @@ async def test_input_waits_for_the_gate(dial: tuple[DialSocketServer, LocalPipes
         refused = await conn.run("exit 9", input=b"for the builtin", encoding=None)
     assert (echoed.stdout, echoed.exit_status) == (b"through", 0)
     assert (refused.stdout, refused.exit_status) == (b"left 15\n", 9)
+    assert [p.input_taken for p in sessions.piped if p is not None] == [True, False]
+
+
+async def test_an_sftp_session_reads_the_probe_before_the_clients_bytes(
+    dial: tuple[DialSocketServer, LocalPipes],
+) -> None:
+    """ssh-proxy's sftp line (cli/ssh_session.py) with its probe ahead of the client's
+    bytes: this machine's sftp-server answers the client's SSH_FXP_INIT; where the
+    provider passes no input (a QEMU guest without python3, here stdin at its end),
+    the line ends with NO_INPUT and the client's bytes are left whole."""
+    assert Path("/usr/lib/openssh/sftp-server").exists()  # openssh-server's, set up
+    sessions = _Sessions(_routed(dial), gate=ssh_session.SFTP_READY, preface=ssh_session.SFTP_PROBE)
+    init = struct.pack(">IBI", 5, 1, 3)  # SSH_FXP_INIT, version 3
+    line = ssh_session.sftp_line()
+    async with sessions.client() as conn:
+        served = await conn.create_process(line, encoding=None)
+        served.stdin.write(init)  # sftp-server quits at end of file, its answer unsent
+        reply = await asyncio.wait_for(served.stdout.readexactly(9), 60)
+        served.stdin.write_eof()
+        await asyncio.wait_for(served.wait(), 60)
+        no_input = await asyncio.wait_for(
+            conn.run(f"exec </dev/null; {line}", input=init, encoding=None), 60
+        )
+    assert (served.exit_status, reply[4:]) == (0, struct.pack(">BI", 2, 3))  # SSH_FXP_VERSION
+    assert (no_input.exit_status, no_input.stdout) == (ssh_session.NO_INPUT, b"left 9\n")
     assert [p.input_taken for p in sessions.piped if p is not None] == [True, False]
 
 
