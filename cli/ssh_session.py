@@ -7,7 +7,8 @@ others dropped. Sessions start in the workspace's working folder (its source,
 /workspace by default) where it exists, else where the engine starts them.
 The sftp subsystem is the image's own sftp-server, run like any command; an
 image without one, or an environment whose commands get no input (QEMU's guest
-agent; asked with one `cat` first), gets the proxy's own SFTP server
+agent without python3: the sftp line reads a probe line ahead of the client's
+bytes, so it learns this in the same command), gets the proxy's own SFTP server
 (cli/sftp_builtin.py).
 """
 
