@@ -171,12 +171,11 @@ async def _session(
             env=env,
         )
         run = sftp_exec.connect_runner(link, workspace, env)
-        piped = None
         # sftp: the probe line first (ssh_session.SFTP_PROBE), then the client's bytes.
         preface = ssh_session.SFTP_PROBE if sftp else b""
-        if not start.tty:  # through the agent's dial socket where there is a route
-            gate = ssh_session.SFTP_READY if sftp else b""
-            piped = await ssh_pipe.run(link, start, process, process.stdout.write, gate, preface)
+        # Through the agent's dial socket where there is a route.
+        gate = ssh_session.SFTP_READY if sftp else b""
+        piped = await ssh_pipe.run(link, start, process, process.stdout.write, gate, preface)
         if piped is not None:
             code, taken = piped.code, piped.input_taken
         else:

@@ -20,6 +20,12 @@ sftp-server, rsync, git) names its argv and environment:
 then the client's bytes are the command's stdin (a half-close is its end of
 file), and the agent's are frames: a kind byte (`o` stdout, `e` stderr, `x` the
 exit code, ASCII), the payload's length (4 bytes, big-endian), the payload.
+
+A command on a terminal (an interactive session) adds `"tty": true, "rows": R,
+"cols": C`, and the agent's answer says `"tty": true` back (an agent that
+predates terminals here would run it on pipes: the client then closes and uses
+Connect). The client's bytes are then frames as well: `i` input, `r` the
+terminal's new size ("ROWS COLS", ASCII); a half-close is still the end of file.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ async def _read_line(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
 
 
 STDOUT, STDERR, EXIT = b"o", b"e", b"x"
+STDIN, RESIZE = b"i", b"r"  # from the client, on a terminal only
 _HEADER = struct.Struct(">cI")
 
 

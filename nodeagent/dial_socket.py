@@ -1,10 +1,10 @@
 """The agent's dial socket (`dial.sock` beside `agent.sock`, 0600 like it): the
 connections of `ssh -L`/`-D` through NAME.vendetta, and the commands of its
-sessions without a terminal (scp, sftp-server, rsync, git), as plain byte
-streams, for clients that can reach the socket (the coordinator forwards it
+sessions (scp, sftp-server, rsync, git; interactive ones on a terminal), as
+plain byte streams, for clients that can reach the socket (the coordinator forwards it
 beside the agent's gRPC socket, and `vendetta ssh-proxy` connects to that when
-it runs on the coordinator's machine). A command runs as Attach runs it without
-a terminal (`Provider.pipe`).
+it runs on the coordinator's machine). A command runs as Attach runs it
+(`Provider.pipe`, or `Provider.attach` on a terminal).
 
 The same connection through the Dial RPC is a gRPC message per chunk in the
 proxy, the coordinator and here; on this path, each chunk is one write in the
@@ -24,7 +24,18 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from common.dial_wire import EXIT, STDERR, STDOUT, HandshakeError, encode, frame, read_line
+from common.dial_wire import (
+    EXIT,
+    RESIZE,
+    STDERR,
+    STDIN,
+    STDOUT,
+    Frames,
+    HandshakeError,
+    encode,
+    frame,
+    read_line,
+)
 from common.errors import InvalidArgumentError, VendettaError
 from common.forwarder import Forwarder
 from nodeagent.dial import (
@@ -44,6 +55,7 @@ from vendetta.v1 import common_pb2
 log = logging.getLogger("vendetta.agent.dial")
 
 CONNECTED = encode({"connected": True})
+CONNECTED_TTY = encode({"connected": True, "tty": True})
 
 
 def _start(message: dict[str, Any]) -> common_pb2.DialStart:
@@ -60,6 +72,14 @@ def _start(message: dict[str, Any]) -> common_pb2.DialStart:
         ) from None
     check_start(start)
     return start
+
+
+def _size(message: dict[str, Any]) -> tuple[int, int]:
+    """rows, cols of a terminal's handshake (80x24 where it names none)."""
+    try:
+        return int(message.get("rows") or 24), int(message.get("cols") or 80)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("a terminal's rows and cols are numbers") from None
 
 
 def _command(message: dict[str, Any]) -> tuple[str, list[str], dict[str, str]]:
@@ -123,9 +143,15 @@ class DialSocketServer:
             message, rest = await read_line(conn)
             if "argv" in message:
                 provider = self.providers.get(str(message.get("provider", "")))
-                terminal = await provider.pipe(*_command(message))
+                workspace, argv, env = _command(message)
+                tty = message.get("tty") is True
+                if tty:
+                    rows, cols = _size(message)
+                    terminal = await provider.attach(workspace, argv, rows=rows, cols=cols, env=env)
+                else:
+                    terminal = await provider.pipe(workspace, argv, env)
                 owned = True
-                await _run(conn, terminal, rest)
+                await _run(conn, terminal, rest, tty)
                 return
             start = _start(message)
             provider = self.providers.get(start.provider)
@@ -207,11 +233,12 @@ async def _relay(conn: socket.socket, relay: Relay, rest: bytes) -> None:
             await writer.wait_closed()
 
 
-async def _run(conn: socket.socket, terminal: Terminal, rest: bytes) -> None:
-    """A command: the client's bytes to its stdin, its output to the client in frames
-    (common/dial_wire.py), the exit code last."""
+async def _run(conn: socket.socket, terminal: Terminal, rest: bytes, tty: bool) -> None:
+    """A command: the client's bytes to its stdin (in frames on a terminal, with its
+    size), its output to the client in frames (common/dial_wire.py), the exit code
+    last."""
     try:
-        await asyncio.get_running_loop().sock_sendall(conn, CONNECTED)
+        await asyncio.get_running_loop().sock_sendall(conn, CONNECTED_TTY if tty else CONNECTED)
         reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MESSAGE)
     except BaseException:
         conn.close()
@@ -220,10 +247,22 @@ async def _run(conn: socket.socket, terminal: Terminal, rest: bytes) -> None:
         raise
 
     async def stdin() -> None:
-        if rest:
-            await terminal.write(rest)
-        while data := await reader.read(MESSAGE):
-            await terminal.write(data)
+        frames = Frames() if tty else None
+        data = rest
+        while True:
+            if frames is None:
+                if data:
+                    await terminal.write(data)
+            else:
+                for kind, payload in frames.feed(data):
+                    if kind == STDIN:
+                        await terminal.write(payload)
+                    elif kind == RESIZE:
+                        rows, _, cols = payload.partition(b" ")
+                        with contextlib.suppress(ValueError):
+                            await terminal.resize(int(rows), int(cols))
+            if not (data := await reader.read(MESSAGE)):
+                break
         await terminal.close_stdin()
 
     up = asyncio.create_task(stdin())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import struct
 from collections.abc import AsyncIterator, Awaitable
@@ -163,8 +164,13 @@ class _Sessions:
         self.backlog: list[int] = []  # the channel's write buffer, sampled while behind
 
     async def handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        cols, rows, _, _ = process.get_terminal_size()
         start = common_pb2.AttachStart(
-            workspace="w", argv=["sh", "-c", process.command or ""], env={"GREETING": "hi"}
+            workspace="w",
+            argv=["sh", "-c", process.command or ""],
+            env={"GREETING": "hi"},
+            tty=process.get_terminal_type() is not None,
+            size=common_pb2.TerminalSize(rows=rows, cols=cols),
         )
         sample = asyncio.create_task(self._sample(process))
         try:
@@ -278,6 +284,59 @@ async def test_an_sftp_session_reads_the_probe_before_the_clients_bytes(
     assert (served.exit_status, reply[4:]) == (0, struct.pack(">BI", 2, 3))  # SSH_FXP_VERSION
     assert (no_input.exit_status, no_input.stdout) == (ssh_session.NO_INPUT, b"left 9\n")
     assert [p.input_taken for p in sessions.piped if p is not None] == [True, False]
+
+
+async def test_a_terminal_session_through_the_dial_socket(
+    dial: tuple[DialSocketServer, LocalPipes],
+) -> None:
+    """`ssh -t`: the command on a terminal inside (here a pseudo-terminal of this
+    machine's), its size as the client's, then as the client changes it, typed
+    input echoed by the terminal, the exit code passed on."""
+    sessions = _Sessions(_routed(dial))
+    script = "stty size; read x; stty size; echo got-$x; exit 5"
+    async with sessions.client() as conn:
+        proc = await conn.create_process(script, term_type="xterm", term_size=(100, 30))
+        seen = ""
+
+        async def until(text: str) -> None:
+            nonlocal seen
+            while text not in seen:
+                seen += await asyncio.wait_for(proc.stdout.read(4096), 30)
+
+        await until("30 100")
+        proc.change_terminal_size(120, 40)
+        await asyncio.sleep(0.2)  # the new size reaches the terminal before the line
+        proc.stdin.write("typed\r")
+        await until("got-typed")
+        await asyncio.wait_for(proc.wait(), 30)
+    lines = seen.replace("\r", "").splitlines()
+    assert lines[:4] == ["30 100", "typed", "40 120", "got-typed"], lines  # "typed": the echo
+    assert proc.exit_status == 5
+    assert [p.input_taken for p in sessions.piped if p is not None] == [True]
+
+
+async def test_an_agent_without_terminals_here_leaves_the_session_to_connect(
+    tmp_path: Path,
+) -> None:
+    """An agent that predates terminals on its dial socket answers a terminal's
+    handshake without `"tty": true` (it would run the command on pipes): the proxy
+    hangs up before any input and the session goes through Connect."""
+    hellos: list[dict[str, Any]] = []
+    closed = asyncio.Event()
+
+    async def older_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hellos.append(json.loads(await reader.readline()))
+        writer.write(b'{"connected":true}\n')
+        assert await reader.read() == b""  # no input came: the proxy hung up
+        closed.set()
+
+    server = await asyncio.start_unix_server(older_agent, str(tmp_path / "old.sock"))
+    sessions = _Sessions(Link(stub=cast(Any, _Coordinator(tmp_path / "old.sock", LocalPipes("")))))
+    async with server, sessions.client() as conn:
+        done = await asyncio.wait_for(conn.run("true", term_type="xterm", input="kept"), 30)
+        await asyncio.wait_for(closed.wait(), 30)
+    assert hellos[0]["tty"] is True and sessions.piped == [None]
+    assert done.stdout == "left 4\n"  # the input untouched, for the Connect stream
 
 
 async def test_a_redirected_port_is_reached_from_here(
