@@ -164,6 +164,9 @@ def ssh_config(
 
 def ssh_proxy(name: Annotated[str, typer.Argument(help="The workspace.")]) -> None:
     """ProxyCommand of the `Host NAME.vendetta` entries (speaks SSH on stdin/stdout)."""
+    from common import liboqs
+
+    liboqs.skip_absent_search()  # before asyncssh is imported: see common/liboqs.py
     from cli.ssh_proxy import serve
 
     run(serve(name))
