@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -30,6 +31,9 @@ from vendetta.v1 import coordinator_pb2_grpc
 
 AGENT = str(Path(sys.executable).parent / "vendetta-agent")
 IMAGE = "vendetta/busybox:latest"
+# The cipher vendetta's two SSH legs negotiate: the tunnel's ssh offers it first
+# (coordinator/transports/openssh_tunnel.py) and ssh-proxy offers only AES-GCM.
+HOP_CIPHER = "aes128-gcm@openssh.com"
 
 
 def _agent_id(agent_dir: Path) -> str:
@@ -74,6 +78,14 @@ class Node:
             *extra,
             f"{self.sshd.user}@{self.sshd.host}",
         ]
+
+    def hop_options(self) -> list[str]:
+        """Options that route an OpenSSH client to this node through one more SSH
+        connection to it (a ProxyCommand `ssh -W`), both legs on HOP_CIPHER: the
+        topology of `NAME.vendetta` (the user's SSH inside the tunnel's) built from
+        OpenSSH alone, with no Python process and no engine on the path."""
+        inner = self.ssh_argv("-c", HOP_CIPHER, "-W", "%h:%p")
+        return ["-c", HOP_CIPHER, "-o", f"ProxyCommand={shlex.join(inner)}"]
 
 
 @dataclass

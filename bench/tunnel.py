@@ -11,7 +11,13 @@ address: the port is published). A fourth is the same to a port the workspace
 does not publish, which the agent reaches through a relay inside (the engine's
 exec stream). Pulls alternate between the paths; MB/s = SIZE / (connect -> EOF).
 
-A fifth row is the engine alone: `docker exec CONTAINER dd` of SIZE bytes read
+Another row is the topology's own ceiling: `ssh -L` to the same node endpoint
+with the client routed through one more SSH connection to the node (a
+ProxyCommand `ssh -W`), both on AES-GCM as vendetta's legs are. That is the
+user's SSH inside a tunnel's SSH, as through `NAME.vendetta`, built from
+OpenSSH alone; each row through `NAME.vendetta` also gives its ratio to it.
+
+A last row is the engine alone: `docker exec CONTAINER dd` of SIZE bytes read
 by the Docker CLI (Go, no vendetta, no SSH). Every byte a connection to an
 unpublished port sends to `ssh -L` comes out through such an exec stream (the
 relay's stdout; the agent cannot enter the container's network as a non-root
@@ -132,6 +138,7 @@ async def run(
     rounds = rounds or (3 if quick else 8)
     node = cl.nodes["n1"]
     ssh: asyncio.subprocess.Process | None = None
+    hop: asyncio.subprocess.Process | None = None
     editor: asyncio.subprocess.Process | None = None
     try:
         await cl.stub.CreateWorkspace(
@@ -162,6 +169,20 @@ async def run(
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
+        hop_port = _free_port()
+        hop = await asyncio.create_subprocess_exec(
+            *node.ssh_argv(
+                *node.hop_options(),
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                f"127.0.0.1:{hop_port}:{svc.node_endpoint}",
+            ),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         # `ssh -L` through the generated `Host NAME.vendetta` entry (issue 13): the
         # proxy's Dial stream, the agent's relay inside (busybox nc here) to 127.0.0.1.
         editor_port, relayed_port = _free_port(), _free_port()
@@ -176,6 +197,10 @@ async def run(
         )  # fmt: skip
         v = Series(f"forwarded service port (coordinator), {size_mb} MB: MB/s", unit="MB/s")
         s = Series(f"ssh -L (OpenSSH), {size_mb} MB: MB/s", unit="MB/s")
+        j = Series(
+            f"ssh -L through one more SSH hop to the node (OpenSSH alone), {size_mb} MB: MB/s",
+            unit="MB/s",
+        )
         e = Series(f"ssh -L {ws}.vendetta to a published port, {size_mb} MB: MB/s", unit="MB/s")
         r = Series(
             f"ssh -L {ws}.vendetta to an unpublished port (relay), {size_mb} MB: MB/s", unit="MB/s"
@@ -185,6 +210,7 @@ async def run(
         paths: list[tuple[Series, Callable[[], tuple[float, int]]]] = [
             (v, functools.partial(_pull, local_host, int(local_port))),
             (s, functools.partial(_pull, "127.0.0.1", ssh_port)),
+            (j, functools.partial(_pull, "127.0.0.1", hop_port)),
             (e, functools.partial(_pull, "127.0.0.1", editor_port)),
             (r, functools.partial(_pull, "127.0.0.1", relayed_port)),
             (x, functools.partial(_exec_pull, container, size_mb)),
@@ -204,15 +230,18 @@ async def run(
             "rows": [
                 row(s),
                 row(v, s),
-                row(e, s, goal=">= 0.9x", met=e.median / s.median >= 0.9),
-                row(r, s),
+                row(j, s),
+                row(
+                    e, s, goal=">= 0.9x", met=e.median / s.median >= 0.9, of_hop=e.median / j.median
+                ),
+                row(r, s, of_hop=r.median / j.median),
                 row(x, s, of_engine=r.median / x.median),
             ],
             "node_endpoint": svc.node_endpoint,
             "local_address": svc.local_address,
         }
     finally:
-        for proc in (ssh, editor):
+        for proc in (ssh, hop, editor):
             if proc is not None and proc.returncode is None:
                 proc.terminate()
                 try:
