@@ -39,7 +39,7 @@ from typing import Any
 import docker
 import yaml
 
-from bench.cluster import IMAGE, Cluster
+from bench.cluster import IMAGE, Cluster, Node
 from bench.stats import Series, row
 from providers.base import LABEL_AGENT, LABEL_WORKSPACE
 from vendetta.v1 import coordinator_pb2 as pb
@@ -130,6 +130,18 @@ def _free_port() -> int:
         return port
 
 
+async def _forward(node: Node, port: int, target: str, *options: str) -> asyncio.subprocess.Process:
+    """OpenSSH's `ssh -N -L 127.0.0.1:PORT:TARGET` to ``node``, with ``options``."""
+    return await asyncio.create_subprocess_exec(
+        *node.ssh_argv(
+            *options, "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{port}:{target}"
+        ),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 async def run(
     cl: Cluster, quick: bool, size_mb: int | None = None, rounds: int | None = None
 ) -> dict[str, Any]:
@@ -156,33 +168,9 @@ async def run(
             await asyncio.sleep(0.2)
         local_host, _, local_port = svc.local_address.rpartition(":")
         local_host = "127.0.0.1" if local_host == "localhost" else local_host
-        ssh_port = _free_port()
-        ssh = await asyncio.create_subprocess_exec(
-            *node.ssh_argv(
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-L",
-                f"127.0.0.1:{ssh_port}:{svc.node_endpoint}",
-            ),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        hop_port = _free_port()
-        hop = await asyncio.create_subprocess_exec(
-            *node.ssh_argv(
-                *node.hop_options(),
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-L",
-                f"127.0.0.1:{hop_port}:{svc.node_endpoint}",
-            ),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        ssh_port, hop_port = _free_port(), _free_port()
+        ssh = await _forward(node, ssh_port, svc.node_endpoint)
+        hop = await _forward(node, hop_port, svc.node_endpoint, *node.hop_options())
         # `ssh -L` through the generated `Host NAME.vendetta` entry (issue 13): the
         # proxy's Dial stream, the agent's relay inside (busybox nc here) to 127.0.0.1.
         editor_port, relayed_port = _free_port(), _free_port()
