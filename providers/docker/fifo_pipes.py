@@ -24,10 +24,12 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import secrets
+import shlex
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,16 @@ IO_MOUNT = "/run/vendetta"
 # becomes the command, argv as given ("$@"; looked up in PATH as Docker's exec does).
 SCRIPT = 'f=$1; shift; exec <"$f.i" >"$f.o" 2>"$f.e" && printf R && exec "$@"'
 READY = b"R"
+# A spare (providers/docker/spares.py): the shell opens its FIFOs as SCRIPT does,
+# then reads the command it is to become as lines of shell, up to a line "$2",
+# and runs them. Its `read` takes one byte at a time, so the command's input,
+# which follows, stays for it.
+SPARE_SCRIPT = (
+    'f=$1; exec <"$f.i" >"$f.o" 2>"$f.e" && printf R || exit 126; s=; '
+    'while IFS= read -r l; do [ "$l" = "$2" ] && break; s="$s$l\n"; done; eval "$s"'
+)
+# What a spare may be given in its environment: names its shell can export.
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # How long the shell may take to open its FIFOs (a busy node) before the stream is used.
 OPEN_TIMEOUT = 10.0
 # A FIFO this old was left by an agent killed while a command opened it: every
@@ -92,6 +104,52 @@ async def open_fifo_pipe(
 ) -> FifoTerminal | None:
     """argv started in the container on FIFOs in ``folder``; None where it did not
     open them (the caller uses the stream)."""
+    return await _open(
+        engine, container_id, folder, lambda inside: [SCRIPT, "sh", inside, *argv], env, action
+    )
+
+
+class Spare:
+    """A shell started ahead on its FIFOs, to become a command when one is asked for:
+    Docker's exec start (50 ms of runc here) is then behind, not in, a session's
+    start."""
+
+    def __init__(self, terminal: FifoTerminal, end: str) -> None:
+        self.terminal = terminal
+        self._end = end
+
+    async def take(self, argv: Sequence[str], env: Mapping[str, str] | None) -> FifoTerminal | None:
+        """The spare become argv with env (looked up in PATH, as Docker's exec does);
+        None where it cannot be (it ended, or env has a name no shell exports)."""
+        env = env or {}
+        if not all(_SHELL_NAME.fullmatch(k) for k in env) or not await self.terminal.running():
+            return None
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        lines += [f"exec {shlex.join(argv)}", self._end]
+        await self.terminal.write(("\n".join(lines) + "\n").encode())
+        return self.terminal
+
+
+async def open_spare(
+    engine: EngineClient[Any], container_id: str, folder: Path, *, action: str
+) -> Spare | None:
+    """A Spare in the container on FIFOs in ``folder``; None where it did not open them."""
+    end = secrets.token_hex(16)
+    terminal = await _open(
+        engine, container_id, folder, lambda inside: [SPARE_SCRIPT, "sh", inside, end], None, action
+    )
+    return Spare(terminal, end) if terminal is not None else None
+
+
+async def _open(
+    engine: EngineClient[Any],
+    container_id: str,
+    folder: Path,
+    script: Callable[[str], list[str]],
+    env: Mapping[str, str] | None,
+    action: str,
+) -> FifoTerminal | None:
+    """`/bin/sh -c` with ``script(the FIFOs' path inside)`` on new FIFOs in ``folder``."""
     _sweep(folder)
     token = secrets.token_hex(16)
     paths = [folder / f"{token}.{end}" for end in "ioe"]
@@ -103,8 +161,7 @@ async def open_fifo_pipe(
             held.append(os.open(path, os.O_RDWR | _OPEN_FLAGS))
         for fd in held[:2]:  # stdin and stdout carry the bulk; stderr keeps the default
             widen(fd, FIFO_SIZE)
-        inside = f"{IO_MOUNT}/{token}"
-        shell = ["/bin/sh", "-c", SCRIPT, "sh", inside, *argv]
+        shell = ["/bin/sh", "-c", *script(f"{IO_MOUNT}/{token}")]
         exec_id = await engine.call(
             action, lambda api: execs.create_exec(api, container_id, shell, env)
         )
@@ -209,6 +266,7 @@ class FifoTerminal(Terminal):
         self._sink = _Sink()
         self._readers: list[tuple[str, asyncio.StreamReader]] = []
         self._transports: list[asyncio.BaseTransport] = []
+        self.closed = asyncio.Event()  # close() was called: the session is over
 
     async def connect(self, stdin: int, stdout: int, stderr: int) -> None:
         """Own the three descriptors (closed with this terminal)."""
@@ -254,6 +312,12 @@ class FifoTerminal(Terminal):
     async def write(self, data: bytes) -> None:
         await self._sink.write(data)
 
+    async def running(self) -> bool:
+        """Whether Docker says the command still runs."""
+        exec_id = self._exec_id
+        state = await self._engine.call(self._action, lambda api: api.exec_inspect(exec_id))
+        return bool(state.get("Running"))
+
     async def close_stdin(self) -> None:
         if self._sink.transport is not None:
             self._sink.transport.close()  # after what it still holds: then end of file
@@ -263,6 +327,7 @@ class FifoTerminal(Terminal):
 
     async def close(self) -> None:
         """The command reads end of file and its writes fail: it ends, as with the stream."""
+        self.closed.set()
         for transport in self._transports:
             if isinstance(transport, asyncio.WriteTransport):
                 # Not yet closed, or closing behind input the command never read.

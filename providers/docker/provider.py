@@ -44,6 +44,7 @@ from providers.docker import containers, execs, fifo_pipes, images
 from providers.docker.containers import Info
 from providers.docker.errors import docker_errors, removal_in_progress, translate
 from providers.docker.images import DEFAULT_PULL_STALL_TIMEOUT, ensure_image
+from providers.docker.spares import Spares
 from providers.docker.streams import THREAD_PREFIX, open_log_records
 from providers.docker.terminal import open_session
 from providers.threaded import Closer, EngineClient, ThreadedStream
@@ -116,6 +117,7 @@ class DockerProvider(Provider):
             functools.partial(docker_errors, self.where),
             close=lambda api: api.close(),
         )
+        self._spares = Spares(self._engine)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -280,6 +282,7 @@ class DockerProvider(Provider):
         return await self._inspect(workspace)
 
     async def _stop(self, workspace: str, timeout: float) -> EnvironmentStatus:
+        await self._spares.drop(workspace)
         info = await self._require(workspace)
         container_id = containers.container_id(info)
         if containers.docker_status(info) in containers.ACTIVE_STATES:
@@ -291,6 +294,8 @@ class DockerProvider(Provider):
         return await self._inspect(workspace)
 
     async def _destroy(self, workspace: str) -> None:
+        await self._spares.drop(workspace)
+
         def remove_all(api: Any) -> None:
             for container_id in containers.container_ids(api, self.agent_id, workspace):
                 try:
@@ -324,6 +329,7 @@ class DockerProvider(Provider):
         return builtins.list(statuses.values())
 
     async def close(self) -> None:
+        await self._spares.close()
         await self._engine.close()
 
     # -- commands --------------------------------------------------------------
@@ -381,10 +387,13 @@ class DockerProvider(Provider):
         container_id = containers.container_id(info)
         folder = fifo_pipes.io_folder(info)
         if folder is not None:
-            opened = await fifo_pipes.open_fifo_pipe(
-                self._engine, container_id, folder, argv, env, action=action
-            )
+            opened = await self._spares.take(workspace, container_id, argv, env)
+            if opened is None:
+                opened = await fifo_pipes.open_fifo_pipe(
+                    self._engine, container_id, folder, argv, env, action=action
+                )
             if opened is not None:
+                self._spares.refill(workspace, container_id, folder, action, opened)
                 return opened
         return await self._session(container_id, workspace, argv, env, None, action)
 

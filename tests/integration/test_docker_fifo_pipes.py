@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
 import time
 import uuid
@@ -74,6 +75,7 @@ async def test_a_command_on_fifos_with_its_streams_apart_and_nothing_left(
     source, count = out.decode().replace(" (deleted)", "").split()  # removed once both held it
     assert source.startswith(f"{IO_MOUNT}/") and source.endswith(".i")
     assert (int(count), err, code) == (len(data), b"done\n", 4)
+    await provider._spares.settle()  # the next command's shell, started meanwhile
     assert list(folder.iterdir()) == []  # each FIFO removed once both ends held it
     await provider.destroy(ws)
     assert not folder.exists()
@@ -92,7 +94,42 @@ async def test_fifos_a_killed_agent_left_are_removed_by_the_next_open(
     terminal = await provider.pipe(ws, ["true"])
     assert isinstance(terminal, FifoTerminal)
     assert await asyncio.wait_for(_run(terminal), 60) == (b"", b"", 0)
+    await provider._spares.settle()
     assert list(folder.iterdir()) == [fresh]
+
+
+async def test_the_next_command_becomes_the_spare_shell_started_ahead(
+    provider: DockerProvider,
+) -> None:
+    """providers/docker/spares.py: after a command, the next one's shell is started
+    in the background; the next command becomes it, its argv, environment, input,
+    streams and exit code as a command of its own has them. A spare whose shell
+    ended is not handed out, and a stop drops the spare."""
+    ws, _ = await _started(provider)
+    first = await provider.pipe(ws, ["true"])
+    assert await asyncio.wait_for(_run(first), 60) == (b"", b"", 0)
+    await provider._spares.settle()
+    _, spare = provider._spares._spares[ws]
+    odd = "a b\nc'd $HOME \\"  # a space, a newline, a quote, no expansion, a backslash
+    data = os.urandom(1 << 20)
+    script = 'printf "%s|%s|" "$1" "$V"; wc -c; echo err >&2; exit 3'
+    second = await provider.pipe(ws, ["sh", "-c", script, "sh", odd], {"V": odd})
+    assert second is spare.terminal
+    out, err, code = await asyncio.wait_for(_run(second, data), 60)
+    head, _, count = out.decode().rpartition("|")
+    assert (head, int(count), err, code) == (f"{odd}|{odd}", len(data), b"err\n", 3)
+    # The next spare's shell killed: the command after it starts its own.
+    await provider._spares.settle()
+    _, spare = provider._spares._spares[ws]
+    exec_id = spare.terminal._exec_id
+    pid = (await provider._engine.call("t", lambda api: api.exec_inspect(exec_id)))["Pid"]
+    os.kill(pid, signal.SIGKILL)
+    third = await provider.pipe(ws, ["echo", "own"])
+    assert third is not spare.terminal
+    assert await asyncio.wait_for(_run(third), 60) == (b"own\n", b"", 0)
+    await provider._spares.settle()
+    await provider.stop(ws)
+    assert ws not in provider._spares._spares
 
 
 async def test_large_output_input_left_unread_and_a_missing_command(
