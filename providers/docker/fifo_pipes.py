@@ -266,7 +266,8 @@ class FifoTerminal(Terminal):
         self._sink = _Sink()
         self._readers: list[tuple[str, asyncio.StreamReader]] = []
         self._transports: list[asyncio.BaseTransport] = []
-        self.closed = asyncio.Event()  # close() was called: the session is over
+        # Called once, by close(): the session is over (providers/docker/spares.py).
+        self.on_closed: Callable[[], None] | None = None
 
     async def connect(self, stdin: int, stdout: int, stderr: int) -> None:
         """Own the three descriptors (closed with this terminal)."""
@@ -327,7 +328,9 @@ class FifoTerminal(Terminal):
 
     async def close(self) -> None:
         """The command reads end of file and its writes fail: it ends, as with the stream."""
-        self.closed.set()
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
         for transport in self._transports:
             if isinstance(transport, asyncio.WriteTransport):
                 # Not yet closed, or closing behind input the command never read.

@@ -393,7 +393,9 @@ class DockerProvider(Provider):
                     self._engine, container_id, folder, argv, env, action=action
                 )
             if opened is not None:
-                self._spares.refill(workspace, container_id, folder, action, opened)
+                opened.on_closed = functools.partial(
+                    self._spares.refill, workspace, container_id, folder, action
+                )
                 return opened
         return await self._session(container_id, workspace, argv, env, None, action)
 

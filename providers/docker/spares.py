@@ -1,5 +1,5 @@
 """One spare command shell per running Docker workspace (fifo_pipes.Spare): once
-a command on pipes in a container has ended, the next one's shell is started
+any command on pipes in a container has ended, the next one's shell is started
 there in the background, on its own FIFOs, and waits for its command. Docker's
 exec start (runc: 50 ms of each scp's, rsync's or git's start on the bench's
 node) then comes between sessions, not in one. Not while the command runs:
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ class Spares:
         self._engine = engine
         self._spares: dict[str, tuple[str, Spare]] = {}  # workspace -> (container, spare)
         self._opening: dict[str, asyncio.Task[None]] = {}
+        self._closed = False  # the provider is closing: no more spares
 
     async def take(
         self,
@@ -53,21 +55,20 @@ class Spares:
             await spare.terminal.close()
         return terminal
 
-    def refill(
-        self, workspace: str, container_id: str, folder: Path, action: str, after: FifoTerminal
-    ) -> None:
-        """Start the workspace's next spare in the background once ``after`` (the
-        command just started) is closed, unless one is there or on its way."""
-        if workspace in self._spares or workspace in self._opening:
+    def refill(self, workspace: str, container_id: str, folder: Path, action: str) -> None:
+        """Start the workspace's next spare in the background, unless one is there or
+        on its way (called as one of its commands closes: FifoTerminal.on_closed)."""
+        if self._closed or workspace in self._spares or workspace in self._opening:
             return
-        task = asyncio.create_task(self._open(workspace, container_id, folder, action, after))
+        task = asyncio.create_task(self._open(workspace, container_id, folder, action))
         self._opening[workspace] = task
-        task.add_done_callback(lambda _: self._opening.pop(workspace, None))
+        task.add_done_callback(functools.partial(self._opened, workspace))
 
-    async def _open(
-        self, workspace: str, container_id: str, folder: Path, action: str, after: FifoTerminal
-    ) -> None:
-        await after.closed.wait()
+    def _opened(self, workspace: str, task: asyncio.Task[None]) -> None:
+        if self._opening.get(workspace) is task:  # not a later one, after a drop
+            del self._opening[workspace]
+
+    async def _open(self, workspace: str, container_id: str, folder: Path, action: str) -> None:
         try:
             spare = await fifo_pipes.open_spare(self._engine, container_id, folder, action=action)
         except Exception as exc:  # a spare only ever saves time: the next command starts its own
@@ -77,8 +78,7 @@ class Spares:
             self._spares[workspace] = (container_id, spare)
 
     async def settle(self) -> None:
-        """Until the spares being started are there (or failed); the commands they
-        wait for must be closed."""
+        """Until the spares being started are there (or failed)."""
         await asyncio.gather(*self._opening.values(), return_exceptions=True)
 
     async def drop(self, workspace: str) -> None:
@@ -92,5 +92,6 @@ class Spares:
             await held[1].terminal.close()
 
     async def close(self) -> None:
+        self._closed = True
         for workspace in [*self._opening, *self._spares]:
             await self.drop(workspace)

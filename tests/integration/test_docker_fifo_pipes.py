@@ -101,11 +101,13 @@ async def test_fifos_a_killed_agent_left_are_removed_by_the_next_open(
 async def test_the_next_command_becomes_the_spare_shell_started_ahead(
     provider: DockerProvider,
 ) -> None:
-    """providers/docker/spares.py: after a command, the next one's shell is started
-    in the background; the next command becomes it, its argv, environment, input,
-    streams and exit code as a command of its own has them. A spare whose shell
-    ended is not handed out, and a stop drops the spare."""
+    """providers/docker/spares.py: once a command has ended (whatever else still
+    runs), the next one's shell is started in the background; the next command
+    becomes it, its argv, environment, input, streams and exit code as a command
+    of its own has them. A spare whose shell ended is not handed out, and a stop
+    drops the spare."""
     ws, _ = await _started(provider)
+    held = await provider.pipe(ws, ["cat"])  # a long one (a relay, say), open throughout
     first = await provider.pipe(ws, ["true"])
     assert await asyncio.wait_for(_run(first), 60) == (b"", b"", 0)
     await provider._spares.settle()
@@ -127,6 +129,8 @@ async def test_the_next_command_becomes_the_spare_shell_started_ahead(
     third = await provider.pipe(ws, ["echo", "own"])
     assert third is not spare.terminal
     assert await asyncio.wait_for(_run(third), 60) == (b"own\n", b"", 0)
+    await provider._spares.settle()
+    assert await asyncio.wait_for(_run(held, b"still here"), 60) == (b"still here", b"", 0)
     await provider._spares.settle()
     await provider.stop(ws)
     assert ws not in provider._spares._spares
