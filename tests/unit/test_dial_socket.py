@@ -153,6 +153,15 @@ async def test_a_command_without_argv_is_refused(server: DialSocketServer) -> No
     assert b"names its argv" in answer
 
 
+async def test_a_terminal_without_numeric_size_is_refused(server: DialSocketServer) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    hello = {"workspace": "w", "provider": "local", "argv": ["sh"], "tty": True, "rows": "x"}
+    writer.write(encode(hello))
+    answer = await reader.readline()
+    writer.close()
+    assert b"a terminal's rows and cols are numbers" in answer
+
+
 def test_frames_cut_anywhere() -> None:
     stream = frame(STDOUT, b"out") + frame(STDERR, b"") + frame(EXIT, b"0")
     for cut in range(len(stream) + 1):
